@@ -1,0 +1,35 @@
+# Two entry points (see README): `make demo` runs the CPU demo, `make test` runs the tests.
+# Both set everything up first: the virtual environment, the package, the offline assets.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Used only when no torch is importable: on this kind of machine pip resolves it to the
+# local CPU wheel. On a GPU box, install into an environment that already has CUDA torch.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install assets demo test lint
+
+$(STAMP): pyproject.toml
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
+		echo "reusing the torch of $(PYTHON)"; $(PYTHON) -m venv --system-site-packages $(VENV); \
+	else $(PYTHON) -m venv $(VENV); fi
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+assets: install
+	$(BIN)/python -m onpolicy_lib.assets
+
+demo: assets
+	$(BIN)/papermill notebooks/train.ipynb outputs/cpu-demo/train.ipynb -f params/cpu_demo.yaml \
+		-p output_dir outputs/cpu-demo
+
+test: assets
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .

@@ -1,0 +1,251 @@
+"""Generalized knowledge distillation (GKD, Agarwal et al. 2023) on HF ``Trainer``.
+
+A config dataclass plus a trainer, the pairing TRL uses (``GKDConfig`` /
+``GKDTrainer``), and with TRL's meanings:
+
+* ``lmbda``: each micro-batch, with this probability the completions are the
+  student's own samples (on-policy); otherwise they are the dataset's
+  completions (or, with ``seq_kd``, the teacher's samples).
+* ``beta``: the generalized Jensen-Shannon divergence; ``beta=0`` is exactly
+  forward KL(teacher || student), ``beta=1`` exactly reverse KL(student || teacher).
+* ``temperature``: the sampling temperature of rollouts (as in TRL, the
+  divergence itself is computed at temperature 1).
+
+We write the step ourselves rather than subclassing TRL's ``GKDTrainer`` for
+two measured reasons: its rollouts run the fake-quantized student, which
+re-quantizes every weight at every generated token (~15x slower here), and its
+loss materialises several full-vocabulary copies of the whole padded sequence.
+Everything else (optimizer, schedule, accumulation, checkpoints, resume,
+logging, progress bar) is the stock ``Trainer``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
+
+from onpolicy_lib.quantization import materialized_fake_quant
+
+IGNORE_INDEX = -100
+
+
+# ---------------------------------------------------------------------------- the divergence
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-token generalized JSD between two ``[N, V]`` logit rows, summed over the vocabulary.
+
+    Same definition as TRL's ``GKDTrainer.generalized_jsd_loss``: with the
+    mixture ``m = beta * p_teacher + (1 - beta) * p_student``,
+    ``beta * KL(p_teacher || m) + (1 - beta) * KL(p_student || m)``, and the two
+    endpoints replaced by the KL they stand for (forward at 0, reverse at 1).
+    """
+    s = F.log_softmax(student_logits.float(), dim=-1)
+    t = F.log_softmax(teacher_logits.float(), dim=-1)
+    if beta == 0:
+        return (t.exp() * (t - s)).sum(-1)  # KL(teacher || student)
+    if beta == 1:
+        return (s.exp() * (s - t)).sum(-1)  # KL(student || teacher)
+    m = torch.logsumexp(torch.stack([s + math.log1p(-beta), t + math.log(beta)]), dim=0)
+    return beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    # Left-padded prompts: positions must count real tokens only, exactly as
+    # ``generate`` does, so rollouts and the training forward see the same inputs.
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+# ---------------------------------------------------------------------------- batches
+@dataclass
+class DistillCollator:
+    """Left-padded prompts followed by right-padded completions.
+
+    ``input_ids = [pad.. prompt | completion ..pad]``: the prompt block is what
+    ``generate`` consumes and returns, so off- and on-policy batches share one
+    layout and one loss.
+    """
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        prompts = [list(f["prompt_ids"]) for f in features]
+        completions = [list(f["completion_ids"]) for f in features]
+        width_p = max(map(len, prompts))
+        width_c = max(map(len, completions))
+        batch = len(features)
+        prompt_ids = torch.full((batch, width_p), self.pad_token_id, dtype=torch.long)
+        prompt_mask = torch.zeros((batch, width_p), dtype=torch.long)
+        completion_ids = torch.full((batch, width_c), self.pad_token_id, dtype=torch.long)
+        completion_mask = torch.zeros((batch, width_c), dtype=torch.long)
+        for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+            if p:
+                prompt_ids[i, width_p - len(p):] = torch.tensor(p)
+                prompt_mask[i, width_p - len(p):] = 1
+            completion_ids[i, : len(c)] = torch.tensor(c)
+            completion_mask[i, : len(c)] = 1
+        return join_prompt_completion(prompt_ids, prompt_mask, completion_ids, completion_mask)
+
+
+def join_prompt_completion(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                           completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    labels = input_ids.clone()
+    labels[:, : prompt_ids.shape[1]] = IGNORE_INDEX
+    labels[attention_mask == 0] = IGNORE_INDEX
+    return {"prompt_ids": prompt_ids, "prompt_attention_mask": prompt_mask, "input_ids": input_ids,
+            "attention_mask": attention_mask, "labels": labels}
+
+
+def completion_mask_from_generation(completion_ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
+    """1 up to and including the first end-of-sequence token, 0 after it."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device))
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    return (~after_eos).long()
+
+
+# ---------------------------------------------------------------------------- config + trainer
+@dataclass
+class DistillConfig(TrainingArguments):
+    lmbda: float = field(default=0.5, metadata={"help": "probability a batch uses student-generated completions"})
+    beta: float = field(default=0.5, metadata={"help": "generalized JSD: 0 = forward KL, 1 = reverse KL"})
+    temperature: float = field(default=0.9, metadata={"help": "sampling temperature of rollouts"})
+    seq_kd: bool = field(default=False, metadata={"help": "off-policy batches use teacher samples"})
+    max_new_tokens: int = field(default=128, metadata={"help": "rollout length"})
+    min_new_tokens: int = field(default=0, metadata={"help": "minimum rollout length"})
+    fast_rollouts: bool = field(
+        default=True, metadata={"help": "sample from once-per-step materialised quantized weights (same numbers)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("lmbda", "beta"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+
+
+class DistillTrainer(Trainer):
+    """Distils ``teacher_model`` into ``model`` (the quantization-aware student)."""
+
+    args: DistillConfig
+
+    def __init__(self, model: PreTrainedModel, teacher_model: PreTrainedModel, args: DistillConfig,
+                 processing_class: PreTrainedTokenizerBase, **kwargs: Any) -> None:
+        kwargs.setdefault("data_collator", DistillCollator(processing_class.pad_token_id))
+        super().__init__(model=model, args=args, processing_class=processing_class, **kwargs)
+        self.teacher_model = teacher_model.eval().requires_grad_(False)
+        # Our loss is a per-micro-batch token mean; the Trainer then divides by the
+        # accumulation steps (the number of completion tokens differs per rollout, so
+        # the dataset-side ``num_items_in_batch`` would be wrong for on-policy batches).
+        self.model_accepts_loss_kwargs = False
+        eos = processing_class.eos_token_id
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        ids = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
+        self.eos_token_ids = sorted({eos, *ids} - {None})
+        self.stats = {"tokens_generated": 0, "tokens_trained": 0, "batches_on_policy": 0, "batches_seq_kd": 0,
+                      "batches": 0, "rollout_seconds": 0.0}
+        self._log_since = dict(self.stats)
+        self._micro, self._micro_step = 0, None
+
+    # -- rollouts
+    @torch.no_grad()
+    def rollout(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Sample completions for the batch's prompts from ``model`` and rebuild the batch around them."""
+        start = time.perf_counter()
+        unwrapped = self.accelerator.unwrap_model(model)
+        was_training = unwrapped.training
+        unwrapped.eval()  # sample from the policy as deployed: no dropout
+        fast = self.args.fast_rollouts and unwrapped is not self.teacher_model
+        try:
+            with materialized_fake_quant(unwrapped) if fast else nullcontext():
+                sequences = unwrapped.generate(
+                    input_ids=inputs["prompt_ids"], attention_mask=inputs["prompt_attention_mask"],
+                    do_sample=True, temperature=self.args.temperature, top_k=0, top_p=1.0,
+                    max_new_tokens=self.args.max_new_tokens, min_new_tokens=self.args.min_new_tokens,
+                    pad_token_id=self.processing_class.pad_token_id, eos_token_id=self.eos_token_ids,
+                    use_cache=True)
+        finally:
+            unwrapped.train(was_training)
+        width_p = inputs["prompt_ids"].shape[1]
+        completion_ids = sequences[:, width_p:]
+        completion_mask = completion_mask_from_generation(completion_ids, self.eos_token_ids)
+        completion_ids = completion_ids.masked_fill(completion_mask == 0, self.processing_class.pad_token_id)
+        self.stats["tokens_generated"] += int(completion_mask.sum())
+        self.stats["rollout_seconds"] += time.perf_counter() - start
+        return join_prompt_completion(inputs["prompt_ids"], inputs["prompt_attention_mask"],
+                                      completion_ids, completion_mask)
+
+    def on_policy_draw(self) -> float:
+        # A draw keyed by (seed, step, micro-batch) rather than a running generator, so the
+        # on/off-policy sequence is reproducible, untouched by other users of Python's global
+        # random state, and identical after resuming from a checkpoint.
+        step = self.state.global_step
+        self._micro = self._micro + 1 if self._micro_step == step else 0
+        self._micro_step = step
+        return random.Random(f"{self.args.seed}:{step}:{self._micro}").random()
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
+                      num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+        inputs = self._prepare_inputs(inputs)
+        self.stats["batches"] += 1
+        if self.on_policy_draw() < self.args.lmbda:
+            inputs = self.rollout(model, inputs)
+            self.stats["batches_on_policy"] += 1
+        elif self.args.seq_kd:
+            inputs = self.rollout(self.teacher_model, inputs)
+            self.stats["batches_seq_kd"] += 1
+        self.stats["tokens_trained"] += int((inputs["labels"] != IGNORE_INDEX).sum())
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    # -- the loss
+    def distillation_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        labels = inputs["labels"]
+        width_p = inputs["prompt_ids"].shape[1]
+        # Only the completion block is scored: logits at positions width_p-1 .. T-2
+        # predict its tokens, so we ask the models for those logits alone instead of
+        # a [B, T, V] tensor for the whole padded sequence.
+        keep = labels.shape[1] - width_p + 1
+        forward = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
+                   "position_ids": position_ids_from_mask(inputs["attention_mask"]), "logits_to_keep": keep,
+                   "use_cache": False}
+        with torch.no_grad():
+            teacher_logits = self.teacher_model(**forward).logits[:, :-1]
+        student_logits = model(**forward).logits[:, :-1]
+        mask = labels[:, width_p:] != IGNORE_INDEX
+        if not mask.any():
+            return student_logits.sum() * 0.0  # keeps the graph; nothing to learn from this batch
+        per_token = generalized_jsd(student_logits[mask], teacher_logits[mask], self.args.beta)
+        return per_token.mean()
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None) -> Any:
+        loss = self.distillation_loss(model, inputs)
+        return (loss, None) if return_outputs else loss
+
+    def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> tuple[torch.Tensor, None, None]:
+        # Held-out evaluation: the same divergence on the dataset's completions (off-policy),
+        # a low-noise signal of how close the student has come to the teacher.
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            return self.distillation_loss(model, inputs).detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: add the counts since the previous one
+            logs.update(self.unlogged_stats())
+            self._log_since = dict(self.stats)
+        super().log(logs, start_time)
+
+    def unlogged_stats(self) -> dict[str, float]:
+        # Deltas rather than running totals: summed over the log they give the run's
+        # totals even when it was resumed from a checkpoint in a fresh process.
+        since = {k: self.stats[k] - self._log_since[k] for k in self.stats}
+        since["rollout_seconds"] = round(since["rollout_seconds"], 3)
+        since["on_policy_fraction"] = since["batches_on_policy"] / max(since["batches"], 1)
+        return since

@@ -1,0 +1,275 @@
+"""Weight-only quantization of the student with torchao (QAT, PTQ and fast rollouts).
+
+The student shares its teacher's weights; only its Linear layers are quantized:
+
+* :func:`prepare_qat` swaps them for torchao ``FakeQuantizedLinear`` (latent fp32
+  weights, quantize-dequantize in the forward, straight-through gradients);
+* :func:`convert_qat` turns the trained student into real quantized weights;
+* :func:`quantize_ptq` is the post-training-quantized baseline (no training);
+* :func:`materialized_fake_quant` makes rollouts from a fake-quantized student as
+  fast as from a plain model, with bit-identical outputs.
+
+On CPU every type goes through ``IntxWeightOnlyConfig`` with a *symmetric* mapping:
+torchao only supports symmetric weights for QAT with that config, and with it the
+converted model's logits equal the fake-quantized model's bit for bit. On CUDA,
+``int4`` uses ``Int4WeightOnlyConfig`` instead, the path of the original GPU study
+(its convert step needs CUDA kernels).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torchao.core.config import AOBaseConfig
+from torchao.quantization import (
+    Int4WeightOnlyConfig,
+    IntxWeightOnlyConfig,
+    MappingType,
+    PerGroup,
+    quantize_,
+)
+from torchao.quantization.qat import QATConfig
+from torchao.quantization.qat.linear import FakeQuantizedLinear
+from torchao.utils import TorchAOBaseTensor
+
+QUANT_TYPES = ("int4", "int8", "int3", "int2")
+# Group sizes tried by default_group_size, best first (128 is what the original study used).
+PREFERRED_GROUP_SIZES = (128, 64, 32)
+_MAX_LISTED_GROUP_SIZES = 10
+_DTYPES = {"int4": torch.int4, "int8": torch.int8, "int3": torch.int3, "int2": torch.int2}
+
+
+class QuantizationError(ValueError):
+    """A quantization setting that cannot work for this model."""
+
+
+def check_quant_type(quant_type: str) -> None:
+    """Raise QuantizationError unless ``quant_type`` is one of :data:`QUANT_TYPES`."""
+    if quant_type not in QUANT_TYPES:
+        allowed = ", ".join(QUANT_TYPES)
+        raise QuantizationError(f"unknown quant_type {quant_type!r}; expected one of {allowed}")
+
+
+def is_quantizable(module: nn.Module, fqn: str) -> bool:
+    """Whether the layer ``fqn`` is one the student quantizes (a ``quantize_`` filter_fn).
+
+    Every nn.Linear except the output head and LoRA adapters. peft's wrapped base
+    layers (``...q_proj.base_layer``) are nn.Linear, so they are included.
+    """
+    if not isinstance(module, nn.Linear):
+        return False
+    # Same exclusion as torchao's default filter (attention out_proj of nn.MultiheadAttention).
+    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        return False
+    parts = fqn.split(".")
+    # The head is tied to the embedding matrix in many models (SmolLM2 included), and
+    # it is commonly kept in high precision: it is a small share of the weights and
+    # quantizing it hurts the output distribution the student is distilled on.
+    if "lm_head" in parts:
+        return False
+    # LoRA adapters (lora_A/lora_B/...) are the trainable high-precision correction.
+    return not any(part.startswith("lora_") for part in parts)
+
+
+def _quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    return [(name, mod) for name, mod in model.named_modules() if is_quantizable(mod, name)]
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def valid_group_sizes(model: nn.Module) -> list[int]:
+    """Group sizes that divide every quantizable layer's in_features, largest first."""
+    layers = _quantizable_layers(model)
+    if not layers:
+        return []
+    gcd = math.gcd(*(mod.in_features for _, mod in layers))
+    return sorted(_divisors(gcd), reverse=True)
+
+
+def _format_sizes(sizes: list[int]) -> str:
+    shown = ", ".join(str(s) for s in sizes[:_MAX_LISTED_GROUP_SIZES])
+    return shown + (", ..." if len(sizes) > _MAX_LISTED_GROUP_SIZES else "")
+
+
+def check_group_size(model: nn.Module, group_size: int) -> None:
+    """Raise QuantizationError unless ``group_size`` divides every quantizable in_features.
+
+    Checked up front because torchao fails deep inside ``quantize_`` otherwise, and
+    the message names the first offending layer and the valid sizes.
+    """
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        raise QuantizationError(
+            f"group_size must be a positive integer, got {group_size!r}; "
+            f"valid group sizes: {_format_sizes(valid_group_sizes(model))}"
+        )
+    for name, mod in _quantizable_layers(model):
+        if mod.in_features % group_size:
+            valid = _format_sizes(valid_group_sizes(model))
+            raise QuantizationError(
+                f"group_size {group_size} does not divide in_features={mod.in_features} of layer {name!r}; "
+                f"valid group sizes (dividing every quantized layer): {valid}"
+            )
+
+
+def default_group_size(model: nn.Module) -> int:
+    """128 if it divides every quantizable in_features, else 64, else 32 (64 for SmolLM2-135M)."""
+    valid = valid_group_sizes(model)
+    if not valid:
+        raise QuantizationError("the model has no quantizable Linear layers")
+    for size in PREFERRED_GROUP_SIZES:
+        if size in valid:
+            return size
+    raise QuantizationError(
+        f"none of the group sizes {PREFERRED_GROUP_SIZES} divides every quantizable in_features; "
+        f"valid group sizes: {_format_sizes(valid)}"
+    )
+
+
+def base_config(quant_type: str, group_size: int, device: str | torch.device = "cpu") -> AOBaseConfig:
+    """The torchao post-training config behind ``quant_type`` (QAT derives its fake quantizer from it)."""
+    check_quant_type(quant_type)
+    if quant_type == "int4" and torch.device(device).type == "cuda":
+        return Int4WeightOnlyConfig(group_size=group_size)
+    # SYMMETRIC is required: torchao's QAT accepts nothing else for IntxWeightOnlyConfig,
+    # and it is what makes convert bit-exact with the fake-quantized forward.
+    return IntxWeightOnlyConfig(
+        weight_dtype=_DTYPES[quant_type],
+        granularity=PerGroup(group_size),
+        mapping_type=MappingType.SYMMETRIC,
+    )
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _checked_config(model: nn.Module, quant_type: str, group_size: int) -> AOBaseConfig:
+    check_quant_type(quant_type)
+    check_group_size(model, group_size)
+    if not _quantizable_layers(model):
+        raise QuantizationError("the model has no quantizable Linear layers")
+    return base_config(quant_type, group_size, _model_device(model))
+
+
+def _is_quantized_weight(weight: Any) -> bool:
+    return isinstance(weight, TorchAOBaseTensor)
+
+
+def _check_plain(model: nn.Module, action: str) -> None:
+    # Applying a second quantization on top of the first would silently re-quantize
+    # (or fail inside torchao), so refuse it by name.
+    for name, mod in _quantizable_layers(model):
+        if isinstance(mod, FakeQuantizedLinear) or _is_quantized_weight(mod.weight):
+            kind = type(mod).__name__ if isinstance(mod, FakeQuantizedLinear) else type(mod.weight).__name__
+            raise QuantizationError(f"cannot {action}: layer {name!r} is already quantized ({kind})")
+
+
+def prepare_qat(model: nn.Module, quant_type: str, group_size: int) -> nn.Module:
+    """Swap quantizable Linear layers for fake-quantized ones, in place, for QAT."""
+    config = _checked_config(model, quant_type, group_size)
+    _check_plain(model, "prepare QAT")
+    quantize_(model, QATConfig(config, step="prepare"), filter_fn=is_quantizable)
+    return model
+
+
+def _expected_weight_fq_config(config: AOBaseConfig) -> Any:
+    # Let torchao derive the fake-quant config from a probe layer rather than calling
+    # its private inference helper; quantize_ cannot swap a root module, hence the wrapper.
+    if isinstance(config, Int4WeightOnlyConfig):
+        group_size = config.group_size
+    else:
+        group_size = config.granularity.group_size
+    probe = nn.Sequential(nn.Linear(group_size, 1, bias=False))
+    quantize_(probe, QATConfig(config, step="prepare"))
+    return probe[0].weight_fake_quantizer.config
+
+
+def _describe(fq_config: Any) -> str:
+    if fq_config is None:
+        return "no weight fake quantizer"
+    dtype = getattr(fq_config, "dtype", None)
+    return f"{type(fq_config).__name__}(dtype={dtype}, group_size={getattr(fq_config, 'group_size', None)})"
+
+
+def convert_qat(model: nn.Module, quant_type: str, group_size: int) -> nn.Module:
+    """Replace fake-quantized layers by real quantized weights, in place (deployment/eval)."""
+    config = _checked_config(model, quant_type, group_size)
+    fake = [(name, mod) for name, mod in _quantizable_layers(model) if isinstance(mod, FakeQuantizedLinear)]
+    # torchao's convert skips plain Linear layers, so converting an unprepared model
+    # would silently leave it in full precision.
+    if not fake:
+        raise QuantizationError("no fake-quantized layers to convert; call prepare_qat first")
+    expected = _expected_weight_fq_config(config)
+    for name, mod in fake:
+        got = None if mod.weight_fake_quantizer is None else mod.weight_fake_quantizer.config
+        if got != expected:
+            raise QuantizationError(
+                f"layer {name!r} was prepared as {_describe(got)}, not as "
+                f"quant_type={quant_type!r} group_size={group_size}"
+            )
+    quantize_(model, QATConfig(config, step="convert"), filter_fn=is_quantizable)
+    return model
+
+
+def quantize_ptq(model: nn.Module, quant_type: str, group_size: int) -> nn.Module:
+    """Quantize the full-precision weights directly, in place: the no-training baseline."""
+    config = _checked_config(model, quant_type, group_size)
+    _check_plain(model, "apply PTQ")
+    quantize_(model, config, filter_fn=is_quantizable)
+    return model
+
+
+@contextlib.contextmanager
+def materialized_fake_quant(model: nn.Module) -> Iterator[nn.Module]:
+    """Fake-quantize each weight once, instead of at every forward, for fast rollouts.
+
+    Inside the context each active ``FakeQuantizedLinear`` (also under a peft LoRA
+    wrapper) holds its fake-quantized weight as a frozen parameter and its weight
+    fake quantizer is disabled, so outputs are bit-identical to the fake-quant
+    forward. On exit (also on exception) the original latent weight Parameter
+    objects are put back, so optimizer state and values are untouched.
+    """
+    saved: list[tuple[nn.Module, nn.Parameter]] = []
+    try:
+        for mod in model.modules():
+            quantizer = getattr(mod, "weight_fake_quantizer", None)
+            if not isinstance(mod, FakeQuantizedLinear) or quantizer is None or not quantizer.enabled:
+                continue
+            latent = mod.weight
+            with torch.no_grad():
+                fq_weight = quantizer(latent.detach())
+            saved.append((mod, latent))
+            # Disable before swapping so a failure in between still gets restored below.
+            quantizer.enabled = False
+            mod.weight = nn.Parameter(fq_weight, requires_grad=False)
+        yield model
+    finally:
+        for mod, latent in reversed(saved):
+            mod.weight = latent
+            mod.weight_fake_quantizer.enabled = True
+
+
+def quantization_summary(model: nn.Module) -> dict[str, int]:
+    """Count Linear layers by state: fake-quantized, quantized, full precision, LoRA adapters."""
+    counts = {"fake_quantized": 0, "quantized": 0, "full_precision": 0, "lora_adapters": 0}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        if any(part.startswith("lora_") for part in name.split(".")):
+            counts["lora_adapters"] += 1
+        elif isinstance(mod, FakeQuantizedLinear) and mod.weight_fake_quantizer is not None:
+            counts["fake_quantized"] += 1
+        elif _is_quantized_weight(mod.weight):
+            counts["quantized"] += 1
+        else:
+            counts["full_precision"] += 1
+    return counts

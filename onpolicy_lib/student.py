@@ -1,0 +1,82 @@
+"""The student: the teacher's own weights, quantization-aware, optionally with LoRA.
+
+Saved as the *latent* full-precision weights (or the LoRA adapter) plus a
+``quantization.json``; loading re-applies the same deterministic torchao
+steps, so ``load_student(run_dir)`` returns the deployable quantized model
+(``convert=True``) or the fake-quantized training model (``convert=False``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from onpolicy_lib import quantization
+from onpolicy_lib.models import load_model
+
+STUDENT_DIR = "student"
+QUANT_FILE = "quantization.json"
+
+
+def build_student(teacher: PreTrainedModel, quant_type: str, group_size: int, lora_r: int | None = None,
+                  lora_alpha: int = 16, lora_dropout: float = 0.05) -> torch.nn.Module:
+    """A fake-quantized copy of the teacher, with LoRA adapters when ``lora_r`` is set."""
+    student = copy.deepcopy(teacher)
+    quantization.prepare_qat(student, quant_type, group_size)
+    if lora_r is not None:
+        from peft import LoraConfig, get_peft_model
+
+        # LoRA on the linear layers only; the quantized base weights stay frozen.
+        config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                            target_modules="all-linear", task_type="CAUSAL_LM")
+        student = get_peft_model(student, config)
+    student.train()
+    return student
+
+
+def save_student(student: torch.nn.Module, run_dir: Path, model_name: str, quant_type: str,
+                 group_size: int, tokenizer=None) -> Path:
+    out = Path(run_dir) / STUDENT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    # FakeQuantizedLinear keeps the parameter names of nn.Linear, so the latent
+    # weights save and load as an ordinary checkpoint of the base architecture.
+    student.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    is_lora = hasattr(student, "peft_config")
+    meta = {"model_name": model_name, "quant_type": quant_type, "group_size": group_size,
+            "format": "lora-adapter" if is_lora else "latent-weights",
+            "note": "latent full-precision weights trained through torchao fake quantization; "
+                    "load with onpolicy_lib.student.load_student to get the quantized model"}
+    (out / QUANT_FILE).write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def load_student(run_dir: str | Path, convert: bool = True, device: str = "cpu",
+                 dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The trained student of a run directory: quantized for deployment (``convert``), or fake-quantized."""
+    src = Path(run_dir) / STUDENT_DIR
+    meta_path = src / QUANT_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"run_dir {run_dir}: no trained student ({meta_path} missing)")
+    meta = json.loads(meta_path.read_text())
+    if meta["format"] == "lora-adapter":
+        from peft import PeftModel
+
+        base = load_model(meta["model_name"], device=device, dtype=dtype)
+        quantization.prepare_qat(base, meta["quant_type"], meta["group_size"])
+        model = PeftModel.from_pretrained(base, src)
+    else:
+        model = load_model(str(src), device=device, dtype=dtype)
+        quantization.prepare_qat(model, meta["quant_type"], meta["group_size"])
+    if convert:
+        if hasattr(model, "merge_and_unload"):
+            # Deployment form: LoRA merged into the latent weights, then quantized.
+            # (Issue 3 measures how this differs from the fake-quant training numerics.)
+            model = model.merge_and_unload()
+        quantization.convert_qat(model, meta["quant_type"], meta["group_size"])
+    return model.eval()

@@ -1,0 +1,138 @@
+"""One distillation run, top to bottom: validate, data, teacher, student, train, save.
+
+``notebooks/train.ipynb`` calls :func:`train`; so can a script::
+
+    from onpolicy_lib.config import TrainConfig
+    from onpolicy_lib.train import train
+    result = train(TrainConfig(lmbda=1.0, max_steps=10))
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+from onpolicy_lib import data, quantization
+from onpolicy_lib.config import TrainConfig
+from onpolicy_lib.distill import DistillConfig, DistillTrainer
+from onpolicy_lib.metrics import MetricsRecorder, read_log, summarise
+from onpolicy_lib.models import default_dtype, load_model, load_tokenizer, resolve_device
+from onpolicy_lib.rundir import CONFIG_FILE, METRICS_FILE, RunDir, prepare_run_dir, write_json
+from onpolicy_lib.student import build_student, save_student
+
+EVAL_BEFORE_FILE = "eval_before.json"
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    state: str  # what prepare_run_dir decided: new | resume | complete
+    metrics: dict[str, Any]
+    config: dict[str, Any]
+    filter_counts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def losses(self) -> list[float]:
+        return [s["loss"] for s in self.metrics["steps"]]
+
+
+def plan(cfg: TrainConfig) -> RunDir:
+    """Validate ``cfg`` and decide new/resume/complete for its run directory; no heavy work."""
+    cfg.validate()
+    return prepare_run_dir(cfg.resolved_output_dir(), cfg.to_dict())
+
+
+def versions() -> dict[str, str]:
+    import peft
+    import torchao
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchao": torchao.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def distill_args(cfg: TrainConfig, run_dir: Path, device: torch.device) -> DistillConfig:
+    return DistillConfig(
+        output_dir=str(run_dir), seed=cfg.seed, data_seed=cfg.seed,
+        lmbda=cfg.lmbda, beta=cfg.beta, temperature=cfg.temperature, seq_kd=cfg.seq_kd,
+        max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
+        learning_rate=cfg.learning_rate, per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_steps=cfg.max_steps,
+        warmup_steps=int(cfg.warmup_ratio * cfg.max_steps), weight_decay=cfg.weight_decay,
+        logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, save_total_limit=1,
+        eval_strategy="no", report_to=[], remove_unused_columns=False, dataloader_num_workers=0,
+        use_cpu=device.type == "cpu", bf16=device.type == "cuda", disable_tqdm=False,
+    )
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run (or resume, or reuse) the distillation run that ``cfg`` describes."""
+    run = plan(cfg)
+    print(run.describe())
+    if run.state == "complete":
+        saved = _read_json(run.path / CONFIG_FILE)
+        return TrainResult(run.path, run.state, _read_json(run.path / METRICS_FILE), saved,
+                           saved.get("filter_counts", {}))
+
+    device = resolve_device(cfg.device)
+    run.path.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {"train": cfg.to_dict(), "versions": versions(), "device": str(device)}
+    write_json(run.path / CONFIG_FILE, record)  # claims the directory before the slow part
+
+    tokenizer = load_tokenizer(cfg.model_name)
+    train_chat, heldout_chat = data.load_chat_dataset(cfg.dataset_name)
+    train_set, filter_counts = data.tokenize_for_distillation(train_chat, tokenizer, cfg.max_length,
+                                                              cfg.max_new_tokens)
+    heldout = heldout_chat.select(range(min(cfg.heldout_eval_size, len(heldout_chat))))
+    heldout_set, _ = data.tokenize_for_distillation(heldout, tokenizer, cfg.max_length, cfg.max_new_tokens)
+    if len(train_set) == 0:
+        raise ValueError(f"dataset_name {cfg.dataset_name!r}: no example survives filtering "
+                         f"at max_length={cfg.max_length}, max_new_tokens={cfg.max_new_tokens}: {filter_counts}")
+
+    transformers.set_seed(cfg.seed)  # LoRA initialisation and everything after it
+    teacher = load_model(cfg.model_name, device=device)
+    group_size = cfg.group_size or quantization.default_group_size(teacher)
+    student = build_student(teacher, cfg.quant_type, group_size, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+    record["resolved"] = {"group_size": group_size, "dtype": str(default_dtype(device)),
+                          "train_examples": len(train_set), "heldout_eval_examples": len(heldout_set),
+                          "quantization": quantization.quantization_summary(student)}
+    record["filter_counts"] = filter_counts
+    write_json(run.path / CONFIG_FILE, record)
+
+    recorder = MetricsRecorder(run.path)
+    trainer = DistillTrainer(student, teacher, distill_args(cfg, run.path, device), processing_class=tokenizer,
+                             train_dataset=train_set, eval_dataset=heldout_set, callbacks=[recorder])
+    # The held-out divergence before training is measured once and kept, so a resumed
+    # run still reports the untrained starting point.
+    before_path = run.path / EVAL_BEFORE_FILE
+    if not before_path.is_file():
+        write_json(before_path, trainer.evaluate(metric_key_prefix="heldout"))
+    eval_before = _read_json(before_path)
+    trainer.train(resume_from_checkpoint=str(run.checkpoint) if run.checkpoint else None)
+    eval_after = trainer.evaluate(metric_key_prefix="heldout")
+
+    save_student(trainer.model, run.path, cfg.model_name, cfg.quant_type, group_size, tokenizer)
+    for checkpoint in run.path.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)  # optimizer state is only needed to resume; the student is saved
+    metrics = summarise(recorder, run.path, trainer.unlogged_stats(), device, {
+        "heldout_loss_before": eval_before["heldout_loss"], "heldout_loss_after": eval_after["heldout_loss"],
+        "heldout_examples": len(heldout_set), "train_examples": len(train_set), "group_size": group_size,
+        "resumed_from": run.checkpoint.name if run.checkpoint else None,
+    })
+    write_json(run.path / METRICS_FILE, metrics)  # written last: its presence marks the run complete
+    return TrainResult(run.path, run.state, metrics, record, filter_counts)
+
+
+def _read_json(path: Path) -> Any:
+    import json
+
+    return json.loads(path.read_text())
+
+
+__all__ = ["TrainResult", "plan", "train", "read_log"]

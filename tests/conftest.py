@@ -1,0 +1,92 @@
+"""Tiny models and tokenizers built in the test: no network, no assets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 .,?!:'+-=\n")
+
+
+def make_tokenizer():
+    """A character-level ChatML tokenizer (eos = <|im_end|>)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    vocab = {tok: i for i, tok in enumerate(specials + CHARS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    core.add_special_tokens(specials)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
+                                  eos_token="<|im_end|>", bos_token=None)
+    tok.chat_template = CHATML
+    tok.padding_side = "left"
+    return tok
+
+
+def make_model(vocab_size: int, seed: int = 0, hidden: int = 64, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=True, pad_token_id=0,
+                         eos_token_id=3, bos_token_id=None)
+    model = LlamaForCausalLM(config)
+    # Larger-than-default init so the tiny model's distributions are far from uniform
+    # and quantization visibly changes them.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    model.generation_config.eos_token_id = 3
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+@pytest.fixture
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture
+def tiny_model(tokenizer):
+    return make_model(len(tokenizer))
+
+
+def chat_rows(n: int = 12) -> list[dict]:
+    rows = []
+    for i in range(n):
+        a, b = i % 7 + 1, i % 5 + 2
+        rows.append({"messages": [{"role": "user", "content": f"what is {a} + {b}?"},
+                                  {"role": "assistant", "content": f"{a} + {b} = {a + b}."}],
+                     "source": "arith", "id": f"arith-{i}"})
+    return rows
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path: Path, tokenizer, tiny_model) -> Path:
+    path = tmp_path / "tiny-model"
+    tiny_model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_dataset_dir(tmp_path: Path) -> Path:
+    from datasets import Dataset
+
+    path = tmp_path / "tiny-chat"
+    Dataset.from_list(chat_rows(40)).save_to_disk(path)
+    return path

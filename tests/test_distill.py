@@ -1,0 +1,216 @@
+"""GKD semantics, each checked against an independent computation.
+
+* beta=0 / beta=1 are forward / reverse KL, 0<beta<1 is TRL's generalized JSD;
+* lmbda=1 batches are the student's own samples, lmbda=0 batches the dataset's
+  completions, seq_kd batches the teacher's samples;
+* the sliced, left-padded loss equals a plain full-sequence computation.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import chat_rows
+from datasets import Dataset
+
+from onpolicy_lib.distill import (
+    IGNORE_INDEX,
+    DistillCollator,
+    DistillConfig,
+    DistillTrainer,
+    generalized_jsd,
+    position_ids_from_mask,
+)
+from onpolicy_lib.quantization import prepare_qat
+
+GROUP = 32
+
+
+def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row, in float64 from the definition."""
+    p = torch.softmax(p_logits.double(), -1)
+    q = torch.softmax(q_logits.double(), -1)
+    return (p * (p.log() - q.log())).sum(-1)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.3, 0.5])
+def test_generalized_jsd_matches_definition(beta):
+    torch.manual_seed(0)
+    s, t = torch.randn(7, 11) * 3, torch.randn(7, 11) * 3
+    got = generalized_jsd(s, t, beta).double()
+    if beta == 0:
+        expected = kl(t, s)  # forward KL(teacher || student)
+    elif beta == 1:
+        expected = kl(s, t)  # reverse KL(student || teacher)
+    else:
+        ps, pt = torch.softmax(s.double(), -1), torch.softmax(t.double(), -1)
+        m = beta * pt + (1 - beta) * ps
+        expected = beta * (pt * (pt / m).log()).sum(-1) + (1 - beta) * (ps * (ps / m).log()).sum(-1)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_generalized_jsd_agrees_with_trl(beta):
+    from trl.experimental.gkd import GKDTrainer
+
+    torch.manual_seed(1)
+    s, t = torch.randn(2, 5, 13), torch.randn(2, 5, 13)
+    labels = torch.zeros(2, 5, dtype=torch.long)
+    theirs = GKDTrainer.generalized_jsd_loss(s, t, labels=labels, beta=beta)
+    ours = generalized_jsd(s.reshape(-1, 13), t.reshape(-1, 13), beta).mean()
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- trainer fixtures
+def tokenized(tokenizer, n=8) -> Dataset:
+    rows = []
+    for row in chat_rows(n):
+        prompt = tokenizer.apply_chat_template(row["messages"][:1], add_generation_prompt=True,
+                                               tokenize=True, return_dict=True)["input_ids"]
+        completion = tokenizer(row["messages"][1]["content"], add_special_tokens=False)["input_ids"]
+        rows.append({"prompt_ids": prompt, "completion_ids": completion + [tokenizer.eos_token_id]})
+    # Different prompt lengths so the batch really is left-padded.
+    rows[1]["prompt_ids"] = rows[1]["prompt_ids"][:3] + rows[1]["prompt_ids"][-6:]
+    return Dataset.from_list(rows)
+
+
+def make_trainer(tmp_path, tokenizer, teacher, **overrides) -> DistillTrainer:
+    student = prepare_qat(copy.deepcopy(teacher), "int4", GROUP).train()
+    settings = dict(output_dir=str(tmp_path / "run"), per_device_train_batch_size=2, max_steps=2,
+                    learning_rate=1e-3, report_to=[], remove_unused_columns=False, use_cpu=True,
+                    max_new_tokens=8, temperature=1.0, save_strategy="no", seed=0, disable_tqdm=True)
+    args = DistillConfig(**{**settings, **overrides})
+    return DistillTrainer(student, teacher, args, processing_class=tokenizer,
+                          train_dataset=tokenized(tokenizer))
+
+
+def first_batch(trainer: DistillTrainer) -> dict[str, torch.Tensor]:
+    return trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+
+
+def captured_step(trainer: DistillTrainer, batch: dict) -> dict[str, torch.Tensor]:
+    """Run one training step and return the batch the loss actually saw."""
+    seen = {}
+    original = trainer.compute_loss
+
+    def spy(model, inputs, return_outputs=False, num_items_in_batch=None):
+        seen.update({k: v.clone() for k, v in inputs.items()})
+        return original(model, inputs, return_outputs, num_items_in_batch)
+
+    trainer.compute_loss = spy
+    trainer.create_optimizer_and_scheduler(num_training_steps=2)
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop we bypass
+    trainer.training_step(trainer.model, dict(batch))
+    return seen
+
+
+def reference_loss(student, teacher, batch, beta) -> torch.Tensor:
+    """Full-sequence forward with explicit shift and masking: no slicing, no logits_to_keep."""
+    pos = position_ids_from_mask(batch["attention_mask"])
+    with torch.no_grad():
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "position_ids": pos}
+        s, t = student(**inputs).logits, teacher(**inputs).logits
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE_INDEX
+    s, t = s[:, :-1][mask], t[:, :-1][mask]
+    if beta == 0:
+        return kl(t, s).mean()
+    return kl(s, t).mean()
+
+
+def test_lmbda0_trains_on_dataset_completions(tmp_path, tokenizer, tiny_model):
+    trainer = make_trainer(tmp_path, tokenizer, tiny_model, lmbda=0.0, beta=0.0)
+    trainer.model.generate = lambda *a, **k: pytest.fail("lmbda=0 must not sample from the student")
+    batch = first_batch(trainer)
+    seen = captured_step(trainer, batch)
+    assert torch.equal(seen["input_ids"], batch["input_ids"])
+    assert torch.equal(seen["labels"], batch["labels"])
+    assert trainer.stats["batches_on_policy"] == 0 and trainer.stats["tokens_generated"] == 0
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_lmbda1_trains_on_student_samples_with_the_right_kl(tmp_path, tokenizer, tiny_model, beta):
+    trainer = make_trainer(tmp_path, tokenizer, tiny_model, lmbda=1.0, beta=beta)
+    batch = first_batch(trainer)
+    student_before = copy.deepcopy(trainer.model).eval()
+    torch.manual_seed(123)
+    seen = captured_step(trainer, batch)
+
+    # Independently: the same sampler, seeded the same, on the plain fake-quantized student
+    # (no materialised weights) must produce exactly the completions the loss saw.
+    torch.manual_seed(123)
+    expected = student_before.generate(
+        input_ids=batch["prompt_ids"], attention_mask=batch["prompt_attention_mask"], do_sample=True,
+        temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=8, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=[tokenizer.eos_token_id])
+    width_p = batch["prompt_ids"].shape[1]
+    mask = seen["attention_mask"][:, width_p:].bool()
+    generated = expected[:, width_p:]
+    assert torch.equal(seen["input_ids"][:, width_p:][mask], generated[:, : mask.shape[1]][mask])
+    assert mask.sum() > 0
+    assert not torch.equal(seen["input_ids"], batch["input_ids"])  # not the dataset's completions
+    assert trainer.stats["batches_on_policy"] == 1
+    assert trainer.stats["tokens_generated"] == int(mask.sum())
+
+    # And the loss is the requested KL on those tokens, computed from full-sequence logits.
+    loss = trainer.distillation_loss(student_before, seen)
+    torch.testing.assert_close(loss.double(), reference_loss(student_before, tiny_model, seen, beta),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_seq_kd_trains_on_teacher_samples(tmp_path, tokenizer, tiny_model):
+    trainer = make_trainer(tmp_path, tokenizer, tiny_model, lmbda=0.0, seq_kd=True)
+    batch = first_batch(trainer)
+    torch.manual_seed(7)
+    seen = captured_step(trainer, batch)
+    torch.manual_seed(7)
+    expected = tiny_model.generate(
+        input_ids=batch["prompt_ids"], attention_mask=batch["prompt_attention_mask"], do_sample=True,
+        temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=8, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=[tokenizer.eos_token_id])
+    width_p = batch["prompt_ids"].shape[1]
+    mask = seen["attention_mask"][:, width_p:].bool()
+    assert torch.equal(seen["input_ids"][:, width_p:][mask], expected[:, width_p:][:, : mask.shape[1]][mask])
+    assert trainer.stats["batches_seq_kd"] == 1 and trainer.stats["batches_on_policy"] == 0
+
+
+def test_off_policy_loss_equals_full_sequence_kl(tmp_path, tokenizer, tiny_model):
+    trainer = make_trainer(tmp_path, tokenizer, tiny_model, lmbda=0.0, beta=0.0)
+    batch = first_batch(trainer)
+    assert (batch["prompt_attention_mask"] == 0).any(), "the batch should contain left padding"
+    loss = trainer.distillation_loss(trainer.model.eval(), batch)
+    torch.testing.assert_close(loss.double(), reference_loss(trainer.model, tiny_model, batch, 0.0),
+                               rtol=1e-4, atol=1e-6)
+    assert loss > 0  # the int4 student really differs from its teacher
+
+
+def test_left_padding_does_not_change_logits(tokenizer, tiny_model):
+    collate = DistillCollator(tokenizer.pad_token_id)
+    rows = tokenized(tokenizer)
+    batch = collate([rows[0], rows[1]])
+    pos = position_ids_from_mask(batch["attention_mask"])
+    with torch.no_grad():
+        padded = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            position_ids=pos).logits[1]
+        alone = collate([rows[1]])
+        single = tiny_model(input_ids=alone["input_ids"]).logits[0]
+    real = batch["attention_mask"][1].bool()
+    torch.testing.assert_close(padded[real][: single.shape[0]], single[alone["attention_mask"][0].bool()],
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_policy_draws_follow_lmbda_and_are_reproducible(tmp_path, tokenizer, tiny_model):
+    def draws(seed):
+        trainer = make_trainer(tmp_path, tokenizer, tiny_model, lmbda=0.5, seed=seed)
+        out = []
+        for step in range(400):
+            trainer.state.global_step = step
+            out.append(trainer.on_policy_draw() < 0.5)
+        return out
+
+    a, b = draws(0), draws(0)
+    assert a == b
+    assert 0.4 < sum(a) / len(a) < 0.6
+    assert draws(1) != a

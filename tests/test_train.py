@@ -1,0 +1,105 @@
+"""The training pipeline end to end on a tiny model: artifacts, determinism, resume, refusal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from onpolicy_lib.config import ConfigError, TrainConfig
+from onpolicy_lib.student import load_student
+from onpolicy_lib.train import train
+
+
+def tiny_config(model_dir: Path, data_dir: Path, out: Path, **overrides) -> TrainConfig:
+    values = dict(model_name=str(model_dir), dataset_name=str(data_dir), group_size=32, max_steps=4,
+                  max_length=96, max_new_tokens=6, lmbda=0.5, learning_rate=1e-3, save_steps=2,
+                  heldout_eval_size=4, output_dir=str(out), device="cpu")
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def test_run_directory_contents(tmp_path, tiny_model_dir, tiny_dataset_dir):
+    cfg = tiny_config(tiny_model_dir, tiny_dataset_dir, tmp_path / "run")
+    result = train(cfg)
+    run = result.run_dir
+    assert result.state == "new"
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["train"] == cfg.to_dict() and saved["resolved"]["group_size"] == 32
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [s["step"] for s in metrics["steps"]] == [1, 2, 3, 4]
+    assert all(s["loss"] > 0 and s["learning_rate"] is not None for s in metrics["steps"])
+    for key in ("wall_time_s", "median_step_s", "tokens_generated", "tokens_trained", "peak_memory_mb"):
+        assert metrics[key] is not None and metrics[key] >= 0, key
+    assert metrics["batches"] == 4
+    # every on-policy batch generated something; off-policy ones generated nothing
+    assert (metrics["tokens_generated"] > 0) == (metrics["batches_on_policy"] > 0)
+    assert (run / "train_log.jsonl").is_file()
+    assert not list(run.glob("checkpoint-*")), "checkpoints are removed once the student is saved"
+
+    # The saved student reloads: fake-quantized (training numerics) and converted (deployment) agree.
+    fake = load_student(run, convert=False)
+    real = load_student(run, convert=True)
+    ids = torch.randint(4, 40, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(fake(ids).logits, real(ids).logits)
+
+    # Coming back with the same config reuses the finished run instead of retraining.
+    again = train(cfg)
+    assert again.state == "complete" and again.metrics == metrics
+
+
+def test_same_seed_same_losses(tmp_path, tiny_model_dir, tiny_dataset_dir):
+    a = train(tiny_config(tiny_model_dir, tiny_dataset_dir, tmp_path / "a", lmbda=0.5))
+    b = train(tiny_config(tiny_model_dir, tiny_dataset_dir, tmp_path / "b", lmbda=0.5))
+    assert a.losses == b.losses
+    assert a.metrics["tokens_generated"] == b.metrics["tokens_generated"]
+    c = train(tiny_config(tiny_model_dir, tiny_dataset_dir, tmp_path / "c", lmbda=0.5, seed=7))
+    assert c.losses != a.losses
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch):
+    from onpolicy_lib import distill
+
+    full = train(tiny_config(tiny_model_dir, tiny_dataset_dir, tmp_path / "full", lmbda=1.0))
+
+    cfg = tiny_config(tiny_model_dir, tiny_dataset_dir, tmp_path / "killed", lmbda=1.0)
+    original = distill.DistillTrainer.training_step
+
+    def dies_at_step_3(self, model, inputs, num_items_in_batch=None):
+        if self.state.global_step == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, model, inputs, num_items_in_batch)
+
+    monkeypatch.setattr(distill.DistillTrainer, "training_step", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    assert (tmp_path / "killed" / "checkpoint-2").is_dir()
+    assert not (tmp_path / "killed" / "metrics.json").exists()
+    monkeypatch.setattr(distill.DistillTrainer, "training_step", original)
+
+    resumed = train(cfg)
+    assert resumed.state == "resume" and resumed.metrics["resumed_from"] == "checkpoint-2"
+    assert resumed.losses == pytest.approx(full.losses, rel=1e-6)
+    assert resumed.metrics["tokens_generated"] == full.metrics["tokens_generated"]
+
+
+def test_different_config_is_refused_and_nothing_is_touched(tmp_path, tiny_model_dir, tiny_dataset_dir):
+    out = tmp_path / "run"
+    train(tiny_config(tiny_model_dir, tiny_dataset_dir, out, max_steps=2))
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with pytest.raises(ConfigError, match=r"different config \(lmbda: 0.5 -> 1"):
+        train(tiny_config(tiny_model_dir, tiny_dataset_dir, out, max_steps=2, lmbda=1.0))
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_lora_student(tmp_path, tiny_model_dir, tiny_dataset_dir):
+    result = train(tiny_config(tiny_model_dir, tiny_dataset_dir, tmp_path / "lora", lora_r=4, max_steps=2))
+    meta = json.loads((result.run_dir / "student" / "quantization.json").read_text())
+    assert meta["format"] == "lora-adapter"
+    assert (result.run_dir / "student" / "adapter_model.safetensors").is_file()
+    assert not (result.run_dir / "student" / "model.safetensors").exists()  # adapter only, not a full copy
+    model = load_student(result.run_dir, convert=True)
+    assert not hasattr(model, "peft_config")  # merged for deployment
