@@ -25,6 +25,7 @@ assets: install
 	$(BIN)/python -m onpolicy_lib.assets
 
 demo: assets
+	mkdir -p outputs/cpu-demo
 	$(BIN)/papermill notebooks/train.ipynb outputs/cpu-demo/train.ipynb -f params/cpu_demo.yaml \
 		-p output_dir outputs/cpu-demo
 
