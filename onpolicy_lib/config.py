@@ -198,9 +198,9 @@ def outputs_root() -> Path:
 def load_preset(name_or_path: str) -> dict[str, Any]:
     """Parameters from a YAML preset in ``params/`` (by stem) or at a path.
 
-    A preset is a flat mapping of train.ipynb parameters; an optional ``base:``
-    key names another preset whose values it overrides (sweep specs extend
-    presets the same way).
+    A preset is a flat mapping of train.ipynb parameters, so papermill can take it
+    as is (``-f params/cpu_demo.yaml``). Only here, an optional ``base:`` key names
+    another preset whose values it overrides.
     """
     path = Path(name_or_path)
     if not path.suffix:
@@ -210,7 +210,6 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
         raise ConfigError(f"preset {name_or_path!r} not found; available presets: {available}")
     values = yaml.safe_load(path.read_text()) or {}
     base = values.pop("base", None)
-    values.pop("description", None)
     merged = load_preset(base) if base else {}
     merged.update(values)
     TrainConfig.from_dict(merged)  # unknown keys fail here, naming them

@@ -61,3 +61,13 @@ def load_model(model_name: str, device: torch.device | str = "cpu",
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     return model.to(device)
+
+
+def load_skeleton(model_name: str) -> PreTrainedModel:
+    """The architecture without weights (meta device): layer shapes for up-front checks, in milliseconds."""
+    from transformers import AutoConfig
+
+    source, kwargs = resolve_model_source(model_name)
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)

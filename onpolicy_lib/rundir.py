@@ -19,6 +19,7 @@ from onpolicy_lib.config import ConfigError
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 # Fields that may change between attempts of the same run without changing what it trains.
+UNSTARTED_FILES = {CONFIG_FILE, "eval_before.json"}
 IGNORED_FOR_IDENTITY = {"do_eval", "output_dir", "device", "extra", "logging_steps", "save_steps"}
 
 
@@ -55,6 +56,10 @@ def prepare_run_dir(path: Path, config: dict[str, Any]) -> RunDir:
     # A rendered notebook may already sit there: papermill writes its output before
     # the first cell runs, and sweeps render train.ipynb into the run directory.
     if not path.exists() or all(p.suffix == ".ipynb" for p in path.iterdir()):
+        return RunDir(path, "new")
+    # A run that failed before its first training log (say, a typo in a hub id) has
+    # nothing worth keeping; it can be claimed by any configuration.
+    if {p.name for p in path.iterdir() if p.suffix != ".ipynb"} <= UNSTARTED_FILES:
         return RunDir(path, "new")
     saved_file = path / CONFIG_FILE
     if not saved_file.is_file():

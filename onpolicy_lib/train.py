@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 import transformers
 
@@ -22,7 +23,7 @@ from onpolicy_lib import data, quantization
 from onpolicy_lib.config import TrainConfig
 from onpolicy_lib.distill import DistillConfig, DistillTrainer
 from onpolicy_lib.metrics import MetricsRecorder, read_log, summarise
-from onpolicy_lib.models import default_dtype, load_model, load_tokenizer, resolve_device
+from onpolicy_lib.models import default_dtype, load_model, load_skeleton, load_tokenizer, resolve_device
 from onpolicy_lib.rundir import CONFIG_FILE, METRICS_FILE, RunDir, prepare_run_dir, write_json
 from onpolicy_lib.student import build_student, save_student
 
@@ -80,24 +81,31 @@ def train(cfg: TrainConfig) -> TrainResult:
         return TrainResult(run.path, run.state, _read_json(run.path / METRICS_FILE), saved,
                            saved.get("filter_counts", {}))
 
+    # Group size against the real layer shapes, from the architecture alone: a bad value
+    # fails here, naming the layer and the valid sizes, before data or weights are loaded.
+    skeleton = load_skeleton(cfg.model_name)
+    group_size = cfg.group_size or quantization.default_group_size(skeleton)
+    quantization.check_group_size(skeleton, group_size)
+    del skeleton
+
     device = resolve_device(cfg.device)
     run.path.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {"train": cfg.to_dict(), "versions": versions(), "device": str(device)}
     write_json(run.path / CONFIG_FILE, record)  # claims the directory before the slow part
 
     tokenizer = load_tokenizer(cfg.model_name)
+    datasets.disable_progress_bars()  # seconds of work; the bars would flood rendered notebooks
     train_chat, heldout_chat = data.load_chat_dataset(cfg.dataset_name)
     train_set, filter_counts = data.tokenize_for_distillation(train_chat, tokenizer, cfg.max_length,
                                                               cfg.max_new_tokens)
-    heldout = heldout_chat.select(range(min(cfg.heldout_eval_size, len(heldout_chat))))
-    heldout_set, _ = data.tokenize_for_distillation(heldout, tokenizer, cfg.max_length, cfg.max_new_tokens)
+    heldout_set, _ = data.tokenize_for_distillation(heldout_chat, tokenizer, cfg.max_length, cfg.max_new_tokens)
+    heldout_set = heldout_set.select(range(min(cfg.heldout_eval_size, len(heldout_set))))
     if len(train_set) == 0:
         raise ValueError(f"dataset_name {cfg.dataset_name!r}: no example survives filtering "
                          f"at max_length={cfg.max_length}, max_new_tokens={cfg.max_new_tokens}: {filter_counts}")
 
     transformers.set_seed(cfg.seed)  # LoRA initialisation and everything after it
     teacher = load_model(cfg.model_name, device=device)
-    group_size = cfg.group_size or quantization.default_group_size(teacher)
     student = build_student(teacher, cfg.quant_type, group_size, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
     record["resolved"] = {"group_size": group_size, "dtype": str(default_dtype(device)),
                           "train_examples": len(train_set), "heldout_eval_examples": len(heldout_set),

@@ -80,7 +80,7 @@ def test_presets_load_and_validate_names():
     demo = load_preset("cpu_demo")
     # The CPU demo preset spells out the notebook defaults.
     defaults = TrainConfig().to_dict()
-    assert all(defaults[k] == v for k, v in demo.items() if k != "group_size")
+    assert demo == {k: defaults[k] for k in demo}
     study = TrainConfig(**load_preset("qwen3_4b_study"))
     study.validate()
     assert study.model_name == "Qwen/Qwen3-4B-Instruct-2507"
