@@ -132,10 +132,7 @@ class TrainConfig:
         return re.sub(r"[^A-Za-z0-9._-]+", "-", name)[:150]
 
     def resolved_output_dir(self) -> Path:
-        if self.output_dir is None:
-            return outputs_root() / self.run_name()
-        path = Path(self.output_dir).expanduser()
-        return path if path.is_absolute() else PROJECT_ROOT / path
+        return outputs_root() / self.run_name() if self.output_dir is None else resolve_path(self.output_dir)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -189,6 +186,12 @@ def _check_model_name(name: Any) -> None:
             return
     raise ConfigError(f"model_name must be {PACKAGED_MODEL!r}, a hub id like 'Qwen/Qwen3-4B-Instruct-2507', "
                       f"a local model directory or a .gguf file; got {name!r}")
+
+
+def resolve_path(path: str | Path) -> Path:
+    """Relative paths are relative to the project root, wherever the notebook kernel runs."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else PROJECT_ROOT / path
 
 
 def outputs_root() -> Path:

@@ -42,3 +42,17 @@ def plot_training(metrics: dict[str, Any], title: str = "", save_to: Path | None
     if save_to is not None:
         fig.savefig(save_to, dpi=120)
     return fig
+
+
+def plot_eval(table: pd.DataFrame, tasks: list[str], save_to: Path | None = None) -> plt.Figure:
+    """Benchmark accuracy per model (teacher, PTQ, students), one group of bars per task."""
+    present = [t for t in tasks if t in table.columns]
+    long = table.melt(id_vars="model", value_vars=present, var_name="task", value_name="accuracy")
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(present) + 2), 3.8))
+    sns.barplot(long, x="task", y="accuracy", hue="model", ax=ax)
+    ax.set(title="benchmark accuracy (acc)", xlabel="", ylim=(0, 1))
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    if save_to is not None:
+        fig.savefig(save_to, dpi=120)
+    return fig

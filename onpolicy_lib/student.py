@@ -56,27 +56,45 @@ def save_student(student: torch.nn.Module, run_dir: Path, model_name: str, quant
     return out
 
 
+LORA_MODES = ("merge", "adapter")
+
+
 def load_student(run_dir: str | Path, convert: bool = True, device: str = "cpu",
-                 dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """The trained student of a run directory: quantized for deployment (``convert``), or fake-quantized."""
+                 dtype: torch.dtype | None = None, lora_mode: str = "merge") -> torch.nn.Module:
+    """The trained student of a run directory: quantized for deployment (``convert``), or fake-quantized.
+
+    For LoRA students ``lora_mode`` picks the deployment form:
+
+    * ``"merge"`` — merge the adapter into the latent weights, then quantize: one plain
+      low-bit model, the usual way to ship. Its numerics are *not* those of training,
+      where the adapter was added on top of the already quantized base: Q(W + BA) != Q(W) + BA.
+    * ``"adapter"`` — quantize the base weights and keep the small adapter in full
+      precision on top: exactly the training numerics (tested), at the cost of an unmerged adapter.
+    """
+    if lora_mode not in LORA_MODES:
+        raise ValueError(f"lora_mode must be one of {', '.join(LORA_MODES)}; got {lora_mode!r}")
     src = Path(run_dir) / STUDENT_DIR
-    meta_path = src / QUANT_FILE
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"run_dir {run_dir}: no trained student ({meta_path} missing)")
-    meta = json.loads(meta_path.read_text())
+    meta = student_scheme(run_dir)
     if meta["format"] == "lora-adapter":
         from peft import PeftModel
 
         base = load_model(meta["model_name"], device=device, dtype=dtype)
         quantization.prepare_qat(base, meta["quant_type"], meta["group_size"])
         model = PeftModel.from_pretrained(base, src)
+        if convert and lora_mode == "merge":
+            model = model.merge_and_unload()
     else:
         model = load_model(str(src), device=device, dtype=dtype)
         quantization.prepare_qat(model, meta["quant_type"], meta["group_size"])
     if convert:
-        if hasattr(model, "merge_and_unload"):
-            # Deployment form: LoRA merged into the latent weights, then quantized.
-            # (Issue 3 measures how this differs from the fake-quant training numerics.)
-            model = model.merge_and_unload()
+        # With an unmerged adapter only the base layers are converted (is_quantizable skips lora_*).
         quantization.convert_qat(model, meta["quant_type"], meta["group_size"])
     return model.eval()
+
+
+def student_scheme(run_dir: str | Path) -> dict:
+    """``model_name``, ``quant_type``, ``group_size`` and ``format`` of a run's saved student."""
+    meta_path = Path(run_dir) / STUDENT_DIR / QUANT_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"run_dir {run_dir}: no trained student ({meta_path} missing)")
+    return json.loads(meta_path.read_text())

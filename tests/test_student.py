@@ -1,0 +1,62 @@
+"""Deployment forms of a student and their numerics (tiny models)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from onpolicy_lib import quantization
+from onpolicy_lib.student import build_student, load_student, save_student
+
+GROUP = 32
+
+
+@pytest.fixture
+def lora_run(tmp_path, tiny_model, tiny_model_dir):
+    student = build_student(tiny_model, "int4", GROUP, lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    # A trained adapter is not zero: give lora_B values so the adapter path is exercised.
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    save_student(student, tmp_path / "run", str(tiny_model_dir), "int4", GROUP)
+    return tmp_path / "run", student.eval()
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_lora_adapter_form_matches_training_numerics_and_merge_does_not(lora_run):
+    run_dir, trained = lora_run
+    ids = torch.randint(4, 40, (2, 16))
+    training = logits(trained, ids)
+    adapter = load_student(run_dir, convert=True, lora_mode="adapter")
+    assert quantization.quantization_summary(adapter)["quantized"] > 0
+    torch.testing.assert_close(logits(adapter, ids), training, rtol=0, atol=1e-5)
+    merged = load_student(run_dir, convert=True, lora_mode="merge")
+    gap = (logits(merged, ids) - training).abs().max()
+    assert gap > 1e-3, "Q(W + BA) should differ from Q(W) + BA"
+
+
+def test_bad_lora_mode(lora_run):
+    with pytest.raises(ValueError, match="lora_mode must be one of merge, adapter"):
+        load_student(lora_run[0], lora_mode="both")
+
+
+def test_missing_student_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no trained student"):
+        load_student(tmp_path)
+
+
+def test_dequantize_for_eval_is_bit_identical(tiny_model):
+    model = quantization.quantize_ptq(copy.deepcopy(tiny_model), "int4", GROUP)
+    ids = torch.randint(4, 40, (2, 16))
+    before = logits(model, ids)
+    quantization.dequantize_for_eval(model)
+    assert quantization.quantization_summary(model)["quantized"] == 0
+    assert torch.equal(logits(model, ids), before)
