@@ -29,7 +29,7 @@ def test_parameters_cell_has_the_documented_names_and_defaults():
     assert len(tagged) == 1
     namespace: dict = {}
     exec(tagged[0].source, namespace)
-    params = {k: v for k, v in namespace.items() if not k.startswith("__")}
+    params = {k: v for k, v in namespace.items() if not k.startswith("__") and k != "eval_parameters"}
     assert set(REQUIRED_PARAMETERS) <= set(params)
     # The notebook's defaults are the library's defaults: one CPU demo, not two.
     defaults = TrainConfig().to_dict()
@@ -50,6 +50,21 @@ def test_train_notebook_end_to_end(tmp_path, tiny_model_dir, tiny_dataset_dir):
     assert (out_dir / "loss.png").stat().st_size > 0
     text = executed.read_text()
     assert "held-out divergence after" in text
+
+
+def test_train_notebook_with_do_eval(tmp_path, tiny_model_dir, tiny_dataset_dir):
+    out_dir = tmp_path / "run"
+    pm.execute_notebook(
+        str(TRAIN_NB), str(tmp_path / "train.out.ipynb"), kernel_name="python3", cwd=str(ROOT), progress_bar=False,
+        parameters={"model_name": str(tiny_model_dir), "dataset_name": str(tiny_dataset_dir), "group_size": 32,
+                    "lmbda": 1, "max_steps": 2, "max_length": 96, "max_new_tokens": 6, "heldout_eval_size": 2,
+                    "output_dir": str(out_dir), "device": "cpu", "do_eval": True,
+                    "eval_parameters": {"tasks": [], "perplexity_tokens": 0, "fidelity_samples": 2,
+                                        "cache_dir": str(tmp_path / "cache")}},
+    )
+    record = json.loads((out_dir / "eval.json").read_text())
+    assert record["student"]["fidelity"]["examples"] == 2
+    assert (out_dir / "eval.ipynb").is_file()
 
 
 def test_bad_parameter_fails_before_loading_anything(tmp_path):
