@@ -13,23 +13,31 @@ A config dataclass plus a trainer, the pairing TRL uses (``GKDConfig`` /
 
 We write the step ourselves rather than subclassing TRL's ``GKDTrainer`` for
 two measured reasons: its rollouts run the fake-quantized student, which
-re-quantizes every weight at every generated token (~15x slower here), and its
+re-quantizes every weight at every generated token (~5x slower here), and its
 loss materialises several full-vocabulary copies of the whole padded sequence.
-Everything else (optimizer, schedule, accumulation, checkpoints, resume,
-logging, progress bar) is the stock ``Trainer``.
+Ours quantizes each weight once per on-policy step and shares it between the
+rollout and the training forward (:func:`fake_quantized_once`), scores only the
+completion block, and computes the divergence in bounded chunks with an analytic
+gradient (:func:`generalized_jsd`); each is tested equal to the straightforward
+computation. ``python -m onpolicy_lib.bench`` measures the step against its
+arithmetic floor and against stock TRL. Everything else (optimizer, schedule,
+accumulation, checkpoints, resume, logging, progress bar) is the stock ``Trainer``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torchao.quantization.qat.linear import FakeQuantizedLinear
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
 from onpolicy_lib.quantization import materialized_fake_quant
@@ -38,13 +46,19 @@ IGNORE_INDEX = -100
 
 
 # ---------------------------------------------------------------------------- the divergence
-def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float) -> torch.Tensor:
-    """Per-token generalized JSD between two ``[N, V]`` logit rows, summed over the vocabulary.
+# Elements of the [N, V] logits handled at once: the fp32 temporaries of a chunk (a few
+# [rows, V] tensors) stay bounded whatever N is, instead of several copies of [N, V].
+# Small on CPU, where cache-sized chunks measured fastest; large on accelerators, where
+# each chunk costs a dozen kernel launches (64 MiB per fp32 temporary).
+CHUNK_ELEMENTS = 1 << 20
+CHUNK_ELEMENTS_ACCELERATOR = 1 << 24
 
-    Same definition as TRL's ``GKDTrainer.generalized_jsd_loss``: with the
-    mixture ``m = beta * p_teacher + (1 - beta) * p_student``,
-    ``beta * KL(p_teacher || m) + (1 - beta) * KL(p_student || m)``, and the two
-    endpoints replaced by the KL they stand for (forward at 0, reverse at 1).
+
+def generalized_jsd_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                              beta: float) -> torch.Tensor:
+    """The straightforward autograd formula of :func:`generalized_jsd` (several fp32 ``[N, V]`` copies).
+
+    Kept as the definition the lean implementation is tested against.
     """
     s = F.log_softmax(student_logits.float(), dim=-1)
     t = F.log_softmax(teacher_logits.float(), dim=-1)
@@ -56,10 +70,166 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)
 
 
+def _jsd_chunk(s: torch.Tensor, t: torch.Tensor, beta: float,
+               grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row divergence of fp32 logit rows and, if ``grad``, its gradient w.r.t. the student logits."""
+    s = F.log_softmax(s, dim=-1)
+    t = F.log_softmax(t, dim=-1)
+    if beta == 0:
+        p_t = t.exp()
+        value = (p_t * (t - s)).sum(-1)
+        # d KL(t || s) / d z_s = softmax(z_s) - p_t
+        return value, (s.exp().sub_(p_t) if grad else None)
+    if beta == 1:
+        p_s = s.exp()
+        log_ratio = s - t
+        value = (p_s * log_ratio).sum(-1)
+        # d KL(s || t) / d z_s = p_s * (log p_s - log p_t - KL)
+        return value, (log_ratio.sub_(value[:, None]).mul_(p_s) if grad else None)
+    m = torch.logaddexp(s + math.log1p(-beta), t + math.log(beta))
+    kl_t = (t.exp() * (t - m)).sum(-1)
+    p_s = s.exp()
+    s_minus_m = s - m
+    kl_s = (p_s * s_minus_m).sum(-1)
+    value = beta * kl_t + (1 - beta) * kl_s
+    if not grad:
+        return value, None
+    # With m = beta p_t + (1 - beta) p_s, dL/dp_s = (1 - beta)(log p_s - log m) (the terms through m
+    # cancel), so through the softmax: dL/dz_s = (1 - beta) p_s (log p_s - log m - KL(p_s || m)).
+    return value, s_minus_m.sub_(kl_s[:, None]).mul_(p_s).mul_(1 - beta)
+
+
+def _segments(rows: list[int], chunk: int) -> list[tuple[int, int, int]]:
+    """``(first_row, stop_row, output_offset)`` slices covering ``rows`` in order, at most ``chunk`` long.
+
+    Consecutive row ids become one slice: the scored rows of a batch are a few contiguous runs
+    (one per completion), and slices are views, whereas gathering rows by index copies them
+    (``index_select`` along rows is also very slow on CPU).
+    """
+    segments: list[tuple[int, int, int]] = []
+    for offset, row in enumerate(rows):
+        if segments:
+            first, stop, out = segments[-1]
+            if row == stop and stop - first < chunk:
+                segments[-1] = (first, stop + 1, out)
+                continue
+        segments.append((row, row + 1, offset))
+    return segments
+
+
+class _ChunkedJSD(torch.autograd.Function):
+    """Generalized JSD of selected rows of ``[R, V]`` logits, slice by slice, with an analytic backward.
+
+    Nothing of size ``[N, V]`` is kept between forward and backward (the backward recomputes
+    each slice), and the gradient is written straight into a tensor shaped like the student
+    logits, so no masked copy of the logits and no scatter of its gradient is built.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, student: torch.Tensor, teacher: torch.Tensor, beta: float,
+                segments: list[tuple[int, int, int]], n: int) -> torch.Tensor:
+        # Teacher logits produced under torch.inference_mode cannot go through save_for_backward;
+        # they are constants here, so keeping a plain reference loses nothing but the version check.
+        ctx.inference_teacher = teacher if teacher.is_inference() else None
+        ctx.save_for_backward(student, *([] if teacher.is_inference() else [teacher]))
+        ctx.beta, ctx.segments = beta, segments
+        out = torch.empty(n, dtype=torch.float32, device=student.device)
+        for first, stop, offset in segments:
+            out[offset:offset + stop - first] = _jsd_chunk(student[first:stop].float(), teacher[first:stop].float(),
+                                                           beta, grad=False)[0]
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        student, *saved = ctx.saved_tensors
+        teacher = saved[0] if saved else ctx.inference_teacher
+        grad = torch.zeros_like(student)
+        for first, stop, offset in ctx.segments:
+            _, g = _jsd_chunk(student[first:stop].float(), teacher[first:stop].float(), ctx.beta, grad=True)
+            # add_, not copy_: a row listed twice must receive both contributions.
+            grad[first:stop].add_(g.mul_(grad_out[offset:offset + stop - first, None]))
+        return grad, None, None, None, None
+
+
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float,
+                    rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token generalized JSD between student and teacher logits, summed over the vocabulary.
+
+    Same definition as TRL's ``GKDTrainer.generalized_jsd_loss``: with the
+    mixture ``m = beta * p_teacher + (1 - beta) * p_student``,
+    ``beta * KL(p_teacher || m) + (1 - beta) * KL(p_student || m)``, and the two
+    endpoints replaced by the KL they stand for (forward at 0, reverse at 1).
+
+    The logits are ``[..., V]``; ``rows`` optionally selects rows of their flattened ``[R, V]``
+    view (default: all), and the result is one fp32 value per selected row, in that order.
+    Computed a slice of rows at a time with an analytic gradient for the student: the same
+    values and gradients as :func:`generalized_jsd_reference` (up to float rounding), without
+    its full-vocabulary fp32 copies. The teacher logits are constants (no gradient).
+    """
+    if teacher_logits.requires_grad:
+        raise ValueError("generalized_jsd treats the teacher logits as constants; pass them detached")
+    vocab = student_logits.shape[-1]
+    student = student_logits.reshape(-1, vocab)
+    teacher = teacher_logits.reshape(-1, vocab)
+    ids = list(range(student.shape[0])) if rows is None else rows.tolist()
+    budget = CHUNK_ELEMENTS if student.device.type == "cpu" else CHUNK_ELEMENTS_ACCELERATOR
+    chunk = max(1, budget // vocab)
+    return _ChunkedJSD.apply(student, teacher, float(beta), _segments(ids, chunk), len(ids))
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     # Left-padded prompts: positions must count real tokens only, exactly as
     # ``generate`` does, so rollouts and the training forward see the same inputs.
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+# ---------------------------------------------------------------------------- one quantization per step
+def _reusing(quantizer: torch.nn.Module, latent: torch.Tensor, shared: torch.Tensor) -> Callable[..., torch.Tensor]:
+    compute = quantizer.forward
+    version = latent._version
+
+    def forward(weight: torch.Tensor) -> torch.Tensor:
+        # Only the exact weight it was computed from, unmodified since, and only while enabled.
+        if weight is latent and latent._version == version and quantizer.enabled:
+            return shared
+        return compute(weight)
+
+    return forward
+
+
+@contextlib.contextmanager
+def fake_quantized_once(model: torch.nn.Module) -> Iterator[int]:
+    """Fake-quantize every active weight of ``model`` once, for everything run inside the context.
+
+    Each active ``FakeQuantizedLinear`` (also under a peft LoRA wrapper) gets its weight
+    fake-quantized on entry, with the autograd graph back to the latent weight when
+    gradients are enabled, and its quantizer returns that tensor instead of recomputing it.
+    An on-policy step then quantizes each weight once, where it used to do so twice (once
+    for the rollout's materialised weights, once more in the training forward): the
+    rollout's forwards read the shared tensors (under ``no_grad``, no graph), the training
+    forward uses them with their graph, and backward flows through it to the latent
+    weights exactly as in the plain fake-quant forward. Same operations on the same values:
+    samples, loss and gradients are bit-identical. A call with any other tensor, or after
+    the latent weight changed in place, falls back to the real computation. Yields the
+    number of weights shared.
+    """
+    patched: list[tuple[torch.nn.Module, Any]] = []
+    try:
+        for mod in model.modules():
+            quantizer = getattr(mod, "weight_fake_quantizer", None)
+            if not isinstance(mod, FakeQuantizedLinear) or quantizer is None or not quantizer.enabled:
+                continue
+            latent = mod.weight
+            shared = quantizer(latent)
+            patched.append((quantizer, quantizer.__dict__.get("forward")))
+            quantizer.forward = _reusing(quantizer, latent, shared)
+        yield len(patched)
+    finally:
+        for quantizer, previous in reversed(patched):
+            if previous is None:
+                del quantizer.forward  # back to the class's method
+            else:
+                quantizer.forward = previous
 
 
 # ---------------------------------------------------------------------------- batches
@@ -152,6 +322,7 @@ class DistillTrainer(Trainer):
                       "batches": 0, "rollout_seconds": 0.0}
         self._log_since = dict(self.stats)
         self._micro, self._micro_step = 0, None
+        self._weights_shared = False
 
     # -- rollouts
     @torch.no_grad()
@@ -161,7 +332,9 @@ class DistillTrainer(Trainer):
         unwrapped = self.accelerator.unwrap_model(model)
         was_training = unwrapped.training
         unwrapped.eval()  # sample from the policy as deployed: no dropout
-        fast = self.args.fast_rollouts and unwrapped is not self.teacher_model
+        # Inside an on-policy step the weights are already quantized once (``fake_quantized_once``);
+        # otherwise (a rollout on its own) they are materialised for the rollout's duration.
+        fast = self.args.fast_rollouts and unwrapped is not self.teacher_model and not self._weights_shared
         try:
             with materialized_fake_quant(unwrapped) if fast else nullcontext():
                 sequences = unwrapped.generate(
@@ -194,14 +367,31 @@ class DistillTrainer(Trainer):
                       num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
         inputs = self._prepare_inputs(inputs)
         self.stats["batches"] += 1
-        if self.on_policy_draw() < self.args.lmbda:
-            inputs = self.rollout(model, inputs)
-            self.stats["batches_on_policy"] += 1
-        elif self.args.seq_kd:
-            inputs = self.rollout(self.teacher_model, inputs)
-            self.stats["batches_seq_kd"] += 1
-        self.stats["tokens_trained"] += int((inputs["labels"] != IGNORE_INDEX).sum())
-        return super().training_step(model, inputs, num_items_in_batch)
+        on_policy = self.on_policy_draw() < self.args.lmbda
+        # Checkpointed layers recompute their forward inside backward; keep those to the plain path.
+        share = on_policy and self.args.fast_rollouts and not self.args.gradient_checkpointing
+        with self.shared_weights(model) if share else nullcontext():
+            if on_policy:
+                inputs = self.rollout(model, inputs)
+                self.stats["batches_on_policy"] += 1
+            elif self.args.seq_kd:
+                inputs = self.rollout(self.teacher_model, inputs)
+                self.stats["batches_seq_kd"] += 1
+            self.stats["tokens_trained"] += int((inputs["labels"] != IGNORE_INDEX).sum())
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    @contextlib.contextmanager
+    def shared_weights(self, model: torch.nn.Module) -> Iterator[None]:
+        """One fake quantization of the student's weights for a whole on-policy step (rollout + training)."""
+        with contextlib.ExitStack() as stack:
+            # Computed under the loss's autocast context, as the training forward would compute them.
+            with self.compute_loss_context_manager():
+                stack.enter_context(fake_quantized_once(self.accelerator.unwrap_model(model)))
+            self._weights_shared = True
+            try:
+                yield
+            finally:
+                self._weights_shared = False
 
     # -- the loss
     def distillation_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -215,13 +405,16 @@ class DistillTrainer(Trainer):
                    "position_ids": position_ids_from_mask(inputs["attention_mask"]), "logits_to_keep": keep,
                    "use_cache": False}
         with torch.no_grad():
-            teacher_logits = self.teacher_model(**forward).logits[:, :-1]
-        student_logits = model(**forward).logits[:, :-1]
+            teacher_logits = self.teacher_model(**forward).logits
+        student_logits = model(**forward).logits
         mask = labels[:, width_p:] != IGNORE_INDEX
         if not mask.any():
             return student_logits.sum() * 0.0  # keeps the graph; nothing to learn from this batch
-        per_token = generalized_jsd(student_logits[mask], teacher_logits[mask], self.args.beta)
-        return per_token.mean()
+        # Scored rows of the flattened [B * keep, V] logits (position k predicts token k + 1; the
+        # last position predicts nothing): the divergence reads them in place, so neither the
+        # [:, :-1] slice nor a masked copy of the logits (nor their backward scatters) is built.
+        rows = F.pad(mask, (0, 1)).flatten().nonzero().squeeze(1)
+        return generalized_jsd(student_logits, teacher_logits, self.args.beta, rows=rows).mean()
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
