@@ -37,10 +37,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torchao.quantization.qat.linear import FakeQuantizedLinear
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
-from onpolicy_lib.quantization import materialized_fake_quant
+from onpolicy_lib.quantization import active_fake_quantized, materialized_fake_quant
 
 IGNORE_INDEX = -100
 
@@ -215,10 +214,7 @@ def fake_quantized_once(model: torch.nn.Module) -> Iterator[int]:
     """
     patched: list[tuple[torch.nn.Module, Any]] = []
     try:
-        for mod in model.modules():
-            quantizer = getattr(mod, "weight_fake_quantizer", None)
-            if not isinstance(mod, FakeQuantizedLinear) or quantizer is None or not quantizer.enabled:
-                continue
+        for mod, quantizer in active_fake_quantized(model):
             latent = mod.weight
             shared = quantizer(latent)
             patched.append((quantizer, quantizer.__dict__.get("forward")))

@@ -240,10 +240,7 @@ def materialized_fake_quant(model: nn.Module) -> Iterator[nn.Module]:
     """
     saved: list[tuple[nn.Module, nn.Parameter]] = []
     try:
-        for mod in model.modules():
-            quantizer = getattr(mod, "weight_fake_quantizer", None)
-            if not isinstance(mod, FakeQuantizedLinear) or quantizer is None or not quantizer.enabled:
-                continue
+        for mod, quantizer in active_fake_quantized(model):
             latent = mod.weight
             with torch.no_grad():
                 fq_weight = quantizer(latent.detach())
@@ -256,6 +253,14 @@ def materialized_fake_quant(model: nn.Module) -> Iterator[nn.Module]:
         for mod, latent in reversed(saved):
             mod.weight = latent
             mod.weight_fake_quantizer.enabled = True
+
+
+def active_fake_quantized(model: nn.Module) -> Iterator[tuple[FakeQuantizedLinear, nn.Module]]:
+    """Each FakeQuantizedLinear (also under a LoRA wrapper) whose weight quantizer is on, with that quantizer."""
+    for mod in model.modules():
+        quantizer = getattr(mod, "weight_fake_quantizer", None)
+        if isinstance(mod, FakeQuantizedLinear) and quantizer is not None and quantizer.enabled:
+            yield mod, quantizer
 
 
 def quantization_summary(model: nn.Module) -> dict[str, int]:
