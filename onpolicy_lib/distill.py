@@ -277,6 +277,31 @@ def completion_mask_from_generation(completion_ids: torch.Tensor, eos_token_ids:
     return (~after_eos).long()
 
 
+def generate_completions(model: torch.nn.Module, inputs: dict[str, torch.Tensor], pad_token_id: int,
+                         eos_token_ids: list[int], **generate_kwargs: Any) -> dict[str, torch.Tensor]:
+    """Complete the batch's prompts with ``model.generate`` and rebuild the batch around the completions."""
+    sequences = model.generate(input_ids=inputs["prompt_ids"], attention_mask=inputs["prompt_attention_mask"],
+                               pad_token_id=pad_token_id, eos_token_id=eos_token_ids, use_cache=True,
+                               **generate_kwargs)
+    completion_ids = sequences[:, inputs["prompt_ids"].shape[1]:]
+    completion_mask = completion_mask_from_generation(completion_ids, eos_token_ids)
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_token_id)
+    return join_prompt_completion(inputs["prompt_ids"], inputs["prompt_attention_mask"], completion_ids,
+                                  completion_mask)
+
+
+def completion_forward(inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Model kwargs that return only the logits at positions ``P-1 .. T-1`` (``P`` = prompt width).
+
+    Positions ``P-1 .. T-2`` predict the completion tokens; asking for these logits alone
+    avoids a ``[B, T, V]`` tensor for the whole padded sequence.
+    """
+    keep = inputs["input_ids"].shape[1] - inputs["prompt_ids"].shape[1] + 1
+    return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
+            "position_ids": position_ids_from_mask(inputs["attention_mask"]), "logits_to_keep": keep,
+            "use_cache": False}
+
+
 # ---------------------------------------------------------------------------- config + trainer
 @dataclass
 class DistillConfig(TrainingArguments):
@@ -333,22 +358,16 @@ class DistillTrainer(Trainer):
         fast = self.args.fast_rollouts and unwrapped is not self.teacher_model and not self._weights_shared
         try:
             with materialized_fake_quant(unwrapped) if fast else nullcontext():
-                sequences = unwrapped.generate(
-                    input_ids=inputs["prompt_ids"], attention_mask=inputs["prompt_attention_mask"],
+                batch = generate_completions(
+                    unwrapped, inputs, self.processing_class.pad_token_id, self.eos_token_ids,
                     do_sample=True, temperature=self.args.temperature, top_k=0, top_p=1.0,
-                    max_new_tokens=self.args.max_new_tokens, min_new_tokens=self.args.min_new_tokens,
-                    pad_token_id=self.processing_class.pad_token_id, eos_token_id=self.eos_token_ids,
-                    use_cache=True)
+                    max_new_tokens=self.args.max_new_tokens, min_new_tokens=self.args.min_new_tokens)
         finally:
             unwrapped.train(was_training)
         width_p = inputs["prompt_ids"].shape[1]
-        completion_ids = sequences[:, width_p:]
-        completion_mask = completion_mask_from_generation(completion_ids, self.eos_token_ids)
-        completion_ids = completion_ids.masked_fill(completion_mask == 0, self.processing_class.pad_token_id)
-        self.stats["tokens_generated"] += int(completion_mask.sum())
+        self.stats["tokens_generated"] += int(batch["attention_mask"][:, width_p:].sum())
         self.stats["rollout_seconds"] += time.perf_counter() - start
-        return join_prompt_completion(inputs["prompt_ids"], inputs["prompt_attention_mask"],
-                                      completion_ids, completion_mask)
+        return batch
 
     def on_policy_draw(self) -> float:
         # A draw keyed by (seed, step, micro-batch) rather than a running generator, so the
@@ -393,13 +412,7 @@ class DistillTrainer(Trainer):
     def distillation_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         labels = inputs["labels"]
         width_p = inputs["prompt_ids"].shape[1]
-        # Only the completion block is scored: logits at positions width_p-1 .. T-2
-        # predict its tokens, so we ask the models for those logits alone instead of
-        # a [B, T, V] tensor for the whole padded sequence.
-        keep = labels.shape[1] - width_p + 1
-        forward = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
-                   "position_ids": position_ids_from_mask(inputs["attention_mask"]), "logits_to_keep": keep,
-                   "use_cache": False}
+        forward = completion_forward(inputs)  # only the completion block is scored
         with torch.no_grad():
             teacher_logits = self.teacher_model(**forward).logits
         student_logits = model(**forward).logits

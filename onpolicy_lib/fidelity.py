@@ -29,10 +29,9 @@ from datasets import Dataset
 from onpolicy_lib.distill import (
     IGNORE_INDEX,
     DistillCollator,
-    completion_mask_from_generation,
+    completion_forward,
     generalized_jsd,
-    join_prompt_completion,
-    position_ids_from_mask,
+    generate_completions,
 )
 
 
@@ -46,23 +45,14 @@ class FidelityConfig:
 
 def completion_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits predicting each completion token, ``[B, C, V]``, and the completion mask ``[B, C]``."""
-    width_p = batch["prompt_ids"].shape[1]
-    keep = batch["input_ids"].shape[1] - width_p + 1
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=position_ids_from_mask(batch["attention_mask"]), logits_to_keep=keep,
-                   use_cache=False).logits[:, :-1]
-    return logits, batch["labels"][:, width_p:] != IGNORE_INDEX
+    logits = model(**completion_forward(batch)).logits[:, :-1]
+    return logits, batch["labels"][:, batch["prompt_ids"].shape[1]:] != IGNORE_INDEX
 
 
 def _generate(model, batch, tokenizer, eos_ids, max_new_tokens, sample: bool) -> dict[str, torch.Tensor]:
     kwargs = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0} if sample else {"do_sample": False}
-    sequences = model.generate(input_ids=batch["prompt_ids"], attention_mask=batch["prompt_attention_mask"],
-                               max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                               eos_token_id=eos_ids, use_cache=True, **kwargs)
-    completion = sequences[:, batch["prompt_ids"].shape[1]:]
-    mask = completion_mask_from_generation(completion, eos_ids)
-    completion = completion.masked_fill(mask == 0, tokenizer.pad_token_id)
-    return join_prompt_completion(batch["prompt_ids"], batch["prompt_attention_mask"], completion, mask)
+    return generate_completions(model, batch, tokenizer.pad_token_id, eos_ids, max_new_tokens=max_new_tokens,
+                                **kwargs)
 
 
 def _per_example(values: torch.Tensor, mask: torch.Tensor) -> list[float]:
