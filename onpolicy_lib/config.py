@@ -127,9 +127,7 @@ class TrainConfig:
 
     def run_name(self) -> str:
         """A readable directory name from the non-default hyperparameters, e.g. ``lmbda-1_lr-5e-05``."""
-        parts = [f"{_SHORT.get(k, k)}-{_fmt(v)}" for k, v in self.non_default().items()]
-        name = "_".join(parts) or "default"
-        return re.sub(r"[^A-Za-z0-9._-]+", "-", name)[:150]
+        return short_name(self.non_default()) or "default"
 
     def resolved_output_dir(self) -> Path:
         return outputs_root() / self.run_name() if self.output_dir is None else resolve_path(self.output_dir)
@@ -150,6 +148,12 @@ _SHORT = {"learning_rate": "lr", "per_device_train_batch_size": "bs", "gradient_
           "max_new_tokens": "newtok", "min_new_tokens": "minnew", "model_name": "model",
           "dataset_name": "data", "quant_type": "q", "group_size": "g", "max_steps": "steps",
           "warmup_ratio": "warmup", "weight_decay": "wd", "max_length": "maxlen", "temperature": "temp"}
+
+
+def short_name(values: dict[str, Any]) -> str:
+    """``{"learning_rate": 5e-05, "lmbda": 1}`` -> ``lr-5e-05_lmbda-1``: a file-system-safe run name."""
+    name = "_".join(f"{_SHORT.get(k, k)}-{_fmt(v)}" for k, v in values.items())
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name)[:150]
 
 
 def _fmt(value: Any) -> str:

@@ -13,6 +13,7 @@ evaluates each once.
 from __future__ import annotations
 
 import copy
+import fcntl
 import hashlib
 import json
 import time
@@ -150,14 +151,18 @@ def _cache_path(cfg: EvalConfig, kind: str, key: dict[str, Any]) -> Path:
 
 def _cached(cfg: EvalConfig, kind: str, key: dict[str, Any], compute) -> dict[str, Any]:
     path = _cache_path(cfg, kind, key)
-    if path.is_file():
-        print(f"{kind}: cached results from {path}")
-        return json.loads(path.read_text())
-    print(f"{kind}: evaluating {key['model_name']} ...")
-    result = {"key": key, **compute()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, result)
-    return result
+    # Runs of a parallel sweep share the cache: the first takes the lock and computes, the others
+    # wait for it and read, instead of all evaluating the same baseline at once.
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file():
+            print(f"{kind}: cached results from {path}")
+            return json.loads(path.read_text())
+        print(f"{kind}: evaluating {key['model_name']} ...")
+        result = {"key": key, **compute()}
+        write_json(path, result)
+        return result
 
 
 def _evaluate_ptq(teacher, tokenizer, cfg: EvalConfig, heldout, device, quant_type: str,
@@ -201,9 +206,11 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
         run_cfg0 = members[0][1] if members else {**TrainConfig().to_dict(), "model_name": model_name}
         heldout = _heldout(run_cfg0, tokenizer) if cfg.fidelity_samples else None
         schemes = {(s["quant_type"], s["group_size"]) for _, _, s in members} or {(cfg.quant_type, cfg.group_size)}
+        baselines: dict[Any, dict[str, Any]] = {}
         if cfg.include_teacher:
             key = {"model_name": model_name, **cfg.benchmark_settings(), **_perplexity_key(cfg), **versions}
             result = _cached(cfg, "teacher", key, partial(evaluate_model, teacher, tokenizer, cfg, device=device))
+            baselines["teacher"] = result
             rows.append(_row("teacher", model_name, result))
         if cfg.include_ptq:
             for quant_type, group_size in sorted(schemes):
@@ -211,6 +218,7 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
                        **cfg.benchmark_settings(), **_perplexity_key(cfg), **_fidelity_key(cfg, run_cfg0), **versions}
                 result = _cached(cfg, "ptq", key, partial(_evaluate_ptq, teacher, tokenizer, cfg, heldout, device,
                                                           quant_type, group_size))
+                baselines[(quant_type, group_size)] = result
                 rows.append(_row(f"PTQ {quant_type} g{group_size}", model_name, result))
         for run_dir, run_cfg, scheme in members:
             if run_cfg != run_cfg0 and cfg.fidelity_samples:
@@ -219,6 +227,11 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
                 run_heldout = heldout
             forms = ["merge", "adapter"] if scheme["format"] == "lora-adapter" else ["merge"]
             record: dict[str, Any] = {"config": asdict(cfg), "versions": versions, "scheme": scheme}
+            # The baselines this student is compared with travel in its eval.json, so a run
+            # directory (or a committed study without the cache) is self-contained for analysis.
+            record["baselines"] = {name: baselines[k] for name, k in
+                                   (("teacher", "teacher"), ("ptq", (scheme["quant_type"], scheme["group_size"])))
+                                   if k in baselines}
             for form in forms:
                 student = load_student(run_dir, convert=True, device=str(device), lora_mode=form)
                 quantization.dequantize_for_eval(student)

@@ -23,6 +23,11 @@ UNSTARTED_FILES = {CONFIG_FILE, "eval_before.json"}
 IGNORED_FOR_IDENTITY = {"do_eval", "output_dir", "device", "extra", "logging_steps", "save_steps"}
 
 
+def is_runner_file(path: Path) -> bool:
+    """Rendered notebooks and the sweep runner's bookkeeping (``sweep-*``): not part of a run's state."""
+    return path.suffix == ".ipynb" or path.name.startswith("sweep-")
+
+
 @dataclass
 class RunDir:
     path: Path
@@ -54,12 +59,12 @@ def prepare_run_dir(path: Path, config: dict[str, Any]) -> RunDir:
     if path.exists() and not path.is_dir():
         raise ConfigError(f"output_dir {path} exists and is not a directory")
     # A rendered notebook may already sit there: papermill writes its output before
-    # the first cell runs, and sweeps render train.ipynb into the run directory.
-    if not path.exists() or all(p.suffix == ".ipynb" for p in path.iterdir()):
+    # the first cell runs, and sweeps render train.ipynb (and their own sweep-* files) there.
+    if not path.exists() or all(is_runner_file(p) for p in path.iterdir()):
         return RunDir(path, "new")
     # A run that failed before its first training log (say, a typo in a hub id) has
     # nothing worth keeping; it can be claimed by any configuration.
-    if {p.name for p in path.iterdir() if p.suffix != ".ipynb"} <= UNSTARTED_FILES:
+    if {p.name for p in path.iterdir() if not is_runner_file(p)} <= UNSTARTED_FILES:
         return RunDir(path, "new")
     saved_file = path / CONFIG_FILE
     if not saved_file.is_file():

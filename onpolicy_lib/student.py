@@ -26,6 +26,8 @@ def build_student(teacher: PreTrainedModel, quant_type: str, group_size: int, lo
                   lora_alpha: int = 16, lora_dropout: float = 0.05) -> torch.nn.Module:
     """A fake-quantized copy of the teacher, with LoRA adapters when ``lora_r`` is set."""
     student = copy.deepcopy(teacher)
+    # The teacher may already be frozen (a trainer sets requires_grad=False on it); the copy must train.
+    student.requires_grad_(True)
     quantization.prepare_qat(student, quant_type, group_size)
     if lora_r is not None:
         from peft import LoraConfig, get_peft_model

@@ -60,3 +60,11 @@ def test_dequantize_for_eval_is_bit_identical(tiny_model):
     quantization.dequantize_for_eval(model)
     assert quantization.quantization_summary(model)["quantized"] == 0
     assert torch.equal(logits(model, ids), before)
+
+
+def test_student_of_a_frozen_teacher_is_trainable(tiny_model):
+    # A trainer freezes its teacher; a student built from that same object must still train.
+    tiny_model.requires_grad_(False)
+    student = build_student(tiny_model, "int4", GROUP)
+    assert all(p.requires_grad for p in student.parameters())
+    assert not any(p.requires_grad for p in tiny_model.parameters())

@@ -1,0 +1,244 @@
+"""The study's tables and statistics, from the DataFrames of :mod:`onpolicy_lib.results`.
+
+Every table here is computed from collected runs (nothing typed in), grouped by the values a
+sweep varies and averaged over seeds. The paired bootstrap compares two conditions on the same
+benchmark documents, which removes the between-document variance that dominates unpaired
+comparisons at these sample sizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from onpolicy_lib.results import CONFIG_FIELDS, FIDELITY_METRICS
+
+BENCHMARKS = {"hellaswag": "HellaSwag", "arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge",
+              "winogrande": "WinoGrande", "mmlu": "MMLU"}
+FIDELITY_NAMES = {"forward_kl": "forward KL (dataset completions)", "top1_agreement": "top-1 agreement",
+                  "reverse_kl_on_policy": "reverse KL (own samples)",
+                  "teacher_nll_of_student_greedy": "teacher NLL of greedy output", "perplexity": "perplexity"}
+REFERENCE_CSV = Path(__file__).parent / "reference" / "original_study.csv"
+# Parameters a sweep varies that describe a condition; seed is what conditions are averaged over.
+NOT_A_CONDITION = ("seed", "output_dir", "do_eval", "device", "save_steps")
+
+
+def benchmark_columns(w: pd.DataFrame, metric: str = "acc") -> list[str]:
+    return [f"{task}/{metric}" for task in BENCHMARKS if f"{task}/{metric}" in w.columns]
+
+
+def with_average(w: pd.DataFrame, metric: str = "acc") -> pd.DataFrame:
+    """Adds ``average``: the unweighted mean over the benchmarks present, as the study's tables read."""
+    cols = benchmark_columns(w, metric)
+    w = w.copy()
+    if cols:
+        w["average"] = w[cols].mean(axis=1, skipna=False)
+    return w
+
+
+def varying(w: pd.DataFrame) -> list[str]:
+    """Config fields that take more than one value among the students of ``w`` (seed excluded)."""
+    students = w[w["role"] == "student"]
+    return [f for f in CONFIG_FIELDS if f not in NOT_A_CONDITION
+            and students[f].astype(str).nunique(dropna=False) > 1]
+
+
+def condition_label(row: pd.Series, keys: list[str]) -> str:
+    if row["role"] == "teacher":
+        return "teacher (fp32)"
+    if row["role"] == "ptq":
+        return f"PTQ {row['quant_type']} g{int(row['group_size'])}" if pd.notna(row["group_size"]) else "PTQ"
+    return ", ".join(f"{_symbol(k)}={_value(row[k])}" for k in keys) or "student"
+
+
+def _symbol(key: str) -> str:
+    return {"lmbda": "λ", "beta": "β", "learning_rate": "lr", "per_device_train_batch_size": "batch",
+            "gradient_accumulation_steps": "grad. accum.", "max_new_tokens": "new tokens",
+            "max_steps": "steps"}.get(key, key)
+
+
+def _value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def condition_table(w: pd.DataFrame, keys: list[str] | None = None, columns: list[str] | None = None,
+                    baselines: bool = True) -> pd.DataFrame:
+    """Mean, standard deviation and number of seeds per condition (baselines first).
+
+    Returns a frame indexed by condition label with a column level ``stat`` in (mean, sd, n).
+    """
+    w = with_average(w)
+    keys = varying(w) if keys is None else keys
+    if columns is None:
+        columns = [c for c in [*benchmark_columns(w), "average"] if c in w.columns]
+    roles = ["teacher", "ptq", "student"] if baselines else ["student"]
+    w = w[w["role"].isin(roles)].copy()
+    if w.empty or not columns:
+        return pd.DataFrame()
+    w["condition"] = w.apply(condition_label, axis=1, keys=keys)
+    w["order"] = w["role"].map({"teacher": 0, "ptq": 1, "student": 2})
+    sort = ["order", *keys]
+    w = w.sort_values(sort, kind="stable")
+    grouped = w.groupby("condition", sort=False)[columns]
+    table = pd.concat({"mean": grouped.mean(), "sd": grouped.std(ddof=1), "n": grouped.count()}, axis=1)
+    return table.swaplevel(axis=1).sort_index(axis=1, level=0, sort_remaining=False)[columns]
+
+
+def format_table(table: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
+    """``mean ± sd (n)`` strings for display; a single seed shows the value alone."""
+    if table.empty:
+        return table
+    out = {}
+    for column in dict.fromkeys(table.columns.get_level_values(0)):
+        mean, sd, n = table[(column, "mean")], table[(column, "sd")], table[(column, "n")]
+        out[_pretty(column)] = [
+            "–" if pd.isna(m) else (f"{m:.{digits}f} ± {s:.{digits}f}" if k > 1 else f"{m:.{digits}f}")
+            for m, s, k in zip(mean, sd, n, strict=True)]
+    seeds = table[(table.columns.get_level_values(0)[0], "n")]
+    frame = pd.DataFrame(out, index=table.index)
+    frame["seeds"] = seeds.astype(int).values
+    return frame
+
+
+def _pretty(column: str) -> str:
+    task = column.split("/")[0]
+    return BENCHMARKS.get(task, FIDELITY_NAMES.get(column, column.replace("_", " ")))
+
+
+# ---------------------------------------------------------------------------- paired bootstrap
+@dataclass
+class BootstrapResult:
+    a: str
+    b: str
+    delta: float  # mean accuracy of b minus a, macro-averaged over tasks (points of accuracy, 0-1 scale)
+    ci_low: float
+    ci_high: float
+    p_value: float
+    documents: int
+    seeds_a: int
+    seeds_b: int
+    per_task: pd.DataFrame
+    samples: np.ndarray
+
+    @property
+    def significant(self) -> bool:
+        return self.ci_low > 0 or self.ci_high < 0
+
+    def verdict(self) -> str:
+        pts = 100 * self.delta
+        ci = f"95% CI {100 * self.ci_low:+.1f} to {100 * self.ci_high:+.1f} points"
+        head = (f"{self.b} − {self.a}: {pts:+.1f} accuracy points averaged over {len(self.per_task)} benchmarks "
+                f"({ci}, p = {self.p_value:.3f}; {self.documents} paired documents, seeds {self.seeds_b} vs "
+                f"{self.seeds_a}).")
+        if self.significant:
+            better = self.b if self.delta > 0 else self.a
+            return f"{head} Significant at the 5% level: {better} is better on these documents."
+        bound = 100 * max(abs(self.ci_low), abs(self.ci_high))
+        return (f"{head} Not significant: the data cannot tell the two apart; differences larger than about "
+                f"{bound:.1f} points lie outside the 95% interval.")
+
+
+def paired_bootstrap(pe: pd.DataFrame, a: dict[str, Any], b: dict[str, Any], metric: str = "acc",
+                     n_boot: int = 10_000, seed: int = 0, a_name: str | None = None,
+                     b_name: str | None = None) -> BootstrapResult:
+    """Paired bootstrap of condition ``b`` minus ``a`` over benchmark documents.
+
+    ``a``/``b`` select student rows of ``per_example()`` by config values (e.g. ``{"lmbda": 0}``).
+    Each document's correctness is first averaged over the condition's seeds; documents are then
+    resampled with replacement within each task (the same draw for both conditions), and the
+    statistic is the unweighted mean over tasks of the accuracy difference, as the study averages
+    benchmarks. The two-sided p-value is the bootstrap's achieved significance level for zero.
+    This captures evaluation-sample noise; seed-to-seed variance is shown by the per-seed table.
+    """
+    per_cond = []
+    for cond in (a, b):
+        sel = pe[pe["role"] == "student"]
+        for key, value in cond.items():
+            sel = sel[np.isclose(sel[key].astype(float), float(value))] if _is_num(value) else sel[sel[key] == value]
+        if sel.empty:
+            raise ValueError(f"no per-example results for {cond}")
+        per_doc = sel.groupby(["task", "subject", "doc_id"], dropna=False)[metric].mean()
+        per_cond.append((per_doc, sel["run"].nunique()))
+    joined = pd.concat({"a": per_cond[0][0], "b": per_cond[1][0]}, axis=1, join="inner").reset_index()
+    if joined.empty:
+        raise ValueError("the two conditions share no evaluated documents")
+    rng = np.random.default_rng(seed)
+    tasks = sorted(joined["task"].unique(), key=lambda t: list(BENCHMARKS).index(t) if t in BENCHMARKS else 99)
+    boot = np.zeros(n_boot)
+    rows = []
+    for task in tasks:
+        diff = (joined.loc[joined["task"] == task, "b"] - joined.loc[joined["task"] == task, "a"]).to_numpy()
+        idx = rng.integers(0, len(diff), size=(n_boot, len(diff)))
+        task_boot = diff[idx].mean(axis=1)
+        boot += task_boot / len(tasks)
+        rows.append({"task": BENCHMARKS.get(task, task), "documents": len(diff),
+                     "a": joined.loc[joined["task"] == task, "a"].mean(),
+                     "b": joined.loc[joined["task"] == task, "b"].mean(), "delta": diff.mean(),
+                     "ci_low": np.quantile(task_boot, 0.025), "ci_high": np.quantile(task_boot, 0.975)})
+    per_task = pd.DataFrame(rows).set_index("task")
+    delta = float(per_task["delta"].mean())
+    p = 2 * min((boot <= 0).mean(), (boot >= 0).mean())
+    return BootstrapResult(a_name or _cond_name(a), b_name or _cond_name(b), delta,
+                           float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975)), float(min(1.0, p)),
+                           len(joined), per_cond[0][1], per_cond[1][1], per_task, boot)
+
+
+def _is_num(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _cond_name(cond: dict[str, Any]) -> str:
+    return ", ".join(f"{_symbol(k)}={_value(v)}" for k, v in cond.items())
+
+
+# ---------------------------------------------------------------------------- compute cost
+COMPUTE_COLUMNS = {"wall_time_s": "train wall time (s)", "rollout_seconds": "rollout time (s)",
+                   "tokens_generated": "tokens generated", "tokens_trained": "tokens trained on",
+                   "median_step_s": "median step (s)", "peak_memory_mb": "peak memory (MB)"}
+
+
+def compute_table(w: pd.DataFrame, keys: list[str] | None = None) -> pd.DataFrame:
+    """Training cost per condition (mean over seeds) beside its quality."""
+    w = with_average(w)
+    keys = varying(w) if keys is None else keys
+    columns = [c for c in [*COMPUTE_COLUMNS, "average", "forward_kl", "heldout_loss_after"] if c in w.columns]
+    table = condition_table(w, keys, columns, baselines=False)
+    if table.empty:
+        return table
+    means = table.xs("mean", axis=1, level=1).rename(columns={**COMPUTE_COLUMNS, "average": "benchmark average"})
+    return means
+
+
+# ---------------------------------------------------------------------------- the original study
+def reference_study() -> pd.DataFrame:
+    """The original study's published numbers (Qwen3-4B, 10k steps), one row per table row."""
+    return pd.read_csv(REFERENCE_CSV, comment="#")
+
+
+def gap_to_teacher(w: pd.DataFrame) -> pd.DataFrame:
+    """Student minus teacher accuracy per benchmark and λ, ours and the original study's, long format."""
+    rows = []
+    ours = with_average(w)
+    teacher = ours[ours["role"] == "teacher"]
+    if not teacher.empty:
+        t = teacher.iloc[0]
+        for lmbda, group in ours[ours["role"] == "student"].groupby("lmbda"):
+            for task, name in BENCHMARKS.items():
+                col = f"{task}/acc"
+                if col in group:
+                    rows.append({"study": "this tool (SmolLM2-135M, CPU)", "lmbda": lmbda, "benchmark": name,
+                                 "gap": group[col].mean() - t[col]})
+    ref = reference_study()
+    ref_teacher = ref[ref["model"] == "teacher"].iloc[0]
+    for _, row in ref[ref["table"] == "main"].iterrows():
+        for task, name in BENCHMARKS.items():
+            rows.append({"study": "original (Qwen3-4B, 10k GPU steps)", "lmbda": row["lmbda"], "benchmark": name,
+                         "gap": row[task] - ref_teacher[task]})
+    return pd.DataFrame(rows)
+
+
+FIDELITY_COLUMNS = [*FIDELITY_METRICS, "perplexity"]

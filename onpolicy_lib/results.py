@@ -1,0 +1,174 @@
+"""Results collection: any ``outputs/`` tree -> tidy pandas DataFrames.
+
+``collect(roots)`` gives one row per (run or baseline) x metric with every configuration field as
+a column; ``per_example(roots)`` gives one row per evaluated benchmark document, for paired
+comparisons. Both read only the files runs leave behind (``config.json``, ``metrics.json``,
+``eval.json``, the sweep manifest), so they work on partial and failed sweeps alike: a run
+without metrics contributes its status and configuration, nothing is invented for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from onpolicy_lib.config import TrainConfig, resolve_path
+from onpolicy_lib.rundir import CONFIG_FILE, METRICS_FILE
+from onpolicy_lib.sweep import EVAL_FILE, MANIFEST, Run, run_status
+
+CONFIG_FIELDS = [f for f in TrainConfig().to_dict() if f not in ("extra", "output_dir")]
+BENCHMARK_METRICS = ("acc", "acc_norm")
+FIDELITY_METRICS = ("forward_kl", "top1_agreement", "reverse_kl_on_policy", "teacher_nll_of_student_greedy")
+TRAIN_METRICS = ("wall_time_s", "median_step_s", "tokens_generated", "tokens_trained", "rollout_seconds",
+                 "peak_memory_mb", "batches", "batches_on_policy", "heldout_loss_before", "heldout_loss_after")
+ID_COLUMNS = ["sweep", "run", "role", "status", "run_dir"]
+
+
+def _roots(roots: str | Path | Iterable[str | Path]) -> list[Path]:
+    if isinstance(roots, str | Path):
+        roots = [roots]
+    return [resolve_path(r) for r in roots]
+
+
+def find_runs(roots: str | Path | Iterable[str | Path]) -> list[tuple[str, Path, dict[str, Any]]]:
+    """Every run under ``roots`` as (sweep, run_dir, train config), started or only planned by a sweep."""
+    found: dict[Path, tuple[str, Path, dict[str, Any]]] = {}
+    for root in _roots(roots):
+        for config_path in sorted(root.rglob(CONFIG_FILE)):
+            run_dir = config_path.parent
+            if "eval_cache" in run_dir.parts or "student" == run_dir.name:
+                continue
+            try:
+                train = json.loads(config_path.read_text()).get("train")
+            except json.JSONDecodeError:
+                continue
+            if isinstance(train, dict):
+                found[run_dir] = (_sweep_name(run_dir), run_dir, train)
+        for manifest_path in sorted(root.rglob(MANIFEST)):
+            manifest = json.loads(manifest_path.read_text())
+            for name, entry in manifest.get("runs", {}).items():
+                run_dir = manifest_path.parent / name
+                found.setdefault(run_dir, (manifest.get("name", manifest_path.parent.name), run_dir, entry["params"]))
+    return sorted(found.values(), key=lambda t: (t[0], str(t[1])))
+
+
+def _sweep_name(run_dir: Path) -> str:
+    manifest = run_dir.parent / MANIFEST
+    if manifest.is_file():
+        return json.loads(manifest.read_text()).get("name", run_dir.parent.name)
+    return run_dir.parent.name
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except json.JSONDecodeError:
+        return None  # a file being written by a live run
+
+
+def _loss_summary(steps: list[dict[str, Any]]) -> dict[str, float]:
+    losses = [s["loss"] for s in steps if s.get("loss") is not None]
+    if not losses:
+        return {}
+    k = max(1, len(losses) // 10)
+    return {"train_loss_first": sum(losses[:k]) / k, "train_loss_final": sum(losses[-k:]) / k}
+
+
+def model_metrics(result: dict[str, Any]) -> list[tuple[str, float, float | None]]:
+    """(metric, value, stderr) of one evaluated model: benchmarks, perplexity, fidelity, eval time."""
+    out: list[tuple[str, float, float | None]] = []
+    for task, scores in result.get("benchmarks", {}).get("tasks", {}).items():
+        for metric in BENCHMARK_METRICS:
+            if scores.get(metric) is not None:
+                out.append((f"{task}/{metric}", scores[metric], scores.get(f"{metric}_stderr")))
+    if "perplexity" in result:
+        out.append(("perplexity", result["perplexity"]["perplexity"], None))
+    for metric in FIDELITY_METRICS:
+        if metric in result.get("fidelity", {}):
+            out.append((metric, result["fidelity"][metric], None))
+    if "seconds" in result:
+        out.append(("eval_seconds", result["seconds"], None))
+    return out
+
+
+def collect(roots: str | Path | Iterable[str | Path] = "outputs") -> pd.DataFrame:
+    """One row per (sweep, run or baseline, metric): ``value``, ``stderr`` and every config field.
+
+    Roles: ``student`` (the deployed student), ``student_lora_adapter`` (LoRA runs, adapter on the
+    quantized base), ``teacher`` and ``ptq`` (once per sweep and baseline configuration).
+    ``status`` is the run's state (done, failed, running, interrupted, pending).
+    """
+    rows: list[dict[str, Any]] = []
+    seen_baselines: set[tuple[str, str]] = set()
+    for sweep, run_dir, train in find_runs(roots):
+        config = {k: train.get(k) for k in CONFIG_FIELDS}
+        run = Run(run_dir.name, run_dir, train)
+        status = run_status(run, needs_eval=bool(train.get("do_eval")))
+        base = {"sweep": sweep, "run": run_dir.name, "status": status, "run_dir": str(run_dir), **config}
+        metrics = _read(run_dir / METRICS_FILE) or {}
+        values = {**{k: metrics[k] for k in TRAIN_METRICS if metrics.get(k) is not None},
+                  **_loss_summary(metrics.get("steps", []))}
+        for metric, value in values.items():
+            rows.append({**base, "role": "student", "metric": metric, "value": float(value), "stderr": None})
+        evaluation = _read(run_dir / EVAL_FILE) or {}
+        for role in ("student", "student_lora_adapter"):
+            for metric, value, stderr in model_metrics(evaluation.get(role, {})):
+                rows.append({**base, "role": role, "metric": metric, "value": value, "stderr": stderr})
+        if not values and not evaluation:
+            rows.append({**base, "role": "student", "metric": None, "value": None, "stderr": None})
+        for role, result in evaluation.get("baselines", {}).items():
+            digest = hashlib.sha256(json.dumps(result.get("key"), sort_keys=True).encode()).hexdigest()[:12]
+            if (sweep, digest) in seen_baselines:
+                continue
+            seen_baselines.add((sweep, digest))
+            key = result.get("key", {})
+            label = "teacher" if role == "teacher" else f"PTQ {key.get('quant_type')} g{key.get('group_size')}"
+            baseline = {"sweep": sweep, "run": label, "status": "done", "run_dir": None,
+                        **{k: None for k in CONFIG_FIELDS}, "model_name": key.get("model_name"),
+                        **({"quant_type": key.get("quant_type"), "group_size": key.get("group_size")}
+                           if role == "ptq" else {})}
+            for metric, value, stderr in model_metrics(result):
+                rows.append({**baseline, "role": role, "metric": metric, "value": value, "stderr": stderr})
+    columns = ID_COLUMNS + CONFIG_FIELDS + ["metric", "value", "stderr"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def per_example(roots: str | Path | Iterable[str | Path] = "outputs") -> pd.DataFrame:
+    """One row per (sweep, run or baseline, task, document): ``acc`` (and ``acc_norm``) as 0/1."""
+    rows: list[dict[str, Any]] = []
+    seen: set[tuple[str, str]] = set()
+    for sweep, run_dir, train in find_runs(roots):
+        evaluation = _read(run_dir / EVAL_FILE)
+        if not evaluation:
+            continue
+        config = {k: train.get(k) for k in CONFIG_FIELDS}
+        models = [("student", run_dir.name, config, evaluation.get("student", {}))]
+        for role, result in evaluation.get("baselines", {}).items():
+            key = result.get("key", {})
+            label = "teacher" if role == "teacher" else f"PTQ {key.get('quant_type')} g{key.get('group_size')}"
+            if (sweep, label) not in seen:
+                seen.add((sweep, label))
+                models.append((role, label, {k: None for k in CONFIG_FIELDS}, result))
+        for role, run, cfg, result in models:
+            for task, scores in result.get("benchmarks", {}).get("tasks", {}).items():
+                for sample in scores.get("samples", []):
+                    rows.append({"sweep": sweep, "run": run, "role": role, **cfg, "task": task,
+                                 "subject": sample.get("subject"), "doc_id": sample["doc_id"],
+                                 **{m: sample[m] for m in BENCHMARK_METRICS if m in sample}})
+    return pd.DataFrame(rows)
+
+
+def wide(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (sweep, run, role), one column per metric, config fields kept."""
+    df = df[df["metric"].notna()]
+    keys = ["sweep", "run", "role"]
+    values = df.pivot_table(index=keys, columns="metric", values="value", aggfunc="first")
+    meta = df.drop_duplicates(keys).set_index(keys)[["status", *CONFIG_FIELDS]]
+    table = meta.join(values).reset_index()
+    table.columns.name = None
+    return table

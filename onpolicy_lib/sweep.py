@@ -1,0 +1,541 @@
+"""Sweeps: a YAML spec in ``params/sweeps/`` -> one papermill run of ``notebooks/train.ipynb`` per configuration.
+
+A spec names a base preset, fixed overrides, a grid and/or an explicit list of configurations, and seeds::
+
+    name: cpu-lambda              # outputs/<name>/ (default: the spec file's stem)
+    base: cpu_demo                # a preset in params/ (optional)
+    params: {max_steps: 60}       # fixed overrides of any train.ipynb parameter (optional)
+    grid: {lmbda: [0, 0.5, 1]}    # cartesian product (optional)
+    runs: [{lmbda: 0, beta: 0}]   # explicit configurations, crossed with the grid (optional)
+    seeds: [1, 2]                 # crossed with everything (optional; default: the base's seed)
+    eval: true                    # render notebooks/eval.ipynb for each run (do_eval)
+    eval_parameters: {limit: 100} # eval.ipynb overrides
+    analysis: true                # render notebooks/analysis.ipynb over the sweep when all runs are done
+
+Every run lands in ``outputs/<name>/<run>/`` (``<run>`` from the values that vary across the
+sweep, e.g. ``lmbda-1_seed-2``) holding its rendered ``train.ipynb``. The whole expansion is
+validated before anything runs. The runner is resumable: a finished run is never redone, a
+killed one resumes from its checkpoint, a failed one keeps its partial notebook and error
+(``sweep-error.txt``) and is retried only with ``--retry-failed``::
+
+    python -m onpolicy_lib.sweep params/sweeps/cpu_lambda.yaml --dry-run
+    python -m onpolicy_lib.sweep params/sweeps/cpu_lambda.yaml --parallel 2
+    python -m onpolicy_lib.sweep params/sweeps/cpu_lambda.yaml --status
+    python -m onpolicy_lib.sweep params/sweeps/cpu_lambda.yaml --emit-commands   # one line per run, any scheduler
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from onpolicy_lib.config import (
+    PROJECT_ROOT,
+    ConfigError,
+    TrainConfig,
+    load_preset,
+    outputs_root,
+    resolve_path,
+    short_name,
+)
+from onpolicy_lib.rundir import CONFIG_FILE, METRICS_FILE, config_diff, prepare_run_dir, write_json
+
+TRAIN_NOTEBOOK = PROJECT_ROOT / "notebooks" / "train.ipynb"
+ANALYSIS_NOTEBOOK = PROJECT_ROOT / "notebooks" / "analysis.ipynb"
+SWEEPS_DIR = PROJECT_ROOT / "params" / "sweeps"
+SPEC_KEYS = ("name", "base", "params", "grid", "runs", "seeds", "eval", "eval_parameters", "analysis")
+# Set by the runner itself, never by a spec.
+RUNNER_PARAMETERS = ("output_dir", "do_eval", "eval_parameters")
+MANIFEST = "sweep.json"
+RUNNING = "sweep-running.json"
+ERROR = "sweep-error.txt"
+LOG = "sweep-log.txt"
+EVAL_FILE = "eval.json"
+STATES = ("done", "failed", "running", "interrupted", "pending")
+
+
+class SweepError(ConfigError):
+    """A spec that cannot be expanded; raised before any run starts."""
+
+
+@dataclass
+class Run:
+    name: str
+    path: Path
+    params: dict[str, Any]  # train.ipynb parameters, runner-set ones included
+    varying: dict[str, Any] = field(default_factory=dict)  # the values that distinguish it in its sweep
+
+    @property
+    def notebook(self) -> Path:
+        return self.path / "train.ipynb"
+
+
+@dataclass
+class Sweep:
+    name: str
+    spec_path: Path
+    root: Path  # outputs/<name>
+    runs: list[Run]
+    eval: bool
+    analysis: bool
+
+
+# ---------------------------------------------------------------------------- expansion
+def notebook_parameters(notebook: Path = TRAIN_NOTEBOOK) -> dict[str, Any]:
+    """The names and defaults of a notebook's ``parameters`` cell (the cell is plain assignments)."""
+    import nbformat
+
+    nb = nbformat.read(notebook, as_version=4)
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    namespace: dict[str, Any] = {}
+    exec(cells[0].source, namespace)  # our own notebook's literals; papermill's parser misses `int | None`
+    return {k: v for k, v in namespace.items() if not k.startswith("__")}
+
+
+def find_spec(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for candidate in (resolve_path(name_or_path), SWEEPS_DIR / f"{name_or_path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    available = ", ".join(sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml")))
+    raise SweepError(f"sweep spec {name_or_path!r} not found; available in params/sweeps: {available}")
+
+
+def expand(spec_path: str | Path, outputs: str | Path | None = None, check_models: bool = True) -> Sweep:
+    """Read and validate a spec; every run's parameters and directory. Raises SweepError, nothing runs."""
+    spec_path = find_spec(str(spec_path))
+    where = spec_path.name
+    spec = yaml.safe_load(spec_path.read_text()) or {}
+    if not isinstance(spec, dict):
+        raise SweepError(f"{where}: a sweep spec is a mapping with keys {', '.join(SPEC_KEYS)}")
+    unknown = sorted(set(spec) - set(SPEC_KEYS))
+    if unknown:
+        raise SweepError(f"{where}: unknown key(s) {', '.join(unknown)}; a spec has {', '.join(SPEC_KEYS)}")
+    name = str(spec.get("name") or spec_path.stem)
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        raise SweepError(f"{where}: name must use letters, digits, '.', '_' or '-'; got {name!r}")
+
+    allowed = set(notebook_parameters()) - set(RUNNER_PARAMETERS)
+    base = load_preset(spec["base"]) if spec.get("base") else {}
+    fixed = _mapping(spec, "params", where)
+    grid = _mapping(spec, "grid", where)
+    listed = spec.get("runs") or []
+    if "grid" in spec and not grid:
+        raise SweepError(f"{where}: grid is empty; give each swept parameter a non-empty list, "
+                         "e.g. grid: {lmbda: [0, 1]}")
+    if not isinstance(listed, list) or not all(isinstance(r, dict) for r in listed):
+        raise SweepError(f"{where}: runs must be a list of mappings of train.ipynb parameters")
+    if "runs" in spec and not listed:
+        raise SweepError(f"{where}: runs is empty; list at least one configuration or drop the key")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise SweepError(f"{where}: grid.{key} must be a non-empty list of values, got {values!r}")
+    seeds = spec.get("seeds")
+    if seeds is not None and (not isinstance(seeds, list) or not seeds
+                              or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        raise SweepError(f"{where}: seeds must be a non-empty list of integers, got {seeds!r}")
+    for section, keys in (("base", base), ("params", fixed), ("grid", grid),
+                          *((f"runs[{i}]", r) for i, r in enumerate(listed))):
+        bad = sorted(set(keys) - allowed)
+        if bad:
+            raise SweepError(f"{where}: {section}: unknown or runner-set parameter(s) {', '.join(bad)}; "
+                             f"train.ipynb parameters: {', '.join(sorted(allowed))}")
+    if "seed" in grid and seeds:
+        raise SweepError(f"{where}: give seeds either as 'seeds' or as grid.seed, not both")
+    do_eval = spec.get("eval", False)
+    eval_parameters = spec.get("eval_parameters") or {}
+    analysis = spec.get("analysis", True)
+    for key, value in (("eval", do_eval), ("analysis", analysis)):
+        if not isinstance(value, bool):
+            raise SweepError(f"{where}: {key} must be true or false, got {value!r}")
+    if not isinstance(eval_parameters, dict):
+        raise SweepError(f"{where}: eval_parameters must be a mapping of eval.ipynb parameters")
+
+    # Expansion: runs x grid x seeds, each over base and params.
+    points = [dict(zip(grid, combo, strict=True)) for combo in itertools.product(*grid.values())]
+    configs = []
+    for entry in listed or [{}]:
+        for point in points:
+            for seed in seeds or [None]:
+                values = {**entry, **point, **({"seed": seed} if seed is not None else {})}
+                configs.append(values)
+    defaults = {k: v for k, v in notebook_parameters().items() if k not in RUNNER_PARAMETERS}
+    full = [{**defaults, **base, **fixed, **values} for values in configs]
+    varying_keys = [k for k in dict.fromkeys(k for values in configs for k in values)
+                    if len({json.dumps(f.get(k), sort_keys=True) for f in full}) > 1]
+
+    root = Path(resolve_path(outputs) if outputs else outputs_root()) / name
+    runs: dict[str, Run] = {}
+    for values, params in zip(configs, full, strict=True):
+        varying = {k: params[k] for k in varying_keys}
+        run_name = short_name(varying) or "run"
+        try:
+            cfg = TrainConfig.from_dict(params)
+            cfg.output_dir = str(root / run_name)
+            cfg.validate()
+        except ConfigError as err:
+            shown = ", ".join(f"{k}={v!r}" for k, v in values.items()) or "the fixed parameters"
+            raise SweepError(f"{where}: run {run_name} ({shown}): {err}") from None
+        run = Run(run_name, root / run_name, {**params, "output_dir": str(root / run_name), "do_eval": do_eval,
+                                               "eval_parameters": eval_parameters}, varying)
+        if run_name in runs and runs[run_name].params != run.params:
+            raise SweepError(f"{where}: two runs map to {run.path} with different parameters; "
+                             "make the swept values distinct")
+        runs[run_name] = run
+    sweep = Sweep(name, spec_path, root, list(runs.values()), do_eval, analysis)
+    if check_models:
+        _check_group_sizes(sweep, where)
+    if do_eval:
+        _check_eval_parameters(eval_parameters, where)
+    _check_conflicts(sweep)
+    return sweep
+
+
+def _mapping(spec: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = spec.get(key) or {}
+    if not isinstance(value, dict):
+        raise SweepError(f"{where}: {key} must be a mapping of train.ipynb parameters, got {value!r}")
+    return value
+
+
+def _check_group_sizes(sweep: Sweep, where: str) -> None:
+    # The one check train.ipynb makes against the model's layer shapes; from the config alone (no weights).
+    from onpolicy_lib import quantization
+    from onpolicy_lib.models import load_skeleton
+
+    pairs = {(r.params["model_name"], r.params["group_size"]) for r in sweep.runs}
+    for model_name in sorted({m for m, _ in pairs}):
+        try:
+            skeleton = load_skeleton(model_name)
+        except OSError:  # a hub model with no network here: train.ipynb checks it where it runs
+            print(f"note: {model_name}'s config is not reachable here; group sizes are checked when the runs start")
+            continue
+        for _, group_size in (p for p in pairs if p[0] == model_name):
+            try:
+                quantization.check_group_size(skeleton, group_size or quantization.default_group_size(skeleton))
+            except ValueError as err:
+                raise SweepError(f"{where}: {err}") from None
+
+
+def _check_eval_parameters(eval_parameters: dict[str, Any], where: str) -> None:
+    from dataclasses import fields
+
+    from onpolicy_lib.evaluate import EvalConfig
+
+    names = {f.name for f in fields(EvalConfig)} - {"run_dirs"}
+    bad = sorted(set(eval_parameters) - names)
+    if bad:
+        raise SweepError(f"{where}: eval_parameters: unknown parameter(s) {', '.join(bad)}; "
+                         f"eval.ipynb parameters: {', '.join(sorted(names))}")
+    # The checks eval.ipynb makes on its own parameters; the model and scheme come from each run.
+    try:
+        EvalConfig(**{**eval_parameters, "model_name": "placeholder", "include_teacher": True,
+                      "include_ptq": False}).validate()
+    except ConfigError as err:
+        raise SweepError(f"{where}: eval_parameters: {err}") from None
+
+
+def _check_conflicts(sweep: Sweep) -> None:
+    """Refuse a run directory that holds, or is promised by another spec to, a different configuration."""
+    manifest = _read_manifest(sweep.root)
+    for run in sweep.runs:
+        identity = _identity(run)
+        other = manifest.get("runs", {}).get(run.name)
+        if other is not None and config_diff(other["params"], identity):
+            diff = config_diff(other["params"], identity)
+            shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            raise SweepError(f"{sweep.spec_path.name}: {run.path} belongs to spec {other['spec']} with a different "
+                             f"config ({shown}); rename this sweep (name:) or delete that run")
+        try:
+            prepare_run_dir(run.path, TrainConfig.from_dict(identity).to_dict())
+        except ConfigError as err:
+            raise SweepError(f"{sweep.spec_path.name}: {err}") from None
+
+
+def _identity(run: Run) -> dict[str, Any]:
+    return {k: v for k, v in run.params.items() if k not in ("do_eval", "eval_parameters")}
+
+
+def _read_manifest(root: Path) -> dict[str, Any]:
+    path = root / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_manifest(sweep: Sweep) -> None:
+    manifest = _read_manifest(sweep.root)
+    runs = manifest.get("runs", {})
+    spec = _display_path(sweep.spec_path)
+    for run in sweep.runs:
+        runs[run.name] = {"spec": spec, "params": _identity(run), "varying": run.varying}
+    sweep.root.mkdir(parents=True, exist_ok=True)
+    write_json(sweep.root / MANIFEST, {"name": sweep.name, "specs": sorted({*manifest.get("specs", []), spec}),
+                                       "runs": runs})
+
+
+def _display_path(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(PROJECT_ROOT))
+    except ValueError:
+        return str(path)
+
+
+# ---------------------------------------------------------------------------- state
+def run_status(run: Run, needs_eval: bool | None = None) -> str:
+    """done | failed | running | interrupted | pending, from the files in the run directory alone."""
+    needs_eval = run.params.get("do_eval", False) if needs_eval is None else needs_eval
+    path = run.path
+    if (path / METRICS_FILE).is_file() and (not needs_eval or (path / EVAL_FILE).is_file()):
+        return "done"
+    marker = path / RUNNING
+    if marker.is_file():
+        if _alive(json.loads(marker.read_text())):
+            return "running"
+    if (path / ERROR).is_file():
+        return "failed"
+    if marker.is_file() or (path / CONFIG_FILE).is_file():
+        return "interrupted"  # killed mid-run: resumes from its last checkpoint
+    return "pending"
+
+
+def _alive(owner: dict[str, Any]) -> bool:
+    if owner.get("host") != socket.gethostname():
+        return True  # another machine's run: trust its marker
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except (ProcessLookupError, ValueError, KeyError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def status_table(sweep: Sweep):
+    """One row per run: name, state, varying values, wall time and headline numbers when done."""
+    import pandas as pd
+
+    rows = []
+    for run in sweep.runs:
+        row = {"run": run.name, "state": run_status(run), **run.varying}
+        metrics_path = run.path / METRICS_FILE
+        if metrics_path.is_file():
+            metrics = json.loads(metrics_path.read_text())
+            row["train_s"] = metrics.get("wall_time_s")
+            row["heldout_after"] = metrics.get("heldout_loss_after")
+        if (run.path / ERROR).is_file():
+            row["error"] = (run.path / ERROR).read_text().strip().splitlines()[-1][:120]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------- running
+def command(sweep: Sweep, run: Run, retry_failed: bool = False) -> str:
+    """The shell line that runs one configuration through this runner (for a cluster scheduler)."""
+    args = [sys.executable, "-m", "onpolicy_lib.sweep", _display_path(sweep.spec_path), "--run", run.name]
+    if sweep.root.parent != outputs_root():
+        args += ["--outputs", str(sweep.root.parent)]
+    if retry_failed:
+        args.append("--retry-failed")
+    return f"cd {shlex.quote(str(PROJECT_ROOT))} && " + shlex.join(args)
+
+
+def _claim(run: Run) -> bool:
+    """Take the run's marker atomically; False if a live process holds it."""
+    run.path.mkdir(parents=True, exist_ok=True)
+    marker = run.path / RUNNING
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": datetime.datetime.now().isoformat()}
+    for _ in range(2):
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if _alive(json.loads(marker.read_text() or "{}")):
+                return False
+            marker.unlink(missing_ok=True)  # left by a killed runner
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(owner, f)
+        return True
+    return False
+
+
+def _set_aside_failure(run: Run) -> None:
+    # Keep the failed attempt's notebook and error beside the retry, numbered.
+    n = 1 + len(list(run.path.glob("sweep-failed-*.ipynb")))
+    if run.notebook.is_file():
+        run.notebook.rename(run.path / f"sweep-failed-{n}.ipynb")
+    if (run.path / ERROR).is_file():
+        (run.path / ERROR).rename(run.path / f"sweep-error-{n}.txt")
+
+
+_CHILDREN: set[subprocess.Popen] = set()
+
+
+def _terminate_children(signum: int, frame: Any) -> None:
+    # A scheduler's SIGTERM stops the runs too (their kernels follow their papermill parent);
+    # the killed runs resume from their checkpoints next time.
+    for proc in list(_CHILDREN):
+        proc.terminate()
+    sys.exit(128 + signum)
+
+
+def execute(run: Run, threads: int | None = None) -> str:
+    """Run one configuration in a papermill subprocess; returns its final state (done | failed)."""
+    params_yaml = yaml.safe_dump(run.params, sort_keys=False)
+    args = [sys.executable, "-m", "papermill", str(TRAIN_NOTEBOOK), str(run.notebook), "-y", params_yaml,
+            "--cwd", str(PROJECT_ROOT), "--kernel", "python3", "--no-progress-bar"]
+    env = dict(os.environ)
+    if threads:  # parallel runs share the cores instead of each taking all of them
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+    with open(run.path / LOG, "a") as log:
+        log.write(f"\n=== {datetime.datetime.now().isoformat()} {shlex.join(args[:5])} ...\n")
+        log.flush()
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=PROJECT_ROOT)
+        _CHILDREN.add(proc)
+        try:
+            proc.wait()
+        finally:
+            _CHILDREN.discard(proc)
+    if proc.returncode == 0 and run_status(run) == "done":
+        return "done"
+    (run.path / ERROR).write_text(f"papermill exited with {proc.returncode}; partial notebook: {run.notebook}; "
+                                  f"log: {run.path / LOG}\n{_last_error(run)}\n")
+    return "failed"
+
+
+def _last_error(run: Run) -> str:
+    lines = (run.path / LOG).read_text().strip().splitlines() if (run.path / LOG).is_file() else []
+    errors = [ln for ln in lines if "Error" in ln or "error" in ln]
+    return (errors or lines or ["(no output)"])[-1][:500]
+
+
+def run_sweep(sweep: Sweep, parallel: int = 1, retry_failed: bool = False, only: list[str] | None = None,
+              analysis: bool | None = None) -> dict[str, str]:
+    """Run every run that is not done (failed ones only with ``retry_failed``); returns name -> final state."""
+    from tqdm.auto import tqdm
+
+    if parallel < 1:
+        raise SweepError(f"parallel must be a positive integer, got {parallel!r}")
+    selected = sweep.runs
+    if only:
+        names = {r.name for r in sweep.runs}
+        unknown = [n for n in only if n not in names]
+        if unknown:
+            raise SweepError(f"--run: no run named {', '.join(unknown)} in {sweep.name}; "
+                             f"runs: {', '.join(sorted(names))}")
+        selected = [r for r in sweep.runs if r.name in only]
+    write_manifest(sweep)
+    states = {r.name: run_status(r) for r in selected}
+    todo = [r for r in selected if states[r.name] in ("pending", "interrupted")
+            or (retry_failed and states[r.name] == "failed")]
+    skipped = {s: [n for n, st in states.items() if st == s and all(n != r.name for r in todo)]
+               for s in ("done", "failed", "running")}
+    print(f"sweep {sweep.name}: {len(selected)} runs; {len(skipped['done'])} done, {len(todo)} to run"
+          + (f", {len(skipped['failed'])} failed (use --retry-failed)" if skipped["failed"] else "")
+          + (f", {len(skipped['running'])} running elsewhere" if skipped["running"] else ""), flush=True)
+    threads = max(1, (os.cpu_count() or 1) // parallel) if parallel > 1 else None
+
+    def one(run: Run) -> str:
+        if not _claim(run):
+            return "running"
+        try:
+            if (run.path / ERROR).is_file():  # a retry: keep the failed attempt beside the new one
+                _set_aside_failure(run)
+            return execute(run, threads)
+        finally:
+            (run.path / RUNNING).unlink(missing_ok=True)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=parallel) as pool, tqdm(total=len(todo), desc=sweep.name, unit="run") as bar:
+        futures = {pool.submit(one, run): run for run in todo}
+        for future in as_completed(futures):
+            run = futures[future]
+            states[run.name] = future.result()
+            where = f" (see {run.path / ERROR})" if states[run.name] == "failed" else ""
+            bar.write(f"{run.name}: {states[run.name]}{where} [{_elapsed(start)}]")
+            bar.update()
+    if (sweep.analysis if analysis is None else analysis) and not only \
+            and all(run_status(r) == "done" for r in sweep.runs):
+        print(f"analysis rendered in {render_analysis(sweep)}")
+    return states
+
+
+def render_analysis(sweep: Sweep) -> Path:
+    """Render notebooks/analysis.ipynb over this sweep into outputs/<name>/analysis.ipynb (figures beside it)."""
+    import papermill as pm
+
+    out = sweep.root / "analysis.ipynb"
+    pm.execute_notebook(str(ANALYSIS_NOTEBOOK), str(out), cwd=str(PROJECT_ROOT), progress_bar=False,
+                        parameters={"outputs": [str(sweep.root)], "figures_dir": str(sweep.root / "figures"),
+                                    "title": f"Sweep {sweep.name}"})
+    return out
+
+
+def _elapsed(start: float) -> str:
+    return str(datetime.timedelta(seconds=int(time.perf_counter() - start)))
+
+
+# ---------------------------------------------------------------------------- command line
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m onpolicy_lib.sweep", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("spec", help="a spec in params/sweeps/ (by stem) or a path")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs, their state and output paths")
+    parser.add_argument("--status", action="store_true", help="a table of done / failed / pending runs")
+    parser.add_argument("--emit-commands", action="store_true",
+                        help="print one independent shell command per unfinished run (for any scheduler)")
+    parser.add_argument("--parallel", type=int, default=1, help="runs executed at once (default 1)")
+    parser.add_argument("--retry-failed", action="store_true", help="re-run failed runs (their notebooks are kept)")
+    parser.add_argument("--run", action="append", help="only this run (repeatable)")
+    parser.add_argument("--outputs", help="root of the sweep directory (default: outputs/)")
+    parser.add_argument("--no-analysis", action="store_true", help="do not render the analysis notebook at the end")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate_children)
+    try:
+        sweep = expand(args.spec, args.outputs)
+        if args.dry_run or args.status:
+            import pandas as pd
+
+            table = status_table(sweep)
+            if args.dry_run:
+                table["output"] = [_display_path(r.notebook) for r in sweep.runs]
+            with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_colwidth", 80):
+                print(f"sweep {sweep.name} ({_display_path(sweep.spec_path)}): {len(sweep.runs)} runs into "
+                      f"{_display_path(sweep.root)}" + (", each evaluated" if sweep.eval else ""))
+                print(table.to_string(index=False))
+            return 0
+        if args.emit_commands:
+            for run in sweep.runs:
+                state = run_status(run)
+                if state in ("pending", "interrupted") or (args.retry_failed and state == "failed"):
+                    print(command(sweep, run, args.retry_failed))
+            return 0
+        states = run_sweep(sweep, args.parallel, args.retry_failed, args.run,
+                           analysis=False if args.no_analysis else None)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    failed = [n for n, s in states.items() if s == "failed"]
+    if failed:
+        print(f"{len(failed)} run(s) failed: {', '.join(failed)}; fix and re-run with --retry-failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

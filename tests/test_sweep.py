@@ -1,0 +1,179 @@
+"""Sweep specs, the resumable papermill runner and results collection (tiny models, no assets)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from onpolicy_lib import results, sweep
+from onpolicy_lib.sweep import SweepError, expand, run_status
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_params(model_dir: Path, dataset_dir: Path) -> dict:
+    return {"model_name": str(model_dir), "dataset_name": str(dataset_dir), "group_size": 32, "max_steps": 2,
+            "max_length": 96, "max_new_tokens": 6, "heldout_eval_size": 2, "device": "cpu"}
+
+
+def write_spec(tmp_path: Path, name: str = "tiny", **spec) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, **spec}))
+    return path
+
+
+@pytest.fixture
+def params(tiny_model_dir, tiny_dataset_dir):
+    return tiny_params(tiny_model_dir, tiny_dataset_dir)
+
+
+def test_expansion_crosses_runs_grid_and_seeds(tmp_path, params):
+    spec = write_spec(tmp_path, params=params, runs=[{"beta": 0.0}, {"beta": 1.0}], grid={"lmbda": [0, 1]},
+                      seeds=[1, 2])
+    s = expand(spec, tmp_path / "out")
+    assert len(s.runs) == 8
+    names = [r.name for r in s.runs]
+    assert len(set(names)) == 8 and "beta-0_lmbda-0_seed-1" in names
+    run = next(r for r in s.runs if r.name == "beta-1_lmbda-1_seed-2")
+    assert run.path == tmp_path / "out" / "tiny" / run.name
+    assert run.params["beta"] == 1.0 and run.params["lmbda"] == 1 and run.params["seed"] == 2
+    assert run.params["max_steps"] == 2 and run.params["output_dir"] == str(run.path)
+    assert run.varying == {"beta": 1.0, "lmbda": 1, "seed": 2}
+    assert not (tmp_path / "out").exists()  # expansion writes nothing
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"grid": {"lmbda_typo": [0, 1]}}, "grid: unknown or runner-set parameter\\(s\\) lmbda_typo"),
+    ({"grid": {"lmbda": [0, 2]}}, "run lmbda-2 \\(lmbda=2\\): lmbda must be a number in \\[0, 1\\]"),
+    ({"grid": {}}, "grid is empty"),
+    ({"grid": {"lmbda": []}}, "grid.lmbda must be a non-empty list"),
+    ({"runs": []}, "runs is empty"),
+    ({"params": {"output_dir": "x"}}, "params: unknown or runner-set parameter\\(s\\) output_dir"),
+    ({"sweep_over": {"lmbda": [0]}}, "unknown key\\(s\\) sweep_over"),
+    ({"seeds": ["a"]}, "seeds must be a non-empty list of integers"),
+    ({"grid": {"group_size": [32, 48]}}, "group_size"),
+    ({"eval": True, "eval_parameters": {"tasks": ["hellaswag", "nope"]}}, "eval_parameters: .*nope"),
+    ({"eval": True, "eval_parameters": {"limit_typo": 3}}, "eval_parameters: unknown parameter\\(s\\) limit_typo"),
+])
+def test_bad_specs_are_refused_at_expansion(tmp_path, params, spec, message):
+    spec = write_spec(tmp_path, params={**params, **spec.pop("params", {})}, **spec)
+    with pytest.raises(SweepError, match=message):
+        expand(spec, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_two_specs_writing_one_run_dir_with_different_configs_are_refused(tmp_path, params):
+    first = expand(write_spec(tmp_path, "same", params=params, grid={"lmbda": [0, 1]}), tmp_path / "out")
+    sweep.write_manifest(first)  # what the runner does before its first run
+    (tmp_path / "other").mkdir()
+    other = write_spec(tmp_path / "other", "same", params={**params, "beta": 0.0}, grid={"lmbda": [0, 1]})
+    with pytest.raises(SweepError, match="belongs to spec .* different config \\(beta: 0.5 -> 0.0\\)"):
+        expand(other, tmp_path / "out")
+    # The same spec again is fine: that is how a sweep resumes.
+    assert len(expand(write_spec(tmp_path, "same", params=params, grid={"lmbda": [0, 1]}), tmp_path / "out").runs) == 2
+
+
+def test_dry_run_and_emitted_commands(tmp_path, params, capsys):
+    spec = write_spec(tmp_path, params=params, grid={"lmbda": [0, 1]}, seeds=[1, 2])
+    assert sweep.main([str(spec), "--outputs", str(tmp_path / "out"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "4 runs" in out and out.count("pending") == 4 and "lmbda-1_seed-2/train.ipynb" in out
+    assert sweep.main([str(spec), "--outputs", str(tmp_path / "out"), "--emit-commands"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and all("-m onpolicy_lib.sweep" in ln and "--run" in ln for ln in lines)
+    assert sweep.main([str(tmp_path / "missing.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def _runner(spec: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "onpolicy_lib.sweep", str(spec), "--outputs", str(out), *extra]
+
+
+def test_sweep_end_to_end_killed_and_resumed(tmp_path, params):
+    """A 2x2 sweep (lambda x seed) with evaluation: killed after its first run, resumed, analysed."""
+    out = tmp_path / "out"
+    eval_parameters = {"tasks": [], "perplexity_tokens": 0, "fidelity_samples": 2, "cache_dir": str(tmp_path / "c")}
+    spec = write_spec(tmp_path, params=params, grid={"lmbda": [0, 1]}, seeds=[1, 2], eval=True,
+                      eval_parameters=eval_parameters)
+    s = expand(spec, out)
+    proc = subprocess.Popen(_runner(spec, out), cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not any(run_status(r) == "done" for r in s.runs):
+        assert proc.poll() is None and time.time() < deadline, "the sweep ended before finishing one run"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole runner: the sweep process and its papermill child
+    proc.wait()
+    time.sleep(3)  # the orphaned kernel notices its parent is gone and exits
+    states = {r.name: run_status(r) for r in s.runs}
+    done = [n for n, st in states.items() if st == "done"]
+    assert 1 <= len(done) < 4 and set(states.values()) <= {"done", "interrupted", "pending"}, states
+    stamps = {n: (s.root / n / "metrics.json").stat().st_mtime_ns for n in done}
+
+    # Partial outputs collect cleanly: finished runs have metrics, the others only a status.
+    partial = results.collect(out)
+    assert set(partial.loc[partial["role"] == "student", "run"]) <= {r.name for r in s.runs}
+    assert set(partial.loc[partial["run"].isin(done), "status"]) == {"done"}
+
+    assert subprocess.run(_runner(spec, out), cwd=ROOT, capture_output=True, text=True).returncode == 0
+    assert all(run_status(r) == "done" for r in s.runs)
+    assert {n: (s.root / n / "metrics.json").stat().st_mtime_ns for n in done} == stamps  # never redone
+    assert (s.root / "analysis.ipynb").is_file() and (s.root / "figures" / "distribution_mismatch.svg").is_file()
+    for run in s.runs:
+        assert (run.path / "train.ipynb").is_file() and (run.path / "eval.ipynb").is_file()
+
+    df = results.collect(out)
+    students = df[df["role"] == "student"]
+    assert set(students["run"]) == {"lmbda-0_seed-1", "lmbda-0_seed-2", "lmbda-1_seed-1", "lmbda-1_seed-2"}
+    assert set(students["status"]) == {"done"}
+    for metric in ("forward_kl", "top1_agreement", "train_loss_final", "wall_time_s", "tokens_generated"):
+        assert students["metric"].eq(metric).sum() == 4, metric
+    # Every config field is a column, with the run's own values.
+    row = students[(students["run"] == "lmbda-1_seed-2") & (students["metric"] == "tokens_generated")].iloc[0]
+    assert row["lmbda"] == 1 and row["seed"] == 2 and row["max_steps"] == 2 and row["sweep"] == "tiny"
+    assert row["value"] > 0  # on-policy runs generate
+    off = students[(students["lmbda"] == 0) & (students["metric"] == "tokens_generated")]
+    assert (off["value"] == 0).all()
+    # Teacher and PTQ baselines appear once per sweep, not once per run.
+    assert df[df["role"] == "ptq"].drop_duplicates("run")["run"].tolist() == ["PTQ int4 g32"]
+    metrics_json = json.loads((s.root / "lmbda-0_seed-1" / "eval.json").read_text())
+    ptq_kl = df[(df["role"] == "ptq") & (df["metric"] == "forward_kl")]["value"].item()
+    assert ptq_kl == pytest.approx(metrics_json["baselines"]["ptq"]["fidelity"]["forward_kl"])
+
+
+def test_failed_run_keeps_its_notebook_and_is_retried_only_on_request(tmp_path, params, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub-shaped dataset below fails fast, after expansion
+    out = tmp_path / "out"
+    spec = write_spec(tmp_path, params={**params, "dataset_name": "nobody/no-such-dataset"})
+    s = expand(spec, out)
+    (run,) = s.runs
+    assert sweep.run_sweep(s, analysis=False) == {"run": "failed"}
+    assert run_status(run) == "failed" and run.notebook.is_file()
+    assert "no-such-dataset" in (run.path / sweep.ERROR).read_text() or (run.path / sweep.LOG).is_file()
+    stamp = run.notebook.stat().st_mtime_ns
+    assert sweep.run_sweep(s, analysis=False) == {"run": "failed"}  # not retried without asking
+    assert run.notebook.stat().st_mtime_ns == stamp
+    assert sweep.run_sweep(s, retry_failed=True, analysis=False) == {"run": "failed"}
+    assert (run.path / "sweep-failed-1.ipynb").is_file() and (run.path / "sweep-error-1.txt").is_file()
+    table = sweep.status_table(s)
+    assert table["state"].tolist() == ["failed"] and "error" in table
+    assert results.collect(out)["status"].tolist() == ["failed"]
+
+
+def test_shipped_specs_expand(monkeypatch):
+    # Every spec in params/sweeps expands and validates (hub models: shape checks only, no download).
+    monkeypatch.setattr(sweep, "_check_conflicts", lambda s: None)
+    specs = sorted((ROOT / "params" / "sweeps").glob("*.yaml"))
+    assert {p.stem.split("_", 1)[1] for p in specs} >= {"lambda", "lr", "beta", "batch", "rollout", "extended",
+                                                        "seeds"}
+    for path in specs:
+        s = expand(path, check_models=False)
+        assert s.runs and s.eval, path.name
