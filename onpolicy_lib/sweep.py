@@ -412,11 +412,29 @@ def execute(run: Run, threads: int | None = None) -> str:
             proc.wait()
         finally:
             _CHILDREN.discard(proc)
+    for notebook in run.path.glob("*.ipynb"):
+        slim_notebook(notebook)
     if proc.returncode == 0 and run_status(run) == "done":
         return "done"
     (run.path / ERROR).write_text(f"papermill exited with {proc.returncode}; partial notebook: {run.notebook}; "
                                   f"log: {run.path / LOG}\n{_last_error(run)}\n")
     return "failed"
+
+
+def slim_notebook(path: Path) -> None:
+    """Drop the saved widget state of a rendered notebook; its outputs keep their text form.
+
+    tqdm's notebook progress bars (lm-eval draws hundreds) store megabytes of ipywidgets state
+    that only re-draws the bars; the text fallback of each bar stays in the cell outputs.
+    """
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    if nb.metadata.pop("widgets", None) is not None:
+        for cell in nb.cells:
+            for output in cell.get("outputs", []):
+                output.get("data", {}).pop("application/vnd.jupyter.widget-view+json", None)
+        nbformat.write(nb, path)
 
 
 def _last_error(run: Run) -> str:
@@ -484,6 +502,7 @@ def render_analysis(sweep: Sweep) -> Path:
     pm.execute_notebook(str(ANALYSIS_NOTEBOOK), str(out), cwd=str(PROJECT_ROOT), progress_bar=False,
                         parameters={"outputs": [str(sweep.root)], "figures_dir": str(sweep.root / "figures"),
                                     "title": f"Sweep {sweep.name}"})
+    slim_notebook(out)
     return out
 
 

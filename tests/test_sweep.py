@@ -129,6 +129,8 @@ def test_sweep_end_to_end_killed_and_resumed(tmp_path, params):
     assert (s.root / "analysis.ipynb").is_file() and (s.root / "figures" / "distribution_mismatch.svg").is_file()
     for run in s.runs:
         assert (run.path / "train.ipynb").is_file() and (run.path / "eval.ipynb").is_file()
+        # Rendered notebooks keep their outputs but not megabytes of progress-bar widget state.
+        assert "widgets" not in json.loads((run.path / "eval.ipynb").read_text())["metadata"]
 
     df = results.collect(out)
     students = df[df["role"] == "student"]
