@@ -64,8 +64,10 @@ def save_figure(fig: plt.Figure, figures_dir: str | Path | None, name: str) -> p
     if figures_dir is not None:
         figures_dir = Path(figures_dir)
         figures_dir.mkdir(parents=True, exist_ok=True)
-        for ext in ("png", "svg"):
-            fig.savefig(figures_dir / f"{name}.{ext}", dpi=120, bbox_inches="tight")
+        # No date and fixed SVG ids: re-rendering unchanged results leaves the files unchanged in git.
+        with plt.rc_context({"svg.hashsalt": "onpolicy-quant"}):
+            fig.savefig(figures_dir / f"{name}.png", dpi=120, bbox_inches="tight")
+            fig.savefig(figures_dir / f"{name}.svg", bbox_inches="tight", metadata={"Date": None})
     return fig
 
 
