@@ -30,6 +30,7 @@ import argparse
 import datetime
 import itertools
 import json
+import logging
 import os
 import re
 import shlex
@@ -526,6 +527,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-analysis", action="store_true", help="do not render the analysis notebook at the end")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate_children)
+    # Import-time notices of torch/torchao (optional CUDA kernels, enum registration) say nothing
+    # about a sweep and would bury the run table.
+    for name in ("torch.utils._pytree", "torchao"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         sweep = expand(args.spec, args.outputs)
         if args.dry_run or args.status:
