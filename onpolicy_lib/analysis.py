@@ -51,8 +51,8 @@ def condition_label(row: pd.Series, keys: list[str]) -> str:
     if row["role"] == "teacher":
         return "teacher (fp32)"
     if row["role"] == "ptq":
-        return f"PTQ {row['quant_type']} g{int(row['group_size'])}" if pd.notna(row["group_size"]) else "PTQ"
-    return ", ".join(f"{_symbol(k)}={_value(row[k])}" for k in keys) or "student"
+        return row["run"]  # results.collect names baselines: "PTQ int4 g64"
+    return ", ".join(f"{_symbol(k)}={format_value(row[k])}" for k in keys) or "student"
 
 
 def _symbol(key: str) -> str:
@@ -61,7 +61,7 @@ def _symbol(key: str) -> str:
             "max_steps": "steps"}.get(key, key)
 
 
-def _value(value: Any) -> str:
+def format_value(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -192,7 +192,7 @@ def _is_num(value: Any) -> bool:
 
 
 def _cond_name(cond: dict[str, Any]) -> str:
-    return ", ".join(f"{_symbol(k)}={_value(v)}" for k, v in cond.items())
+    return ", ".join(f"{_symbol(k)}={format_value(v)}" for k, v in cond.items())
 
 
 # ---------------------------------------------------------------------------- compute cost

@@ -424,8 +424,7 @@ def run(s: Settings) -> dict[str, Any]:
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     tokenizer = load_tokenizer(s.model)
     teacher = load_model(s.model, device=device).eval().requires_grad_(False)
-    group_size = s.group_size or quantization.default_group_size(teacher)
-    quantization.check_group_size(teacher, group_size)
+    group_size = quantization.resolve_group_size(teacher, s.group_size)
     features, chats = fixed_batch(tokenizer, s.dataset, s.batch_size, s.max_length, s.max_new_tokens)
     ours_batch = to_device(DistillCollator(tokenizer.pad_token_id)(features), device)
 

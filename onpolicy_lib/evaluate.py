@@ -31,10 +31,9 @@ from onpolicy_lib.config import ConfigError, TrainConfig, outputs_root, resolve_
 from onpolicy_lib.fidelity import FidelityConfig, measure_fidelity
 from onpolicy_lib.models import load_model, load_tokenizer, resolve_device
 from onpolicy_lib.perplexity import TEXT_SOURCES, load_text, sliding_window_perplexity
-from onpolicy_lib.rundir import CONFIG_FILE, write_json
+from onpolicy_lib.results import FIDELITY_METRICS, ptq_label
+from onpolicy_lib.rundir import CONFIG_FILE, EVAL_FILE, write_json
 from onpolicy_lib.student import load_student, student_scheme
-
-EVAL_FILE = "eval.json"
 
 
 @dataclass
@@ -219,7 +218,7 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
                 result = _cached(cfg, "ptq", key, partial(_evaluate_ptq, teacher, tokenizer, cfg, heldout, device,
                                                           quant_type, group_size))
                 baselines[(quant_type, group_size)] = result
-                rows.append(_row(f"PTQ {quant_type} g{group_size}", model_name, result))
+                rows.append(_row(ptq_label(quant_type, group_size), model_name, result))
         for run_dir, run_cfg, scheme in members:
             if run_cfg != run_cfg0 and cfg.fidelity_samples:
                 run_heldout = _heldout(run_cfg, tokenizer)
@@ -252,7 +251,7 @@ def _row(label: str, model_name: str, result: dict[str, Any], run_cfg: dict[str,
         row[task] = scores["acc"]  # acc everywhere, as the original study's tables (acc_norm is in eval.json)
     if "perplexity" in result:
         row["perplexity"] = result["perplexity"]["perplexity"]
-    for metric in ("forward_kl", "top1_agreement", "reverse_kl_on_policy", "teacher_nll_of_student_greedy"):
+    for metric in FIDELITY_METRICS:
         if metric in result.get("fidelity", {}):
             row[metric] = result["fidelity"][metric]
     return row

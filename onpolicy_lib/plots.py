@@ -9,6 +9,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
+from onpolicy_lib.analysis import format_value
+
 
 def loss_frame(metrics: dict[str, Any]) -> pd.DataFrame:
     frame = pd.DataFrame(metrics["steps"])
@@ -109,7 +111,7 @@ def plot_against(w: pd.DataFrame, x: str, ys: dict[str, str], hue: str = "lmbda"
     """One panel per y: mean over seeds (line) and each seed (points) against a swept parameter."""
     fig, axes = plt.subplots(1, len(ys), figsize=(4.2 * len(ys), 3.4), squeeze=False)
     data = w.copy()
-    data[hue] = data[hue].map(lambda v: f"{v:g}" if isinstance(v, float) else str(v))
+    data[hue] = data[hue].map(format_value)
     for ax, (y, label) in zip(axes[0], ys.items(), strict=True):
         if y not in data:
             ax.set_visible(False)
@@ -129,7 +131,7 @@ def plot_loss_vs_quality(w: pd.DataFrame, quality: str, label: str, hue: str = "
     """Final training loss against an evaluation metric, each run a point labelled by ``annotate``."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
     data = w.copy()
-    data[hue] = data[hue].map(lambda v: f"{v:g}" if isinstance(v, float) else str(v))
+    data[hue] = data[hue].map(format_value)
     sns.scatterplot(data, x="train_loss_final", y=quality, hue=hue, style=hue, s=60, ax=ax, palette="colorblind")
     for _, row in data.iterrows():
         ax.annotate(f"{row[annotate]}", (row["train_loss_final"], row[quality]), fontsize=7,

@@ -133,6 +133,13 @@ def default_group_size(model: nn.Module) -> int:
     )
 
 
+def resolve_group_size(model: nn.Module, group_size: int | None) -> int:
+    """``group_size`` (None: the model's default), checked against the model's layers."""
+    group_size = group_size or default_group_size(model)
+    check_group_size(model, group_size)
+    return group_size
+
+
 def base_config(quant_type: str, group_size: int, device: str | torch.device = "cpu") -> AOBaseConfig:
     """The torchao post-training config behind ``quant_type`` (QAT derives its fake quantizer from it)."""
     check_quant_type(quant_type)

@@ -18,8 +18,8 @@ from typing import Any
 import pandas as pd
 
 from onpolicy_lib.config import TrainConfig, resolve_path
-from onpolicy_lib.rundir import CONFIG_FILE, METRICS_FILE
-from onpolicy_lib.sweep import EVAL_FILE, MANIFEST, Run, run_status
+from onpolicy_lib.rundir import CONFIG_FILE, EVAL_FILE, METRICS_FILE
+from onpolicy_lib.sweep import MANIFEST, Run, run_status
 
 CONFIG_FIELDS = [f for f in TrainConfig().to_dict() if f not in ("extra", "output_dir")]
 BENCHMARK_METRICS = ("acc", "acc_norm")
@@ -27,6 +27,20 @@ FIDELITY_METRICS = ("forward_kl", "top1_agreement", "reverse_kl_on_policy", "tea
 TRAIN_METRICS = ("wall_time_s", "median_step_s", "tokens_generated", "tokens_trained", "rollout_seconds",
                  "peak_memory_mb", "batches", "batches_on_policy", "heldout_loss_before", "heldout_loss_after")
 ID_COLUMNS = ["sweep", "run", "role", "status", "run_dir"]
+
+
+def ptq_label(quant_type: str | None, group_size: int | None) -> str:
+    return f"PTQ {quant_type} g{group_size}"
+
+
+def baselines(evaluation: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(role, label, result) of the teacher and PTQ results an eval.json carries."""
+    out = []
+    for role, result in evaluation.get("baselines", {}).items():
+        key = result.get("key", {})
+        out.append((role, "teacher" if role == "teacher" else ptq_label(key.get("quant_type"), key.get("group_size")),
+                    result))
+    return out
 
 
 def _roots(roots: str | Path | Iterable[str | Path]) -> list[Path]:
@@ -108,7 +122,7 @@ def collect(roots: str | Path | Iterable[str | Path] = "outputs") -> pd.DataFram
     for sweep, run_dir, train in find_runs(roots):
         config = {k: train.get(k) for k in CONFIG_FIELDS}
         run = Run(run_dir.name, run_dir, train)
-        status = run_status(run, needs_eval=bool(train.get("do_eval")))
+        status = run_status(run)
         base = {"sweep": sweep, "run": run_dir.name, "status": status, "run_dir": str(run_dir), **config}
         metrics = _read(run_dir / METRICS_FILE) or {}
         values = {**{k: metrics[k] for k in TRAIN_METRICS if metrics.get(k) is not None},
@@ -121,13 +135,12 @@ def collect(roots: str | Path | Iterable[str | Path] = "outputs") -> pd.DataFram
                 rows.append({**base, "role": role, "metric": metric, "value": value, "stderr": stderr})
         if not values and not evaluation:
             rows.append({**base, "role": "student", "metric": None, "value": None, "stderr": None})
-        for role, result in evaluation.get("baselines", {}).items():
+        for role, label, result in baselines(evaluation):
             digest = hashlib.sha256(json.dumps(result.get("key"), sort_keys=True).encode()).hexdigest()[:12]
             if (sweep, digest) in seen_baselines:
                 continue
             seen_baselines.add((sweep, digest))
             key = result.get("key", {})
-            label = "teacher" if role == "teacher" else f"PTQ {key.get('quant_type')} g{key.get('group_size')}"
             baseline = {"sweep": sweep, "run": label, "status": "done", "run_dir": None,
                         **{k: None for k in CONFIG_FIELDS}, "model_name": key.get("model_name"),
                         **({"quant_type": key.get("quant_type"), "group_size": key.get("group_size")}
@@ -148,9 +161,7 @@ def per_example(roots: str | Path | Iterable[str | Path] = "outputs") -> pd.Data
             continue
         config = {k: train.get(k) for k in CONFIG_FIELDS}
         models = [("student", run_dir.name, config, evaluation.get("student", {}))]
-        for role, result in evaluation.get("baselines", {}).items():
-            key = result.get("key", {})
-            label = "teacher" if role == "teacher" else f"PTQ {key.get('quant_type')} g{key.get('group_size')}"
+        for role, label, result in baselines(evaluation):
             if (sweep, label) not in seen:
                 seen.add((sweep, label))
                 models.append((role, label, {k: None for k in CONFIG_FIELDS}, result))

@@ -18,6 +18,7 @@ from onpolicy_lib.config import ConfigError
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
+EVAL_FILE = "eval.json"
 # Fields that may change between attempts of the same run without changing what it trains.
 UNSTARTED_FILES = {CONFIG_FILE, "eval_before.json"}
 IGNORED_FOR_IDENTITY = {"do_eval", "output_dir", "device", "extra", "logging_steps", "save_steps"}
@@ -53,6 +54,10 @@ def config_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any
     return {k: (old.get(k), new.get(k)) for k in sorted(keys) if old.get(k) != new.get(k)}
 
 
+def format_diff(diff: dict[str, tuple[Any, Any]]) -> str:
+    return "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+
+
 def prepare_run_dir(path: Path, config: dict[str, Any]) -> RunDir:
     """Decide what to do with ``path`` for ``config``; refuse rather than overwrite."""
     path = Path(path)
@@ -73,8 +78,7 @@ def prepare_run_dir(path: Path, config: dict[str, Any]) -> RunDir:
     saved = json.loads(saved_file.read_text())
     diff = config_diff(saved.get("train", saved), config)
     if diff:
-        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-        raise ConfigError(f"output_dir {path} holds a run with a different config ({shown}); "
+        raise ConfigError(f"output_dir {path} holds a run with a different config ({format_diff(diff)}); "
                           "choose another output_dir or delete that run")
     if (path / METRICS_FILE).is_file():
         return RunDir(path, "complete")

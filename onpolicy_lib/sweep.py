@@ -55,7 +55,15 @@ from onpolicy_lib.config import (
     resolve_path,
     short_name,
 )
-from onpolicy_lib.rundir import CONFIG_FILE, METRICS_FILE, config_diff, prepare_run_dir, write_json
+from onpolicy_lib.rundir import (
+    CONFIG_FILE,
+    EVAL_FILE,
+    METRICS_FILE,
+    config_diff,
+    format_diff,
+    prepare_run_dir,
+    write_json,
+)
 
 TRAIN_NOTEBOOK = PROJECT_ROOT / "notebooks" / "train.ipynb"
 ANALYSIS_NOTEBOOK = PROJECT_ROOT / "notebooks" / "analysis.ipynb"
@@ -67,7 +75,6 @@ MANIFEST = "sweep.json"
 RUNNING = "sweep-running.json"
 ERROR = "sweep-error.txt"
 LOG = "sweep-log.txt"
-EVAL_FILE = "eval.json"
 STATES = ("done", "failed", "running", "interrupted", "pending")
 
 
@@ -134,7 +141,8 @@ def expand(spec_path: str | Path, outputs: str | Path | None = None, check_model
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise SweepError(f"{where}: name must use letters, digits, '.', '_' or '-'; got {name!r}")
 
-    allowed = set(notebook_parameters()) - set(RUNNER_PARAMETERS)
+    defaults = {k: v for k, v in notebook_parameters().items() if k not in RUNNER_PARAMETERS}
+    allowed = set(defaults)
     base = load_preset(spec["base"]) if spec.get("base") else {}
     fixed = _mapping(spec, "params", where)
     grid = _mapping(spec, "grid", where)
@@ -178,7 +186,6 @@ def expand(spec_path: str | Path, outputs: str | Path | None = None, check_model
             for seed in seeds or [None]:
                 values = {**entry, **point, **({"seed": seed} if seed is not None else {})}
                 configs.append(values)
-    defaults = {k: v for k, v in notebook_parameters().items() if k not in RUNNER_PARAMETERS}
     full = [{**defaults, **base, **fixed, **values} for values in configs]
     varying_keys = [k for k in dict.fromkeys(k for values in configs for k in values)
                     if len({json.dumps(f.get(k), sort_keys=True) for f in full}) > 1]
@@ -231,7 +238,7 @@ def _check_group_sizes(sweep: Sweep, where: str) -> None:
             continue
         for _, group_size in (p for p in pairs if p[0] == model_name):
             try:
-                quantization.check_group_size(skeleton, group_size or quantization.default_group_size(skeleton))
+                quantization.resolve_group_size(skeleton, group_size)
             except ValueError as err:
                 raise SweepError(f"{where}: {err}") from None
 
@@ -260,11 +267,10 @@ def _check_conflicts(sweep: Sweep) -> None:
     for run in sweep.runs:
         identity = _identity(run)
         other = manifest.get("runs", {}).get(run.name)
-        if other is not None and config_diff(other["params"], identity):
-            diff = config_diff(other["params"], identity)
-            shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        diff = config_diff(other["params"], identity) if other is not None else {}
+        if diff:
             raise SweepError(f"{sweep.spec_path.name}: {run.path} belongs to spec {other['spec']} with a different "
-                             f"config ({shown}); rename this sweep (name:) or delete that run")
+                             f"config ({format_diff(diff)}); rename this sweep (name:) or delete that run")
         try:
             prepare_run_dir(run.path, TrainConfig.from_dict(identity).to_dict())
         except ConfigError as err:
@@ -299,11 +305,10 @@ def _display_path(path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------- state
-def run_status(run: Run, needs_eval: bool | None = None) -> str:
+def run_status(run: Run) -> str:
     """done | failed | running | interrupted | pending, from the files in the run directory alone."""
-    needs_eval = run.params.get("do_eval", False) if needs_eval is None else needs_eval
     path = run.path
-    if (path / METRICS_FILE).is_file() and (not needs_eval or (path / EVAL_FILE).is_file()):
+    if (path / METRICS_FILE).is_file() and (not run.params.get("do_eval") or (path / EVAL_FILE).is_file()):
         return "done"
     marker = path / RUNNING
     if marker.is_file():

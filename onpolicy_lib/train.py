@@ -84,8 +84,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     # Group size against the real layer shapes, from the architecture alone: a bad value
     # fails here, naming the layer and the valid sizes, before data or weights are loaded.
     skeleton = load_skeleton(cfg.model_name)
-    group_size = cfg.group_size or quantization.default_group_size(skeleton)
-    quantization.check_group_size(skeleton, group_size)
+    group_size = quantization.resolve_group_size(skeleton, cfg.group_size)
     del skeleton
 
     device = resolve_device(cfg.device)
