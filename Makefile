@@ -26,8 +26,7 @@ assets: install
 
 demo: assets
 	mkdir -p outputs/cpu-demo
-	$(BIN)/papermill notebooks/train.ipynb outputs/cpu-demo/train.ipynb -f params/cpu_demo.yaml \
-		-p output_dir outputs/cpu-demo
+	$(BIN)/papermill notebooks/train.ipynb outputs/cpu-demo/train.ipynb -p output_dir outputs/cpu-demo
 
 test: assets
 	$(BIN)/python -m pytest

@@ -15,16 +15,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from onpolicy_lib.results import CONFIG_FIELDS, FIDELITY_METRICS
+from onpolicy_lib import fidelity
+from onpolicy_lib.config import BENCHMARKS, TrainConfig, format_value
 
-BENCHMARKS = {"hellaswag": "HellaSwag", "arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge",
-              "winogrande": "WinoGrande", "mmlu": "MMLU"}
-FIDELITY_NAMES = {"forward_kl": "forward KL (dataset completions)", "top1_agreement": "top-1 agreement",
-                  "reverse_kl_on_policy": "reverse KL (own samples)",
-                  "teacher_nll_of_student_greedy": "teacher NLL of greedy output", "perplexity": "perplexity"}
+FIDELITY_NAMES = {**fidelity.METRICS, "perplexity": "perplexity"}
+FIDELITY_COLUMNS = list(FIDELITY_NAMES)
 REFERENCE_CSV = Path(__file__).parent / "reference" / "original_study.csv"
-# Parameters a sweep varies that describe a condition; seed is what conditions are averaged over.
-NOT_A_CONDITION = ("seed", "output_dir", "do_eval", "device", "save_steps")
+# Parameters that describe a condition: what defines a run, but the seed (conditions are averaged over seeds).
+CONDITION_FIELDS = [f for f in TrainConfig.identity_fields() if f != "seed"]
 
 
 def benchmark_columns(w: pd.DataFrame, metric: str = "acc") -> list[str]:
@@ -43,8 +41,7 @@ def with_average(w: pd.DataFrame, metric: str = "acc") -> pd.DataFrame:
 def varying(w: pd.DataFrame) -> list[str]:
     """Config fields that take more than one value among the students of ``w`` (seed excluded)."""
     students = w[w["role"] == "student"]
-    return [f for f in CONFIG_FIELDS if f not in NOT_A_CONDITION
-            and students[f].astype(str).nunique(dropna=False) > 1]
+    return [f for f in CONDITION_FIELDS if f in students and students[f].astype(str).nunique(dropna=False) > 1]
 
 
 def condition_label(row: pd.Series, keys: list[str]) -> str:
@@ -59,10 +56,6 @@ def _symbol(key: str) -> str:
     return {"lmbda": "λ", "beta": "β", "learning_rate": "lr", "per_device_train_batch_size": "batch",
             "gradient_accumulation_steps": "grad. accum.", "max_new_tokens": "new tokens",
             "max_steps": "steps"}.get(key, key)
-
-
-def format_value(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def condition_table(w: pd.DataFrame, keys: list[str] | None = None, columns: list[str] | None = None,
@@ -240,5 +233,3 @@ def gap_to_teacher(w: pd.DataFrame) -> pd.DataFrame:
                          "gap": row[task] - ref_teacher[task]})
     return pd.DataFrame(rows)
 
-
-FIDELITY_COLUMNS = [*FIDELITY_METRICS, "perplexity"]

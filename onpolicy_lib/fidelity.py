@@ -26,13 +26,18 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
-from onpolicy_lib.distill import (
+from onpolicy_lib.batches import (
     IGNORE_INDEX,
     DistillCollator,
     completion_forward,
-    generalized_jsd,
     generate_completions,
 )
+from onpolicy_lib.divergence import generalized_jsd
+
+# The metrics this module measures, and how tables and figures name them.
+METRICS = {"forward_kl": "forward KL (dataset completions)", "top1_agreement": "top-1 agreement",
+           "reverse_kl_on_policy": "reverse KL (own samples)",
+           "teacher_nll_of_student_greedy": "teacher NLL of greedy output"}
 
 
 @dataclass

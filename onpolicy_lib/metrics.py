@@ -1,22 +1,21 @@
 """What a training run measures about itself: losses, step times, tokens, memory.
 
-A ``TrainerCallback`` that streams every log line to ``train_log.jsonl`` (so a
-killed run still has its history) and summarises the run for ``metrics.json``.
+A ``TrainerCallback`` that streams every log line to the run's training log (so a
+killed run still has its history) and summarises the run for its metrics file.
 """
 
 from __future__ import annotations
 
-import json
 import resource
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
-LOG_FILE = "train_log.jsonl"
+from onpolicy_lib.config import portable_path
+from onpolicy_lib.rundir import Run
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -27,8 +26,8 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class MetricsRecorder(TrainerCallback):
-    def __init__(self, run_dir: Path) -> None:
-        self.log_path = Path(run_dir) / LOG_FILE
+    def __init__(self, run: Run) -> None:
+        self.run = run
         self.step_seconds: list[float] = []
         self.history: list[dict[str, Any]] = []
         self._t_step = 0.0
@@ -50,28 +49,17 @@ class MetricsRecorder(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         record = {"step": state.global_step, "time": time.time(), **(logs or {})}
         self.history.append(record)
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def read_log(run_dir: Path) -> list[dict[str, Any]]:
-    """Every log record of a run, across resumed attempts (later attempts win per step)."""
-    path = Path(run_dir) / LOG_FILE
-    if not path.is_file():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    train = {r["step"]: r for r in records if "loss" in r}
-    return [train[s] for s in sorted(train)]
+        self.run.append_log(record)
 
 
 COUNTERS = ("tokens_generated", "tokens_trained", "rollout_seconds", "batches", "batches_on_policy",
             "batches_seq_kd")
 
 
-def summarise(recorder: MetricsRecorder, run_dir: Path, unlogged: dict[str, Any], device: torch.device,
+def summarise(recorder: MetricsRecorder, unlogged: dict[str, Any], device: torch.device,
               extra: dict[str, Any]) -> dict[str, Any]:
-    """``metrics.json``: per-step history plus run totals (counters summed over all attempts' logs)."""
-    steps = read_log(run_dir)
+    """The run's metrics: per-step history plus run totals (counters summed over all attempts' logs)."""
+    steps = recorder.run.log()
     totals = {k: sum(r.get(k, 0) for r in steps) + unlogged.get(k, 0) for k in COUNTERS}
     return {
         "steps": [{"step": r["step"], "loss": r["loss"], "learning_rate": r.get("learning_rate"),
@@ -86,19 +74,26 @@ def summarise(recorder: MetricsRecorder, run_dir: Path, unlogged: dict[str, Any]
     }
 
 
-def run_summary(result) -> pd.DataFrame:  # noqa: F821 (pandas imported lazily)
+def loss_summary(steps: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean training loss over the first and the last 10% of steps (at least one step each)."""
+    losses = [s["loss"] for s in steps if s.get("loss") is not None]
+    if not losses:
+        return {}
+    k = max(1, len(losses) // 10)
+    return {"train_loss_first": sum(losses[:k]) / k, "train_loss_final": sum(losses[-k:]) / k}
+
+
+def run_summary(run: Run) -> pd.DataFrame:  # noqa: F821 (pandas imported lazily)
     """A one-column table of a run's headline numbers, for notebooks."""
     import pandas as pd
 
-    m = result.metrics
-    losses = [s["loss"] for s in m["steps"]]
-    head = losses[: max(1, len(losses) // 10)]
-    tail = losses[-max(1, len(losses) // 10):]
+    m = run.metrics or {}
+    losses = loss_summary(m.get("steps", []))
     rows = {
-        "run directory": str(result.run_dir),
-        "steps": len(losses),
-        "train loss, first 10% of steps (mean)": round(sum(head) / len(head), 5) if losses else None,
-        "train loss, last 10% of steps (mean)": round(sum(tail) / len(tail), 5) if losses else None,
+        "run directory": portable_path(run.path),
+        "steps": len(m.get("steps", [])),
+        "train loss, first 10% of steps (mean)": round(losses["train_loss_first"], 5) if losses else None,
+        "train loss, last 10% of steps (mean)": round(losses["train_loss_final"], 5) if losses else None,
         "held-out divergence before": round(m["heldout_loss_before"], 5),
         "held-out divergence after": round(m["heldout_loss_after"], 5),
         "on-policy batches": f"{m['batches_on_policy']} / {m['batches']}",

@@ -56,10 +56,7 @@ def load_model(model_name: str, device: torch.device | str = "cpu",
     source, kwargs = resolve_model_source(model_name)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or default_dtype(device), **kwargs)
     if kwargs.get("gguf_file"):
-        # GGUF loads keep a quantizer that blocks training and saving; the weights are already dequantized.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+        model = assets.drop_gguf_quantizer(model)
     return model.to(device)
 
 

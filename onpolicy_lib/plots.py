@@ -2,14 +2,109 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.colors import to_hex, to_rgb
+from matplotlib.patches import Patch
 
 from onpolicy_lib.analysis import format_value
+
+# ---------------------------------------------------------------------------- colours
+# The one owner of colours: every figure takes a condition's colour from condition_colors (or
+# lambda_color), so a condition looks the same in all of them. Baselines are neutral greys; students
+# are coloured by λ along fixed anchors from seaborn's colour-blind palette, off-policy (λ=0) blue
+# to on-policy (λ=1) vermillion; λ between anchors is interpolated, so any λ always gets one colour.
+TEACHER_COLOR = "#3b3b3b"
+PTQ_COLOR = "#a0a0a0"
+LAMBDA_COLORS = {0.0: "#0173b2", 0.25: "#56b4e9", 0.5: "#029e73", 0.75: "#de8f05", 1.0: "#d55e00"}
+# Conditions without a λ (a sweep over another parameter alone), in order of appearance.
+OTHER_COLORS = ("#cc78bc", "#ca9161", "#fbafe4", "#ece133", "#949494")
+# seaborn's bar plots desaturate their palette by default: they are called with saturation=1 so that
+# bars show exactly these colours.
+# Training batches, as loss_frame names them: all-off-policy batches are λ=0's, all-on-policy λ=1's.
+BATCH_LAMBDA = {"off-policy": 0.0, "on-policy": 1.0, "mixed": 0.5}
+_LAMBDA_IN_LABEL = re.compile(r"(?:^|[\s,(])(?:λ|lmbda)\s*[=-]\s*(\d+(?:\.\d*)?(?:e[+-]?\d+)?)(?![0-9A-Za-z.])")
+
+
+def lambda_color(lmbda: float) -> str:
+    """The colour of a student trained with this λ (fixed anchors, linear in between)."""
+    anchors = sorted(LAMBDA_COLORS)
+    value = float(np.clip(float(lmbda), anchors[0], anchors[-1]))
+    rgb = [np.interp(value, anchors, [to_rgb(LAMBDA_COLORS[a])[i] for a in anchors]) for i in range(3)]
+    return to_hex(rgb)
+
+
+def label_lambda(label: str) -> float | None:
+    """The λ a condition label names ("λ=0.5, lr=1e-05", "lmbda-1_seed-2", "on-policy (λ=1)"), else None."""
+    match = _LAMBDA_IN_LABEL.search(label)
+    if match:
+        return float(match.group(1))
+    return BATCH_LAMBDA.get(label.strip().lower())
+
+
+def condition_colors(labels: Iterable[str], lmbda: Mapping[str, float] | None = None) -> dict[str, str]:
+    """Colour (hex) of each condition label, the same in every figure.
+
+    Labels as :func:`onpolicy_lib.analysis.condition_label` makes them: "teacher (fp32)" (or
+    "teacher") is dark grey, "PTQ int4 g64" light grey, a student its λ's colour (:func:`lambda_color`,
+    λ read from the label or from ``lmbda``, label -> λ, for labels such as run names that do not
+    spell it); "off-policy"/"on-policy" are λ=0/λ=1. Labels with no λ get the remaining colours in
+    order. Where several labels share a colour (two PTQ schemes, λ=1 at two learning rates), the
+    first keeps it and the others get lighter and darker shades of it.
+    """
+    lmbda = lmbda or {}
+    base: dict[str, str] = {}
+    others = 0
+    for label in dict.fromkeys(labels):
+        text = str(label)
+        value = lmbda.get(label)
+        value = label_lambda(text) if value is None or pd.isna(value) else float(value)
+        if text.lower().startswith("teacher"):
+            base[label] = TEACHER_COLOR
+        elif text.lower().startswith("ptq"):
+            base[label] = PTQ_COLOR
+        elif value is not None:
+            base[label] = lambda_color(value)
+        else:
+            base[label] = OTHER_COLORS[others % len(OTHER_COLORS)]
+            others += 1
+    seen: dict[str, int] = {}
+    colors = {}
+    for label, color in base.items():
+        colors[label] = _shade(color, seen.get(color, 0))
+        seen[color] = seen.get(color, 0) + 1
+    return colors
+
+
+def _shade(color: str, i: int) -> str:
+    """0: the colour itself; then alternately lighter and darker (mixed with white / black)."""
+    if i == 0:
+        return to_hex(color)
+    amount = min(0.75, 0.35 * ((i + 1) // 2))
+    target = np.ones(3) if i % 2 else np.zeros(3)
+    return to_hex((1 - amount) * np.array(to_rgb(color)) + amount * target)
+
+
+def _lambda_hue(w: pd.DataFrame, hue: str) -> tuple[pd.DataFrame, str, list[str], dict[str, str]]:
+    """``w`` with a display column for ``hue`` (λ for lmbda), its order and its palette."""
+    name = "λ" if hue == "lmbda" else hue
+    data = w.copy()
+    values = data[hue]
+    data[name] = values.map(format_value)
+    order = [format_value(v) for v in sorted(values.dropna().unique(), key=_sort_key)]
+    colors = condition_colors([f"{name}={v}" for v in order])
+    return data, name, order, {v: colors[f"{name}={v}"] for v in order}
+
+
+def _sort_key(value: Any) -> tuple[int, Any]:
+    return (0, float(value)) if isinstance(value, int | float | np.number) else (1, str(value))
 
 
 def loss_frame(metrics: dict[str, Any]) -> pd.DataFrame:
@@ -29,13 +124,14 @@ def plot_training(metrics: dict[str, Any], title: str = "", save_to: Path | None
     frame = loss_frame(metrics)
     fig, (ax, ax_lr) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 1]})
     if not frame.empty:
-        sns.scatterplot(frame, x="step", y="loss", hue="batch", ax=ax, s=18, alpha=0.7,
-                        palette={"on-policy": "tab:red", "off-policy": "tab:blue", "mixed": "tab:purple"})
+        batches = [b for b in BATCH_LAMBDA if b in set(frame["batch"])]
+        sns.scatterplot(frame, x="step", y="loss", hue="batch", hue_order=batches, ax=ax, s=18, alpha=0.7,
+                        palette=condition_colors(batches))
         ax.plot(frame["step"], frame["rolling mean"], color="black", lw=1.5, label="rolling mean")
         sns.lineplot(frame, x="step", y="learning_rate", ax=ax_lr, color="tab:gray")
     for key, style in (("heldout_loss_before", ":"), ("heldout_loss_after", "--")):
         if metrics.get(key) is not None:
-            ax.axhline(metrics[key], color="tab:green", ls=style, lw=1.2,
+            ax.axhline(metrics[key], color="black", ls=style, lw=1.2,
                        label=f"held-out {key.split('_')[-1]}: {metrics[key]:.4f}")
     ax.set(ylabel="generalized JSD per token", title=title or "distillation loss")
     ax.legend(fontsize=8)
@@ -51,7 +147,9 @@ def plot_eval(table: pd.DataFrame, tasks: list[str], save_to: Path | None = None
     present = [t for t in tasks if t in table.columns]
     long = table.melt(id_vars="model", value_vars=present, var_name="task", value_name="accuracy")
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(present) + 2), 3.8))
-    sns.barplot(long, x="task", y="accuracy", hue="model", ax=ax)
+    lmbda = dict(zip(table["model"], table["lmbda"], strict=True)) if "lmbda" in table else {}
+    sns.barplot(long, x="task", y="accuracy", hue="model", ax=ax, palette=condition_colors(table["model"], lmbda),
+                saturation=1)
     ax.set(title="benchmark accuracy (acc)", xlabel="", ylim=(0, 1))
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
@@ -91,12 +189,12 @@ def plot_conditions(table: pd.DataFrame, names: dict[str, str], title: str, ylab
     columns = list(dict.fromkeys(long["column"]))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.5 * len(columns) + 2), 3.8))
     width = 0.8 / max(1, len(conditions))
-    colors = sns.color_palette("colorblind", len(conditions))
+    colors = condition_colors(conditions)
     for i, condition in enumerate(conditions):
         sub = long[long["condition"] == condition].set_index("column").reindex(columns)
         x = [j + (i - (len(conditions) - 1) / 2) * width for j in range(len(columns))]
         err = sub["sd"].where(sub["n"] > 1)
-        ax.bar(x, sub["mean"], width, yerr=err, capsize=2, label=condition, color=colors[i])
+        ax.bar(x, sub["mean"], width, yerr=err, capsize=2, label=condition, color=colors[condition])
     ax.set_xticks(range(len(columns)), columns)
     ax.set(title=title, ylabel=ylabel)
     if ylim:
@@ -110,14 +208,13 @@ def plot_against(w: pd.DataFrame, x: str, ys: dict[str, str], hue: str = "lmbda"
                  title: str = "") -> plt.Figure:
     """One panel per y: mean over seeds (line) and each seed (points) against a swept parameter."""
     fig, axes = plt.subplots(1, len(ys), figsize=(4.2 * len(ys), 3.4), squeeze=False)
-    data = w.copy()
-    data[hue] = data[hue].map(format_value)
+    data, hue, order, palette = _lambda_hue(w, hue)
     for ax, (y, label) in zip(axes[0], ys.items(), strict=True):
         if y not in data:
             ax.set_visible(False)
             continue
-        sns.lineplot(data, x=x, y=y, hue=hue, marker="o", errorbar=None, ax=ax, palette="colorblind")
-        sns.scatterplot(data, x=x, y=y, hue=hue, ax=ax, legend=False, alpha=0.4, palette="colorblind")
+        sns.lineplot(data, x=x, y=y, hue=hue, hue_order=order, marker="o", errorbar=None, ax=ax, palette=palette)
+        sns.scatterplot(data, x=x, y=y, hue=hue, hue_order=order, ax=ax, legend=False, alpha=0.4, palette=palette)
         if logx:
             ax.set_xscale("log")
         ax.set(ylabel=label, xlabel=x)
@@ -130,9 +227,9 @@ def plot_loss_vs_quality(w: pd.DataFrame, quality: str, label: str, hue: str = "
                          annotate: str = "max_steps") -> plt.Figure:
     """Final training loss against an evaluation metric, each run a point labelled by ``annotate``."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    data = w.copy()
-    data[hue] = data[hue].map(format_value)
-    sns.scatterplot(data, x="train_loss_final", y=quality, hue=hue, style=hue, s=60, ax=ax, palette="colorblind")
+    data, hue, order, palette = _lambda_hue(w, hue)
+    sns.scatterplot(data, x="train_loss_final", y=quality, hue=hue, style=hue, hue_order=order, style_order=order,
+                    s=60, ax=ax, palette=palette)
     for _, row in data.iterrows():
         ax.annotate(f"{row[annotate]}", (row["train_loss_final"], row[quality]), fontsize=7,
                     xytext=(3, 3), textcoords="offset points")
@@ -145,10 +242,11 @@ def plot_loss_vs_quality(w: pd.DataFrame, quality: str, label: str, hue: str = "
 def plot_bootstrap(result, title: str = "") -> plt.Figure:  # result: analysis.BootstrapResult
     """The bootstrap distribution of the paired difference, its 95% interval and zero."""
     fig, ax = plt.subplots(figsize=(6, 3.4))
-    sns.histplot(100 * result.samples, bins=60, ax=ax, color="tab:gray")
+    # Neutral colours: the difference of two conditions is neither's (blue would read as λ=0).
+    sns.histplot(100 * result.samples, bins=60, ax=ax, color="0.7")
     for value, style in ((result.ci_low, "--"), (result.ci_high, "--"), (result.delta, "-")):
-        ax.axvline(100 * value, color="tab:blue", ls=style, lw=1.2)
-    ax.axvline(0, color="black", lw=1)
+        ax.axvline(100 * value, color="black", ls=style, lw=1.2)
+    ax.axvline(0, color="0.45", lw=1)
     ax.set(xlabel=f"{result.b} − {result.a} (accuracy points, benchmark average)", ylabel="bootstrap draws",
            title=title or f"paired bootstrap: p = {result.p_value:.3f}")
     fig.tight_layout()
@@ -159,13 +257,14 @@ def plot_gap_to_teacher(gaps: pd.DataFrame) -> plt.Figure:
     """Student minus teacher accuracy per benchmark: this tool's runs beside the original study's."""
     data = gaps.copy()
     data["λ"] = data["lmbda"].map(lambda v: f"λ={v:g}")
-    grid = sns.catplot(data, x="benchmark", y="gap", hue="λ", col="study", kind="bar", height=3.6, aspect=1.35,
-                       palette="colorblind", errorbar=None, sharey=False)
+    order = [f"λ={v:g}" for v in sorted(data["lmbda"].unique())]
+    grid = sns.catplot(data, x="benchmark", y="gap", hue="λ", hue_order=order, col="study", kind="bar", height=3.6,
+                       aspect=1.35, palette=condition_colors(order), saturation=1, errorbar=None, sharey=False)
     for ax in grid.axes.flat:
         ax.axhline(0, color="black", lw=0.8)
         ax.tick_params(axis="x", labelrotation=20)
     grid.set_axis_labels("", "student − teacher accuracy")
-    grid.figure.tight_layout()
+    grid.tight_layout()  # FacetGrid's own: keeps room for the legend beside the panels
     return grid.figure
 
 
@@ -174,7 +273,7 @@ def plot_metric_panels(table: pd.DataFrame, names: dict[str, str], title: str = 
     long = _long(table, names)
     columns = list(dict.fromkeys(long["column"]))
     conditions = list(dict.fromkeys(long["condition"]))
-    colors = dict(zip(conditions, sns.color_palette("colorblind", len(conditions)), strict=True))
+    colors = condition_colors(conditions)
     fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 3.6), squeeze=False)
     for ax, column in zip(axes[0], columns, strict=True):
         sub = long[(long["column"] == column) & long["mean"].notna()]
@@ -183,5 +282,25 @@ def plot_metric_panels(table: pd.DataFrame, names: dict[str, str], title: str = 
         ax.set_xticks(range(len(sub)), sub["condition"], rotation=30, ha="right", fontsize=8)
         ax.set_title(column, fontsize=9)
     fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_compute_cost(w: pd.DataFrame, quality: str, quality_label: str) -> plt.Figure:
+    """Training wall time per λ (mean ± sd over seeds; hatched: the share spent in rollouts), and quality
+    against wall time, each run a point."""
+    data, hue, order, palette = _lambda_hue(w, "lmbda")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    sns.barplot(data, x=hue, y="wall_time_s", hue=hue, order=order, hue_order=order, palette=palette,
+                saturation=1, errorbar="sd", legend=False, ax=axes[0])
+    if "rollout_seconds" in data:
+        rollouts = data.groupby(hue)["rollout_seconds"].mean().reindex(order)
+        axes[0].bar(range(len(order)), rollouts.fillna(0), width=0.8, color="none", edgecolor="white", hatch="///",
+                    lw=0)
+        axes[0].legend([Patch(facecolor="0.45", edgecolor="white", hatch="///", lw=0)], ["rollouts"], fontsize=8)
+    axes[0].set(ylabel="training wall time (s)", title="time per run (hatched: rollouts)")
+    sns.scatterplot(data, x="wall_time_s", y=quality, hue=hue, style=hue, hue_order=order, style_order=order,
+                    palette=palette, s=70, ax=axes[1])
+    axes[1].set(xlabel="training wall time (s)", ylabel=quality_label, title="quality vs compute")
     fig.tight_layout()
     return fig

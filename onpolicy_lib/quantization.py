@@ -7,7 +7,9 @@ The student shares its teacher's weights; only its Linear layers are quantized:
 * :func:`convert_qat` turns the trained student into real quantized weights;
 * :func:`quantize_ptq` is the post-training-quantized baseline (no training);
 * :func:`materialized_fake_quant` makes rollouts from a fake-quantized student as
-  fast as from a plain model, with bit-identical outputs.
+  fast as from a plain model, with bit-identical outputs;
+* :func:`fake_quantized_once` quantizes each weight once for a whole on-policy step,
+  shared by its rollout and its training forward (bit-identical samples and gradients).
 
 On CPU every type goes through ``IntxWeightOnlyConfig`` with a *symmetric* mapping:
 torchao only supports symmetric weights for QAT with that config, and with it the
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -291,7 +293,7 @@ def dequantize_for_eval(model: nn.Module) -> nn.Module:
     """Replace converted quantized weights by their dequantized values, once, in place.
 
     On CPU torchao has no fast low-bit kernel for these weights: the converted model
-    dequantizes every weight on every forward (about 2x slower than the teacher here).
+    dequantizes every weight on every forward (several times the teacher's cost).
     Doing it once gives bit-identical outputs (tested) at the teacher's cost, which
     is what evaluating many lm-eval requests needs. The model is for inference only
     afterwards. Returns the model; a no-op for models without quantized weights.
@@ -300,3 +302,48 @@ def dequantize_for_eval(model: nn.Module) -> nn.Module:
         if isinstance(mod, nn.Linear) and _is_quantized_weight(mod.weight):
             mod.weight = nn.Parameter(mod.weight.dequantize(), requires_grad=False)
     return model
+
+
+def _reusing(quantizer: torch.nn.Module, latent: torch.Tensor, shared: torch.Tensor) -> Callable[..., torch.Tensor]:
+    compute = quantizer.forward
+    version = latent._version
+
+    def forward(weight: torch.Tensor) -> torch.Tensor:
+        # Only the exact weight it was computed from, unmodified since, and only while enabled.
+        if weight is latent and latent._version == version and quantizer.enabled:
+            return shared
+        return compute(weight)
+
+    return forward
+
+
+@contextlib.contextmanager
+def fake_quantized_once(model: torch.nn.Module) -> Iterator[int]:
+    """Fake-quantize every active weight of ``model`` once, for everything run inside the context.
+
+    Each active ``FakeQuantizedLinear`` (also under a peft LoRA wrapper) gets its weight
+    fake-quantized on entry, with the autograd graph back to the latent weight when
+    gradients are enabled, and its quantizer returns that tensor instead of recomputing it.
+    An on-policy step then quantizes each weight once, where it used to do so twice (once
+    for the rollout's materialised weights, once more in the training forward): the
+    rollout's forwards read the shared tensors (under ``no_grad``, no graph), the training
+    forward uses them with their graph, and backward flows through it to the latent
+    weights exactly as in the plain fake-quant forward. Same operations on the same values:
+    samples, loss and gradients are bit-identical. A call with any other tensor, or after
+    the latent weight changed in place, falls back to the real computation. Yields the
+    number of weights shared.
+    """
+    patched: list[tuple[torch.nn.Module, Any]] = []
+    try:
+        for mod, quantizer in active_fake_quantized(model):
+            latent = mod.weight
+            shared = quantizer(latent)
+            patched.append((quantizer, quantizer.__dict__.get("forward")))
+            quantizer.forward = _reusing(quantizer, latent, shared)
+        yield len(patched)
+    finally:
+        for quantizer, previous in reversed(patched):
+            if previous is None:
+                del quantizer.forward  # back to the class's method
+            else:
+                quantizer.forward = previous

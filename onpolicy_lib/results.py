@@ -2,9 +2,9 @@
 
 ``collect(roots)`` gives one row per (run or baseline) x metric with every configuration field as
 a column; ``per_example(roots)`` gives one row per evaluated benchmark document, for paired
-comparisons. Both read only the files runs leave behind (``config.json``, ``metrics.json``,
-``eval.json``, the sweep manifest), so they work on partial and failed sweeps alike: a run
-without metrics contributes its status and configuration, nothing is invented for it.
+comparisons. Both read only the files runs leave behind (through :class:`~onpolicy_lib.rundir.Run`
+and the sweep manifests), so they work on partial and failed sweeps alike: a run without metrics
+contributes its status and configuration, nothing is invented for it.
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ from typing import Any
 
 import pandas as pd
 
-from onpolicy_lib.config import TrainConfig, resolve_path
-from onpolicy_lib.rundir import CONFIG_FILE, EVAL_FILE, METRICS_FILE
-from onpolicy_lib.sweep import MANIFEST, Run, run_status
+from onpolicy_lib import fidelity
+from onpolicy_lib.config import TrainConfig, portable_path, resolve_path
+from onpolicy_lib.metrics import loss_summary
+from onpolicy_lib.rundir import EVAL_CACHE_DIR, MANIFEST, Run, read_json
 
-CONFIG_FIELDS = [f for f in TrainConfig().to_dict() if f not in ("extra", "output_dir")]
+# Every configuration field that describes what a run did (where it was kept is the run_dir column).
+CONFIG_FIELDS = [f for f in TrainConfig.field_names() if f not in ("output_dir", "eval_parameters")]
 BENCHMARK_METRICS = ("acc", "acc_norm")
-FIDELITY_METRICS = ("forward_kl", "top1_agreement", "reverse_kl_on_policy", "teacher_nll_of_student_greedy")
 TRAIN_METRICS = ("wall_time_s", "median_step_s", "tokens_generated", "tokens_trained", "rollout_seconds",
                  "peak_memory_mb", "batches", "batches_on_policy", "heldout_loss_before", "heldout_loss_after")
 ID_COLUMNS = ["sweep", "run", "role", "status", "run_dir"]
@@ -53,18 +54,15 @@ def find_runs(roots: str | Path | Iterable[str | Path]) -> list[tuple[str, Path,
     """Every run under ``roots`` as (sweep, run_dir, train config), started or only planned by a sweep."""
     found: dict[Path, tuple[str, Path, dict[str, Any]]] = {}
     for root in _roots(roots):
-        for config_path in sorted(root.rglob(CONFIG_FILE)):
+        for config_path in sorted(root.rglob(Run.CONFIG)):
             run_dir = config_path.parent
-            if "eval_cache" in run_dir.parts or "student" == run_dir.name:
+            if EVAL_CACHE_DIR in run_dir.parts or Run.STUDENT == run_dir.name:
                 continue
-            try:
-                train = json.loads(config_path.read_text()).get("train")
-            except json.JSONDecodeError:
-                continue
+            train = (read_json(config_path) or {}).get("train")
             if isinstance(train, dict):
                 found[run_dir] = (_sweep_name(run_dir), run_dir, train)
         for manifest_path in sorted(root.rglob(MANIFEST)):
-            manifest = json.loads(manifest_path.read_text())
+            manifest = read_json(manifest_path) or {}
             for name, entry in manifest.get("runs", {}).items():
                 run_dir = manifest_path.parent / name
                 found.setdefault(run_dir, (manifest.get("name", manifest_path.parent.name), run_dir, entry["params"]))
@@ -72,25 +70,8 @@ def find_runs(roots: str | Path | Iterable[str | Path]) -> list[tuple[str, Path,
 
 
 def _sweep_name(run_dir: Path) -> str:
-    manifest = run_dir.parent / MANIFEST
-    if manifest.is_file():
-        return json.loads(manifest.read_text()).get("name", run_dir.parent.name)
-    return run_dir.parent.name
-
-
-def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except json.JSONDecodeError:
-        return None  # a file being written by a live run
-
-
-def _loss_summary(steps: list[dict[str, Any]]) -> dict[str, float]:
-    losses = [s["loss"] for s in steps if s.get("loss") is not None]
-    if not losses:
-        return {}
-    k = max(1, len(losses) // 10)
-    return {"train_loss_first": sum(losses[:k]) / k, "train_loss_final": sum(losses[-k:]) / k}
+    manifest = read_json(run_dir.parent / MANIFEST) or {}
+    return manifest.get("name", run_dir.parent.name)
 
 
 def model_metrics(result: dict[str, Any]) -> list[tuple[str, float, float | None]]:
@@ -102,7 +83,7 @@ def model_metrics(result: dict[str, Any]) -> list[tuple[str, float, float | None
                 out.append((f"{task}/{metric}", scores[metric], scores.get(f"{metric}_stderr")))
     if "perplexity" in result:
         out.append(("perplexity", result["perplexity"]["perplexity"], None))
-    for metric in FIDELITY_METRICS:
+    for metric in fidelity.METRICS:
         if metric in result.get("fidelity", {}):
             out.append((metric, result["fidelity"][metric], None))
     if "seconds" in result:
@@ -121,15 +102,14 @@ def collect(roots: str | Path | Iterable[str | Path] = "outputs") -> pd.DataFram
     seen_baselines: set[tuple[str, str]] = set()
     for sweep, run_dir, train in find_runs(roots):
         config = {k: train.get(k) for k in CONFIG_FIELDS}
-        run = Run(run_dir.name, run_dir, train)
-        status = run_status(run)
-        base = {"sweep": sweep, "run": run_dir.name, "status": status, "run_dir": str(run_dir), **config}
-        metrics = _read(run_dir / METRICS_FILE) or {}
+        run = Run(run_dir, params=train)
+        base = {"sweep": sweep, "run": run.name, "status": run.status(), "run_dir": portable_path(run_dir), **config}
+        metrics = run.metrics or {}
         values = {**{k: metrics[k] for k in TRAIN_METRICS if metrics.get(k) is not None},
-                  **_loss_summary(metrics.get("steps", []))}
+                  **loss_summary(metrics.get("steps", []))}
         for metric, value in values.items():
             rows.append({**base, "role": "student", "metric": metric, "value": float(value), "stderr": None})
-        evaluation = _read(run_dir / EVAL_FILE) or {}
+        evaluation = run.evaluation or {}
         for role in ("student", "student_lora_adapter"):
             for metric, value, stderr in model_metrics(evaluation.get(role, {})):
                 rows.append({**base, "role": role, "metric": metric, "value": value, "stderr": stderr})
@@ -156,7 +136,7 @@ def per_example(roots: str | Path | Iterable[str | Path] = "outputs") -> pd.Data
     rows: list[dict[str, Any]] = []
     seen: set[tuple[str, str]] = set()
     for sweep, run_dir, train in find_runs(roots):
-        evaluation = _read(run_dir / EVAL_FILE)
+        evaluation = Run(run_dir).evaluation
         if not evaluation:
             continue
         config = {k: train.get(k) for k in CONFIG_FIELDS}

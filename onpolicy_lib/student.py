@@ -9,7 +9,6 @@ steps, so ``load_student(run_dir)`` returns the deployable quantized model
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import torch
@@ -17,9 +16,7 @@ from transformers import PreTrainedModel
 
 from onpolicy_lib import quantization
 from onpolicy_lib.models import load_model
-
-STUDENT_DIR = "student"
-QUANT_FILE = "quantization.json"
+from onpolicy_lib.rundir import Run, write_json
 
 
 def build_student(teacher: PreTrainedModel, quant_type: str, group_size: int, lora_r: int | None = None,
@@ -42,7 +39,8 @@ def build_student(teacher: PreTrainedModel, quant_type: str, group_size: int, lo
 
 def save_student(student: torch.nn.Module, run_dir: Path, model_name: str, quant_type: str,
                  group_size: int, tokenizer=None) -> Path:
-    out = Path(run_dir) / STUDENT_DIR
+    run = Run(Path(run_dir))
+    out = run.student_dir
     out.mkdir(parents=True, exist_ok=True)
     # FakeQuantizedLinear keeps the parameter names of nn.Linear, so the latent
     # weights save and load as an ordinary checkpoint of the base architecture.
@@ -54,7 +52,7 @@ def save_student(student: torch.nn.Module, run_dir: Path, model_name: str, quant
             "format": "lora-adapter" if is_lora else "latent-weights",
             "note": "latent full-precision weights trained through torchao fake quantization; "
                     "load with onpolicy_lib.student.load_student to get the quantized model"}
-    (out / QUANT_FILE).write_text(json.dumps(meta, indent=2))
+    write_json(out / run.SCHEME, meta)
     return out
 
 
@@ -75,8 +73,9 @@ def load_student(run_dir: str | Path, convert: bool = True, device: str = "cpu",
     """
     if lora_mode not in LORA_MODES:
         raise ValueError(f"lora_mode must be one of {', '.join(LORA_MODES)}; got {lora_mode!r}")
-    src = Path(run_dir) / STUDENT_DIR
-    meta = student_scheme(run_dir)
+    run = Run(Path(run_dir))
+    src = run.student_dir
+    meta = run.student_scheme()
     if meta["format"] == "lora-adapter":
         from peft import PeftModel
 
@@ -92,11 +91,3 @@ def load_student(run_dir: str | Path, convert: bool = True, device: str = "cpu",
         # With an unmerged adapter only the base layers are converted (is_quantizable skips lora_*).
         quantization.convert_qat(model, meta["quant_type"], meta["group_size"])
     return model.eval()
-
-
-def student_scheme(run_dir: str | Path) -> dict:
-    """``model_name``, ``quant_type``, ``group_size`` and ``format`` of a run's saved student."""
-    meta_path = Path(run_dir) / STUDENT_DIR / QUANT_FILE
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"run_dir {run_dir}: no trained student ({meta_path} missing)")
-    return json.loads(meta_path.read_text())

@@ -3,20 +3,22 @@
 A spec names a base preset, fixed overrides, a grid and/or an explicit list of configurations, and seeds::
 
     name: cpu-lambda              # outputs/<name>/ (default: the spec file's stem)
-    base: cpu_demo                # a preset in params/ (optional)
+    include: _qwen_eval.yaml      # a spec fragment this one extends (optional; lm-eval's include:)
+    base: qwen3_4b_study          # a preset in params/ (optional)
     params: {max_steps: 60}       # fixed overrides of any train.ipynb parameter (optional)
     grid: {lmbda: [0, 0.5, 1]}    # cartesian product (optional)
     runs: [{lmbda: 0, beta: 0}]   # explicit configurations, crossed with the grid (optional)
     seeds: [1, 2]                 # crossed with everything (optional; default: the base's seed)
     eval: true                    # render notebooks/eval.ipynb for each run (do_eval)
-    eval_parameters: {limit: 100} # eval.ipynb overrides
+    eval_parameters: {limit: 100} # EvalConfig overrides (eval.ipynb parameters)
     analysis: true                # render notebooks/analysis.ipynb over the sweep when all runs are done
 
 Every run lands in ``outputs/<name>/<run>/`` (``<run>`` from the values that vary across the
 sweep, e.g. ``lmbda-1_seed-2``) holding its rendered ``train.ipynb``. The whole expansion is
 validated before anything runs. The runner is resumable: a finished run is never redone, a
 killed one resumes from its checkpoint, a failed one keeps its partial notebook and error
-(``sweep-error.txt``) and is retried only with ``--retry-failed``::
+and is retried only with ``--retry-failed``. Files named ``_*.yaml`` are fragments to include,
+not sweeps::
 
     python -m onpolicy_lib.sweep params/sweeps/cpu_lambda.yaml --dry-run
     python -m onpolicy_lib.sweep params/sweeps/cpu_lambda.yaml --parallel 2
@@ -30,17 +32,14 @@ import argparse
 import datetime
 import itertools
 import json
-import logging
 import os
 import re
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,49 +48,34 @@ import yaml
 from onpolicy_lib.config import (
     PROJECT_ROOT,
     ConfigError,
+    EvalConfig,
     TrainConfig,
     load_preset,
     outputs_root,
+    portable_path,
     resolve_path,
     short_name,
 )
 from onpolicy_lib.rundir import (
-    CONFIG_FILE,
-    EVAL_FILE,
-    METRICS_FILE,
+    ANALYSIS_NOTEBOOK,
+    FIGURES_DIR,
+    Run,
     config_diff,
     format_diff,
-    prepare_run_dir,
-    write_json,
+    read_manifest,
+    write_manifest,
 )
 
-TRAIN_NOTEBOOK = PROJECT_ROOT / "notebooks" / "train.ipynb"
-ANALYSIS_NOTEBOOK = PROJECT_ROOT / "notebooks" / "analysis.ipynb"
+TRAIN_NOTEBOOK = PROJECT_ROOT / "notebooks" / Run.TRAIN_NOTEBOOK
+ANALYSIS_SOURCE = PROJECT_ROOT / "notebooks" / ANALYSIS_NOTEBOOK
 SWEEPS_DIR = PROJECT_ROOT / "params" / "sweeps"
-SPEC_KEYS = ("name", "base", "params", "grid", "runs", "seeds", "eval", "eval_parameters", "analysis")
-# Set by the runner itself, never by a spec.
+SPEC_KEYS = ("name", "include", "base", "params", "grid", "runs", "seeds", "eval", "eval_parameters", "analysis")
+# Set by the runner itself from the spec's eval/eval_parameters and its layout, never as run parameters.
 RUNNER_PARAMETERS = ("output_dir", "do_eval", "eval_parameters")
-MANIFEST = "sweep.json"
-RUNNING = "sweep-running.json"
-ERROR = "sweep-error.txt"
-LOG = "sweep-log.txt"
-STATES = ("done", "failed", "running", "interrupted", "pending")
 
 
 class SweepError(ConfigError):
     """A spec that cannot be expanded; raised before any run starts."""
-
-
-@dataclass
-class Run:
-    name: str
-    path: Path
-    params: dict[str, Any]  # train.ipynb parameters, runner-set ones included
-    varying: dict[str, Any] = field(default_factory=dict)  # the values that distinguish it in its sweep
-
-    @property
-    def notebook(self) -> Path:
-        return self.path / "train.ipynb"
 
 
 @dataclass
@@ -105,17 +89,6 @@ class Sweep:
 
 
 # ---------------------------------------------------------------------------- expansion
-def notebook_parameters(notebook: Path = TRAIN_NOTEBOOK) -> dict[str, Any]:
-    """The names and defaults of a notebook's ``parameters`` cell (the cell is plain assignments)."""
-    import nbformat
-
-    nb = nbformat.read(notebook, as_version=4)
-    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-    namespace: dict[str, Any] = {}
-    exec(cells[0].source, namespace)  # our own notebook's literals; papermill's parser misses `int | None`
-    return {k: v for k, v in namespace.items() if not k.startswith("__")}
-
-
 def find_spec(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.is_file():
@@ -123,7 +96,7 @@ def find_spec(name_or_path: str) -> Path:
     for candidate in (resolve_path(name_or_path), SWEEPS_DIR / f"{name_or_path}.yaml"):
         if candidate.is_file():
             return candidate
-    available = ", ".join(sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml")))
+    available = ", ".join(sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml") if not p.stem.startswith("_")))
     raise SweepError(f"sweep spec {name_or_path!r} not found; available in params/sweeps: {available}")
 
 
@@ -131,17 +104,12 @@ def expand(spec_path: str | Path, outputs: str | Path | None = None, check_model
     """Read and validate a spec; every run's parameters and directory. Raises SweepError, nothing runs."""
     spec_path = find_spec(str(spec_path))
     where = spec_path.name
-    spec = yaml.safe_load(spec_path.read_text()) or {}
-    if not isinstance(spec, dict):
-        raise SweepError(f"{where}: a sweep spec is a mapping with keys {', '.join(SPEC_KEYS)}")
-    unknown = sorted(set(spec) - set(SPEC_KEYS))
-    if unknown:
-        raise SweepError(f"{where}: unknown key(s) {', '.join(unknown)}; a spec has {', '.join(SPEC_KEYS)}")
+    spec = read_spec(spec_path)
     name = str(spec.get("name") or spec_path.stem)
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise SweepError(f"{where}: name must use letters, digits, '.', '_' or '-'; got {name!r}")
 
-    defaults = {k: v for k, v in notebook_parameters().items() if k not in RUNNER_PARAMETERS}
+    defaults = {k: v for k, v in TrainConfig().to_dict().items() if k not in RUNNER_PARAMETERS}
     allowed = set(defaults)
     base = load_preset(spec["base"]) if spec.get("base") else {}
     fixed = _mapping(spec, "params", where)
@@ -166,7 +134,7 @@ def expand(spec_path: str | Path, outputs: str | Path | None = None, check_model
         bad = sorted(set(keys) - allowed)
         if bad:
             raise SweepError(f"{where}: {section}: unknown or runner-set parameter(s) {', '.join(bad)}; "
-                             f"train.ipynb parameters: {', '.join(sorted(allowed))}")
+                             f"TrainConfig (train.ipynb) parameters: {', '.join(sorted(allowed))}")
     if "seed" in grid and seeds:
         raise SweepError(f"{where}: give seeds either as 'seeds' or as grid.seed, not both")
     do_eval = spec.get("eval", False)
@@ -177,6 +145,10 @@ def expand(spec_path: str | Path, outputs: str | Path | None = None, check_model
             raise SweepError(f"{where}: {key} must be true or false, got {value!r}")
     if not isinstance(eval_parameters, dict):
         raise SweepError(f"{where}: eval_parameters must be a mapping of eval.ipynb parameters")
+    try:
+        EvalConfig.check_overrides(eval_parameters, "eval_parameters")
+    except ConfigError as err:
+        raise SweepError(f"{where}: {err}") from None
 
     # Expansion: runs x grid x seeds, each over base and params.
     points = [dict(zip(grid, combo, strict=True)) for combo in itertools.product(*grid.values())]
@@ -195,15 +167,14 @@ def expand(spec_path: str | Path, outputs: str | Path | None = None, check_model
     for values, params in zip(configs, full, strict=True):
         varying = {k: params[k] for k in varying_keys}
         run_name = short_name(varying) or "run"
+        params = {**params, "output_dir": portable_path(root / run_name), "do_eval": do_eval,
+                  "eval_parameters": eval_parameters}
         try:
-            cfg = TrainConfig.from_dict(params)
-            cfg.output_dir = str(root / run_name)
-            cfg.validate()
+            TrainConfig.from_dict(params).validate()
         except ConfigError as err:
             shown = ", ".join(f"{k}={v!r}" for k, v in values.items()) or "the fixed parameters"
             raise SweepError(f"{where}: run {run_name} ({shown}): {err}") from None
-        run = Run(run_name, root / run_name, {**params, "output_dir": str(root / run_name), "do_eval": do_eval,
-                                               "eval_parameters": eval_parameters}, varying)
+        run = Run(root / run_name, params, varying)
         if run_name in runs and runs[run_name].params != run.params:
             raise SweepError(f"{where}: two runs map to {run.path} with different parameters; "
                              "make the swept values distinct")
@@ -211,10 +182,35 @@ def expand(spec_path: str | Path, outputs: str | Path | None = None, check_model
     sweep = Sweep(name, spec_path, root, list(runs.values()), do_eval, analysis)
     if check_models:
         _check_group_sizes(sweep, where)
-    if do_eval:
-        _check_eval_parameters(eval_parameters, where)
     _check_conflicts(sweep)
     return sweep
+
+
+def read_spec(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A spec with its ``include:`` chain resolved: the including file's keys win, and its
+    ``params``/``eval_parameters`` mappings extend the included ones key by key."""
+    where = path.name
+    if path.resolve() in seen:
+        raise SweepError(f"{where}: include cycle through {', '.join(p.name for p in seen)}")
+    spec = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(spec, dict):
+        raise SweepError(f"{where}: a sweep spec is a mapping with keys {', '.join(SPEC_KEYS)}")
+    unknown = sorted(set(spec) - set(SPEC_KEYS))
+    if unknown:
+        raise SweepError(f"{where}: unknown key(s) {', '.join(unknown)}; a spec has {', '.join(SPEC_KEYS)}")
+    include = spec.pop("include", None)
+    if include is None:
+        return spec
+    included_path = path.parent / str(include)
+    if not included_path.is_file():
+        raise SweepError(f"{where}: include: {include!r} not found next to the spec")
+    merged = read_spec(included_path, (*seen, path.resolve()))
+    for key, value in spec.items():
+        if key in ("params", "eval_parameters") and isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
 
 
 def _mapping(spec: dict[str, Any], key: str, where: str) -> dict[str, Any]:
@@ -243,110 +239,48 @@ def _check_group_sizes(sweep: Sweep, where: str) -> None:
                 raise SweepError(f"{where}: {err}") from None
 
 
-def _check_eval_parameters(eval_parameters: dict[str, Any], where: str) -> None:
-    from dataclasses import fields
-
-    from onpolicy_lib.evaluate import EvalConfig
-
-    names = {f.name for f in fields(EvalConfig)} - {"run_dirs"}
-    bad = sorted(set(eval_parameters) - names)
-    if bad:
-        raise SweepError(f"{where}: eval_parameters: unknown parameter(s) {', '.join(bad)}; "
-                         f"eval.ipynb parameters: {', '.join(sorted(names))}")
-    # The checks eval.ipynb makes on its own parameters; the model and scheme come from each run.
-    try:
-        EvalConfig(**{**eval_parameters, "model_name": "placeholder", "include_teacher": True,
-                      "include_ptq": False}).validate()
-    except ConfigError as err:
-        raise SweepError(f"{where}: eval_parameters: {err}") from None
-
-
 def _check_conflicts(sweep: Sweep) -> None:
     """Refuse a run directory that holds, or is promised by another spec to, a different configuration."""
-    manifest = _read_manifest(sweep.root)
+    manifest = read_manifest(sweep.root)
     for run in sweep.runs:
-        identity = _identity(run)
         other = manifest.get("runs", {}).get(run.name)
-        diff = config_diff(other["params"], identity) if other is not None else {}
+        diff = config_diff(other["params"], run.params) if other is not None else {}
         if diff:
-            raise SweepError(f"{sweep.spec_path.name}: {run.path} belongs to spec {other['spec']} with a different "
-                             f"config ({format_diff(diff)}); rename this sweep (name:) or delete that run")
+            raise SweepError(f"{sweep.spec_path.name}: {portable_path(run.path)} belongs to spec {other['spec']} "
+                             f"with a different config ({format_diff(diff)}); rename this sweep (name:) or delete "
+                             "that run")
         try:
-            prepare_run_dir(run.path, TrainConfig.from_dict(identity).to_dict())
+            Run(run.path).plan(run.params)
         except ConfigError as err:
             raise SweepError(f"{sweep.spec_path.name}: {err}") from None
 
 
-def _identity(run: Run) -> dict[str, Any]:
-    return {k: v for k, v in run.params.items() if k not in ("do_eval", "eval_parameters")}
-
-
-def _read_manifest(root: Path) -> dict[str, Any]:
-    path = root / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def write_manifest(sweep: Sweep) -> None:
-    manifest = _read_manifest(sweep.root)
+def record_manifest(sweep: Sweep) -> None:
+    """Add this spec's runs to the sweep directory's manifest (several specs may share one directory)."""
+    manifest = read_manifest(sweep.root)
     runs = manifest.get("runs", {})
-    spec = _display_path(sweep.spec_path)
+    spec = portable_path(sweep.spec_path)
     for run in sweep.runs:
-        runs[run.name] = {"spec": spec, "params": _identity(run), "varying": run.varying}
-    sweep.root.mkdir(parents=True, exist_ok=True)
-    write_json(sweep.root / MANIFEST, {"name": sweep.name, "specs": sorted({*manifest.get("specs", []), spec}),
-                                       "runs": runs})
-
-
-def _display_path(path: Path) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(PROJECT_ROOT))
-    except ValueError:
-        return str(path)
+        params = {k: v for k, v in run.params.items() if k not in ("do_eval", "eval_parameters")}
+        runs[run.name] = {"spec": spec, "params": params, "varying": run.varying}
+    write_manifest(sweep.root, {"name": sweep.name, "specs": sorted({*manifest.get("specs", []), spec}),
+                                "runs": runs})
 
 
 # ---------------------------------------------------------------------------- state
-def run_status(run: Run) -> str:
-    """done | failed | running | interrupted | pending, from the files in the run directory alone."""
-    path = run.path
-    if (path / METRICS_FILE).is_file() and (not run.params.get("do_eval") or (path / EVAL_FILE).is_file()):
-        return "done"
-    marker = path / RUNNING
-    if marker.is_file():
-        if _alive(json.loads(marker.read_text())):
-            return "running"
-    if (path / ERROR).is_file():
-        return "failed"
-    if marker.is_file() or (path / CONFIG_FILE).is_file():
-        return "interrupted"  # killed mid-run: resumes from its last checkpoint
-    return "pending"
-
-
-def _alive(owner: dict[str, Any]) -> bool:
-    if owner.get("host") != socket.gethostname():
-        return True  # another machine's run: trust its marker
-    try:
-        os.kill(int(owner["pid"]), 0)
-    except (ProcessLookupError, ValueError, KeyError):
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def status_table(sweep: Sweep):
     """One row per run: name, state, varying values, wall time and headline numbers when done."""
     import pandas as pd
 
     rows = []
     for run in sweep.runs:
-        row = {"run": run.name, "state": run_status(run), **run.varying}
-        metrics_path = run.path / METRICS_FILE
-        if metrics_path.is_file():
-            metrics = json.loads(metrics_path.read_text())
+        row = {"run": run.name, "state": run.status(), **run.varying}
+        metrics = run.metrics
+        if metrics is not None:
             row["train_s"] = metrics.get("wall_time_s")
             row["heldout_after"] = metrics.get("heldout_loss_after")
-        if (run.path / ERROR).is_file():
-            row["error"] = (run.path / ERROR).read_text().strip().splitlines()[-1][:120]
+        if run.file(run.ERROR).is_file():
+            row["error"] = run.file(run.ERROR).read_text().strip().splitlines()[-1][:120]
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -354,7 +288,7 @@ def status_table(sweep: Sweep):
 # ---------------------------------------------------------------------------- running
 def command(sweep: Sweep, run: Run, retry_failed: bool = False) -> str:
     """The shell line that runs one configuration through this runner (for a cluster scheduler)."""
-    args = [sys.executable, "-m", "onpolicy_lib.sweep", _display_path(sweep.spec_path), "--run", run.name]
+    args = [sys.executable, "-m", "onpolicy_lib.sweep", portable_path(sweep.spec_path), "--run", run.name]
     if sweep.root.parent != outputs_root():
         args += ["--outputs", str(sweep.root.parent)]
     if retry_failed:
@@ -362,68 +296,30 @@ def command(sweep: Sweep, run: Run, retry_failed: bool = False) -> str:
     return f"cd {shlex.quote(str(PROJECT_ROOT))} && " + shlex.join(args)
 
 
-def _claim(run: Run) -> bool:
-    """Take the run's marker atomically; False if a live process holds it."""
-    run.path.mkdir(parents=True, exist_ok=True)
-    marker = run.path / RUNNING
-    owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": datetime.datetime.now().isoformat()}
-    for _ in range(2):
-        try:
-            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if _alive(json.loads(marker.read_text() or "{}")):
-                return False
-            marker.unlink(missing_ok=True)  # left by a killed runner
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(owner, f)
-        return True
-    return False
+def execute(run: Run, lock_fd: int, threads: int | None = None) -> str:
+    """Run one configuration in a papermill subprocess; returns its final state (done | failed).
 
-
-def _set_aside_failure(run: Run) -> None:
-    # Keep the failed attempt's notebook and error beside the retry, numbered.
-    n = 1 + len(list(run.path.glob("sweep-failed-*.ipynb")))
-    if run.notebook.is_file():
-        run.notebook.rename(run.path / f"sweep-failed-{n}.ipynb")
-    if (run.path / ERROR).is_file():
-        (run.path / ERROR).rename(run.path / f"sweep-error-{n}.txt")
-
-
-_CHILDREN: set[subprocess.Popen] = set()
-
-
-def _terminate_children(signum: int, frame: Any) -> None:
-    # A scheduler's SIGTERM stops the runs too (their kernels follow their papermill parent);
-    # the killed runs resume from their checkpoints next time.
-    for proc in list(_CHILDREN):
-        proc.terminate()
-    sys.exit(128 + signum)
-
-
-def execute(run: Run, threads: int | None = None) -> str:
-    """Run one configuration in a papermill subprocess; returns its final state (done | failed)."""
+    The subprocess inherits the run's lock, so the run counts as running exactly while it lives.
+    """
+    notebook = run.file(run.TRAIN_NOTEBOOK)
     params_yaml = yaml.safe_dump(run.params, sort_keys=False)
-    args = [sys.executable, "-m", "papermill", str(TRAIN_NOTEBOOK), str(run.notebook), "-y", params_yaml,
-            "--cwd", str(PROJECT_ROOT), "--kernel", "python3", "--no-progress-bar"]
+    args = [sys.executable, "-m", "papermill", portable_path(TRAIN_NOTEBOOK), portable_path(notebook),
+            "-y", params_yaml, "--cwd", ".", "--kernel", "python3", "--no-progress-bar"]
     env = dict(os.environ)
     if threads:  # parallel runs share the cores instead of each taking all of them
         env.setdefault("OMP_NUM_THREADS", str(threads))
-    with open(run.path / LOG, "a") as log:
+    with open(run.file(run.RUNNER_LOG), "a") as log:
         log.write(f"\n=== {datetime.datetime.now().isoformat()} {shlex.join(args[:5])} ...\n")
         log.flush()
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=PROJECT_ROOT)
-        _CHILDREN.add(proc)
-        try:
-            proc.wait()
-        finally:
-            _CHILDREN.discard(proc)
-    for notebook in run.path.glob("*.ipynb"):
-        slim_notebook(notebook)
-    if proc.returncode == 0 and run_status(run) == "done":
+        returncode = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=PROJECT_ROOT,
+                                    pass_fds=(lock_fd,)).returncode
+    for rendered in run.path.glob("*.ipynb"):
+        slim_notebook(rendered)
+    if returncode == 0 and run.status() == "done":
         return "done"
-    (run.path / ERROR).write_text(f"papermill exited with {proc.returncode}; partial notebook: {run.notebook}; "
-                                  f"log: {run.path / LOG}\n{_last_error(run)}\n")
+    run.file(run.ERROR).write_text(
+        f"papermill exited with {returncode}; partial notebook: {portable_path(notebook)}; "
+        f"log: {portable_path(run.file(run.RUNNER_LOG))}\n{_last_error(run)}\n")
     return "failed"
 
 
@@ -444,7 +340,8 @@ def slim_notebook(path: Path) -> None:
 
 
 def _last_error(run: Run) -> str:
-    lines = (run.path / LOG).read_text().strip().splitlines() if (run.path / LOG).is_file() else []
+    log = run.file(run.RUNNER_LOG)
+    lines = log.read_text().strip().splitlines() if log.is_file() else []
     errors = [ln for ln in lines if "Error" in ln or "error" in ln]
     return (errors or lines or ["(no output)"])[-1][:500]
 
@@ -464,8 +361,8 @@ def run_sweep(sweep: Sweep, parallel: int = 1, retry_failed: bool = False, only:
             raise SweepError(f"--run: no run named {', '.join(unknown)} in {sweep.name}; "
                              f"runs: {', '.join(sorted(names))}")
         selected = [r for r in sweep.runs if r.name in only]
-    write_manifest(sweep)
-    states = {r.name: run_status(r) for r in selected}
+    record_manifest(sweep)
+    states = {r.name: r.status() for r in selected}
     todo = [r for r in selected if states[r.name] in ("pending", "interrupted")
             or (retry_failed and states[r.name] == "failed")]
     skipped = {s: [n for n, st in states.items() if st == s and all(n != r.name for r in todo)]
@@ -476,14 +373,15 @@ def run_sweep(sweep: Sweep, parallel: int = 1, retry_failed: bool = False, only:
     threads = max(1, (os.cpu_count() or 1) // parallel) if parallel > 1 else None
 
     def one(run: Run) -> str:
-        if not _claim(run):
+        lock_fd = run.claim()
+        if lock_fd is None:
             return "running"
         try:
-            if (run.path / ERROR).is_file():  # a retry: keep the failed attempt beside the new one
-                _set_aside_failure(run)
-            return execute(run, threads)
+            if run.file(run.ERROR).is_file():  # a retry: keep the failed attempt beside the new one
+                run.set_aside_failure()
+            return execute(run, lock_fd, threads)
         finally:
-            (run.path / RUNNING).unlink(missing_ok=True)
+            run.release(lock_fd)
 
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=parallel) as pool, tqdm(total=len(todo), desc=sweep.name, unit="run") as bar:
@@ -491,12 +389,12 @@ def run_sweep(sweep: Sweep, parallel: int = 1, retry_failed: bool = False, only:
         for future in as_completed(futures):
             run = futures[future]
             states[run.name] = future.result()
-            where = f" (see {run.path / ERROR})" if states[run.name] == "failed" else ""
+            where = f" (see {portable_path(run.file(run.ERROR))})" if states[run.name] == "failed" else ""
             bar.write(f"{run.name}: {states[run.name]}{where} [{_elapsed(start)}]")
             bar.update()
     if (sweep.analysis if analysis is None else analysis) and not only \
-            and all(run_status(r) == "done" for r in sweep.runs):
-        print(f"analysis rendered in {render_analysis(sweep)}")
+            and all(r.status() == "done" for r in sweep.runs):
+        print(f"analysis rendered in {portable_path(render_analysis(sweep))}")
     return states
 
 
@@ -504,9 +402,10 @@ def render_analysis(sweep: Sweep) -> Path:
     """Render notebooks/analysis.ipynb over this sweep into outputs/<name>/analysis.ipynb (figures beside it)."""
     import papermill as pm
 
-    out = sweep.root / "analysis.ipynb"
-    pm.execute_notebook(str(ANALYSIS_NOTEBOOK), str(out), cwd=str(PROJECT_ROOT), progress_bar=False,
-                        parameters={"outputs": [str(sweep.root)], "figures_dir": str(sweep.root / "figures"),
+    out = sweep.root / ANALYSIS_NOTEBOOK
+    pm.execute_notebook(str(ANALYSIS_SOURCE), str(out), cwd=str(PROJECT_ROOT), progress_bar=False,
+                        parameters={"outputs": [portable_path(sweep.root)],
+                                    "figures_dir": portable_path(sweep.root / FIGURES_DIR),
                                     "title": f"Sweep {sweep.name}"})
     slim_notebook(out)
     return out
@@ -531,11 +430,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--outputs", help="root of the sweep directory (default: outputs/)")
     parser.add_argument("--no-analysis", action="store_true", help="do not render the analysis notebook at the end")
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate_children)
-    # Import-time notices of torch/torchao (optional CUDA kernels, enum registration) say nothing
-    # about a sweep and would bury the run table.
-    for name in ("torch.utils._pytree", "torchao"):
-        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         sweep = expand(args.spec, args.outputs)
         if args.dry_run or args.status:
@@ -543,15 +437,15 @@ def main(argv: list[str] | None = None) -> int:
 
             table = status_table(sweep)
             if args.dry_run:
-                table["output"] = [_display_path(r.notebook) for r in sweep.runs]
+                table["output"] = [portable_path(r.file(r.TRAIN_NOTEBOOK)) for r in sweep.runs]
             with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_colwidth", 80):
-                print(f"sweep {sweep.name} ({_display_path(sweep.spec_path)}): {len(sweep.runs)} runs into "
-                      f"{_display_path(sweep.root)}" + (", each evaluated" if sweep.eval else ""))
+                print(f"sweep {sweep.name} ({portable_path(sweep.spec_path)}): {len(sweep.runs)} runs into "
+                      f"{portable_path(sweep.root)}" + (", each evaluated" if sweep.eval else ""))
                 print(table.to_string(index=False))
             return 0
         if args.emit_commands:
             for run in sweep.runs:
-                state = run_status(run)
+                state = run.status()
                 if state in ("pending", "interrupted") or (args.retry_failed and state == "failed"):
                     print(command(sweep, run, args.retry_failed))
             return 0

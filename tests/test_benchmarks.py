@@ -17,6 +17,7 @@ import torch
 from conftest import make_model
 
 from onpolicy_lib import assets, benchmarks
+from onpolicy_lib.config import check_int, check_tasks
 
 LIMIT = 4
 MMLU_LIMIT = 2  # per subject, 57 subjects
@@ -123,19 +124,19 @@ def result(model, ascii_tokenizer, fake_root):
 
 # ---------------------------------------------------------------------------- parameter checks
 def test_check_tasks():
-    assert benchmarks.check_tasks(["mmlu", "arc_easy", "mmlu"]) == ["mmlu", "arc_easy"]
-    assert benchmarks.check_tasks("hellaswag, winogrande") == ["hellaswag", "winogrande"]
-    assert benchmarks.check_tasks([]) == []
+    assert check_tasks(["mmlu", "arc_easy", "mmlu"]) == ["mmlu", "arc_easy"]
+    assert check_tasks("hellaswag, winogrande") == ["hellaswag", "winogrande"]
+    assert check_tasks([]) == []
     with pytest.raises(ValueError, match=r"tasks: unknown benchmark\(s\) 'arc'.*hellaswag, arc_easy, arc_challenge"):
-        benchmarks.check_tasks(["arc", "mmlu"])
+        check_tasks(["arc", "mmlu"])
 
 
 @pytest.mark.parametrize("bad", [0, -3, 1.5, 0.5, True, "5"])
 def test_check_limit_refuses_non_positive_integers(bad):
-    benchmarks.check_limit(None)
-    benchmarks.check_limit(3)
-    with pytest.raises(ValueError, match="limit must be None or a positive integer"):
-        benchmarks.check_limit(bad)
+    check_int("limit", None, allow_none=True)
+    check_int("limit", 3, allow_none=True)
+    with pytest.raises(ValueError, match="limit must be a positive integer or None"):
+        check_int("limit", bad, allow_none=True)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -9,7 +9,7 @@ import pytest
 
 from onpolicy_lib import assets, config
 from onpolicy_lib.config import ConfigError, TrainConfig, load_preset
-from onpolicy_lib.rundir import prepare_run_dir
+from onpolicy_lib.rundir import Run
 
 
 def offline(**overrides) -> TrainConfig:
@@ -23,7 +23,7 @@ def offline(**overrides) -> TrainConfig:
     ({"beta": 2}, r"^beta must be a number in \[0, 1\]"),
     ({"beta": "0.5"}, r"^beta must be a number"),
     ({"quant_type": "fp8"}, r"^quant_type must be one of int4, int8, int3, int2; got 'fp8'$"),
-    ({"group_size": 0}, r"^group_size must be a positive integer, got 0$"),
+    ({"group_size": 0}, r"^group_size must be a positive integer or None, got 0$"),
     ({"per_device_train_batch_size": 0}, r"^per_device_train_batch_size must be a positive integer"),
     ({"max_steps": -1}, r"^max_steps must be a positive integer"),
     ({"max_length": 0}, r"^max_length must be a positive integer"),
@@ -76,11 +76,15 @@ def test_run_name_lists_non_default_parameters():
     assert TrainConfig(lmbda=1).resolved_output_dir() == config.outputs_root() / "lmbda-1"
 
 
-def test_presets_load_and_validate_names():
-    demo = load_preset("cpu_demo")
-    # The CPU demo preset spells out the notebook defaults.
+def test_presets_list_only_what_differs_from_the_defaults():
     defaults = TrainConfig().to_dict()
-    assert demo == {k: defaults[k] for k in demo}
+    for path in config.PARAMS_DIR.glob("*.yaml"):
+        values = load_preset(str(path))
+        same = sorted(k for k, v in values.items() if v == defaults[k])
+        assert not same, f"{path.name} repeats defaults: {same}"
+
+
+def test_presets_load_and_validate_names():
     study = TrainConfig(**load_preset("qwen3_4b_study"))
     study.validate()
     assert study.model_name == "Qwen/Qwen3-4B-Instruct-2507"
@@ -91,34 +95,70 @@ def test_presets_load_and_validate_names():
 
 def test_preset_with_unknown_key_is_refused(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("base: cpu_demo\nlambda: 1\n")
+    bad.write_text("base: qwen3_4b_study\nlambda: 1\n")
     with pytest.raises(ConfigError, match="unknown parameter"):
         load_preset(str(bad))
     good = tmp_path / "good.yaml"
-    good.write_text("base: cpu_demo\nlmbda: 1\n")
+    good.write_text("base: qwen3_4b_study\nlmbda: 1\n")
     assert load_preset(str(good))["lmbda"] == 1
 
 
 def test_run_directory_states(tmp_path):
     cfg = offline().to_dict()
-    assert prepare_run_dir(tmp_path / "fresh", cfg).state == "new"
+    assert Run(tmp_path / "fresh").plan(cfg).state == "new"
     rendered = tmp_path / "rendered"
     rendered.mkdir()
     (rendered / "train.ipynb").write_text("{}")
-    assert prepare_run_dir(rendered, cfg).state == "new"  # papermill's output notebook is not a run
+    assert Run(rendered).plan(cfg).state == "new"  # papermill's output notebook is not a run
     stray = tmp_path / "stray"
     stray.mkdir()
     (stray / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="not empty and holds no config.json"):
-        prepare_run_dir(stray, cfg)
+        Run(stray).plan(cfg)
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"train": cfg}))
     (run / "checkpoint-10").mkdir()
     (run / "checkpoint-20").mkdir()
-    state = prepare_run_dir(run, {**cfg, "do_eval": True})  # do_eval does not change what is trained
+    state = Run(run).plan({**cfg, "do_eval": True})  # do_eval does not change what is trained
     assert state.state == "resume" and state.checkpoint.name == "checkpoint-20"
     (run / "metrics.json").write_text("{}")
-    assert prepare_run_dir(run, cfg).state == "complete"
+    assert Run(run).plan(cfg).state == "complete"
     with pytest.raises(ConfigError, match=r"different config \(max_steps: 60 -> 61\)"):
-        prepare_run_dir(run, {**cfg, "max_steps": 61})
+        Run(run).plan({**cfg, "max_steps": 61})
+
+
+def test_identity_and_run_name_come_from_the_field_metadata():
+    # Bookkeeping fields neither name a run nor change its identity.
+    for bookkeeping in ({"save_steps": 10}, {"logging_steps": 5}, {"do_eval": True}, {"device": "cpu"},
+                        {"eval_parameters": {"limit": 5}}):
+        assert TrainConfig(**bookkeeping).run_name() == "default"
+    assert "save_steps" not in TrainConfig.identity_fields() and "lmbda" in TrainConfig.identity_fields()
+    assert TrainConfig(heldout_eval_size=8).run_name() == "heldout_eval_size-8"
+
+
+def test_unknown_eval_parameters_are_refused_up_front():
+    with pytest.raises(ConfigError, match=r"^eval_parameters: unknown parameter\(s\) perplexity_windw"):
+        offline(do_eval=True, eval_parameters={"perplexity_windw": 256}).validate()
+    with pytest.raises(ConfigError, match=r"^eval_parameters: limit must be"):
+        offline(do_eval=True, eval_parameters={"limit": 0}).validate()
+    offline(do_eval=True, eval_parameters={"perplexity_window": 256}).validate()
+
+
+def test_portable_paths(tmp_path, monkeypatch):
+    assert config.portable_path(config.PROJECT_ROOT / "outputs" / "x") == "outputs/x"
+    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path / "cache"))
+    assert config.portable_path(tmp_path / "cache" / "olmo_eval" / "d") == "assets:olmo_eval/d"
+    assert config.resolve_path("assets:olmo_eval/d") == tmp_path / "cache" / "olmo_eval" / "d"
+    assert config.resolve_path("outputs/x") == config.PROJECT_ROOT / "outputs" / "x"
+    assert config.portable_path("/elsewhere/run") == "/elsewhere/run"
+
+
+def test_run_lock_marks_a_run_running_while_held(tmp_path):
+    run = Run(tmp_path / "run")
+    assert run.status() == "pending"
+    fd = run.claim()
+    assert fd is not None and run.status() == "running"
+    assert Run(tmp_path / "run").claim() is None  # a second claimer is refused
+    run.release(fd)
+    assert run.status() == "pending" and not run.file(run.LOCK).exists()

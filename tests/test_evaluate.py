@@ -12,7 +12,7 @@ from onpolicy_lib import evaluate
 from onpolicy_lib.config import ConfigError, TrainConfig
 from onpolicy_lib.evaluate import EvalConfig, evaluate_runs
 from onpolicy_lib.student import build_student, save_student
-from onpolicy_lib.train import train
+from onpolicy_lib.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ def run_dir(tmp_path, tiny_model_dir, tiny_dataset_dir):
     cfg = TrainConfig(model_name=str(tiny_model_dir), dataset_name=str(tiny_dataset_dir), group_size=32,
                       max_steps=2, max_length=96, max_new_tokens=6, lmbda=0.0, heldout_eval_size=2,
                       output_dir=str(tmp_path / "run"), device="cpu")
-    return train(cfg).run_dir
+    return train(cfg).path
 
 
 def light(run_dirs, tmp_path, **overrides) -> EvalConfig:
@@ -48,11 +48,11 @@ def test_bad_eval_input_is_rejected(tmp_path, overrides, message):
 def test_run_without_student_and_scheme_mismatch(tmp_path, run_dir):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="run_dirs: .*no trained student"):
-        EvalConfig(run_dirs=[str(tmp_path / "empty")]).validate()
+        evaluate.plan_evaluation(EvalConfig(run_dirs=[str(tmp_path / "empty")]))
     with pytest.raises(ConfigError, match=r"group_size=64 does not match the student .* \(32\)"):
-        EvalConfig(run_dirs=[str(run_dir)], group_size=64).validate()
+        evaluate.plan_evaluation(EvalConfig(run_dirs=[str(run_dir)], group_size=64))
     with pytest.raises(ConfigError, match=r"quant_type='int8' does not match"):
-        EvalConfig(run_dirs=[str(run_dir)], quant_type="int8").validate()
+        evaluate.plan_evaluation(EvalConfig(run_dirs=[str(run_dir)], quant_type="int8"))
 
 
 def test_teacher_and_ptq_are_cached_across_calls(tmp_path, run_dir, monkeypatch):

@@ -9,7 +9,7 @@ from onpolicy_lib import assets, quantization
 from onpolicy_lib.config import TrainConfig
 from onpolicy_lib.models import load_model, load_tokenizer
 from onpolicy_lib.student import load_student
-from onpolicy_lib.train import train
+from onpolicy_lib.training import train
 
 pytestmark = [
     pytest.mark.integration,
@@ -57,5 +57,5 @@ def test_a_few_distillation_steps(tmp_path):
     result = train(cfg)
     assert len(result.losses) == 3 and all(loss > 0 for loss in result.losses)
     assert result.metrics["train_examples"] > 1000
-    student = load_student(result.run_dir, convert=True)
+    student = load_student(result.path, convert=True)
     assert quantization.quantization_summary(student)["quantized"] == 210

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from onpolicy_lib import results, sweep
-from onpolicy_lib.sweep import SweepError, expand, run_status
+from onpolicy_lib.sweep import SweepError, expand
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ def test_expansion_crosses_runs_grid_and_seeds(tmp_path, params):
     run = next(r for r in s.runs if r.name == "beta-1_lmbda-1_seed-2")
     assert run.path == tmp_path / "out" / "tiny" / run.name
     assert run.params["beta"] == 1.0 and run.params["lmbda"] == 1 and run.params["seed"] == 2
-    assert run.params["max_steps"] == 2 and run.params["output_dir"] == str(run.path)
+    assert run.params["max_steps"] == 2 and run.params["output_dir"] == str(run.path)  # outside the project
     assert run.varying == {"beta": 1.0, "lmbda": 1, "seed": 2}
     assert not (tmp_path / "out").exists()  # expansion writes nothing
 
@@ -62,6 +62,10 @@ def test_expansion_crosses_runs_grid_and_seeds(tmp_path, params):
     ({"grid": {"group_size": [32, 48]}}, "group_size"),
     ({"eval": True, "eval_parameters": {"tasks": ["hellaswag", "nope"]}}, "eval_parameters: .*nope"),
     ({"eval": True, "eval_parameters": {"limit_typo": 3}}, "eval_parameters: unknown parameter\\(s\\) limit_typo"),
+    # eval.ipynb has perplexity_window, but not this: refused, never silently ignored.
+    ({"eval": True, "eval_parameters": {"perplexity_windw": 3}}, "unknown parameter\\(s\\) perplexity_windw"),
+    ({"eval": True, "eval_parameters": {"perplexity_window": 1}}, "perplexity_window must be"),
+    ({"include": "missing.yaml"}, "include: 'missing.yaml' not found"),
 ])
 def test_bad_specs_are_refused_at_expansion(tmp_path, params, spec, message):
     spec = write_spec(tmp_path, params={**params, **spec.pop("params", {})}, **spec)
@@ -70,9 +74,25 @@ def test_bad_specs_are_refused_at_expansion(tmp_path, params, spec, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_include_extends_a_fragment(tmp_path, params):
+    (tmp_path / "_shared.yaml").write_text(yaml.safe_dump(
+        {"params": params, "eval": True, "eval_parameters": {"tasks": [], "limit": 5}}))
+    spec = write_spec(tmp_path, include="_shared.yaml", params={"beta": 0.0}, grid={"lmbda": [0, 1]},
+                      eval_parameters={"limit": 7})
+    s = expand(spec, tmp_path / "out")
+    assert s.eval and len(s.runs) == 2
+    run = s.runs[0]
+    assert run.params["beta"] == 0.0 and run.params["max_steps"] == 2  # params merged key by key
+    assert run.params["eval_parameters"] == {"tasks": [], "limit": 7}
+    (tmp_path / "_a.yaml").write_text("include: _b.yaml\n")
+    (tmp_path / "_b.yaml").write_text("include: _a.yaml\n")
+    with pytest.raises(SweepError, match="include cycle"):
+        expand(write_spec(tmp_path, include="_a.yaml", params=params), tmp_path / "out")
+
+
 def test_two_specs_writing_one_run_dir_with_different_configs_are_refused(tmp_path, params):
     first = expand(write_spec(tmp_path, "same", params=params, grid={"lmbda": [0, 1]}), tmp_path / "out")
-    sweep.write_manifest(first)  # what the runner does before its first run
+    sweep.record_manifest(first)  # what the runner does before its first run
     (tmp_path / "other").mkdir()
     other = write_spec(tmp_path / "other", "same", params={**params, "beta": 0.0}, grid={"lmbda": [0, 1]})
     with pytest.raises(SweepError, match="belongs to spec .* different config \\(beta: 0.5 -> 0.0\\)"):
@@ -107,13 +127,13 @@ def test_sweep_end_to_end_killed_and_resumed(tmp_path, params):
     proc = subprocess.Popen(_runner(spec, out), cwd=ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
-    while not any(run_status(r) == "done" for r in s.runs):
+    while not any(r.status() == "done" for r in s.runs):
         assert proc.poll() is None and time.time() < deadline, "the sweep ended before finishing one run"
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)  # the whole runner: the sweep process and its papermill child
     proc.wait()
     time.sleep(3)  # the orphaned kernel notices its parent is gone and exits
-    states = {r.name: run_status(r) for r in s.runs}
+    states = {r.name: r.status() for r in s.runs}
     done = [n for n, st in states.items() if st == "done"]
     assert 1 <= len(done) < 4 and set(states.values()) <= {"done", "interrupted", "pending"}, states
     stamps = {n: (s.root / n / "metrics.json").stat().st_mtime_ns for n in done}
@@ -124,7 +144,7 @@ def test_sweep_end_to_end_killed_and_resumed(tmp_path, params):
     assert set(partial.loc[partial["run"].isin(done), "status"]) == {"done"}
 
     assert subprocess.run(_runner(spec, out), cwd=ROOT, capture_output=True, text=True).returncode == 0
-    assert all(run_status(r) == "done" for r in s.runs)
+    assert all(r.status() == "done" for r in s.runs)
     assert {n: (s.root / n / "metrics.json").stat().st_mtime_ns for n in done} == stamps  # never redone
     assert (s.root / "analysis.ipynb").is_file() and (s.root / "figures" / "distribution_mismatch.svg").is_file()
     for run in s.runs:
@@ -158,11 +178,11 @@ def test_failed_run_keeps_its_notebook_and_is_retried_only_on_request(tmp_path, 
     s = expand(spec, out)
     (run,) = s.runs
     assert sweep.run_sweep(s, analysis=False) == {"run": "failed"}
-    assert run_status(run) == "failed" and run.notebook.is_file()
-    assert "no-such-dataset" in (run.path / sweep.ERROR).read_text() or (run.path / sweep.LOG).is_file()
-    stamp = run.notebook.stat().st_mtime_ns
+    assert run.status() == "failed" and run.file(run.TRAIN_NOTEBOOK).is_file()
+    assert "no-such-dataset" in run.file(run.ERROR).read_text() or run.file(run.RUNNER_LOG).is_file()
+    stamp = run.file(run.TRAIN_NOTEBOOK).stat().st_mtime_ns
     assert sweep.run_sweep(s, analysis=False) == {"run": "failed"}  # not retried without asking
-    assert run.notebook.stat().st_mtime_ns == stamp
+    assert run.file(run.TRAIN_NOTEBOOK).stat().st_mtime_ns == stamp
     assert sweep.run_sweep(s, retry_failed=True, analysis=False) == {"run": "failed"}
     assert (run.path / "sweep-failed-1.ipynb").is_file() and (run.path / "sweep-error-1.txt").is_file()
     table = sweep.status_table(s)
@@ -173,7 +193,7 @@ def test_failed_run_keeps_its_notebook_and_is_retried_only_on_request(tmp_path, 
 def test_shipped_specs_expand(monkeypatch):
     # Every spec in params/sweeps expands and validates (hub models: shape checks only, no download).
     monkeypatch.setattr(sweep, "_check_conflicts", lambda s: None)
-    specs = sorted((ROOT / "params" / "sweeps").glob("*.yaml"))
+    specs = sorted(p for p in (ROOT / "params" / "sweeps").glob("*.yaml") if not p.name.startswith("_"))
     assert {p.stem.split("_", 1)[1] for p in specs} >= {"lambda", "lr", "beta", "batch", "rollout", "extended",
                                                         "seeds"}
     for path in specs:

@@ -10,7 +10,7 @@ import torch
 
 from onpolicy_lib.config import ConfigError, TrainConfig
 from onpolicy_lib.student import load_student
-from onpolicy_lib.train import train
+from onpolicy_lib.training import train
 
 
 def tiny_config(model_dir: Path, data_dir: Path, out: Path, **overrides) -> TrainConfig:
@@ -24,7 +24,7 @@ def tiny_config(model_dir: Path, data_dir: Path, out: Path, **overrides) -> Trai
 def test_run_directory_contents(tmp_path, tiny_model_dir, tiny_dataset_dir):
     cfg = tiny_config(tiny_model_dir, tiny_dataset_dir, tmp_path / "run")
     result = train(cfg)
-    run = result.run_dir
+    run = result.path
     assert result.state == "new"
     saved = json.loads((run / "config.json").read_text())
     assert saved["train"] == cfg.to_dict() and saved["resolved"]["group_size"] == 32
@@ -97,9 +97,9 @@ def test_different_config_is_refused_and_nothing_is_touched(tmp_path, tiny_model
 
 def test_lora_student(tmp_path, tiny_model_dir, tiny_dataset_dir):
     result = train(tiny_config(tiny_model_dir, tiny_dataset_dir, tmp_path / "lora", lora_r=4, max_steps=2))
-    meta = json.loads((result.run_dir / "student" / "quantization.json").read_text())
+    meta = json.loads((result.path / "student" / "quantization.json").read_text())
     assert meta["format"] == "lora-adapter"
-    assert (result.run_dir / "student" / "adapter_model.safetensors").is_file()
-    assert not (result.run_dir / "student" / "model.safetensors").exists()  # adapter only, not a full copy
-    model = load_student(result.run_dir, convert=True)
+    assert (result.path / "student" / "adapter_model.safetensors").is_file()
+    assert not (result.path / "student" / "model.safetensors").exists()  # adapter only, not a full copy
+    model = load_student(result.path, convert=True)
     assert not hasattr(model, "peft_config")  # merged for deployment

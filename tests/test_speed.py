@@ -1,45 +1,100 @@
-"""The step benchmark runs end to end, and each fast path equals the straightforward computation.
+"""The step benchmark runs end to end, and each fast path it measures equals the straightforward computation.
 
-* ``python -m onpolicy_lib.bench`` on a tiny model: every figure is printed and positive
-  (no timing assertions: the speed targets are reported by the benchmark, not tested);
-* the lean divergence == the reference formula and an independent float64 computation,
-  values and gradients, for every beta, chunked, on selected rows, in bf16;
+* ``python -m onpolicy_lib.speed`` on a tiny model: every figure is printed and positive
+  (no timing assertions: the speed targets are reported by the benchmark, not tested), and
+  the report has its rows, built from the figures;
 * rollouts from materialised weights == rollouts from the fake-quantized forward (sampled
   tokens and every step's logits), and KV-cached logits == a full-sequence forward;
 * our loss (completion block, lean divergence) == stock TRL's ``GKDTrainer.compute_loss``
-  (full sequences, its collator's layout) on the same batch, losses and gradients.
+  (full sequences, its collator's layout) on the same batch, losses and gradients;
+* an on-policy step that quantizes each weight once == the plain step, bit for bit.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
 from conftest import chat_rows
 
-from onpolicy_lib import bench, distill
-from onpolicy_lib.distill import DistillCollator, generalized_jsd, generalized_jsd_reference
-from onpolicy_lib.quantization import materialized_fake_quant, prepare_qat
+from onpolicy_lib import speed
+from onpolicy_lib.batches import DistillCollator, position_ids_from_mask
+from onpolicy_lib.config import TrainConfig
+from onpolicy_lib.distill import DistillConfig, DistillTrainer
+from onpolicy_lib.quantization import fake_quantized_once, materialized_fake_quant, prepare_qat
+from onpolicy_lib.speed import contenders, report
+from onpolicy_lib.speed.timing import Timing
 from onpolicy_lib.student import build_student
 
 GROUP = 32
-BETAS = [0.0, 0.3, 0.5, 1.0]
+
+# Every row label of the printed report, table by table, header first.
+STEP_LABELS = [
+    "step (forward, backward, optimizer)",
+    "(a) floor: student fwd+bwd + teacher fwd",
+    "    same, on the lambda=1-shaped batch",
+    "    optimizer alone: clip + AdamW + schedule",
+    "(b) ours, lambda=0",
+    "(b) ours, lambda=1",
+    "(c) stock TRL GKDTrainer, lambda=0",
+    "(c) stock TRL GKDTrainer, lambda=1",
+    "    TRL, gradient_checkpointing=False, lambda=0",
+    "    TRL, gradient_checkpointing=False, lambda=1",
+]
+GENERATION_LABELS = [
+    "(d) generation, 2 x 4 new tokens",
+    "plain weights (the teacher)",
+    "student, quantized once per step (our rollouts)",
+    "student, materialised for the call alone",
+    "student, fake-quant weights (stock TRL's)",
+    "quantizing all weights once (once per on-policy step)",
+]
+RATIO_LABELS = [
+    "ratio",
+    "ours lambda=0 / floor",
+    "ours lambda=1 / ours lambda=0",
+    "ours lambda=1 / (plain generation + lambda=1 floor)",
+    "TRL lambda=1 / ours lambda=1 (speed-up)",
+    "TRL lambda=0 / ours lambda=0 (speed-up)",
+    "  same, TRL without checkpointing, lambda=1",
+    "  same, TRL without checkpointing, lambda=0",
+    "plain / our student generation tokens/s",
+    "  same, weights materialised for the call",
+    "fake-quant / our student generation time",
+]
+TIMING_KEYS = {"floor", "floor_lambda1_shape", "optimizer", "ours_0", "ours_1", "trl_0", "trl_1", "trl_nockpt_0",
+               "trl_nockpt_1", "gen_plain", "gen_student", "gen_materialised", "gen_fake_quant", "quantize_once"}
+
+
+def split_row(line: str) -> tuple[str, list[str]]:
+    """A table line's label (up to the first double space after its text) and the figures after it."""
+    label = re.match(r"\s*\S+(?: \S+)*", line).group(0)
+    return label, line[len(label):].split()
+
+
+def tables(printed: str) -> list[list[str]]:
+    """The report's tables (the blocks after the settings block), each as its lines' labels."""
+    blocks = [block.splitlines() for block in printed.split("\n\n")]
+    return [[split_row(line)[0] for line in block] for block in blocks[1:4]]
+
+
+def rows(printed: str) -> dict[str, list[str]]:
+    return dict(split_row(line) for line in printed.splitlines() if line.strip())
 
 
 # ---------------------------------------------------------------------------- end to end
-def test_bench_runs_end_to_end(tiny_model_dir, tiny_dataset_dir, tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    results = bench.main(["--model", str(tiny_model_dir), "--dataset", str(tiny_dataset_dir), "--group-size",
+def test_speed_runs_end_to_end(tiny_model_dir, tiny_dataset_dir, tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    results = speed.main(["--model", str(tiny_model_dir), "--dataset", str(tiny_dataset_dir), "--group-size",
                           str(GROUP), "--max-length", "64", "--max-new-tokens", "4", "--steps", "1", "--warmup", "0",
                           "--trl-steps", "1", "--json", str(out)])
     printed = capsys.readouterr().out
     saved = json.loads(out.read_text())
     assert saved["ratios"] == pytest.approx(results["ratios"])
-    expected = {"floor", "floor_lambda1_shape", "optimizer", "ours_0", "ours_1", "trl_0", "trl_1", "trl_nockpt_0",
-                "trl_nockpt_1", "gen_plain", "gen_student", "gen_materialised", "gen_fake_quant", "quantize_once"}
-    assert set(saved["timings"]) == expected
+    assert set(saved["timings"]) == TIMING_KEYS
     for name, timing in saved["timings"].items():
         assert len(timing["seconds"]) == 1 and timing["median_s"] > 0, name
         assert timing["peak_mb"] > 0, name
@@ -54,101 +109,116 @@ def test_bench_runs_end_to_end(tiny_model_dir, tiny_dataset_dir, tmp_path, capsy
     assert scored["ours_0"] == scored["trl_0"] == scored["trl_nockpt_0"] == sum(saved["batch"]["completion_tokens"])
     assert all(v > 0 for v in saved["tokens_per_s"].values())
     assert all(v is not None and v > 0 for v in saved["ratios"].values())
-    for label in ("floor", "ours, lambda=0", "ours, lambda=1", "stock TRL GKDTrainer, lambda=1", "tokens/s",
-                  "ours lambda=0 / floor", "ours lambda=1 / ours lambda=0", "TRL lambda=1 / ours lambda=1",
-                  "plain / our student generation tokens/s", "peak MB"):
+    assert tables(printed) == [STEP_LABELS, GENERATION_LABELS, RATIO_LABELS]
+    for label in ("peak MB", "tokens/s", "median s", "rollout s", "measured", "target"):
         assert label in printed, label
+    # The settings recorded are the demo's wherever the command line left them alone.
+    demo = TrainConfig()
+    assert saved["settings"]["temperature"] == demo.temperature
+    assert saved["settings"]["learning_rate"] == demo.learning_rate
+    assert saved["settings"]["batch_size"] == demo.per_device_train_batch_size
 
 
-def test_bench_skip_trl(tiny_model_dir, tiny_dataset_dir, capsys):
-    results = bench.main(["--model", str(tiny_model_dir), "--dataset", str(tiny_dataset_dir), "--group-size",
+def test_speed_skip_trl(tiny_model_dir, tiny_dataset_dir, capsys):
+    results = speed.main(["--model", str(tiny_model_dir), "--dataset", str(tiny_dataset_dir), "--group-size",
                           str(GROUP), "--max-length", "64", "--max-new-tokens", "2", "--steps", "1", "--warmup", "0",
                           "--skip-trl"])
     assert "trl_1" not in results["timings"] and results["ratios"]["trl_lambda1_over_ours_lambda1"] is None
-    assert "skipped" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "skipped" in printed
+    steps, _, ratios = tables(printed)
+    assert steps == STEP_LABELS and ratios == RATIO_LABELS  # the same rows, marked skipped / n/a
 
 
 def test_fixed_batch_is_the_first_chats_that_fit(tokenizer, tiny_dataset_dir):
-    features, chats = bench.fixed_batch(tokenizer, str(tiny_dataset_dir), 3, 64, 4)
-    again, _ = bench.fixed_batch(tokenizer, str(tiny_dataset_dir), 3, 64, 4)
+    features, chats = contenders.fixed_batch(tokenizer, str(tiny_dataset_dir), 3, 64, 4)
+    again, _ = contenders.fixed_batch(tokenizer, str(tiny_dataset_dir), 3, 64, 4)
     assert features == again and len(features) == 3 and len(chats) == 3
     for f, chat in zip(features, chats, strict=True):
         text = tokenizer.decode(f["completion_ids"], skip_special_tokens=True)
         assert text == chat["messages"][-1]["content"]
 
 
-# ---------------------------------------------------------------------------- the lean divergence
-def float64_divergence(s: torch.Tensor, t: torch.Tensor, beta: float) -> torch.Tensor:
-    """Per-row generalized JSD from the definition, in float64 (independent of both implementations)."""
-    ps, pt = torch.softmax(s.double(), -1), torch.softmax(t.double(), -1)
-    if beta == 0:
-        return (pt * (pt.log() - ps.log())).sum(-1)
-    if beta == 1:
-        return (ps * (ps.log() - pt.log())).sum(-1)
-    m = beta * pt + (1 - beta) * ps
-    return beta * (pt * (pt / m).log()).sum(-1) + (1 - beta) * (ps * (ps / m).log()).sum(-1)
+# ---------------------------------------------------------------------------- settings and the report
+def test_settings_default_to_the_demo_and_keep_the_flags():
+    defaults = speed.parse_args([])
+    assert defaults.train == TrainConfig()
+    settings = speed.parse_args(["--model", "m", "--dataset", "d", "--quant-type", "int8", "--group-size", "16",
+                                 "--batch-size", "3", "--max-new-tokens", "5", "--max-length", "99", "--beta", "0.2",
+                                 "--steps", "2", "--warmup", "0", "--trl-steps", "4", "--device", "cpu",
+                                 "--threads", "1", "--skip-trl", "--seed", "7", "--json", "out.json"])
+    assert settings.train == TrainConfig(model_name="m", dataset_name="d", quant_type="int8", group_size=16,
+                                         per_device_train_batch_size=3, max_new_tokens=5, max_length=99, beta=0.2,
+                                         device="cpu", seed=7)
+    assert (settings.steps, settings.warmup, settings.trl_steps, settings.threads, settings.skip_trl,
+            settings.json) == (2, 0, 4, 1, True, "out.json")
+    assert set(settings.as_dict()) == {
+        "model", "dataset", "quant_type", "group_size", "batch_size", "max_new_tokens", "max_length", "beta",
+        "temperature", "learning_rate", "steps", "warmup", "trl_steps", "device", "threads", "skip_trl", "seed",
+        "json"}
+    with pytest.raises(SystemExit):
+        speed.parse_args(["--steps", "0"])
 
 
-def value_and_grad(fn, s: torch.Tensor, t: torch.Tensor, weights: torch.Tensor):
-    s = s.detach().clone().requires_grad_(True)
-    values = fn(s, t)
-    (values * weights).sum().backward()  # non-uniform upstream gradient, not just a mean
-    return values.detach(), s.grad
+def fake_results(skip_trl: bool = False, contended: str | None = None) -> dict:
+    """Results shaped as :func:`speed.run` returns them, from made-up timings (no model)."""
+    seconds = {"floor": 1.0, "floor_lambda1_shape": 1.2, "optimizer": 0.1, "ours_0": 1.2, "ours_1": 2.0,
+               "trl_0": 3.0, "trl_1": 10.0, "trl_nockpt_0": 2.5, "trl_nockpt_1": 6.0, "gen_plain": 0.5,
+               "gen_student": 0.6, "gen_materialised": 0.9, "gen_fake_quant": 3.0, "quantize_once": 0.05}
+    timings = {}
+    for key, value in seconds.items():
+        if skip_trl and key.startswith("trl"):
+            continue
+        timing = Timing(seconds=[value], peak_mb=500.0, cpu_share=0.5 if key == contended else 0.95)
+        if key.startswith(("ours", "trl")):
+            timing.parts = {"rollout": [0.4 if key.endswith("1") else 0.0], "scored_tokens": [8.0]}
+        timings[key] = timing
+    settings = {**speed.SpeedSettings(train=TrainConfig(max_new_tokens=4)).as_dict(), "group_size": 64,
+                "device": "cpu"}
+    return {"settings": settings, "machine": "test machine",
+            "batch": {"prompt_tokens": [10, 12], "completion_tokens": [5, 7], "shape": [2, 19]},
+            "timings": {k: v.as_dict() for k, v in timings.items()},
+            "tokens_per_s": {k: 8 / timings[k].median
+                             for k in ("gen_plain", "gen_student", "gen_materialised", "gen_fake_quant")},
+            "ratios": report.ratios(timings), "load_average": {"start": (1.0, 1.0, 1.0), "end": (2.0, 1.0, 1.0)},
+            "cpu_share_min": min(t.cpu_share for t in timings.values())}
 
 
-@pytest.mark.parametrize("beta", BETAS)
-def test_lean_divergence_equals_reference_and_float64(beta, monkeypatch):
-    monkeypatch.setattr(distill, "CHUNK_ELEMENTS", 3 * 37)  # 3 rows per slice: many slices
-    torch.manual_seed(0)
-    s, t = torch.randn(2, 9, 37) * 3, torch.randn(2, 9, 37) * 3
-    mask = torch.rand(2, 9) < 0.6
-    mask[0, :4] = True  # a run longer than a slice
-    rows = mask.flatten().nonzero().squeeze(1)
-    weights = torch.rand(rows.numel())
-
-    lean = value_and_grad(lambda a, b: generalized_jsd(a, b, beta, rows=rows), s, t, weights)
-    ref = value_and_grad(lambda a, b: generalized_jsd_reference(a[mask], b[mask], beta), s, t, weights)
-    exact = value_and_grad(lambda a, b: float64_divergence(a[mask], b[mask], beta), s.double(), t.double(),
-                           weights.double())
-    torch.testing.assert_close(lean[0], ref[0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(lean[1], ref[1], rtol=1e-5, atol=1e-7)
-    # Against float64: as close as float32 arithmetic allows.
-    torch.testing.assert_close(lean[0].double(), exact[0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(lean[1].double(), exact[1], rtol=1e-4, atol=1e-6)
-    assert (lean[1].flatten(0, 1)[~mask.flatten()] == 0).all()  # unscored rows get no gradient
+def test_report_has_every_row_with_its_figures():
+    printed = speed.format_report(fake_results(contended="ours_1"))
+    assert tables(printed) == [STEP_LABELS, GENERATION_LABELS, RATIO_LABELS]
+    lines = rows(printed)
+    assert lines["step (forward, backward, optimizer)"] == ["median", "s", "rollout", "s", "peak", "MB", "tokens"]
+    assert lines["(a) floor: student fwd+bwd + teacher fwd"] == ["1.00", "500"]
+    assert lines["(b) ours, lambda=1"] == ["2.00", "0.40", "500", "8", "contended!"]
+    assert lines["(c) stock TRL GKDTrainer, lambda=0"] == ["3.00", "0.00", "500", "8"]
+    assert lines["plain weights (the teacher)"] == ["0.50", "16.0", "500"]
+    assert lines["quantizing all weights once (once per on-policy step)"] == ["0.05", "500"]
+    # Ratios against their targets: met, missed, and reported without a target.
+    assert lines["ours lambda=0 / floor"] == ["1.20", "<=", "1.3", "✓"]
+    assert lines["ours lambda=1 / ours lambda=0"] == ["1.67", "<=", "1.5", "✗"]
+    assert lines["TRL lambda=1 / ours lambda=1 (speed-up)"] == ["5.00", ">=", "4.0", "✓"]
+    assert lines["plain / our student generation tokens/s"] == ["1.20", "<=", "1.3", "✓"]
+    assert lines["ours lambda=1 / (plain generation + lambda=1 floor)"] == ["1.18", "-"]
+    assert "lowest CPU share of a contender: 50%" in printed
+    assert "load average (1/5/15 min) at start 1.00/1.00/1.00 and end 2.00/1.00/1.00" in printed
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_lean_divergence_any_row_order_duplicates_and_bf16(beta):
-    torch.manual_seed(1)
-    s, t = torch.randn(6, 23) * 2, torch.randn(6, 23) * 2
-    rows = torch.tensor([4, 1, 2, 2, 5])  # unsorted, one row twice
-    weights = torch.rand(5)
-    lean = value_and_grad(lambda a, b: generalized_jsd(a, b, beta, rows=rows), s, t, weights)
-    ref = value_and_grad(lambda a, b: generalized_jsd_reference(a[rows], b[rows], beta), s, t, weights)
-    torch.testing.assert_close(lean, ref, rtol=1e-5, atol=1e-7)
-
-    # bf16 logits (the GPU path): computed in fp32 like the reference, gradient in the logits' dtype.
-    sb, tb = s.bfloat16(), t.bfloat16()
-    lean = value_and_grad(lambda a, b: generalized_jsd(a, b, beta), sb, tb, torch.ones(6))
-    ref = value_and_grad(lambda a, b: generalized_jsd_reference(a, b, beta), sb, tb, torch.ones(6))
-    assert lean[0].dtype == torch.float32 and lean[1].dtype == torch.bfloat16
-    torch.testing.assert_close(lean[0], ref[0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(lean[1].float(), ref[1].float(), rtol=1e-2, atol=1e-4)
+def test_report_without_trl_marks_its_rows():
+    printed = speed.format_report(fake_results(skip_trl=True))
+    assert tables(printed) == [STEP_LABELS, GENERATION_LABELS, RATIO_LABELS]
+    lines = rows(printed)
+    assert lines["(c) stock TRL GKDTrainer, lambda=1"] == ["skipped"]
+    assert lines["TRL lambda=1 / ours lambda=1 (speed-up)"] == ["n/a", ">=", "4.0"]
+    assert lines["  same, TRL without checkpointing, lambda=0"] == ["n/a", "-"]
+    assert not any(figures[-1:] == ["contended!"] for figures in lines.values())
 
 
-def test_lean_divergence_without_grad_and_refuses_a_trainable_teacher():
-    s, t = torch.randn(3, 11), torch.randn(3, 11)
-    with torch.no_grad():
-        torch.testing.assert_close(generalized_jsd(s, t, 0.5), generalized_jsd_reference(s, t, 0.5))
-    with torch.inference_mode():  # a teacher forward under inference mode, as the reference allows
-        t_inference = t.clone()
-    weights = torch.rand(3)
-    lean = value_and_grad(lambda a, b: generalized_jsd(a, b, 0.5), s, t_inference, weights)
-    ref = value_and_grad(lambda a, b: generalized_jsd_reference(a, b, 0.5), s, t_inference, weights)
-    torch.testing.assert_close(lean, ref, rtol=1e-5, atol=1e-7)
-    with pytest.raises(ValueError, match="teacher"):
-        generalized_jsd(s, t.requires_grad_(), 0.5)
+def test_format_table_aligns_and_leaves_missing_cells_blank():
+    columns = [report.Column("name", "name", 6), report.Column("x", "x", 6, ".1f"), report.Column("y", "y", 4)]
+    lines = report.format_table(columns, [{"name": "a", "x": 1.25, "y": "ok"}, {"name": "bb", "y": "-"},
+                                          {"name": "c", "x": 2.0, "note": " !"}])
+    assert lines == ["name       x   y", "a        1.2  ok", "bb             -", "c        2.0 !"]
 
 
 # ---------------------------------------------------------------------------- rollouts
@@ -175,7 +245,7 @@ def test_materialised_rollout_equals_fake_quant_rollout(tokenizer, tiny_model):
     mask = torch.cat([prompts["attention_mask"], torch.ones(3, 12, dtype=torch.long)], 1)
     with torch.no_grad():
         full = student(input_ids=fast.sequences, attention_mask=mask,
-                       position_ids=distill.position_ids_from_mask(mask)).logits
+                       position_ids=position_ids_from_mask(mask)).logits
     torch.testing.assert_close(torch.stack(fast.logits, 1), full[:, width - 1:-1], rtol=1e-4, atol=1e-4)
 
 
@@ -195,7 +265,7 @@ def features_of(tokenizer, n: int = 3) -> list[dict]:
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 def test_our_loss_equals_stock_trl_loss(tmp_path, tokenizer, tiny_model, beta):
     features = features_of(tokenizer)
-    settings = bench.Settings(beta=beta, batch_size=3, max_length=128, max_new_tokens=4)
+    cfg = TrainConfig(beta=beta, per_device_train_batch_size=3, max_length=128, max_new_tokens=4)
     device = torch.device("cpu")
     teacher = copy.deepcopy(tiny_model).requires_grad_(False)
     chats = chat_rows(3)
@@ -203,10 +273,10 @@ def test_our_loss_equals_stock_trl_loss(tmp_path, tokenizer, tiny_model, beta):
     def student():
         return build_student(tiny_model, "int4", GROUP)
 
-    ours = bench.our_trainer(student(), teacher, tokenizer, settings, device, str(tmp_path / "o"), 0.0)
-    trl = bench.trl_trainer(student(), teacher, tokenizer, settings, device, str(tmp_path / "t"), 0.0, chats)
+    ours = contenders.our_trainer(student(), teacher, tokenizer, cfg, device, str(tmp_path / "o"), 0.0)
+    trl = contenders.trl_trainer(student(), teacher, tokenizer, cfg, device, str(tmp_path / "t"), 0.0, chats)
     ours_batch = DistillCollator(tokenizer.pad_token_id)(features)
-    trl_batch = bench.trl_batch(features, tokenizer, settings.max_length)
+    trl_batch = contenders.trl_batch(features, tokenizer, cfg.max_length)
     # Same tokens, different layouts: ours [pad.. prompt | completion ..pad], TRL's left-padded sequences.
     assert not torch.equal(ours_batch["input_ids"], trl_batch["input_ids"])
     assert (trl_batch["labels"] != -100).sum() == (ours_batch["labels"] != -100).sum()
@@ -225,8 +295,6 @@ def test_our_loss_equals_stock_trl_loss(tmp_path, tokenizer, tiny_model, beta):
 # ---------------------------------------------------------------------------- one quantization per step
 def lambda1_step(tmp_path, monkeypatch, tokenizer, teacher, fast: bool, lora: bool = False):
     """One on-policy step from a fixed student and seed: the batch the loss saw, the loss, the gradients."""
-    from onpolicy_lib.distill import DistillConfig, DistillTrainer
-
     torch.manual_seed(0)
     student = build_student(teacher, "int4", GROUP, lora_r=4 if lora else None, lora_dropout=0.0)
     if not lora:
@@ -284,8 +352,6 @@ def test_on_policy_step_quantizes_once_with_identical_samples_loss_and_gradients
 
 
 def test_fake_quantized_once_falls_back_when_the_weight_changes(tiny_model):
-    from onpolicy_lib.distill import fake_quantized_once
-
     student = prepare_qat(copy.deepcopy(tiny_model), "int4", GROUP)
     layer = next(m for m in student.modules() if hasattr(m, "weight_fake_quantizer"))
     with fake_quantized_once(student) as shared:

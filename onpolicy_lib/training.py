@@ -2,16 +2,15 @@
 
 ``notebooks/train.ipynb`` calls :func:`train`; so can a script::
 
-    from onpolicy_lib.config import TrainConfig
-    from onpolicy_lib.train import train
-    result = train(TrainConfig(lmbda=1.0, max_steps=10))
+    import onpolicy_lib as opq
+    run = opq.train(opq.TrainConfig(lmbda=1.0, max_steps=10))
+    run.metrics, run.losses, run.path
 """
 
 from __future__ import annotations
 
 import platform
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,33 +19,26 @@ import torch
 import transformers
 
 from onpolicy_lib import data, quantization
-from onpolicy_lib.config import TrainConfig
+from onpolicy_lib.config import TrainConfig, portable_path
 from onpolicy_lib.distill import DistillConfig, DistillTrainer
-from onpolicy_lib.metrics import MetricsRecorder, read_log, summarise
+from onpolicy_lib.metrics import MetricsRecorder, summarise
 from onpolicy_lib.models import default_dtype, load_model, load_skeleton, load_tokenizer, resolve_device
-from onpolicy_lib.rundir import CONFIG_FILE, METRICS_FILE, RunDir, prepare_run_dir, write_json
+from onpolicy_lib.rundir import Run
 from onpolicy_lib.student import build_student, save_student
 
-EVAL_BEFORE_FILE = "eval_before.json"
+
+def record_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The TrainConfig as config.json keeps it: paths relative to the project, as everywhere in outputs."""
+    values = cfg.to_dict()
+    if values["output_dir"] is not None:
+        values["output_dir"] = portable_path(cfg.resolved_output_dir())
+    return values
 
 
-@dataclass
-class TrainResult:
-    run_dir: Path
-    state: str  # what prepare_run_dir decided: new | resume | complete
-    metrics: dict[str, Any]
-    config: dict[str, Any]
-    filter_counts: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def losses(self) -> list[float]:
-        return [s["loss"] for s in self.metrics["steps"]]
-
-
-def plan(cfg: TrainConfig) -> RunDir:
+def plan(cfg: TrainConfig) -> Run:
     """Validate ``cfg`` and decide new/resume/complete for its run directory; no heavy work."""
     cfg.validate()
-    return prepare_run_dir(cfg.resolved_output_dir(), cfg.to_dict())
+    return Run(cfg.resolved_output_dir()).plan(record_config(cfg))
 
 
 def versions() -> dict[str, str]:
@@ -72,14 +64,12 @@ def distill_args(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Disti
     )
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Run (or resume, or reuse) the distillation run that ``cfg`` describes."""
+def train(cfg: TrainConfig) -> Run:
+    """Run (or resume, or reuse) the distillation run that ``cfg`` describes; returns its :class:`Run`."""
     run = plan(cfg)
     print(run.describe())
     if run.state == "complete":
-        saved = _read_json(run.path / CONFIG_FILE)
-        return TrainResult(run.path, run.state, _read_json(run.path / METRICS_FILE), saved,
-                           saved.get("filter_counts", {}))
+        return run
 
     # Group size against the real layer shapes, from the architecture alone: a bad value
     # fails here, naming the layer and the valid sizes, before data or weights are loaded.
@@ -88,9 +78,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     del skeleton
 
     device = resolve_device(cfg.device)
-    run.path.mkdir(parents=True, exist_ok=True)
-    record: dict[str, Any] = {"train": cfg.to_dict(), "versions": versions(), "device": str(device)}
-    write_json(run.path / CONFIG_FILE, record)  # claims the directory before the slow part
+    record: dict[str, Any] = {"train": record_config(cfg), "versions": versions(), "device": str(device)}
+    run.write_record(record)  # claims the directory before the slow part
 
     tokenizer = load_tokenizer(cfg.model_name)
     datasets.disable_progress_bars()  # seconds of work; the bars would flood rendered notebooks
@@ -110,36 +99,26 @@ def train(cfg: TrainConfig) -> TrainResult:
                           "train_examples": len(train_set), "heldout_eval_examples": len(heldout_set),
                           "quantization": quantization.quantization_summary(student)}
     record["filter_counts"] = filter_counts
-    write_json(run.path / CONFIG_FILE, record)
+    run.write_record(record)
 
-    recorder = MetricsRecorder(run.path)
+    recorder = MetricsRecorder(run)
     trainer = DistillTrainer(student, teacher, distill_args(cfg, run.path, device), processing_class=tokenizer,
                              train_dataset=train_set, eval_dataset=heldout_set, callbacks=[recorder])
     # The held-out divergence before training is measured once and kept, so a resumed
     # run still reports the untrained starting point.
-    before_path = run.path / EVAL_BEFORE_FILE
-    if not before_path.is_file():
-        write_json(before_path, trainer.evaluate(metric_key_prefix="heldout"))
-    eval_before = _read_json(before_path)
+    if run.eval_before is None:
+        run.write_eval_before(trainer.evaluate(metric_key_prefix="heldout"))
+    eval_before = run.eval_before
     trainer.train(resume_from_checkpoint=str(run.checkpoint) if run.checkpoint else None)
     eval_after = trainer.evaluate(metric_key_prefix="heldout")
 
     save_student(trainer.model, run.path, cfg.model_name, cfg.quant_type, group_size, tokenizer)
-    for checkpoint in run.path.glob("checkpoint-*"):
+    for checkpoint in run.checkpoints():
         shutil.rmtree(checkpoint)  # optimizer state is only needed to resume; the student is saved
-    metrics = summarise(recorder, run.path, trainer.unlogged_stats(), device, {
+    metrics = summarise(recorder, trainer.unlogged_stats(), device, {
         "heldout_loss_before": eval_before["heldout_loss"], "heldout_loss_after": eval_after["heldout_loss"],
         "heldout_examples": len(heldout_set), "train_examples": len(train_set), "group_size": group_size,
         "resumed_from": run.checkpoint.name if run.checkpoint else None,
     })
-    write_json(run.path / METRICS_FILE, metrics)  # written last: its presence marks the run complete
-    return TrainResult(run.path, run.state, metrics, record, filter_counts)
-
-
-def _read_json(path: Path) -> Any:
-    import json
-
-    return json.loads(path.read_text())
-
-
-__all__ = ["TrainResult", "plan", "train", "read_log"]
+    run.write_metrics(metrics)  # written last: its presence marks the run complete
+    return run

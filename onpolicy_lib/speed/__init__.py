@@ -1,0 +1,155 @@
+"""``python -m onpolicy_lib.speed``: what one distillation step costs, against its arithmetic and stock TRL.
+
+On one fixed batch of real prompts and completions, with the same teacher and a fresh
+copy of the same quantization-aware student for every contender, it times
+
+* the **floor**: a student forward+backward plus a teacher forward on that batch (the
+  arithmetic a step cannot avoid; the optimizer step is timed on its own line);
+* **our** full optimisation step (``DistillTrainer.training_step``, gradient clipping,
+  AdamW, schedule) at λ=0 and at λ=1;
+* **stock TRL**'s ``GKDTrainer`` step on the same batch and settings at λ=0 and λ=1, with
+  its defaults (which include gradient checkpointing, so its rollouts run without a KV
+  cache) and again with ``gradient_checkpointing=False``;
+* **generation** tokens/s through ``DistillTrainer.rollout``: plain weights, our student
+  as an on-policy step samples it (weights quantized once per step), the same with the
+  weights materialised for the call alone, and the fake-quantized forward TRL samples from;
+* **peak memory** of each (CPU: the process's resident set; CUDA: ``max_memory_allocated``),
+
+and prints medians after warm-up and the ratios the performance targets are stated in.
+At λ=1 every contender generates exactly ``max_new_tokens`` per row (``min_new_tokens`` is
+set equal), so they all do the same work (the table's ``tokens`` column shows the completion
+tokens each step scored). The model, data, student and GKD parameters default to the demo's
+(:class:`~onpolicy_lib.config.TrainConfig`). Runs on CPU and on CUDA unchanged; ``--device cuda``
+uses bf16 as training does there, and synchronises around every timing.
+
+    python -m onpolicy_lib.speed                      # the demo's model, student and batch
+    python -m onpolicy_lib.speed --skip-trl --steps 3 --json outputs/speed.json
+
+Modules: :mod:`.timing` (how a contender is timed), :mod:`.contenders` (what is timed),
+:mod:`.report` (ratios, targets and the printed tables), :mod:`.settings` (parameters, CLI).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from onpolicy_lib import quantization
+from onpolicy_lib.batches import DistillCollator
+from onpolicy_lib.models import load_model, load_tokenizer, resolve_device
+from onpolicy_lib.speed.contenders import (
+    fixed_batch,
+    our_trainer,
+    run_trainer,
+    time_floor,
+    time_generation,
+    to_device,
+    trl_batch,
+    trl_trainer,
+)
+from onpolicy_lib.speed.report import format_report, ratios
+from onpolicy_lib.speed.settings import SpeedSettings, parse_args
+from onpolicy_lib.speed.timing import Timing, load_average, machine_description, release
+from onpolicy_lib.student import build_student
+
+__all__ = ["SpeedSettings", "format_report", "main", "parse_args", "run"]
+
+
+def run(s: SpeedSettings) -> dict[str, Any]:
+    """Measure every contender on one batch; returns the figures (also printed by :func:`main`)."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()  # Trainer construction chatter is not part of the table
+    cfg = s.train
+    device = resolve_device(cfg.device)
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    load_start = load_average()
+    tokenizer = load_tokenizer(cfg.model_name)
+    teacher = load_model(cfg.model_name, device=device).eval().requires_grad_(False)
+    group_size = quantization.resolve_group_size(teacher, cfg.group_size)
+    features, chats = fixed_batch(tokenizer, cfg.dataset_name, cfg.per_device_train_batch_size, cfg.max_length,
+                                  cfg.max_new_tokens)
+    ours_batch = to_device(DistillCollator(tokenizer.pad_token_id)(features), device)
+
+    def student() -> torch.nn.Module:
+        torch.manual_seed(cfg.seed)  # the same starting point and sampling stream for every contender
+        # The teacher is frozen (trainers freeze it too); its copy, the student, trains every weight.
+        return build_student(teacher, cfg.quant_type, group_size).to(device).requires_grad_(True)
+
+    results: dict[str, Any] = {
+        "settings": {**s.as_dict(), "group_size": group_size, "device": str(device)},
+        "machine": machine_description(device),
+        "batch": {"prompt_tokens": [len(f["prompt_ids"]) for f in features],
+                  "completion_tokens": [len(f["completion_ids"]) for f in features],
+                  "shape": list(ours_batch["input_ids"].shape)},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+    timings: dict[str, Timing] = {}
+    with tempfile.TemporaryDirectory() as out:
+        # (d) generation through the rollout code path, and the lambda=1-shaped batch it yields.
+        trainer = our_trainer(student(), teacher, tokenizer, cfg, device, out, lmbda=1.0)
+        print("generation ...", file=sys.stderr, flush=True)
+        timings.update(time_generation(trainer, teacher, ours_batch, s, device))
+        on_policy_batch = trainer.rollout(teacher, ours_batch)
+        del trainer
+        release()
+
+        # (a) the floor, on the dataset batch (lambda=0) and on a lambda=1-shaped batch.
+        print("floor ...", file=sys.stderr, flush=True)
+        timings.update(time_floor(student(), teacher, tokenizer, s, device, out, ours_batch, on_policy_batch))
+        release()
+
+        # (b) our step at lambda=0 and lambda=1.
+        for lmbda in (0.0, 1.0):
+            print(f"ours lambda={lmbda:g} ...", file=sys.stderr, flush=True)
+            trainer = our_trainer(student(), teacher, tokenizer, cfg, device, out, lmbda=lmbda)
+            timings[f"ours_{lmbda:g}"] = run_trainer(trainer, ours_batch, s.steps, s.warmup, device, "rollout",
+                                                     f"ours lambda={lmbda:g}")
+            del trainer
+            release()
+
+        # (c) stock TRL on the same batch, in its collator's layout: its defaults, then without
+        # gradient checkpointing (which its defaults turn on, and which also disables its KV cache).
+        if not s.skip_trl:
+            batch = to_device(trl_batch(features, tokenizer, cfg.max_length), device)
+            for key, checkpointing in (("trl", None), ("trl_nockpt", False)):
+                for lmbda in (0.0, 1.0):
+                    label = f"TRL{' no checkpointing' if key != 'trl' else ''} lambda={lmbda:g}"
+                    print(f"{label} ...", file=sys.stderr, flush=True)
+                    trainer = trl_trainer(student(), teacher, tokenizer, cfg, device, out, lmbda, chats,
+                                          checkpointing)
+                    timings[f"{key}_{lmbda:g}"] = run_trainer(trainer, batch, s.trl_steps, min(s.warmup, 1), device,
+                                                              "generate_on_policy_outputs", label)
+                    del trainer
+                    release()
+
+    new_tokens = cfg.per_device_train_batch_size * cfg.max_new_tokens
+    results["timings"] = {k: v.as_dict() for k, v in timings.items()}
+    results["tokens_per_s"] = {k: new_tokens / timings[k].median
+                               for k in ("gen_plain", "gen_student", "gen_materialised", "gen_fake_quant")}
+    results["ratios"] = ratios(timings)
+    results["load_average"] = {"start": load_start, "end": load_average()}
+    results["cpu_share_min"] = min(t.cpu_share for t in timings.values())
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark from command-line arguments, print the report, optionally write JSON."""
+    settings = parse_args(argv)
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    results = run(settings)
+    print(format_report(results), flush=True)
+    if settings.json:
+        path = Path(settings.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2))
+    return results

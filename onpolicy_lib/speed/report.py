@@ -1,0 +1,193 @@
+"""The ratios the performance targets are stated in, and the printed report.
+
+The report's rows are data (:data:`STEP_ROWS`, :data:`GENERATION_ROWS`, :data:`RATIO_ROWS`)
+rendered by one small table formatter, :func:`format_table`.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from onpolicy_lib.speed.timing import CONTENDED_CPU_SHARE, Timing
+
+
+# ---------------------------------------------------------------------------- targets and ratios
+@dataclass(frozen=True)
+class Target:
+    """A bound a measured ratio should respect, e.g. ``<= 1.3``."""
+
+    op: str  # "<=" or ">="
+    bound: float
+
+    def met(self, value: float) -> bool:
+        return {"<=": operator.le, ">=": operator.ge}[self.op](value, self.bound)
+
+    def __str__(self) -> str:
+        return f"{self.op} {self.bound}"
+
+
+# The performance targets, checked in the printed report (never in tests: they depend on the machine).
+TARGET_OURS_VS_FLOOR = Target("<=", 1.3)  # our lambda=0 step over the floor
+TARGET_LAMBDA1_VS_LAMBDA0 = Target("<=", 1.5)  # our lambda=1 step over our lambda=0 step
+TARGET_TRL_SPEEDUP = Target(">=", 4.0)  # TRL's lambda=1 step over ours
+TARGET_GENERATION = Target("<=", 1.3)  # plain-weight tokens/s over our student's
+
+
+def ratios(timings: dict[str, Timing]) -> dict[str, float | None]:
+    """Ratios of median seconds; None where a contender was not measured (``--skip-trl``)."""
+    def ratio(a: str, b: str) -> float | None:
+        return timings[a].median / timings[b].median if a in timings and b in timings else None
+
+    # The arithmetic of an on-policy step: generating the tokens with plain weights, then the
+    # floor on the batch they make (prompt + max_new_tokens).
+    lambda1_floor = timings["gen_plain"].median + timings["floor_lambda1_shape"].median
+    return {
+        "ours_lambda0_over_floor": ratio("ours_0", "floor"),
+        "ours_lambda1_over_lambda1_floor": timings["ours_1"].median / lambda1_floor if "ours_1" in timings else None,
+        "ours_lambda1_over_ours_lambda0": ratio("ours_1", "ours_0"),
+        "trl_lambda1_over_ours_lambda1": ratio("trl_1", "ours_1"),
+        "trl_lambda0_over_ours_lambda0": ratio("trl_0", "ours_0"),
+        "trl_nockpt_lambda1_over_ours_lambda1": ratio("trl_nockpt_1", "ours_1"),
+        "trl_nockpt_lambda0_over_ours_lambda0": ratio("trl_nockpt_0", "ours_0"),
+        "plain_over_student_tokens_per_s": ratio("gen_student", "gen_plain"),
+        "plain_over_materialised_tokens_per_s": ratio("gen_materialised", "gen_plain"),
+        "fake_quant_over_student_seconds": ratio("gen_fake_quant", "gen_student"),
+    }
+
+
+# ---------------------------------------------------------------------------- the rows
+# (label, timing key, whether the rollout seconds are shown)
+STEP_ROWS: tuple[tuple[str, str, bool], ...] = (
+    ("(a) floor: student fwd+bwd + teacher fwd", "floor", False),
+    ("    same, on the lambda=1-shaped batch", "floor_lambda1_shape", False),
+    ("    optimizer alone: clip + AdamW + schedule", "optimizer", False),
+    ("(b) ours, lambda=0", "ours_0", True),
+    ("(b) ours, lambda=1", "ours_1", True),
+    ("(c) stock TRL GKDTrainer, lambda=0", "trl_0", True),
+    ("(c) stock TRL GKDTrainer, lambda=1", "trl_1", True),
+    ("    TRL, gradient_checkpointing=False, lambda=0", "trl_nockpt_0", True),
+    ("    TRL, gradient_checkpointing=False, lambda=1", "trl_nockpt_1", True),
+)
+# (label, timing key); the generation rows show tokens/s, the quantization row does not.
+GENERATION_ROWS: tuple[tuple[str, str], ...] = (
+    ("plain weights (the teacher)", "gen_plain"),
+    ("student, quantized once per step (our rollouts)", "gen_student"),
+    ("student, materialised for the call alone", "gen_materialised"),
+    ("student, fake-quant weights (stock TRL's)", "gen_fake_quant"),
+    ("quantizing all weights once (once per on-policy step)", "quantize_once"),
+)
+# (label, ratio key, target or None)
+RATIO_ROWS: tuple[tuple[str, str, Target | None], ...] = (
+    ("ours lambda=0 / floor", "ours_lambda0_over_floor", TARGET_OURS_VS_FLOOR),
+    ("ours lambda=1 / ours lambda=0", "ours_lambda1_over_ours_lambda0", TARGET_LAMBDA1_VS_LAMBDA0),
+    ("ours lambda=1 / (plain generation + lambda=1 floor)", "ours_lambda1_over_lambda1_floor", None),
+    ("TRL lambda=1 / ours lambda=1 (speed-up)", "trl_lambda1_over_ours_lambda1", TARGET_TRL_SPEEDUP),
+    ("TRL lambda=0 / ours lambda=0 (speed-up)", "trl_lambda0_over_ours_lambda0", None),
+    ("  same, TRL without checkpointing, lambda=1", "trl_nockpt_lambda1_over_ours_lambda1", None),
+    ("  same, TRL without checkpointing, lambda=0", "trl_nockpt_lambda0_over_ours_lambda0", None),
+    ("plain / our student generation tokens/s", "plain_over_student_tokens_per_s", TARGET_GENERATION),
+    ("  same, weights materialised for the call", "plain_over_materialised_tokens_per_s", None),
+    ("fake-quant / our student generation time", "fake_quant_over_student_seconds", None),
+)
+
+
+# ---------------------------------------------------------------------------- the table formatter
+@dataclass(frozen=True)
+class Column:
+    key: str
+    title: str
+    width: int
+    spec: str = ""  # format spec of numbers, e.g. ".2f"
+
+
+def format_table(columns: Sequence[Column], rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Fixed-width lines: a header of the column titles, then one line per row dict.
+
+    The first column is left-aligned, the others right-aligned; a missing or None cell is
+    blank, a string is printed as is, a number with its column's format spec. A row's
+    ``"note"`` is appended after its last cell.
+    """
+    def cell(column: Column, value: Any, first: bool) -> str:
+        text = "" if value is None else value if isinstance(value, str) else format(value, column.spec)
+        return f"{text:<{column.width}}" if first else f"{text:>{column.width}}"
+
+    def line(values: dict[str, Any]) -> str:
+        cells = "".join(cell(c, values.get(c.key), i == 0) for i, c in enumerate(columns))
+        return cells.rstrip() + values.get("note", "")
+
+    return [line({c.key: c.title for c in columns}), *map(line, rows)]
+
+
+# ---------------------------------------------------------------------------- the report
+def _step_rows(t: dict[str, Any], flag: Callable[[str], str]) -> list[dict[str, Any]]:
+    rows = []
+    for label, key, rollout in STEP_ROWS:
+        if key not in t:
+            rows.append({"label": label, "median": "skipped"})
+            continue
+        parts = t[key]["parts_median_s"]
+        rows.append({"label": label, "median": t[key]["median_s"], "rollout": parts.get("rollout") if rollout else None,
+                     "peak": t[key]["peak_mb"], "tokens": parts.get("scored_tokens"), "note": flag(key)})
+    return rows
+
+
+def _generation_rows(t: dict[str, Any], tokens_per_s: dict[str, float],
+                     flag: Callable[[str], str]) -> list[dict[str, Any]]:
+    return [{"label": label, "median": t[key]["median_s"], "rate": tokens_per_s.get(key), "peak": t[key]["peak_mb"],
+             "note": flag(key)} for label, key in GENERATION_ROWS]
+
+
+def _ratio_rows(q: dict[str, float | None]) -> list[dict[str, Any]]:
+    rows = []
+    for label, key, target in RATIO_ROWS:
+        value = q[key]
+        met = None if value is None or target is None else ("✓" if target.met(value) else "✗")
+        rows.append({"label": label, "value": "n/a" if value is None else value,
+                     "target": "-" if target is None else str(target), "met": met})
+    return rows
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """The results of :func:`onpolicy_lib.speed.run` as text: settings, three tables, load and CPU share."""
+    s, t, b = r["settings"], r["timings"], r["batch"]
+    on_cpu = s["device"].startswith("cpu")
+
+    def flag(key: str) -> str:
+        share = t[key].get("cpu_share")
+        return "  contended!" if on_cpu and share is not None and share < CONTENDED_CPU_SHARE else ""
+
+    lines = [
+        "onpolicy-quant: cost of one distillation step",
+        f"machine   {r['machine']}; device {s['device']}",
+        f"model     {s['model']}; student {s['quant_type']} group {s['group_size']} (torchao QAT fake quantization)",
+        f"batch     {s['batch_size']} real chats, {b['shape'][0]} x {b['shape'][1]} tokens (prompts "
+        f"{'/'.join(map(str, b['prompt_tokens']))}, completions {'/'.join(map(str, b['completion_tokens']))}); "
+        f"lambda=1 rollouts {s['max_new_tokens']} new tokens per row (min = max), beta {s['beta']}, "
+        f"temperature {s['temperature']}",
+        f"timing    median of {s['steps']} after {s['warmup']} warm-up "
+        f"(stock TRL and fake-quant generation: {s['trl_steps']} after {min(s['warmup'], 1)})",
+        "",
+    ]
+    label = Column("label", "step (forward, backward, optimizer)", 52)
+    median, peak = Column("median", "median s", 10, ".2f"), Column("peak", "peak MB", 10, ".0f")
+    lines += format_table([label, median, Column("rollout", "rollout s", 11, ".2f"), peak,
+                           Column("tokens", "tokens", 8, ".0f")], _step_rows(t, flag))
+    generation = Column("label", f"(d) generation, {b['shape'][0]} x {s['max_new_tokens']} new tokens", 52)
+    lines += ["", *format_table([generation, median, Column("rate", "tokens/s", 11, ".1f"), peak],
+                                _generation_rows(t, r["tokens_per_s"], flag))]
+    lines += ["", *format_table([Column("label", "ratio", 52), Column("value", "measured", 10, ".2f"),
+                                 Column("target", "target", 11), Column("met", "met", 6)], _ratio_rows(r["ratios"]))]
+
+    load = r.get("load_average") or {}
+    lines.append("")
+    if load.get("start") is not None:
+        lines.append("load average (1/5/15 min) at start {} and end {}".format(
+            "/".join(f"{x:.2f}" for x in load["start"]), "/".join(f"{x:.2f}" for x in load["end"])))
+    if on_cpu:
+        lines.append(f"lowest CPU share of a contender: {r['cpu_share_min']:.0%} of (wall time x threads); "
+                     f"below {CONTENDED_CPU_SHARE:.0%} (flagged 'contended!') means another process took the "
+                     "cores: measure again alone")
+    return "\n".join(lines)
