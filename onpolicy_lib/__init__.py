@@ -43,8 +43,9 @@ _EXPORTS = {
     "load_student": "student",
     # sweeps, results and analysis
     "expand": "sweep", "run_sweep": "sweep",
-    "collect": "results", "per_example": "results", "wide": "results",
+    "collect": "results", "per_example": "results", "per_example_fidelity": "results", "wide": "results",
     "condition_table": "analysis", "format_table": "analysis", "paired_bootstrap": "analysis",
+    "hierarchical_bootstrap": "analysis",
     "compute_table": "analysis", "with_average": "analysis", "varying": "analysis",
     "reference_study": "analysis", "gap_to_teacher": "analysis",
     "plot_training": "plots", "plot_eval": "plots", "save_figure": "plots",

@@ -46,7 +46,7 @@ def varying(w: pd.DataFrame) -> list[str]:
 
 def condition_label(row: pd.Series, keys: list[str]) -> str:
     if row["role"] == "teacher":
-        return "teacher (fp32)"
+        return row["run"]  # results.collect names it with its precision: "teacher (Q4_1 GGUF)"
     if row["role"] == "ptq":
         return row["run"]  # results.collect names baselines: "PTQ int4 g64"
     return ", ".join(f"{_symbol(k)}={format_value(row[k])}" for k in keys) or "student"
@@ -186,6 +186,122 @@ def _is_num(value: Any) -> bool:
 
 def _cond_name(cond: dict[str, Any]) -> str:
     return ", ".join(f"{_symbol(k)}={format_value(v)}" for k, v in cond.items())
+
+
+def _select(frame: pd.DataFrame, cond: dict[str, Any]) -> pd.DataFrame:
+    sel = frame[frame["role"] == "student"] if "role" in frame else frame
+    for key, value in cond.items():
+        sel = sel[np.isclose(sel[key].astype(float), float(value))] if _is_num(value) else sel[sel[key] == value]
+    if sel.empty:
+        raise ValueError(f"no per-example results for {cond}")
+    return sel
+
+
+def hierarchical_bootstrap(pe: pd.DataFrame, a: dict[str, Any], b: dict[str, Any], value: str = "acc",
+                           group: str = "task", unit: tuple[str, ...] = ("subject", "doc_id"), n_boot: int = 10_000,
+                           seed: int = 0, a_name: str | None = None, b_name: str | None = None) -> BootstrapResult:
+    """Bootstrap of condition ``b`` minus ``a`` over *both* sources of noise: seeds and documents.
+
+    ``pe`` has one row per (run, ``group``, ``unit``) with its ``value`` (``per_example()`` rows for
+    benchmarks, ``per_example_fidelity()`` rows for fidelity). Each replicate resamples, with
+    replacement, the runs (seeds) of each condition independently, and the units within each group
+    (the same draw for both conditions: the comparison is paired over documents); its statistic is
+    the unweighted mean over groups of the mean over drawn units of (mean over b's drawn runs -
+    mean over a's drawn runs). Units are those every run of both conditions was scored on. With a
+    single seed per condition this is the paired document bootstrap; with seeds that disagree, the
+    interval widens by the seed-to-seed variance that a document-only bootstrap would ignore.
+    """
+    rng = np.random.default_rng(seed)
+    unit = [u for u in unit if u in pe.columns]
+    mats = []
+    for cond in (a, b):
+        sel = _select(pe, cond)
+        sel = sel.assign(**{u: sel[u].fillna("") for u in unit})  # pivot tables drop missing keys
+        mats.append(sel.pivot_table(index=[group, *unit], columns="run", values=value, aggfunc="first"))
+    joined = mats[0].join(mats[1], how="inner", lsuffix="_a", rsuffix="_b").dropna()
+    if joined.empty:
+        raise ValueError("the two conditions share no evaluated units")
+    n_a, n_b = mats[0].shape[1], mats[1].shape[1]
+    groups = list(dict.fromkeys(joined.index.get_level_values(0)))
+    groups.sort(key=lambda t: list(BENCHMARKS).index(t) if t in BENCHMARKS else 99)
+    boot = np.zeros(n_boot)
+    # Seed draws are shared by all groups of a replicate: a run is one student across benchmarks.
+    w_a = rng.multinomial(n_a, np.full(n_a, 1 / n_a), size=n_boot) / n_a
+    w_b = rng.multinomial(n_b, np.full(n_b, 1 / n_b), size=n_boot) / n_b
+    rows = []
+    for g in groups:
+        part = joined.xs(g, level=0).to_numpy(dtype=float)
+        va, vb = part[:, :n_a], part[:, n_a:]
+        diff = w_b @ vb.T - w_a @ va.T  # [n_boot, units]: seed-resampled difference per unit
+        n_units = part.shape[0]
+        counts = rng.multinomial(n_units, np.full(n_units, 1 / n_units), size=n_boot)
+        group_boot = (counts * diff).sum(axis=1) / n_units
+        boot += group_boot / len(groups)
+        point = float((vb.mean(axis=1) - va.mean(axis=1)).mean())
+        rows.append({"task": BENCHMARKS.get(g, g), "documents": n_units, "a": float(va.mean()), "b": float(vb.mean()),
+                     "delta": point, "ci_low": np.quantile(group_boot, 0.025),
+                     "ci_high": np.quantile(group_boot, 0.975)})
+    per_task = pd.DataFrame(rows).set_index("task")
+    delta = float(per_task["delta"].mean())
+    p = 2 * min((boot <= 0).mean(), (boot >= 0).mean())
+    return BootstrapResult(a_name or _cond_name(a), b_name or _cond_name(b), delta,
+                           float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975)), float(min(1.0, p)),
+                           len(joined), n_a, n_b, per_task, boot)
+
+
+# Fidelity metrics: which direction is better, for reading a difference.
+HIGHER_IS_BETTER = {"top1_agreement", "top1_agreement_matched", "average"}
+
+
+def compare_conditions(pe: pd.DataFrame, pef: pd.DataFrame, students: pd.DataFrame, key: str = "lmbda",
+                       metric: str = "acc", n_boot: int = 10_000, seed: int = 0,
+                       run_metrics: tuple[str, ...] = ("perplexity", "heldout_loss_after")) -> pd.DataFrame:
+    """Every pair of values of ``key`` among the students, compared on every metric, with 95% intervals.
+
+    Benchmarks (macro average over tasks) and each fidelity metric use :func:`hierarchical_bootstrap`
+    over seeds and documents / held-out examples; ``run_metrics`` (one number per run, such as
+    perplexity) resample seeds only. ``resolved`` says whether the interval excludes zero.
+    Arguments: ``per_example()``, ``per_example_fidelity()`` and the wide student rows.
+    """
+    values = sorted(students[key].dropna().unique()) if key in students else []
+    rows = []
+    for i, low in enumerate(values):
+        for high in values[i + 1:]:
+            a, b = {key: low}, {key: high}
+            name = f"{_symbol(key)}={format_value(high)} − {_symbol(key)}={format_value(low)}"
+            found: list[tuple[str, BootstrapResult]] = []
+            if not pe.empty:
+                found.append(("average", hierarchical_bootstrap(pe, a, b, metric, n_boot=n_boot, seed=seed)))
+            for fid_metric, frame in (pef.groupby("metric", sort=False) if not pef.empty else []):
+                frame = frame.assign(group=fid_metric)
+                found.append((fid_metric, hierarchical_bootstrap(frame, a, b, "value", group="group", unit=("id",),
+                                                                 n_boot=n_boot, seed=seed)))
+            for run_metric in run_metrics:
+                if run_metric in students and students[run_metric].notna().any():
+                    frame = students[["run", "role", key, run_metric]].dropna().assign(group=run_metric, unit=0)
+                    found.append((run_metric, hierarchical_bootstrap(frame, a, b, run_metric, group="group",
+                                                                     unit=("unit",), n_boot=n_boot, seed=seed)))
+            for what, result in found:
+                better = (result.delta > 0) == (what in HIGHER_IS_BETTER)
+                rows.append({"comparison": name, "metric": what, "delta": result.delta, "ci_low": result.ci_low,
+                             "ci_high": result.ci_high, "p": result.p_value, "resolved": result.significant,
+                             "favours": (f"{_symbol(key)}={format_value(high if better else low)}"
+                                         if result.significant else "neither (unresolved)"),
+                             "seeds": f"{result.seeds_b} vs {result.seeds_a}", "units": result.documents})
+    return pd.DataFrame(rows)
+
+
+def heldout_curves(roots: Any) -> pd.DataFrame:
+    """The held-out divergence during training of every run under ``roots``: run, step, loss, config."""
+    from onpolicy_lib import results
+    from onpolicy_lib.rundir import Run
+
+    rows = []
+    for sweep, run_dir, train in results.find_runs(roots):
+        for point in (Run(run_dir).metrics or {}).get("heldout_curve", []):
+            rows.append({"sweep": sweep, "run": run_dir.name, "lmbda": train.get("lmbda"), "seed": train.get("seed"),
+                         **point})
+    return pd.DataFrame(rows)
 
 
 # ---------------------------------------------------------------------------- compute cost

@@ -93,6 +93,7 @@ def assets_ready(root: Path | None = None) -> bool:
     return (
         _marker(root).is_file()
         and (packaged_model_dir(root) / "model.safetensors").is_file()
+        and (packaged_model_dir(root) / PRECISION_FILE).is_file()
         and task_docs_dir(root).is_dir()
         and hf_datasets_dir(root).is_dir()
     )
@@ -151,8 +152,32 @@ def drop_gguf_quantizer(model: Any) -> Any:
     return model
 
 
+PRECISION_FILE = "precision.json"  # beside a converted GGUF model: what its weights were stored as
+
+
+def gguf_precision(gguf_path: Path) -> dict[str, Any]:
+    """What a GGUF file stores: parameters per tensor type and the bits per weight they average.
+
+    A GGUF model dequantized to fp32 still holds only the values its quantized blocks can take:
+    this is the teacher's *effective* precision, whatever dtype it computes in.
+    """
+    from gguf import GGML_QUANT_SIZES, GGUFReader
+
+    by_type: dict[str, int] = {}
+    bits = 0.0
+    for tensor in GGUFReader(str(gguf_path)).tensors:
+        name = tensor.tensor_type.name
+        count = int(tensor.n_elements)
+        block, block_bytes = GGML_QUANT_SIZES[tensor.tensor_type]
+        by_type[name] = by_type.get(name, 0) + count
+        bits += count * 8 * block_bytes / block
+    total = sum(by_type.values())
+    return {"format": "GGUF", "file": gguf_path.name, "parameters_by_type": dict(sorted(by_type.items())),
+            "bits_per_weight": round(bits / total, 3), "parameters": total}
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
-    """Dequantize a GGUF checkpoint once into an fp32 safetensors directory."""
+    """Dequantize a GGUF checkpoint once into an fp32 safetensors directory (with its precision)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -164,6 +189,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    (tmp / PRECISION_FILE).write_text(json.dumps({**gguf_precision(gguf_path), "stored_as": "float32 (dequantized)"},
+                                                 indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
 

@@ -62,6 +62,13 @@ def join_prompt_completion(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
             "attention_mask": attention_mask, "labels": labels}
 
 
+def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
+    """Every end-of-sequence id: the tokenizer's and the generation config's (Qwen3 has two)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [configured] if isinstance(configured, int) else list(configured or [])
+    return sorted({tokenizer.eos_token_id, *ids} - {None})
+
+
 def completion_mask_from_generation(completion_ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
     """1 up to and including the first end-of-sequence token, 0 after it."""
     is_eos = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device))

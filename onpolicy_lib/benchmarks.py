@@ -191,6 +191,7 @@ def _metrics(entry: dict[str, Any]) -> dict[str, float | None]:
 
 
 def _samples(raw: list[dict[str, Any]], **extra: Any) -> list[dict[str, Any]]:
+    # lm-eval logs a document of a ``samples`` selection under its index in the split.
     rows = [{**extra, "doc_id": int(s["doc_id"]), **{m: float(s[m]) for m in _METRICS if m in s}} for s in raw]
     return sorted(rows, key=lambda r: r["doc_id"])
 
@@ -245,18 +246,47 @@ def summarize(raw: dict[str, Any], tasks: Sequence[str]) -> dict[str, dict[str, 
     return out
 
 
+def leaf_tasks(tasks: Sequence[str]) -> list[str]:
+    """The lm-eval tasks that hold documents: each benchmark, MMLU as its 57 subject tasks."""
+    return [leaf for t in tasks for leaf in ([f"mmlu_{s}" for s in mmlu_subjects()] if t == "mmlu" else [t])]
+
+
+def split_sizes(task_manager: TaskManager, tasks: Sequence[str]) -> dict[str, int]:
+    """Documents in each leaf task's evaluated split."""
+    from lm_eval.tasks import get_task_dict
+
+    return {name: len(task.eval_docs) for name, task in get_task_dict(leaf_tasks(tasks), task_manager).items()}
+
+
+def sample_documents(sizes: dict[str, int], limits: dict[str, int | None], seed: int) -> dict[str, list[int]]:
+    """A seeded uniform random sample of document indices per leaf task (all of them when the limit is
+    None or not smaller than the split), sorted. Each task's draw depends only on the seed and its name,
+    so every model evaluated with the same seed and limits sees the same documents."""
+    chosen = {}
+    for name, size in sizes.items():
+        k = limits.get(name)
+        if k is None or k >= size:
+            chosen[name] = list(range(size))
+        else:
+            chosen[name] = sorted(random.Random(f"{seed}:{name}").sample(range(size), k))
+    return chosen
+
+
 def evaluate_benchmarks(model: Any, tokenizer: Any, tasks: str | Iterable[str], limit: int | None = None,
                         batch_size: int = 8, num_fewshot: int | None = None, offline: bool = True,
                         device: str | None = None, mmlu_limit: int | None = None,
-                        root: Path | None = None) -> dict[str, Any]:
+                        root: Path | None = None, task_limits: dict[str, int | None] | None = None,
+                        sample_seed: int = 1234) -> dict[str, Any]:
     """Evaluate an in-memory HF model with lm-eval; returns ``{"config", "tasks", "wall_s"}``.
 
     ``tasks[name]`` holds ``acc``/``acc_stderr`` (and ``acc_norm``/``acc_norm_stderr`` where the
     task has it), ``n`` (documents evaluated), ``split``/``split_size``, and ``samples``: one
-    ``{doc_id, acc, acc_norm?}`` per document (``subject`` too for MMLU) for paired comparisons.
-    ``tasks["mmlu"]`` is the stock group score, with ``categories`` and ``subjects``.
+    ``{doc_id, acc, acc_norm?}`` per document (``subject`` too for MMLU; ``doc_id`` is the index in
+    the split) for paired comparisons. ``tasks["mmlu"]`` is the stock group score, with
+    ``categories`` and ``subjects``.
 
-    ``limit`` counts documents per task, the first ones of the split as lm-eval takes them;
+    ``limit`` is the number of documents per task, drawn uniformly at random with ``sample_seed``
+    (:func:`sample_documents`; None: the whole split); ``task_limits`` overrides it per benchmark;
     ``mmlu_limit`` counts documents per MMLU subject (57 subjects; None: ``limit``).
     ``num_fewshot=None`` keeps each task's default (0 for all five). ``offline=False`` uses
     lm-eval's stock hub tasks. The model is evaluated where it is, never moved or cast (quantized
@@ -265,38 +295,40 @@ def evaluate_benchmarks(model: Any, tokenizer: Any, tasks: str | Iterable[str], 
     tasks = check_tasks(tasks)
     if not tasks:
         raise ValueError(f"tasks is empty; expected names from {', '.join(BENCHMARKS)}")
-    check_int("limit", limit, allow_none=True)
-    check_int("mmlu_limit", mmlu_limit, allow_none=True)
+    task_limits = dict(task_limits or {})
+    for name, value in {"limit": limit, "mmlu_limit": mmlu_limit,
+                        **{f"task_limits[{k!r}]": v for k, v in task_limits.items()}}.items():
+        check_int(name, value, allow_none=True)
+    check_tasks(list(task_limits))
     check_int("batch_size", batch_size)
     check_int("num_fewshot", num_fewshot, minimum=0, allow_none=True)
+    check_int("sample_seed", sample_seed, minimum=0)
     model_device = next(model.parameters()).device
     if device is not None and torch.device(device) not in (model_device, torch.device(model_device.type)):
         raise ValueError(f"device={device!r}, but the model is on {model_device}; place it there first")
     mmlu_limit = limit if mmlu_limit is None else mmlu_limit
-    # lm-eval has one limit per call, so MMLU gets its own call when its limit differs.
-    others = [t for t in tasks if t != "mmlu"]
-    calls = [(tasks, limit)] if "mmlu" not in tasks or mmlu_limit == limit else \
-        [(others, limit), (["mmlu"], mmlu_limit)] if others else [(["mmlu"], mmlu_limit)]
+    limits = {t: task_limits.get(t, limit) for t in tasks if t != "mmlu"}
+    limits.update({leaf: task_limits.get("mmlu", mmlu_limit) for leaf in leaf_tasks(["mmlu"]) if "mmlu" in tasks})
     task_manager = offline_task_manager(root, tasks) if offline else TaskManager()
+    selected = sample_documents(split_sizes(task_manager, tasks), limits, sample_seed)
 
     from lm_eval.models.huggingface import HFLM
 
     was_training = model.training
     start = time.perf_counter()
-    results: dict[str, dict[str, Any]] = {}
     try:
         with _preserved_rng():
             # HFLM takes an instantiated model as is (no .to(), no dtype cast); loglikelihood
             # requests are padded by lm-eval itself, so the tokenizer's left padding does not matter.
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-            for call_tasks, call_limit in calls:
-                raw = lm_eval.simple_evaluate(model=lm, tasks=list(call_tasks), limit=call_limit,
-                                              num_fewshot=num_fewshot, log_samples=True, task_manager=task_manager)
-                results.update(summarize(raw, call_tasks))
+            raw = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), samples=selected, num_fewshot=num_fewshot,
+                                          log_samples=True, task_manager=task_manager)
+            results = summarize(raw, tasks)
     finally:
         model.train(was_training)  # HFLM switches to eval mode; a student mid-training stays in train mode
-    config = {"tasks": tasks, "limit": limit, "mmlu_limit": mmlu_limit, "num_fewshot": num_fewshot,
-              "batch_size": batch_size, "offline": offline,
+    config = {"tasks": tasks, "limit": limit, "mmlu_limit": mmlu_limit, "task_limits": task_limits,
+              "sample_seed": sample_seed, "sampling": "uniform without replacement per task (per MMLU subject)",
+              "num_fewshot": num_fewshot, "batch_size": batch_size, "offline": offline,
               "data_root": portable_path(task_manager.data_root) if offline else None,
               "model": getattr(getattr(model, "config", None), "_name_or_path", None),
               "device": str(model_device), "lm_eval": lm_eval_version(),

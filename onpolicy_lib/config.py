@@ -17,6 +17,7 @@ import dataclasses
 import math
 import re
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,7 +139,12 @@ class TrainConfig(_Params):
     max_steps: int = param(60, "optimizer steps", short="steps")
     warmup_ratio: float = param(0.1, "share of max_steps spent warming up", short="warmup")
     weight_decay: float = param(0.0, "AdamW weight decay", short="wd")
-    max_length: int = param(256, "prompt + completion tokens", short="maxlen")
+    max_length: int = param(256, "prompt + completion tokens; longer examples are truncated", short="maxlen")
+    min_completion_tokens: int = param(32, "examples need this many completion tokens within max_length "
+                                       "(the original study's filter)", short="mincomp")
+    train_embeddings: bool = param(False, "also train the tied embedding/head matrix, which the student keeps "
+                                   "unquantized (extra full-precision capacity); False: frozen, as with LoRA",
+                                   short="emb")
     # LoRA: lora_r=None means full fine-tuning of the fake-quantized weights.
     lora_r: int | None = param(None, "None: full fine-tuning of the fake-quantized weights")
     lora_alpha: int = param(16, "LoRA scaling numerator (used with lora_r)")
@@ -151,6 +157,8 @@ class TrainConfig(_Params):
     eval_parameters: dict = param(help="EvalConfig overrides for do_eval, e.g. {'limit': 20}", identity=False,
                                   default_factory=dict)
     save_steps: int = param(50, "checkpoint cadence; a killed run resumes from the last checkpoint", identity=False)
+    eval_steps: int | None = param(None, "held-out divergence every this many steps (the curve); None: "
+                                   "before and after training only", identity=False)
     logging_steps: int = param(1, "optimizer steps between log records", identity=False)
     device: str = param("auto", "auto, cpu or cuda", identity=False)
 
@@ -170,6 +178,11 @@ class TrainConfig(_Params):
         if self.max_new_tokens >= self.max_length:
             raise ConfigError(f"max_new_tokens must be smaller than max_length={self.max_length}, "
                               f"got {self.max_new_tokens}")
+        check_int("min_completion_tokens", self.min_completion_tokens)
+        if self.min_completion_tokens >= self.max_length:
+            raise ConfigError(f"min_completion_tokens must be smaller than max_length={self.max_length}, "
+                              f"got {self.min_completion_tokens}")
+        check_int("eval_steps", self.eval_steps, allow_none=True)
         for name in ("temperature", "learning_rate"):
             value = getattr(self, name)
             if not is_number(value) or not value > 0 or not math.isfinite(value):
@@ -181,7 +194,7 @@ class TrainConfig(_Params):
             check_int("lora_r", self.lora_r)
             check_int("lora_alpha", self.lora_alpha)
             _check_fraction("lora_dropout", self.lora_dropout, upper_open=True)
-        for name in ("seq_kd", "do_eval"):
+        for name in ("seq_kd", "do_eval", "train_embeddings"):
             _check_bool(name, getattr(self, name))
         check_int("seed", self.seed, minimum=-(2**63))
         _check_choice("device", self.device, DEVICES)
@@ -246,8 +259,11 @@ class EvalConfig(_Params):
                            default_factory=lambda: ["outputs/cpu-demo"])
     tasks: list = param(help="benchmarks: hellaswag, arc_easy, arc_challenge, winogrande, mmlu",
                         default_factory=lambda: list(BENCHMARKS))
-    limit: int | None = param(100, "documents per task (None: all)")
+    limit: int | None = param(100, "documents per task, a seeded random sample (None: the whole split)")
     mmlu_limit: int | None = param(5, "documents per MMLU subject, 57 subjects (None: use limit)")
+    task_limits: dict = param(help="per-benchmark overrides of limit, e.g. {'arc_easy': None}",
+                              default_factory=dict)
+    sample_seed: int = param(1234, "seed of the benchmark document samples (the same for every model)")
     batch_size: int = param(8, "lm-eval batch size")
     num_fewshot: int | None = param(None, "None: lm-eval's default for each task (0 for these five)")
     include_teacher: bool = param(True, "evaluate the teacher (cached)")
@@ -285,6 +301,12 @@ class EvalConfig(_Params):
         self.tasks = check_tasks(self.tasks)
         # lm-eval reads a float < 1 as a fraction; we only allow counts so results say what they evaluated.
         check_int("limit", self.limit, allow_none=True)
+        if not isinstance(self.task_limits, dict):
+            raise ConfigError(f"task_limits must be a mapping of benchmark -> documents, got {self.task_limits!r}")
+        check_tasks(list(self.task_limits))
+        for task, value in self.task_limits.items():
+            check_int(f"task_limits[{task!r}]", value, allow_none=True)
+        check_int("sample_seed", self.sample_seed, minimum=0)
         check_int("mmlu_limit", self.mmlu_limit, allow_none=True)
         check_int("num_fewshot", self.num_fewshot, minimum=0, allow_none=True)
         check_int("batch_size", self.batch_size)
@@ -309,6 +331,7 @@ class EvalConfig(_Params):
 
     def benchmark_settings(self) -> dict[str, Any]:
         return {"tasks": self.tasks, "limit": self.limit, "mmlu_limit": self.mmlu_limit,
+                "task_limits": self.task_limits, "sample_seed": self.sample_seed,
                 "num_fewshot": self.num_fewshot, "batch_size": self.batch_size, "offline": self.offline}
 
     def perplexity_settings(self) -> dict[str, Any]:
@@ -435,7 +458,7 @@ def parameters_cell(cls: type[_Params]) -> str:
         if len(line) + len(help_text) + 4 <= _LINE:
             lines.append(f"{line}  # {help_text}")
         else:
-            lines += [f"# {f.name}: {help_text}", line]
+            lines += [f"# {text}" for text in textwrap.wrap(f"{f.name}: {help_text}", _LINE - 2)] + [line]
     return "\n".join(lines)
 
 

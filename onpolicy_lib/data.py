@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import random
 import re
 import shutil
 from collections import Counter
@@ -36,6 +37,10 @@ MIXTURE_VERSION = "v1"
 # tweaks so fidelity metrics remain comparable.
 _SPLIT_SALT = "onpolicy-quant/heldout"
 _ORDER_SALT = "onpolicy-quant/order"
+
+# Held-out documents per source of the mixture: after the length filter (most QA answers are far
+# shorter than its 32-token minimum) enough remain for a stratified sample of about a hundred.
+HELDOUT_PER_SOURCE = 64
 
 # Non-mixture datasets: a fixed-seed shuffle, then the last rows are held out.
 HELDOUT_SEED = 1234
@@ -275,7 +280,7 @@ def mixture_cache_path(root: Path, per_source_cap: int, heldout_per_source: int)
 def build_offline_mixture(
     root: Path | None = None,
     per_source_cap: int = 1000,
-    heldout_per_source: int = 16,
+    heldout_per_source: int = HELDOUT_PER_SOURCE,
     *,
     rebuild: bool = False,
 ) -> DatasetDict:
@@ -418,7 +423,10 @@ def load_chat_dataset(dataset_name: str, root: Path | None = None) -> tuple[Data
 # Tokenization
 # --------------------------------------------------------------------------
 
-FILTER_REASONS = ("last_not_assistant", "empty_turn", "prompt_too_long", "completion_too_long")
+# The original study's filter (its ``filter_dataset`` with ``min_response_tokens=32``).
+MIN_COMPLETION_TOKENS = 32
+FILTER_REASONS = ("last_not_assistant", "empty_turn", "prompt_too_long", "completion_too_short",
+                  "completion_too_long")
 
 
 def _ids(encoded: Any) -> list[int]:
@@ -428,29 +436,51 @@ def _ids(encoded: Any) -> list[int]:
     return list(encoded)
 
 
+def filter_reason(prompt_len: int, completion_len: int, max_length: int,
+                  min_completion_tokens: int = MIN_COMPLETION_TOKENS) -> str:
+    """Why the original study's filter drops a tokenized example ("" when it keeps it).
+
+    Kept when the prompt leaves room for ``min_completion_tokens`` (``prompt < max_length - m``),
+    at least ``m`` completion tokens survive truncation to ``max_length``, and the completion
+    alone is shorter than ``max_length``. Independent of ``max_new_tokens``: the rollout length
+    never changes which examples train or are held out.
+    """
+    if prompt_len >= max_length - min_completion_tokens:
+        return "prompt_too_long"
+    if min(prompt_len + completion_len, max_length) - prompt_len < min_completion_tokens:
+        return "completion_too_short"
+    if completion_len >= max_length:
+        return "completion_too_long"
+    return ""
+
+
 def tokenize_for_distillation(
-    ds: Dataset, tokenizer: Any, max_length: int, max_new_tokens: int
+    ds: Dataset, tokenizer: Any, max_length: int, min_completion_tokens: int = MIN_COMPLETION_TOKENS
 ) -> tuple[Dataset, dict[str, int]]:
     """Tokenize chats into ``prompt_ids`` (all turns but the last, plus the generation prompt)
     and ``completion_ids`` (the final assistant turn, ending at the first EOS inclusive).
 
     Rows are dropped, first matching reason wins, for: the last turn not being the assistant's
-    (``last_not_assistant``), an empty/whitespace-only turn (``empty_turn``), a prompt leaving no
-    room to generate ``max_new_tokens`` within ``max_length`` (``prompt_too_long``), and a
-    reference completion that does not fit (``completion_too_long``). Returns the dataset
-    (``prompt_ids``, ``completion_ids`` plus ``source``/``id`` if present) and counts:
-    ``total``, one per reason, ``kept``, and ``template_fallback`` (kept rows whose chat template
-    was not prefix-consistent, so the completion is the assistant text + EOS).
+    (``last_not_assistant``), an empty/whitespace-only turn (``empty_turn``), then the original
+    study's length rules (:func:`filter_reason`). Kept examples longer than ``max_length`` are
+    **truncated** to it (their completion loses its tail and its EOS), as the original's collator
+    does. An on-policy rollout replaces the completion with up to ``max_new_tokens`` sampled
+    tokens, so a rolled-out sequence may be longer than ``max_length`` (at most
+    ``max_length - min_completion_tokens - 1 + max_new_tokens`` tokens), as in TRL.
+
+    Returns the dataset (``prompt_ids``, ``completion_ids`` plus ``source``/``id`` if present) and
+    counts: ``total``, one per reason, ``kept``, ``truncated``, and ``template_fallback`` (kept rows
+    whose chat template was not prefix-consistent, so the completion is the assistant text + EOS).
     """
-    if max_new_tokens < 1 or max_new_tokens >= max_length:
-        raise ValueError(f"need 0 < max_new_tokens < max_length, got {max_new_tokens=} {max_length=}")
+    if not 0 < min_completion_tokens < max_length:
+        raise ValueError(f"need 0 < min_completion_tokens < max_length, got {min_completion_tokens=} {max_length=}")
     if "messages" not in ds.column_names:
         raise ValueError(f"dataset has no 'messages' column (columns: {ds.column_names})")
     eos = tokenizer.eos_token_id
 
     def encode(row: dict) -> dict:
         messages = row["messages"]
-        out = {"prompt_ids": [], "completion_ids": [], "_drop": "", "_fallback": False}
+        out = {"prompt_ids": [], "completion_ids": [], "_drop": "", "_fallback": False, "_truncated": False}
         if not messages or messages[-1]["role"] != "assistant":
             out["_drop"] = "last_not_assistant"
             return out
@@ -472,11 +502,11 @@ def tokenize_for_distillation(
             out["_fallback"] = True
             completion = _ids(tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"])
             completion += [eos] if eos is not None else []
+        out["_drop"] = filter_reason(len(prompt), len(completion), max_length, min_completion_tokens)
+        if not out["_drop"] and len(prompt) + len(completion) > max_length:
+            completion = completion[: max_length - len(prompt)]
+            out["_truncated"] = True
         out["prompt_ids"], out["completion_ids"] = prompt, completion
-        if len(prompt) + max_new_tokens > max_length:
-            out["_drop"] = "prompt_too_long"
-        elif len(prompt) + len(completion) > max_length:
-            out["_drop"] = "completion_too_long"
         return out
 
     keep = [c for c in ("source", "id") if c in ds.column_names]
@@ -490,11 +520,41 @@ def tokenize_for_distillation(
             "completion_ids": [Value("int32")],
             "_drop": Value("string"),
             "_fallback": Value("bool"),
+            "_truncated": Value("bool"),
         }
     )
     encoded = ds.map(encode, remove_columns=drop, features=features, desc="tokenizing chats")
     reasons = Counter(encoded["_drop"])
     kept = encoded.filter(lambda r: r == "", input_columns="_drop", desc="filtering")
     counts = {"total": len(ds), **{r: reasons.get(r, 0) for r in FILTER_REASONS}, "kept": len(kept)}
+    counts["truncated"] = sum(kept["_truncated"])
     counts["template_fallback"] = sum(kept["_fallback"])
-    return kept.remove_columns(["_drop", "_fallback"]), counts
+    return kept.remove_columns(["_drop", "_fallback", "_truncated"]), counts
+
+
+def stratified_sample(ds: Dataset, n: int, seed: int = HELDOUT_SEED) -> Dataset:
+    """``n`` rows spread evenly over the ``source`` column, in a seeded shuffled order.
+
+    Each source's rows are shuffled with ``seed``, then taken round-robin (sources in a seeded
+    order) until ``n`` rows; a source that runs out leaves its share to the others. The result is
+    shuffled again, so any prefix (a batch, a smaller sample) also mixes sources. The seed is
+    fixed, not a training seed: every run and baseline is scored on the same examples.
+    """
+    if n >= len(ds) and "source" not in ds.column_names:
+        return ds
+    rng = random.Random(seed)
+    sources = ds["source"] if "source" in ds.column_names else [""] * len(ds)
+    by_source: dict[str, list[int]] = {}
+    for i, source in enumerate(sources):
+        by_source.setdefault(source, []).append(i)
+    queues = [by_source[s] for s in sorted(by_source)]
+    for queue in queues:
+        rng.shuffle(queue)
+    rng.shuffle(queues)
+    picked: list[int] = []
+    while len(picked) < min(n, len(ds)):
+        for queue in queues:
+            if queue and len(picked) < n:
+                picked.append(queue.pop(0))
+    rng.shuffle(picked)
+    return ds.select(picked)

@@ -43,6 +43,7 @@ from onpolicy_lib.batches import (
     IGNORE_INDEX,
     DistillCollator,
     completion_forward,
+    eos_token_ids,
     generate_completions,
 )
 from onpolicy_lib.config import TrainConfig
@@ -90,10 +91,7 @@ class DistillTrainer(Trainer):
         # accumulation steps (the number of completion tokens differs per rollout, so
         # the dataset-side ``num_items_in_batch`` would be wrong for on-policy batches).
         self.model_accepts_loss_kwargs = False
-        eos = processing_class.eos_token_id
-        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        ids = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
-        self.eos_token_ids = sorted({eos, *ids} - {None})
+        self.eos_token_ids = eos_token_ids(model, processing_class)
         self.stats = {"tokens_generated": 0, "tokens_trained": 0, "batches_on_policy": 0, "batches_seq_kd": 0,
                       "batches": 0, "rollout_seconds": 0.0}
         self._log_since = dict(self.stats)

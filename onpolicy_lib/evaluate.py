@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,9 @@ import torch
 from onpolicy_lib import benchmarks, data, quantization
 from onpolicy_lib.config import PROJECT_ROOT, ConfigError, EvalConfig, TrainConfig, portable_path, resolve_path
 from onpolicy_lib.fidelity import FidelityConfig, measure_fidelity
-from onpolicy_lib.models import load_model, load_tokenizer, resolve_device
+from onpolicy_lib.models import load_model, load_tokenizer, resolve_device, teacher_precision
 from onpolicy_lib.perplexity import load_text, sliding_window_perplexity
-from onpolicy_lib.results import model_metrics, ptq_label
+from onpolicy_lib.results import model_metrics, ptq_label, teacher_label
 from onpolicy_lib.rundir import Run, eval_cache_dir, read_json, write_json
 from onpolicy_lib.student import load_student
 
@@ -53,22 +54,23 @@ def plan_evaluation(cfg: EvalConfig) -> list[Run]:
 
 # ---------------------------------------------------------------------------- one model
 def evaluate_model(model: torch.nn.Module, tokenizer, cfg: EvalConfig, teacher: torch.nn.Module | None = None,
-                   heldout=None, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Benchmarks, perplexity and (given a teacher and held-out chats) fidelity of one model."""
+                   fidelity: Fidelity | None = None, device: torch.device | str = "cpu",
+                   parts: tuple[str, ...] = ("benchmarks", "perplexity", "fidelity")) -> dict[str, Any]:
+    """Benchmarks, perplexity and (given a teacher and a held-out set) fidelity of one model."""
     out: dict[str, Any] = {}
     start = time.perf_counter()
-    if cfg.tasks:
+    if cfg.tasks and "benchmarks" in parts:
         out["benchmarks"] = benchmarks.evaluate_benchmarks(
             model, tokenizer, cfg.tasks, limit=cfg.limit, mmlu_limit=cfg.mmlu_limit, batch_size=cfg.batch_size,
-            num_fewshot=cfg.num_fewshot, offline=cfg.offline, device=str(device))
-    if cfg.perplexity_tokens:
+            num_fewshot=cfg.num_fewshot, offline=cfg.offline, device=str(device), task_limits=cfg.task_limits,
+            sample_seed=cfg.sample_seed)
+    if cfg.perplexity_tokens and "perplexity" in parts:
         text = load_text(cfg.perplexity_source)
         out["perplexity"] = {"source": cfg.perplexity_source, **sliding_window_perplexity(
             model, tokenizer, text, max_length=cfg.perplexity_window, stride=cfg.perplexity_window // 2,
             max_tokens=cfg.perplexity_tokens)}
-    if teacher is not None and heldout is not None and cfg.fidelity_samples:
-        out["fidelity"] = measure_fidelity(teacher, model, tokenizer, heldout,
-                                           FidelityConfig(samples=cfg.fidelity_samples))
+    if teacher is not None and fidelity is not None and "fidelity" in parts:
+        out["fidelity"] = measure_fidelity(teacher, model, tokenizer, fidelity.heldout, fidelity.config)
     out["seconds"] = round(time.perf_counter() - start, 1)
     return out
 
@@ -97,78 +99,112 @@ def _cached(cfg: EvalConfig, kind: str, key: dict[str, Any], compute) -> dict[st
         return result
 
 
-def _evaluate_ptq(teacher, tokenizer, cfg: EvalConfig, heldout, device, quant_type: str,
-                  group_size: int) -> dict[str, Any]:
+@dataclass
+class Fidelity:
+    """A run's fidelity setting: its held-out examples and its generation settings, with a cache key."""
+
+    heldout: Any
+    config: FidelityConfig
+    key: dict[str, Any]
+
+
+def fidelity_for(run_cfg: dict[str, Any], samples: int, tokenizer, cache: dict[str, Any]) -> Fidelity:
+    """The held-out examples a run is judged on: its dataset's held-out split, filtered as it trained
+    (its max_length and completion minimum), a stratified sample over sources with a fixed seed."""
+    defaults = TrainConfig()
+    data_key = {"dataset_name": run_cfg["dataset_name"], "max_length": run_cfg["max_length"],
+                "min_completion_tokens": run_cfg.get("min_completion_tokens", defaults.min_completion_tokens)}
+    cache_key = json.dumps(data_key, sort_keys=True)
+    if cache_key not in cache:
+        _, chats = data.load_chat_dataset(data_key["dataset_name"])
+        tokenized, _ = data.tokenize_for_distillation(chats, tokenizer, data_key["max_length"],
+                                                      data_key["min_completion_tokens"])
+        cache[cache_key] = tokenized
+    heldout = data.stratified_sample(cache[cache_key], samples)
+    config = FidelityConfig.for_run(run_cfg, samples)
+    key = {**data_key, "heldout_seed": data.HELDOUT_SEED, "heldout_ids": heldout["id"] if "id" in heldout.column_names
+           else None, **{k: v for k, v in vars(config).items()}}
+    return Fidelity(heldout, config, key)
+
+
+def _evaluate_ptq(teacher, tokenizer, cfg: EvalConfig, device, quant_type: str, group_size: int,
+                  fidelity: Fidelity | None = None, parts: tuple[str, ...] = ("benchmarks", "perplexity"),
+                  ) -> dict[str, Any]:
     model = quantization.quantize_ptq(copy.deepcopy(teacher), quant_type, group_size)
     quantization.dequantize_for_eval(model)  # same numbers, teacher-speed forward
-    return evaluate_model(model, tokenizer, cfg, teacher, heldout, device)
-
-
-def _heldout(run_cfg: dict[str, Any], tokenizer):
-    _, chats = data.load_chat_dataset(run_cfg["dataset_name"])
-    tokenized, _ = data.tokenize_for_distillation(chats, tokenizer, run_cfg["max_length"], run_cfg["max_new_tokens"])
-    return tokenized
-
-
-def _fidelity_key(cfg: EvalConfig, run_cfg: dict[str, Any]) -> dict[str, Any]:
-    return {"dataset_name": run_cfg["dataset_name"], "max_length": run_cfg["max_length"],
-            "max_new_tokens": run_cfg["max_new_tokens"], "fidelity_samples": cfg.fidelity_samples}
+    return evaluate_model(model, tokenizer, cfg, teacher, fidelity, device, parts)
 
 
 # ---------------------------------------------------------------------------- the whole evaluation
 def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
-    """Evaluate every run in ``cfg.run_dirs`` (plus teacher and PTQ); write their eval.json; return the table."""
+    """Evaluate every run in ``cfg.run_dirs`` (plus teacher and PTQ); write their eval.json; return the table.
+
+    The PTQ baseline's benchmarks and perplexity are cached per scheme; its fidelity per scheme
+    *and* per run setting, so each student is compared with PTQ on its own held-out examples and
+    generation settings.
+    """
     runs = [(run, run.train_config, run.student_scheme()) for run in plan_evaluation(cfg)]
     device = resolve_device(cfg.device)
     versions = {"lm_eval": benchmarks.lm_eval_version()}
     # Group by teacher so each teacher is loaded once.
     model_names = sorted({s["model_name"] for _, _, s in runs}) or [cfg.model_name]
     rows: list[dict[str, Any]] = []
+    heldout_cache: dict[str, Any] = {}
     for model_name in model_names:
         tokenizer = load_tokenizer(model_name)
         teacher = load_model(model_name, device=device).eval()
+        precision = teacher_precision(model_name)
         members = [(r, c, s) for r, c, s in runs if s["model_name"] == model_name]
-        # Fidelity needs held-out chats tokenized as in training; without runs, the CPU-demo settings.
-        run_cfg0 = members[0][1] if members else {**TrainConfig().to_dict(), "model_name": model_name}
-        heldout = _heldout(run_cfg0, tokenizer) if cfg.fidelity_samples else None
         schemes = {(s["quant_type"], s["group_size"]) for _, _, s in members} or {(cfg.quant_type, cfg.group_size)}
-        baselines: dict[Any, dict[str, Any]] = {}
+        bench_key = {**cfg.benchmark_settings(), **cfg.perplexity_settings(), **versions}
+        teacher_result = None
         if cfg.include_teacher:
-            key = {"model_name": model_name, **cfg.benchmark_settings(), **cfg.perplexity_settings(), **versions}
-            result = _cached(cfg, "teacher", key, partial(evaluate_model, teacher, tokenizer, cfg, device=device))
-            baselines["teacher"] = result
-            rows.append(_row("teacher", model_name, result))
+            teacher_result = _cached(cfg, "teacher", {"model_name": model_name, **bench_key},
+                                     partial(evaluate_model, teacher, tokenizer, cfg, device=device))
+            teacher_result = {**teacher_result, "precision": precision}
+            rows.append(_row(teacher_label(teacher_result), model_name, teacher_result))
+        ptq: dict[tuple[str, int], dict[str, Any]] = {}
         if cfg.include_ptq:
             for quant_type, group_size in sorted(schemes):
-                key = {"model_name": model_name, "quant_type": quant_type, "group_size": group_size,
-                       **cfg.benchmark_settings(), **cfg.perplexity_settings(), **_fidelity_key(cfg, run_cfg0),
-                       **versions}
-                result = _cached(cfg, "ptq", key, partial(_evaluate_ptq, teacher, tokenizer, cfg, heldout, device,
-                                                          quant_type, group_size))
-                baselines[(quant_type, group_size)] = result
-                rows.append(_row(ptq_label(quant_type, group_size), model_name, result))
+                quantization.check_distinct_from_teacher(teacher, quant_type, group_size)
+                key = {"model_name": model_name, "quant_type": quant_type, "group_size": group_size, **bench_key}
+                ptq[(quant_type, group_size)] = _cached(cfg, "ptq", key, partial(
+                    _evaluate_ptq, teacher, tokenizer, cfg, device, quant_type, group_size))
+            if not members:
+                for scheme, result in ptq.items():
+                    rows.append(_row(ptq_label(*scheme), model_name, result))
         for run, run_cfg, scheme in members:
-            if run_cfg != run_cfg0 and cfg.fidelity_samples:
-                run_heldout = _heldout(run_cfg, tokenizer)
-            else:
-                run_heldout = heldout
-            forms = ["merge", "adapter"] if scheme["format"] == "lora-adapter" else ["merge"]
+            fidelity = fidelity_for(run_cfg, cfg.fidelity_samples, tokenizer, heldout_cache) \
+                if cfg.fidelity_samples else None
             record: dict[str, Any] = {"config": cfg.to_dict(), "versions": versions, "scheme": scheme}
             # The baselines this student is compared with travel in its eval.json, so a run
             # directory (or a committed study without the cache) is self-contained for analysis.
-            record["baselines"] = {name: baselines[k] for name, k in
-                                   (("teacher", "teacher"), ("ptq", (scheme["quant_type"], scheme["group_size"])))
-                                   if k in baselines}
+            record["baselines"] = {}
+            if teacher_result is not None:
+                record["baselines"]["teacher"] = teacher_result
+            scheme_key = (scheme["quant_type"], scheme["group_size"])
+            if scheme_key in ptq:
+                baseline = dict(ptq[scheme_key])
+                if fidelity is not None:
+                    fid = _cached(cfg, "ptq-fidelity", {"model_name": model_name, "quant_type": scheme_key[0],
+                                                        "group_size": scheme_key[1], **fidelity.key},
+                                  partial(_evaluate_ptq, teacher, tokenizer, cfg, device, *scheme_key, fidelity,
+                                          ("fidelity",)))
+                    baseline["fidelity"] = fid["fidelity"]
+                record["baselines"]["ptq"] = baseline
+                setting = f" ({run.name} setting)" if len(members) > 1 else ""
+                rows.append(_row(ptq_label(*scheme_key) + setting, model_name, baseline))
+            forms = ["merge", "adapter"] if scheme["format"] == "lora-adapter" else ["merge"]
             for form in forms:
                 student = load_student(run.path, convert=True, device=str(device), lora_mode=form)
                 quantization.dequantize_for_eval(student)
                 name = "student" if form == "merge" else "student_lora_adapter"
-                record[name] = evaluate_model(student, tokenizer, cfg, teacher, run_heldout, device)
+                record[name] = evaluate_model(student, tokenizer, cfg, teacher, fidelity, device)
                 rows.append(_row(run.name + ("" if form == "merge" else " (adapter)"), model_name, record[name],
                                  run_cfg))
                 del student
             run.write_evaluation(record)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).drop_duplicates("model", keep="first") if rows else pd.DataFrame(rows)
 
 
 ROW_CONFIG = ("lmbda", "beta", "learning_rate", "max_steps", "seed", "lora_r")

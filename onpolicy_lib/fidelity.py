@@ -30,22 +30,38 @@ from onpolicy_lib.batches import (
     IGNORE_INDEX,
     DistillCollator,
     completion_forward,
+    eos_token_ids,
     generate_completions,
 )
 from onpolicy_lib.divergence import generalized_jsd
 
-# The metrics this module measures, and how tables and figures name them.
-METRICS = {"forward_kl": "forward KL (dataset completions)", "top1_agreement": "top-1 agreement",
+# The metrics this module measures, and how tables and figures name them. The ``_matched`` ones are
+# the same metric on the first ``max_new_tokens`` completion positions only: the positions an
+# on-policy student trains on, so off- and on-policy students are compared where both learned.
+METRICS = {"forward_kl": "forward KL (dataset completions)",
+           "forward_kl_matched": "forward KL, first max_new_tokens positions",
+           "top1_agreement": "top-1 agreement",
+           "top1_agreement_matched": "top-1 agreement, first max_new_tokens positions",
            "reverse_kl_on_policy": "reverse KL (own samples)",
            "teacher_nll_of_student_greedy": "teacher NLL of greedy output"}
 
 
 @dataclass
 class FidelityConfig:
-    samples: int = 32  # held-out examples
-    max_new_tokens: int = 32
+    """How fidelity is measured; the generation settings are the run's own (:meth:`for_run`)."""
+
+    samples: int = 32  # held-out examples (a stratified sample: see data.stratified_sample)
+    max_new_tokens: int = 32  # the run's rollout length: also the length-matched window
+    min_new_tokens: int = 0
+    temperature: float = 0.9  # the run's rollout temperature, for the on-policy samples
     batch_size: int = 4
     seed: int = 0  # sampling seed of the on-policy completions: the same for every model compared
+
+    @classmethod
+    def for_run(cls, run_cfg: dict[str, Any], samples: int) -> FidelityConfig:
+        defaults = cls()
+        return cls(samples=samples, **{k: run_cfg.get(k, getattr(defaults, k))
+                                       for k in ("max_new_tokens", "min_new_tokens", "temperature")})
 
 
 def completion_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,10 +70,11 @@ def completion_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
     return logits, batch["labels"][:, batch["prompt_ids"].shape[1]:] != IGNORE_INDEX
 
 
-def _generate(model, batch, tokenizer, eos_ids, max_new_tokens, sample: bool) -> dict[str, torch.Tensor]:
-    kwargs = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0} if sample else {"do_sample": False}
-    return generate_completions(model, batch, tokenizer.pad_token_id, eos_ids, max_new_tokens=max_new_tokens,
-                                **kwargs)
+def _generate(model, batch, tokenizer, eos_ids, config: FidelityConfig, sample: bool) -> dict[str, torch.Tensor]:
+    kwargs = ({"do_sample": True, "temperature": config.temperature, "top_k": 0, "top_p": 1.0} if sample
+              else {"do_sample": False})
+    return generate_completions(model, batch, tokenizer.pad_token_id, eos_ids, max_new_tokens=config.max_new_tokens,
+                                min_new_tokens=config.min_new_tokens, **kwargs)
 
 
 def _per_example(values: torch.Tensor, mask: torch.Tensor) -> list[float]:
@@ -65,63 +82,81 @@ def _per_example(values: torch.Tensor, mask: torch.Tensor) -> list[float]:
     return ((values * mask).sum(-1) / counts).tolist()
 
 
+# Each metric: the per-token values it averages and the mask of tokens it averages over.
+_PARTS = {"forward_kl": ("fkl", "dataset"), "forward_kl_matched": ("fkl", "matched"),
+          "top1_agreement": ("agree", "dataset"), "top1_agreement_matched": ("agree", "matched"),
+          "reverse_kl_on_policy": ("rkl", "sampled"), "teacher_nll_of_student_greedy": ("nll", "greedy")}
+
+
 @torch.no_grad()
 def measure_fidelity(teacher: torch.nn.Module, student: torch.nn.Module, tokenizer, heldout: Dataset,
                      config: FidelityConfig | None = None) -> dict[str, Any]:
-    """All four fidelity metrics of ``student`` against ``teacher`` on tokenized held-out chats.
+    """All fidelity metrics of ``student`` against ``teacher`` on tokenized held-out chats.
 
-    ``heldout`` has ``prompt_ids``/``completion_ids`` (see ``data.tokenize_for_distillation``).
-    Pass the student in the form being judged (e.g. converted for deployment).
+    ``heldout`` has ``prompt_ids``/``completion_ids`` (see ``data.tokenize_for_distillation``) and
+    usually ``source``; its first ``config.samples`` rows are used. Each metric is a token-weighted
+    mean, overall and per source (``by_source``). Pass the student in the form being judged (e.g.
+    converted for deployment).
     """
     config = config or FidelityConfig()
     rows = heldout.select(range(min(config.samples, len(heldout))))
     collate = DistillCollator(tokenizer.pad_token_id)
-    eos_ids = [tokenizer.eos_token_id]
+    eos_ids = eos_token_ids(teacher, tokenizer)
     teacher.eval()
     student.eval()
-    totals = {"fkl": 0.0, "agree": 0.0, "rkl": 0.0, "nll": 0.0}
-    tokens = {"dataset": 0, "sampled": 0, "greedy": 0}
+    # sums[source][values] and tokens[source][mask], accumulated token by token.
+    sums: dict[str, dict[str, float]] = {}
+    tokens: dict[str, dict[str, int]] = {}
     per_example: list[dict[str, Any]] = []
     # One seed for all models compared, so their sampled completions differ only by the model.
     torch.manual_seed(config.seed)
     for start in range(0, len(rows), config.batch_size):
-        batch = collate([rows[i] for i in range(start, min(start + config.batch_size, len(rows)))])
+        batch_rows = [rows[i] for i in range(start, min(start + config.batch_size, len(rows)))]
+        batch = collate(batch_rows)
 
         s_logits, mask = completion_logits(student, batch)
         t_logits, _ = completion_logits(teacher, batch)
         fkl = generalized_jsd(s_logits, t_logits, beta=0.0).reshape(mask.shape)
         agree = (s_logits.argmax(-1) == t_logits.argmax(-1)).float()
+        positions = torch.arange(mask.shape[1])[None, :]
+        matched = mask & (positions < config.max_new_tokens)
 
-        sampled = _generate(student, batch, tokenizer, eos_ids, config.max_new_tokens, sample=True)
+        sampled = _generate(student, batch, tokenizer, eos_ids, config, sample=True)
         s_logits, s_mask = completion_logits(student, sampled)
         t_logits, _ = completion_logits(teacher, sampled)
         rkl = generalized_jsd(s_logits, t_logits, beta=1.0).reshape(s_mask.shape)
 
-        greedy = _generate(student, batch, tokenizer, eos_ids, config.max_new_tokens, sample=False)
+        greedy = _generate(student, batch, tokenizer, eos_ids, config, sample=False)
         t_logits, g_mask = completion_logits(teacher, greedy)
         targets = greedy["input_ids"][:, batch["prompt_ids"].shape[1]:]
         nll = -F.log_softmax(t_logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
-        maskf, s_maskf, g_maskf = mask.float(), s_mask.float(), g_mask.float()
-        totals["fkl"] += float((fkl * maskf).sum())
-        totals["agree"] += float((agree * maskf).sum())
-        totals["rkl"] += float((rkl * s_maskf).sum())
-        totals["nll"] += float((nll * g_maskf).sum())
-        tokens["dataset"] += int(mask.sum())
-        tokens["sampled"] += int(s_mask.sum())
-        tokens["greedy"] += int(g_mask.sum())
-        for i, (a, b, c, d) in enumerate(zip(_per_example(fkl, maskf), _per_example(agree, maskf),
-                                             _per_example(rkl, s_maskf), _per_example(nll, g_maskf), strict=True)):
-            row = rows[start + i]
-            per_example.append({"id": row.get("id", start + i), "forward_kl": a, "top1_agreement": b,
-                                "reverse_kl_on_policy": c, "teacher_nll_of_student_greedy": d})
+        values = {"fkl": fkl, "agree": agree, "rkl": rkl, "nll": nll}
+        masks = {"dataset": mask.float(), "matched": matched.float(), "sampled": s_mask.float(),
+                 "greedy": g_mask.float()}
+        for i, row in enumerate(batch_rows):
+            source = row.get("source", "")
+            example = {"id": row.get("id", start + i), "source": source}
+            for metric, (value, part) in _PARTS.items():
+                example[metric] = _per_example(values[value][i:i + 1], masks[part][i:i + 1])[0]
+            per_example.append(example)
+            for key in ("all", source):
+                acc, count = sums.setdefault(key, {}), tokens.setdefault(key, {})
+                for metric, (value, part) in _PARTS.items():
+                    acc[metric] = acc.get(metric, 0.0) + float((values[value][i] * masks[part][i]).sum())
+                for part, part_mask in masks.items():
+                    count[part] = count.get(part, 0) + int(part_mask[i].sum())
+
+    def means(key: str) -> dict[str, float]:
+        return {metric: sums[key][metric] / max(tokens[key][part], 1) for metric, (_, part) in _PARTS.items()}
+
     return {
-        "forward_kl": totals["fkl"] / max(tokens["dataset"], 1),
-        "top1_agreement": totals["agree"] / max(tokens["dataset"], 1),
-        "reverse_kl_on_policy": totals["rkl"] / max(tokens["sampled"], 1),
-        "teacher_nll_of_student_greedy": totals["nll"] / max(tokens["greedy"], 1),
+        **means("all"),
+        "by_source": {source: {**means(source), "examples": sum(e["source"] == source for e in per_example),
+                               "tokens": tokens[source]}
+                      for source in sorted(sums) if source != "all"},
         "examples": len(rows),
-        "tokens": tokens,
+        "tokens": tokens.get("all", {}),
         "config": vars(config),
         "per_example": per_example,
     }

@@ -6,9 +6,14 @@ killed run still has its history) and summarises the run for its metrics file.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import platform
+import re
 import resource
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +21,34 @@ from transformers import TrainerCallback
 
 from onpolicy_lib.config import portable_path
 from onpolicy_lib.rundir import Run
+
+# CPU features that change which kernels torch runs (and so speed and the last bits of results).
+_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def machine_description(device: torch.device) -> str:
+    """The accelerator, or the CPU model with family/model numbers and the kernel-relevant flags.
+
+    Recorded with every run: wall times compare only within one machine type, and fake quantization's
+    rounding makes bit-identical results hold only on the same CPU type and library versions.
+    """
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        info = Path("/proc/cpuinfo").read_text()
+        fields = {k: re.search(rf"^{k}\s*:\s*(.+)$", info, re.M) for k in ("model name", "cpu family", "model")}
+        flags = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
+        if fields["model name"]:
+            cpu = fields["model name"].group(1).strip()
+        if fields["cpu family"] and fields["model"]:
+            cpu += f" (family {fields['cpu family'].group(1).strip()}, model {fields['model'].group(1).strip()})"
+        if flags:
+            present = [f for f in _CPU_FLAGS if f in flags.group(1).split()]
+            cpu += f", {'/'.join(present) or 'no AVX2'}"
+    threads = torch.get_num_threads()
+    return (f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
+            f"({threads} thread{'' if threads == 1 else 's'})")
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -7,7 +7,9 @@ directory, or a ``.gguf`` file (dequantized on load).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -58,6 +60,40 @@ def load_model(model_name: str, device: torch.device | str = "cpu",
     if kwargs.get("gguf_file"):
         model = assets.drop_gguf_quantizer(model)
     return model.to(device)
+
+
+def teacher_precision(model_name: str) -> dict[str, Any]:
+    """What the teacher's weights really are, whatever dtype they compute in.
+
+    A GGUF teacher (the packaged one included) is quantized at the source: dequantized to fp32 it
+    still takes only the values of its quantized blocks, so it is described by its GGUF tensor
+    types and bits per weight. A HF checkpoint is at its stored dtype (its native precision).
+    ``summary`` is the one line used wherever the teacher is named.
+    """
+    if model_name == assets.PACKAGED_MODEL:
+        path = assets.packaged_model_dir(assets.require_assets()) / assets.PRECISION_FILE
+        info = json.loads(path.read_text())
+    elif model_name.endswith(".gguf"):
+        info = {**assets.gguf_precision(Path(model_name).expanduser()), "stored_as": "dequantized on load"}
+    else:
+        from transformers import AutoConfig
+
+        source, kwargs = resolve_model_source(model_name)
+        try:
+            config = AutoConfig.from_pretrained(source, local_files_only=True, **kwargs)
+            dtype = str(getattr(config, "dtype", None) or "unknown")
+        except OSError:  # a hub id not cached here: known once the model loads where it runs
+            dtype = "unknown"
+        info = {"format": "checkpoint", "dtype": dtype.replace("torch.", "")}
+    if info["format"] == "GGUF":
+        kinds = sorted(info["parameters_by_type"].items(), key=lambda kv: -kv[1])
+        shares = ", ".join(f"{kind} {100 * n / info['parameters']:.0f}%" for kind, n in kinds)
+        info["summary"] = f"GGUF {shares}; {info['bits_per_weight']:g} bits/weight, {info['stored_as']}"
+        info["label"] = f"{kinds[0][0]} GGUF"
+    else:
+        info["summary"] = f"{info['dtype']} checkpoint (native precision)"
+        info["label"] = info["dtype"]
+    return info
 
 
 def load_skeleton(model_name: str) -> PreTrainedModel:

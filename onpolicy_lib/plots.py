@@ -14,7 +14,7 @@ import seaborn as sns
 from matplotlib.colors import to_hex, to_rgb
 from matplotlib.patches import Patch
 
-from onpolicy_lib.analysis import format_value
+from onpolicy_lib.config import format_value
 
 # ---------------------------------------------------------------------------- colours
 # The one owner of colours: every figure takes a condition's colour from condition_colors (or
@@ -52,7 +52,7 @@ def label_lambda(label: str) -> float | None:
 def condition_colors(labels: Iterable[str], lmbda: Mapping[str, float] | None = None) -> dict[str, str]:
     """Colour (hex) of each condition label, the same in every figure.
 
-    Labels as :func:`onpolicy_lib.analysis.condition_label` makes them: "teacher (fp32)" (or
+    Labels as :func:`onpolicy_lib.analysis.condition_label` makes them: "teacher (Q4_1 GGUF)" (or
     "teacher") is dark grey, "PTQ int4 g64" light grey, a student its λ's colour (:func:`lambda_color`,
     λ read from the label or from ``lmbda``, label -> λ, for labels such as run names that do not
     spell it); "off-policy"/"on-policy" are λ=0/λ=1. Labels with no λ get the remaining colours in
@@ -302,5 +302,46 @@ def plot_compute_cost(w: pd.DataFrame, quality: str, quality_label: str) -> plt.
     sns.scatterplot(data, x="wall_time_s", y=quality, hue=hue, style=hue, hue_order=order, style_order=order,
                     palette=palette, s=70, ax=axes[1])
     axes[1].set(xlabel="training wall time (s)", ylabel=quality_label, title="quality vs compute")
+    fig.tight_layout()
+    return fig
+
+
+def plot_comparisons(table: pd.DataFrame, names: Mapping[str, str], title: str = "") -> plt.Figure:
+    """Each comparison's difference per metric with its 95% interval (``analysis.compare_conditions``).
+
+    One panel per metric (their scales differ); a zero line; a filled marker where the interval
+    excludes zero. Each comparison is drawn in the colour of its higher-λ condition.
+    """
+    metrics = list(dict.fromkeys(table["metric"]))
+    comparisons = list(dict.fromkeys(table["comparison"]))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(2.6 * len(metrics) + 1, 0.5 * len(comparisons) + 1.6),
+                             sharey=True, squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        part = table[table["metric"] == metric].set_index("comparison").reindex(comparisons)
+        for y, (label, row) in enumerate(part.iterrows()):
+            if pd.isna(row["delta"]):
+                continue
+            color = lambda_color(label_lambda(label.split("−")[0]) or 0.0)
+            ax.errorbar(row["delta"], y, xerr=[[row["delta"] - row["ci_low"]], [row["ci_high"] - row["delta"]]],
+                        fmt="o", color=color, mfc=color if row["resolved"] else "white", capsize=3)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set(title=names.get(metric, metric), yticks=range(len(comparisons)), yticklabels=comparisons)
+        ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle(title or "differences with 95% intervals (filled: the interval excludes zero)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_heldout_curves(curves: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Held-out divergence against training step, one line per run, coloured by λ."""
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for (_run, lmbda), part in curves.groupby(["run", "lmbda"], sort=True):
+        ax.plot(part["step"], part["loss"], color=lambda_color(lmbda), lw=1.2, alpha=0.85, marker=".",
+                label=f"λ={format_value(lmbda)}")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    ax.legend(unique.values(), unique.keys(), fontsize=8)
+    ax.set(xlabel="training step", ylabel="held-out divergence (dataset completions)",
+           title=title or "held-out divergence during training")
     fig.tight_layout()
     return fig

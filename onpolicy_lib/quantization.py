@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -190,16 +191,56 @@ def prepare_qat(model: nn.Module, quant_type: str, group_size: int) -> nn.Module
     return model
 
 
-def _expected_weight_fq_config(config: AOBaseConfig) -> Any:
-    # Let torchao derive the fake-quant config from a probe layer rather than calling
-    # its private inference helper; quantize_ cannot swap a root module, hence the wrapper.
+def _fake_quantizer(config: AOBaseConfig) -> nn.Module:
+    """The weight fake quantizer torchao's QAT derives from ``config`` (from a probe layer, rather
+    than its private inference helper; quantize_ cannot swap a root module, hence the wrapper)."""
     if isinstance(config, Int4WeightOnlyConfig):
         group_size = config.group_size
     else:
         group_size = config.granularity.group_size
     probe = nn.Sequential(nn.Linear(group_size, 1, bias=False))
     quantize_(probe, QATConfig(config, step="prepare"))
-    return probe[0].weight_fake_quantizer.config
+    return probe[0].weight_fake_quantizer
+
+
+def _expected_weight_fq_config(config: AOBaseConfig) -> Any:
+    return _fake_quantizer(config).config
+
+
+# Below this relative weight error a student scheme barely differs from its teacher: warned about.
+NEAR_TEACHER_ERROR = 0.01
+
+
+@torch.no_grad()
+def weight_error(model: nn.Module, quant_type: str, group_size: int) -> float:
+    """Relative error ``||W - Q(W)|| / ||W||`` of the scheme over every layer the student quantizes.
+
+    Zero means the scheme reproduces the model's own weight grid exactly: a teacher that was itself
+    quantized on that grid (a GGUF checkpoint, say) would be its own student.
+    """
+    quantizer = _fake_quantizer(_checked_config(model, quant_type, group_size))
+    quantizer.to(_model_device(model))
+    diff = norm = 0.0
+    for _, mod in _quantizable_layers(model):
+        weight = (mod.weight.dequantize() if _is_quantized_weight(mod.weight) else mod.weight).float()
+        diff += float((weight - quantizer(weight)).pow(2).sum())
+        norm += float(weight.pow(2).sum())
+    return math.sqrt(diff / norm) if norm else 0.0
+
+
+def check_distinct_from_teacher(teacher: nn.Module, quant_type: str, group_size: int) -> float:
+    """The scheme's :func:`weight_error` against the teacher; refuses a scheme that reproduces the
+    teacher exactly (nothing to distil, nothing to compare) and warns when it comes close."""
+    error = weight_error(teacher, quant_type, group_size)
+    scheme = f"quant_type={quant_type!r} group_size={group_size}"
+    if error < 1e-7:
+        raise QuantizationError(f"{scheme} reproduces the teacher's own weight grid exactly (relative weight error "
+                                f"{error:.1e}): the student would be the teacher; choose another quant_type or "
+                                "group_size")
+    if error < NEAR_TEACHER_ERROR:
+        warnings.warn(f"{scheme} is within {error:.4f} relative weight error of the teacher (below "
+                      f"{NEAR_TEACHER_ERROR}): the student starts almost identical to it", stacklevel=2)
+    return error
 
 
 def _describe(fq_config: Any) -> str:

@@ -34,13 +34,19 @@ def ptq_label(quant_type: str | None, group_size: int | None) -> str:
     return f"PTQ {quant_type} g{group_size}"
 
 
+def teacher_label(result: dict[str, Any]) -> str:
+    """"teacher (Q4_1 GGUF)": the teacher with its effective precision, wherever it is named."""
+    precision = result.get("precision", {}).get("label")
+    return f"teacher ({precision})" if precision else "teacher"
+
+
 def baselines(evaluation: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
     """(role, label, result) of the teacher and PTQ results an eval.json carries."""
     out = []
     for role, result in evaluation.get("baselines", {}).items():
         key = result.get("key", {})
-        out.append((role, "teacher" if role == "teacher" else ptq_label(key.get("quant_type"), key.get("group_size")),
-                    result))
+        out.append((role, teacher_label(result) if role == "teacher" else
+                    ptq_label(key.get("quant_type"), key.get("group_size")), result))
     return out
 
 
@@ -116,7 +122,10 @@ def collect(roots: str | Path | Iterable[str | Path] = "outputs") -> pd.DataFram
         if not values and not evaluation:
             rows.append({**base, "role": "student", "metric": None, "value": None, "stderr": None})
         for role, label, result in baselines(evaluation):
-            digest = hashlib.sha256(json.dumps(result.get("key"), sort_keys=True).encode()).hexdigest()[:12]
+            # PTQ fidelity depends on the run's setting (held-out examples, rollout length), so it is
+            # part of what makes a baseline row distinct.
+            identity = {"key": result.get("key"), "fidelity": result.get("fidelity", {}).get("config")}
+            digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
             if (sweep, digest) in seen_baselines:
                 continue
             seen_baselines.add((sweep, digest))
@@ -151,6 +160,31 @@ def per_example(roots: str | Path | Iterable[str | Path] = "outputs") -> pd.Data
                     rows.append({"sweep": sweep, "run": run, "role": role, **cfg, "task": task,
                                  "subject": sample.get("subject"), "doc_id": sample["doc_id"],
                                  **{m: sample[m] for m in BENCHMARK_METRICS if m in sample}})
+    return pd.DataFrame(rows)
+
+
+def per_example_fidelity(roots: str | Path | Iterable[str | Path] = "outputs") -> pd.DataFrame:
+    """One row per (sweep, run or PTQ baseline, fidelity metric, held-out example): ``value``, ``source``.
+
+    PTQ baselines appear once per run, labelled by that run: each run's PTQ fidelity is on its own
+    held-out examples and generation settings.
+    """
+    rows: list[dict[str, Any]] = []
+    for sweep, run_dir, train in find_runs(roots):
+        evaluation = Run(run_dir).evaluation
+        if not evaluation:
+            continue
+        config = {k: train.get(k) for k in CONFIG_FIELDS}
+        models = [("student", run_dir.name, evaluation.get("student", {}))]
+        if "ptq" in evaluation.get("baselines", {}):
+            models.append(("ptq", run_dir.name, evaluation["baselines"]["ptq"]))
+        for role, run, result in models:
+            for example in result.get("fidelity", {}).get("per_example", []):
+                for metric in fidelity.METRICS:
+                    if metric in example:
+                        rows.append({"sweep": sweep, "run": run, "role": role, **config, "metric": metric,
+                                     "id": example["id"], "source": example.get("source"),
+                                     "value": example[metric]})
     return pd.DataFrame(rows)
 
 

@@ -133,6 +133,15 @@ class Run:
         train = {r["step"]: r for r in records if "loss" in r}
         return [train[s] for s in sorted(train)]
 
+    def eval_log(self) -> list[dict[str, Any]]:
+        """The periodic held-out divergence (``eval_steps``) as ``{"step", "loss"}``, one per step."""
+        path = self.file(self.LOG)
+        if not path.is_file():
+            return []
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        evals = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
+        return [{"step": step, "loss": evals[step]} for step in sorted(evals)]
+
     @property
     def losses(self) -> list[float]:
         return [s["loss"] for s in (self.metrics or {}).get("steps", [])]

@@ -20,11 +20,21 @@ from onpolicy_lib.rundir import Run, write_json
 
 
 def build_student(teacher: PreTrainedModel, quant_type: str, group_size: int, lora_r: int | None = None,
-                  lora_alpha: int = 16, lora_dropout: float = 0.05) -> torch.nn.Module:
-    """A fake-quantized copy of the teacher, with LoRA adapters when ``lora_r`` is set."""
+                  lora_alpha: int = 16, lora_dropout: float = 0.05,
+                  train_embeddings: bool = True) -> torch.nn.Module:
+    """A fake-quantized copy of the teacher, with LoRA adapters when ``lora_r`` is set.
+
+    The embedding and output-head matrices are not quantized (the head is kept in full precision;
+    many models tie the two). ``train_embeddings=False`` freezes them, so training only moves the
+    weights the student quantizes (with LoRA they are frozen in any case).
+    """
     student = copy.deepcopy(teacher)
     # The teacher may already be frozen (a trainer sets requires_grad=False on it); the copy must train.
     student.requires_grad_(True)
+    if not train_embeddings:
+        for module in (student.get_input_embeddings(), student.get_output_embeddings()):
+            if module is not None:
+                module.requires_grad_(False)
     quantization.prepare_qat(student, quant_type, group_size)
     if lora_r is not None:
         from peft import LoraConfig, get_peft_model

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import platform
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,15 @@ import transformers
 from onpolicy_lib import data, quantization
 from onpolicy_lib.config import TrainConfig, portable_path
 from onpolicy_lib.distill import DistillConfig, DistillTrainer
-from onpolicy_lib.metrics import MetricsRecorder, summarise
-from onpolicy_lib.models import default_dtype, load_model, load_skeleton, load_tokenizer, resolve_device
+from onpolicy_lib.metrics import MetricsRecorder, machine_description, summarise
+from onpolicy_lib.models import (
+    default_dtype,
+    load_model,
+    load_skeleton,
+    load_tokenizer,
+    resolve_device,
+    teacher_precision,
+)
 from onpolicy_lib.rundir import Run
 from onpolicy_lib.student import build_student, save_student
 
@@ -59,7 +67,8 @@ def distill_args(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Disti
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_steps=cfg.max_steps,
         warmup_steps=int(cfg.warmup_ratio * cfg.max_steps), weight_decay=cfg.weight_decay,
         logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, save_total_limit=1,
-        eval_strategy="no", report_to=[], remove_unused_columns=False, dataloader_num_workers=0,
+        eval_strategy="steps" if cfg.eval_steps else "no", eval_steps=cfg.eval_steps, report_to=[],
+        remove_unused_columns=False, dataloader_num_workers=0,
         use_cpu=device.type == "cpu", bf16=device.type == "cuda", disable_tqdm=False,
     )
 
@@ -78,27 +87,37 @@ def train(cfg: TrainConfig) -> Run:
     del skeleton
 
     device = resolve_device(cfg.device)
-    record: dict[str, Any] = {"train": record_config(cfg), "versions": versions(), "device": str(device)}
+    record: dict[str, Any] = {"train": record_config(cfg), "versions": versions(), "device": str(device),
+                              "machine": machine_description(device),
+                              "teacher": teacher_precision(cfg.model_name)}
     run.write_record(record)  # claims the directory before the slow part
 
     tokenizer = load_tokenizer(cfg.model_name)
     datasets.disable_progress_bars()  # seconds of work; the bars would flood rendered notebooks
     train_chat, heldout_chat = data.load_chat_dataset(cfg.dataset_name)
     train_set, filter_counts = data.tokenize_for_distillation(train_chat, tokenizer, cfg.max_length,
-                                                              cfg.max_new_tokens)
-    heldout_set, _ = data.tokenize_for_distillation(heldout_chat, tokenizer, cfg.max_length, cfg.max_new_tokens)
-    heldout_set = heldout_set.select(range(min(cfg.heldout_eval_size, len(heldout_set))))
+                                                              cfg.min_completion_tokens)
+    heldout_all, heldout_counts = data.tokenize_for_distillation(heldout_chat, tokenizer, cfg.max_length,
+                                                                 cfg.min_completion_tokens)
+    heldout_set = data.stratified_sample(heldout_all, cfg.heldout_eval_size)
     if len(train_set) == 0:
-        raise ValueError(f"dataset_name {cfg.dataset_name!r}: no example survives filtering "
-                         f"at max_length={cfg.max_length}, max_new_tokens={cfg.max_new_tokens}: {filter_counts}")
+        raise ValueError(f"dataset_name {cfg.dataset_name!r}: no example survives filtering at "
+                         f"max_length={cfg.max_length}, min_completion_tokens={cfg.min_completion_tokens}: "
+                         f"{filter_counts}")
 
     transformers.set_seed(cfg.seed)  # LoRA initialisation and everything after it
     teacher = load_model(cfg.model_name, device=device)
-    student = build_student(teacher, cfg.quant_type, group_size, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+    error = quantization.check_distinct_from_teacher(teacher, cfg.quant_type, group_size)
+    student = build_student(teacher, cfg.quant_type, group_size, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                            train_embeddings=cfg.train_embeddings)
     record["resolved"] = {"group_size": group_size, "dtype": str(default_dtype(device)),
+                          "weight_error_vs_teacher": round(error, 6),
                           "train_examples": len(train_set), "heldout_eval_examples": len(heldout_set),
+                          "heldout_sources": dict(sorted(Counter(heldout_set["source"]).items()))
+                          if "source" in heldout_set.column_names else {},
+                          "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
                           "quantization": quantization.quantization_summary(student)}
-    record["filter_counts"] = filter_counts
+    record["filter_counts"] = {"train": filter_counts, "heldout": heldout_counts}
     run.write_record(record)
 
     recorder = MetricsRecorder(run)
@@ -117,6 +136,7 @@ def train(cfg: TrainConfig) -> Run:
         shutil.rmtree(checkpoint)  # optimizer state is only needed to resume; the student is saved
     metrics = summarise(recorder, trainer.unlogged_stats(), device, {
         "heldout_loss_before": eval_before["heldout_loss"], "heldout_loss_after": eval_after["heldout_loss"],
+        "heldout_curve": [{"step": 0, "loss": eval_before["heldout_loss"]}, *run.eval_log()],
         "heldout_examples": len(heldout_set), "train_examples": len(train_set), "group_size": group_size,
         "resumed_from": run.checkpoint.name if run.checkpoint else None,
     })

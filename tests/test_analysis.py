@@ -25,9 +25,12 @@ def _model_result(rng: np.random.Generator, p: float, docs: int = 40) -> dict:
                    for i, c in enumerate(correct)]
         tasks[task] = {"acc": correct.mean(), "acc_stderr": correct.std(ddof=1) / np.sqrt(docs),
                        "acc_norm": correct.mean(), "acc_norm_stderr": 0.05, "n": docs, "samples": samples}
+    per_example = [{"id": f"h{i}", "source": "math" if i % 2 else "code", "forward_kl": 1 - p + rng.normal(0, 0.05),
+                    "forward_kl_matched": 1 - p, "top1_agreement": p, "reverse_kl_on_policy": 1 - p,
+                    "teacher_nll_of_student_greedy": 1 - p / 2} for i in range(12)]
     return {"benchmarks": {"tasks": tasks}, "perplexity": {"perplexity": 40 / p},
             "fidelity": {"forward_kl": 1 - p, "top1_agreement": p, "reverse_kl_on_policy": 1 - p,
-                         "teacher_nll_of_student_greedy": 1 - p / 2}, "seconds": 10.0}
+                         "teacher_nll_of_student_greedy": 1 - p / 2, "per_example": per_example}, "seconds": 10.0}
 
 
 def make_outputs(root: Path, sweep: str, grid: list[dict], seed: int = 0) -> None:
@@ -46,7 +49,8 @@ def make_outputs(root: Path, sweep: str, grid: list[dict], seed: int = 0) -> Non
         (run / "metrics.json").write_text(json.dumps({
             "steps": steps, "wall_time_s": 100 + 50 * values.get("lmbda", 0), "median_step_s": 1.0,
             "tokens_generated": 300 * values.get("lmbda", 0), "tokens_trained": 1000, "rollout_seconds": 5.0,
-            "peak_memory_mb": 1.0, "heldout_loss_before": 0.1, "heldout_loss_after": 0.05}))
+            "peak_memory_mb": 1.0, "heldout_loss_before": 0.1, "heldout_loss_after": 0.05,
+            "heldout_curve": [{"step": s, "loss": 0.1 / (1 + s)} for s in (0, 5, 10)]}))
         p = 0.45 + 0.05 * values.get("lmbda", 0)
         (run / "eval.json").write_text(json.dumps({"student": _model_result(rng, p),
                                                    "baselines": {"teacher": teacher, "ptq": ptq}}))
@@ -89,7 +93,7 @@ def test_condition_table_and_collection(tmp_path):
     assert df[df["role"] == "teacher"]["run"].unique().tolist() == ["teacher"]  # once, not once per run
     w = analysis.with_average(results.wide(df))
     table = analysis.condition_table(w)
-    assert list(table.index) == ["teacher (fp32)", "PTQ int4 g64", "λ=0", "λ=1"]
+    assert list(table.index) == ["teacher", "PTQ int4 g64", "λ=0", "λ=1"]
     students = w[(w["role"] == "student") & (w["lmbda"] == 1)]
     assert table.loc["λ=1", ("average", "mean")] == pytest.approx(students["average"].mean())
     assert table.loc["λ=1", ("mmlu/acc", "sd")] == pytest.approx(students["mmlu/acc"].std(ddof=1))
@@ -119,8 +123,65 @@ def test_analysis_notebook_renders_every_section(tmp_path):
                         parameters={"outputs": [str(tmp_path)], "figures_dir": str(tmp_path / "fig"),
                                     "n_boot": 500})
     text = out.read_text()
-    assert "paired documents" in text and "varies: lmbda, learning_rate, max_steps" in text
-    for name in ("main_comparison", "lr_learning_rate", "lr_extended_training", "compute_cost", "seeds_bootstrap",
-                 "distribution_mismatch", "gap_to_teacher_vs_original"):
+    assert "differences resolved" in text and "varies: lmbda, learning_rate, max_steps" in text
+    for name in ("main_comparison", "lr_learning_rate", "lr_extended_training", "compute_cost", "seeds_comparisons",
+                 "heldout_curves", "distribution_mismatch", "gap_to_teacher_vs_original"):
         for ext in ("png", "svg"):
             assert (tmp_path / "fig" / f"{name}.{ext}").stat().st_size > 0, name
+
+
+def _reference_hierarchical(pe, a_runs, b_runs, n_boot, seed):
+    """The same resampling written as explicit loops: per replicate, draw runs of each condition, then
+    documents per task, and average the per-document differences (rng draws in the same order)."""
+    rng = np.random.default_rng(seed)
+    tasks = [t for t in TASKS if t in set(pe["task"])]
+    table = pe.pivot_table(index=["task", "doc_id"], columns="run", values="acc")
+    w_a = rng.multinomial(len(a_runs), np.full(len(a_runs), 1 / len(a_runs)), size=n_boot)
+    w_b = rng.multinomial(len(b_runs), np.full(len(b_runs), 1 / len(b_runs)), size=n_boot)
+    out = np.zeros(n_boot)
+    for task in tasks:
+        docs = table.xs(task, level=0)
+        counts = rng.multinomial(len(docs), np.full(len(docs), 1 / len(docs)), size=n_boot)
+        for r in range(n_boot):
+            total = 0.0
+            for d in range(len(docs)):
+                for _ in range(counts[r, d]):
+                    mean_b = sum(w_b[r, i] * docs.iloc[d][run] for i, run in enumerate(b_runs)) / len(b_runs)
+                    mean_a = sum(w_a[r, i] * docs.iloc[d][run] for i, run in enumerate(a_runs)) / len(a_runs)
+                    total += mean_b - mean_a
+            out[r] += total / len(docs) / len(tasks)
+    return out
+
+
+def test_hierarchical_bootstrap_equals_the_direct_computation():
+    rng = np.random.default_rng(1)
+    rows = []
+    runs = {0: ["a1", "a2", "a3"], 1: ["b1", "b2"]}
+    for lmbda, names in runs.items():
+        for k, run in enumerate(names):
+            for task, n in (("hellaswag", 7), ("mmlu", 5)):
+                for doc in range(n):
+                    rows.append({"run": run, "role": "student", "lmbda": lmbda, "task": task, "subject": None,
+                                 "doc_id": doc, "acc": float(rng.random() < 0.4 + 0.1 * lmbda + 0.05 * k)})
+    pe = pd.DataFrame(rows)
+    got = analysis.hierarchical_bootstrap(pe, {"lmbda": 0}, {"lmbda": 1}, n_boot=50, seed=3)
+    want = _reference_hierarchical(pe, runs[0], runs[1], n_boot=50, seed=3)
+    np.testing.assert_allclose(got.samples, want, rtol=1e-12, atol=1e-12)
+    assert (got.seeds_a, got.seeds_b, got.documents) == (3, 2, 12)
+
+
+def test_hierarchical_bootstrap_widens_with_seed_variance():
+    # Two seeds per condition that disagree wildly, documents that agree: a document-only bootstrap
+    # sees almost no noise, the hierarchical one sees the seeds.
+    rows = []
+    for lmbda, accs in ((0, (0.2, 0.8)), (1, (0.3, 0.9))):
+        for k, p in enumerate(accs):
+            for doc in range(200):
+                rows.append({"run": f"{lmbda}-{k}", "role": "student", "lmbda": lmbda, "task": "arc_easy",
+                             "subject": None, "doc_id": doc, "acc": float(doc < 200 * p)})
+    pe = pd.DataFrame(rows)
+    docs_only = analysis.paired_bootstrap(pe, {"lmbda": 0}, {"lmbda": 1}, n_boot=2000)
+    both = analysis.hierarchical_bootstrap(pe, {"lmbda": 0}, {"lmbda": 1}, n_boot=2000)
+    assert both.delta == pytest.approx(docs_only.delta) == pytest.approx(0.1)
+    assert (both.ci_high - both.ci_low) > 3 * (docs_only.ci_high - docs_only.ci_low)
+    assert not both.significant

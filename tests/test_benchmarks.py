@@ -244,7 +244,7 @@ def write_reference_tasks(data: Path, out: Path, subjects: list[str]) -> None:
 
 
 def test_offline_scores_equal_plain_simple_evaluate(result, model, ascii_tokenizer, fake_root, tmp_path):
-    """Done-when: with limit fixed, the offline scores equal a plain simple_evaluate on the same data."""
+    """The offline scores equal a plain simple_evaluate on the same data and the same sampled documents."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -254,13 +254,18 @@ def test_offline_scores_equal_plain_simple_evaluate(result, model, ascii_tokeniz
     names = ["hellaswag", "arc_easy", "arc_challenge", "winogrande"] + [f"mmlu_{s}" for s in subjects]
     lm = HFLM(pretrained=model, tokenizer=ascii_tokenizer, batch_size=8)
     manager = TaskManager(include_path=str(tmp_path / "ref"), include_defaults=False)
-    ref = lm_eval.simple_evaluate(model=lm, tasks=[f"ref_{n}" for n in names[:4]], limit=LIMIT, log_samples=True,
+    got = result["tasks"]
+    chosen = {f"ref_{n}": sorted(s["doc_id"] for s in got[n]["samples"]) for n in names[:4]}
+    chosen.update({f"ref_{n}": sorted(s["doc_id"] for s in got["mmlu"]["samples"] if s["subject"] == n[5:])
+                   for n in names[4:]})
+    ref = lm_eval.simple_evaluate(model=lm, tasks=[f"ref_{n}" for n in names[:4]], log_samples=True,
+                                  samples={k: v for k, v in chosen.items() if k[4:] in names[:4]},
                                   task_manager=manager)
-    ref_mmlu = lm_eval.simple_evaluate(model=lm, tasks=[f"ref_{n}" for n in names[4:]], limit=MMLU_LIMIT,
-                                       log_samples=True, task_manager=manager)
+    ref_mmlu = lm_eval.simple_evaluate(model=lm, tasks=[f"ref_{n}" for n in names[4:]], log_samples=True,
+                                       samples={k: v for k, v in chosen.items() if k[4:] in names[4:]},
+                                       task_manager=manager)
     for key in ("results", "samples"):
         ref[key].update(ref_mmlu[key])
-    got = result["tasks"]
     for name in names:
         mine = got["mmlu"]["subjects"][name.removeprefix("mmlu_")] if name.startswith("mmlu_") else got[name]
         theirs = ref["results"][f"ref_{name}"]
@@ -297,7 +302,22 @@ def test_per_example_correctness_matches_the_aggregates(result):
     for name in ("hellaswag", "arc_easy", "arc_challenge"):
         assert "acc_norm" in tasks[name] and all("acc_norm" in s for s in tasks[name]["samples"])
     assert "acc_norm" not in tasks["winogrande"] and "acc_norm" not in tasks["mmlu"]  # as stock
-    assert [s["doc_id"] for s in tasks["arc_easy"]["samples"]] == list(range(LIMIT))
+    # A seeded random sample of each split, its document ids recorded (the same for every model).
+    sizes = {"arc_easy": 6, "hellaswag": 6}
+    chosen = benchmarks.sample_documents(sizes, {"arc_easy": LIMIT, "hellaswag": LIMIT}, 1234)
+    assert [s["doc_id"] for s in tasks["arc_easy"]["samples"]] == chosen["arc_easy"]
+    assert [s["doc_id"] for s in tasks["hellaswag"]["samples"]] == chosen["hellaswag"]
+    assert result["config"]["sample_seed"] == 1234
+
+
+def test_document_samples_are_seeded_uniform_and_complete_when_asked():
+    sizes = {"a": 100, "b": 100, "c": 5}
+    one = benchmarks.sample_documents(sizes, {"a": 10, "b": 10, "c": None}, seed=1)
+    assert one == benchmarks.sample_documents(sizes, {"a": 10, "b": 10, "c": None}, seed=1)
+    assert len(one["a"]) == 10 and one["a"] != one["b"] and one["a"] != list(range(10))  # not the first ten
+    assert one["c"] == list(range(5))  # None: the whole split
+    assert benchmarks.sample_documents(sizes, {"a": 10}, seed=2)["a"] != one["a"]
+    assert benchmarks.sample_documents({"a": 3}, {"a": 10}, seed=1)["a"] == [0, 1, 2]
 
 
 def test_mmlu_is_the_stock_group_with_a_limit_per_subject(result):

@@ -12,13 +12,16 @@ from datasets import Dataset, DatasetDict
 
 from onpolicy_lib import assets
 from onpolicy_lib.data import (
+    HELDOUT_PER_SOURCE,
     MINERVA_TASKS,
     OFFLINE_MIXTURE,
     SOURCES,
     build_offline_mixture,
     check_dataset_name,
+    filter_reason,
     load_chat_dataset,
     mixture_cache_path,
+    stratified_sample,
     tokenize_for_distillation,
 )
 
@@ -58,6 +61,7 @@ def make_fake_root(root: Path, n: int = 20) -> Path:
     model = assets.packaged_model_dir(root)
     model.mkdir(parents=True)
     (model / "model.safetensors").write_bytes(b"")
+    (model / assets.PRECISION_FILE).write_text("{}")
     assets.hf_datasets_dir(root).mkdir(parents=True)
 
     gsm = [_req(i, i, {"question": f"Q{i}?", "choices": [f"Work {i}. So the answer is {i}."]})
@@ -179,9 +183,11 @@ def test_mixture_sources_render_docs(fake_root: Path) -> None:
     assert len({len(m) for m in coqa.values()}) > 1  # conversation lengths vary
 
 
-def test_mixture_is_cached_on_disk(fake_root: Path) -> None:
+def test_mixture_is_cached_on_disk(tmp_path: Path) -> None:
+    # More documents per source than the default held-out share, so the default mixture has a train split.
+    fake_root = make_fake_root(tmp_path / "cache", n=HELDOUT_PER_SOURCE + 10)
     first = build_offline_mixture(fake_root)
-    assert mixture_cache_path(fake_root, 1000, 16).is_dir()
+    assert mixture_cache_path(fake_root, 1000, HELDOUT_PER_SOURCE).is_dir()
     # Break the source files: cached loads must not read them.
     for p in assets.task_docs_dir(fake_root).rglob("requests.jsonl.gz"):
         p.write_bytes(gzip.compress(b""))
@@ -305,7 +311,7 @@ def _prompt_len(user: str) -> int:
 def test_tokenize_ids_and_eos_truncation() -> None:
     tok = char_tokenizer()
     ds = Dataset.from_list([_chat("hello", "world", "src")])
-    out, counts = tokenize_for_distillation(ds, tok, max_length=64, max_new_tokens=8)
+    out, counts = tokenize_for_distillation(ds, tok, max_length=64, min_completion_tokens=4)
     assert out.column_names == ["source", "id", "prompt_ids", "completion_ids"]
     row = out[0]
     assert tok.decode(row["prompt_ids"]) == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
@@ -319,48 +325,88 @@ def test_tokenize_multi_turn_prompt_holds_history() -> None:
     tok = char_tokenizer()
     msgs = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
             {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
-    out, _ = tokenize_for_distillation(Dataset.from_list([{"messages": msgs}]), tok, 128, 8)
+    out, _ = tokenize_for_distillation(Dataset.from_list([{"messages": msgs}]), tok, 128, 2)
     assert tok.decode(out[0]["prompt_ids"]).endswith("a1<|im_end|>\n<|im_start|>user\nq2<|im_end|>\n"
                                                       "<|im_start|>assistant\n")
     assert tok.decode(out[0]["completion_ids"]) == "a2<|im_end|>"
     assert out.column_names == ["prompt_ids", "completion_ids"]
 
 
-def test_tokenize_filter_reasons_exact_counts() -> None:
+def original_filter(prompt_len: int, full_len: int, completion_len: int, max_length: int, m: int) -> bool:
+    """The original study's ``filter_dataset`` rules, written out as its code states them."""
+    return (prompt_len < max_length - m and min(full_len, max_length) - prompt_len >= m
+            and completion_len < max_length)
+
+
+def test_filter_matches_the_original_rules_on_constructed_lengths() -> None:
+    for max_length in (20, 64):
+        for m in (1, 4, 8):
+            for prompt_len in range(0, max_length + 3):
+                for completion_len in range(0, max_length + 3):
+                    kept = filter_reason(prompt_len, completion_len, max_length, m) == ""
+                    assert kept == original_filter(prompt_len, prompt_len + completion_len, completion_len,
+                                                   max_length, m), (prompt_len, completion_len, max_length, m)
+
+
+def test_tokenize_filter_reasons_exact_counts_and_truncation() -> None:
     tok = char_tokenizer()
-    max_length, max_new = 60, 10
-    ok_user = "x" * (max_length - max_new - _prompt_len(""))  # exactly at the prompt boundary
+    max_length, m = 60, 6
+    ok_user = "x" * (max_length - m - 1 - _prompt_len(""))  # the longest prompt kept: max_length - m - 1
     rows = [
-        _chat("fine", "yes"),
-        # prompt + completion (incl. eos) == max_length: kept
+        _chat("fine", "yes please"),  # 10 + eos = 11 completion tokens: kept
+        # prompt + completion (incl. eos) == max_length: kept whole
         _chat(ok_user, "y" * (max_length - _prompt_len(ok_user) - 1)),
+        # over max_length but with >= m completion tokens within it: kept, truncated to max_length
+        _chat("short", "z" * 45),
         _chat("", "answer"),  # empty_turn
         _chat("question", " \n\t"),  # empty_turn (whitespace-only)
         {"messages": [{"role": "user", "content": "only a user turn"}], "source": "s", "id": "u"},
-        _chat(ok_user + "x", "y"),  # prompt_too_long by one token
+        _chat(ok_user + "x", "y" * 10),  # prompt_too_long by one token
         _chat("x" * 200, "y"),  # prompt_too_long
-        _chat(ok_user, "y" * (max_length - _prompt_len(ok_user))),  # completion_too_long by one token
-        _chat("short", "z" * 100),  # completion_too_long
+        _chat("fine", "abcd"),  # completion_too_short: 5 tokens with eos
+        _chat("tiny", "z" * 60),  # completion_too_long: the completion alone fills max_length
     ]
-    out, counts = tokenize_for_distillation(Dataset.from_list(rows), tok, max_length, max_new)
-    assert counts == {"total": 9, "last_not_assistant": 1, "empty_turn": 2, "prompt_too_long": 2,
-                      "completion_too_long": 2, "kept": 2, "template_fallback": 0}
-    assert len(out) == 2
-    assert len(out[1]["prompt_ids"]) + max_new == max_length
-    assert len(out[1]["prompt_ids"]) + len(out[1]["completion_ids"]) == max_length
+    out, counts = tokenize_for_distillation(Dataset.from_list(rows), tok, max_length, m)
+    assert counts == {"total": 10, "last_not_assistant": 1, "empty_turn": 2, "prompt_too_long": 2,
+                      "completion_too_short": 1, "completion_too_long": 1, "kept": 3, "truncated": 1,
+                      "template_fallback": 0}
+    lengths = [(len(r["prompt_ids"]), len(r["completion_ids"])) for r in out]
+    assert lengths[1][0] == max_length - m - 1 and sum(lengths[1]) == max_length
+    truncated = out[2]
+    assert len(truncated["prompt_ids"]) + len(truncated["completion_ids"]) == max_length
+    assert truncated["completion_ids"][-1] != tok.eos_token_id  # its tail, EOS included, was cut
+
+
+def test_filter_does_not_depend_on_the_rollout_length() -> None:
+    # The filter has no max_new_tokens: a rollout-length sweep trains and holds out the same examples.
+    import inspect
+
+    assert "max_new_tokens" not in inspect.signature(tokenize_for_distillation).parameters
 
 
 def test_tokenize_falls_back_when_template_not_prefix_consistent() -> None:
     tok = char_tokenizer(ODD_TEMPLATE)
-    out, counts = tokenize_for_distillation(Dataset.from_list([_chat("hi", "there")]), tok, 64, 8)
+    out, counts = tokenize_for_distillation(Dataset.from_list([_chat("hi", "there")]), tok, 64, 4)
     assert counts["template_fallback"] == 1 and counts["kept"] == 1
     assert tok.decode(out[0]["prompt_ids"]) == "[user] hi<|im_end|>\n[bot] "
     assert tok.decode(out[0]["completion_ids"]) == "there<|im_end|>"
 
 
 def test_tokenize_rejects_bad_budget() -> None:
-    with pytest.raises(ValueError, match="max_new_tokens"):
+    with pytest.raises(ValueError, match="min_completion_tokens"):
         tokenize_for_distillation(Dataset.from_list([_chat("a", "b")]), char_tokenizer(), 16, 16)
+
+
+def test_stratified_sample_spreads_over_sources_with_a_fixed_seed() -> None:
+    rows = [_chat(f"q{i}", "a", source) for source, n in (("math", 30), ("code", 12), ("qa", 3)) for i in range(n)]
+    ds = Dataset.from_list(rows)
+    sample = stratified_sample(ds, 12)
+    assert len(sample) == 12 and sample["id"] == stratified_sample(ds, 12)["id"]  # fixed seed
+    counts = {s: sample["source"].count(s) for s in ("math", "code", "qa")}
+    assert counts["qa"] == 3 and {counts["math"], counts["code"]} == {4, 5}  # even, until a source runs out
+    everything = stratified_sample(ds, 1000)
+    assert sorted(everything["id"]) == sorted(ds["id"])  # a sample larger than the set is all of it
+    assert stratified_sample(ds, 12, seed=1)["id"] != sample["id"]
 
 
 # --------------------------------------------------------------------------
@@ -374,9 +420,11 @@ def test_real_offline_mixture() -> None:
     from transformers import AutoTokenizer
 
     train, heldout = load_chat_dataset(OFFLINE_MIXTURE)
-    assert set(heldout["source"]) == set(SOURCES) and len(heldout) == 16 * len(SOURCES)
+    assert set(heldout["source"]) == set(SOURCES) and len(heldout) == HELDOUT_PER_SOURCE * len(SOURCES)
     assert not set(train["id"]) & set(heldout["id"])
     tok = AutoTokenizer.from_pretrained(str(assets.packaged_model_dir()))
-    out, counts = tokenize_for_distillation(heldout, tok, max_length=512, max_new_tokens=32)
-    assert counts["kept"] > len(heldout) // 2 and counts["template_fallback"] == 0
-    assert all(r[-1] == tok.eos_token_id for r in out["completion_ids"])
+    out, counts = tokenize_for_distillation(heldout, tok, max_length=512)
+    # The original's 32-token completion minimum keeps the math and code sources (long answers).
+    assert {"gsm8k", "minerva_math", "codex_mbpp"} <= set(out["source"]) and counts["template_fallback"] == 0
+    whole = [c for p, c in zip(out["prompt_ids"], out["completion_ids"], strict=True) if len(p) + len(c) < 512]
+    assert whole and all(c[-1] == tok.eos_token_id for c in whole)  # only truncated ones lose their EOS

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def run_dir(tmp_path, tiny_model_dir, tiny_dataset_dir):
     cfg = TrainConfig(model_name=str(tiny_model_dir), dataset_name=str(tiny_dataset_dir), group_size=32,
-                      max_steps=2, max_length=96, max_new_tokens=6, lmbda=0.0, heldout_eval_size=2,
+                      max_steps=2, max_length=96, max_new_tokens=6, min_completion_tokens=4, lmbda=0.0,
+                      heldout_eval_size=2,
                       output_dir=str(tmp_path / "run"), device="cpu")
     return train(cfg).path
 
@@ -65,8 +66,9 @@ def test_teacher_and_ptq_are_cached_across_calls(tmp_path, run_dir, monkeypatch)
 
     monkeypatch.setattr(evaluate, "evaluate_model", counting)
     table = evaluate_runs(light([run_dir], tmp_path))
-    assert list(table["model"]) == ["teacher", "PTQ int4 g32", "run"]
-    assert len(calls) == 3
+    # The teacher is named with its precision; PTQ's fidelity is computed on the run's own setting.
+    assert list(table["model"]) == ["teacher (float32)", "PTQ int4 g32", "run"]
+    assert len(calls) == 4  # teacher; PTQ benchmarks and perplexity; PTQ fidelity; the student
     record = json.loads((run_dir / "eval.json").read_text())
     assert record["student"]["fidelity"]["examples"] == 3
     assert record["scheme"]["quant_type"] == "int4"
@@ -77,7 +79,7 @@ def test_teacher_and_ptq_are_cached_across_calls(tmp_path, run_dir, monkeypatch)
     again = evaluate_runs(light([run_dir], tmp_path))
     assert len(calls) == 1, "teacher and PTQ come from the cache; only the student is evaluated"
     assert again.set_index("model").loc["PTQ int4 g32", "forward_kl"] == ptq["forward_kl"]
-    assert len(list((tmp_path / "cache").glob("*.json"))) == 2
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 3
 
 
 def test_lora_student_is_evaluated_in_both_forms(tmp_path, tiny_model, tiny_model_dir, tiny_dataset_dir):
@@ -86,7 +88,7 @@ def test_lora_student_is_evaluated_in_both_forms(tmp_path, tiny_model, tiny_mode
     save_student(student, run, str(tiny_model_dir), "int4", 32)
     (run / "config.json").write_text(json.dumps({"train": TrainConfig(
         model_name=str(tiny_model_dir), dataset_name=str(tiny_dataset_dir), max_length=96, max_new_tokens=6,
-        lora_r=4).to_dict()}))
+        min_completion_tokens=4, lora_r=4).to_dict()}))
     evaluate_runs(light([run], tmp_path, include_teacher=False, include_ptq=False))
     record = json.loads((run / "eval.json").read_text())
     assert {"student", "student_lora_adapter"} <= set(record)

@@ -18,7 +18,8 @@ from onpolicy_lib.quantization import quantize_ptq
 
 @pytest.fixture
 def heldout(tokenizer):
-    ds, _ = tokenize_for_distillation(Dataset.from_list(chat_rows(5)), tokenizer, max_length=96, max_new_tokens=8)
+    ds, _ = tokenize_for_distillation(Dataset.from_list(chat_rows(5)), tokenizer, max_length=96,
+                                      min_completion_tokens=4)
     return ds
 
 
@@ -105,3 +106,37 @@ def test_sliding_window_perplexity(tiny_model, tokenizer, max_length, stride):
 def test_perplexity_rejects_bad_windows(tiny_model, tokenizer):
     with pytest.raises(ValueError, match="stride"):
         sliding_window_perplexity(tiny_model, tokenizer, "abc", max_length=8, stride=9)
+
+
+def test_length_matched_and_per_source_metrics(tiny_model, student, tokenizer):
+    rows = [{**r, "source": "math" if i % 2 else "qa"} for i, r in enumerate(chat_rows(6))]
+    heldout, _ = tokenize_for_distillation(Dataset.from_list(rows), tokenizer, max_length=96,
+                                           min_completion_tokens=4)
+    window = 3
+    got = measure_fidelity(tiny_model, student, tokenizer, heldout,
+                           FidelityConfig(samples=6, batch_size=4, max_new_tokens=window))
+    kl_sum = agree_sum = n = 0.0
+    by_source: dict[str, list[float]] = {}
+    for row in heldout:
+        ids = list(row["prompt_ids"]) + list(row["completion_ids"])
+        p_t, p_s = probs(tiny_model, ids), probs(student, ids)
+        first = len(row["prompt_ids"]) - 1
+        for i in range(first, min(first + window, len(ids) - 1)):  # the first `window` completion positions
+            kl = float((p_t[i] * (p_t[i].log() - p_s[i].log())).sum())
+            kl_sum += kl
+            agree_sum += float(p_t[i].argmax() == p_s[i].argmax())
+            n += 1
+        full = [float((p_t[i] * (p_t[i].log() - p_s[i].log())).sum()) for i in range(first, len(ids) - 1)]
+        by_source.setdefault(row["source"], []).extend(full)
+    assert got["tokens"]["matched"] == n < got["tokens"]["dataset"]
+    assert got["forward_kl_matched"] == pytest.approx(kl_sum / n, rel=1e-4)
+    assert got["top1_agreement_matched"] == pytest.approx(agree_sum / n, abs=1e-9)
+    assert set(got["by_source"]) == {"math", "qa"}
+    for source, values in by_source.items():
+        assert got["by_source"][source]["forward_kl"] == pytest.approx(sum(values) / len(values), rel=1e-4)
+    assert {e["source"] for e in got["per_example"]} == {"math", "qa"}
+
+
+def test_fidelity_rollouts_use_the_run_settings():
+    cfg = FidelityConfig.for_run({"max_new_tokens": 7, "min_new_tokens": 2, "temperature": 0.5, "lmbda": 1}, 12)
+    assert (cfg.samples, cfg.max_new_tokens, cfg.min_new_tokens, cfg.temperature) == (12, 7, 2, 0.5)

@@ -50,7 +50,7 @@ def test_train_notebook_end_to_end(tmp_path, tiny_model_dir, tiny_dataset_dir):
         str(TRAIN_NB), str(executed), kernel_name="python3", cwd=str(ROOT), progress_bar=False,
         parameters={"model_name": str(tiny_model_dir), "dataset_name": str(tiny_dataset_dir),
                     "group_size": 32, "lmbda": 1, "max_steps": 3, "max_length": 96, "max_new_tokens": 6,
-                    "heldout_eval_size": 4, "output_dir": str(out_dir), "device": "cpu"},
+                    "min_completion_tokens": 4, "heldout_eval_size": 4, "output_dir": str(out_dir), "device": "cpu"},
     )
     metrics = json.loads((out_dir / "metrics.json").read_text())
     assert len(metrics["steps"]) == 3 and metrics["batches_on_policy"] == 3
@@ -64,7 +64,8 @@ def test_train_notebook_with_do_eval(tmp_path, tiny_model_dir, tiny_dataset_dir)
     pm.execute_notebook(
         str(TRAIN_NB), str(tmp_path / "train.out.ipynb"), kernel_name="python3", cwd=str(ROOT), progress_bar=False,
         parameters={"model_name": str(tiny_model_dir), "dataset_name": str(tiny_dataset_dir), "group_size": 32,
-                    "lmbda": 1, "max_steps": 2, "max_length": 96, "max_new_tokens": 6, "heldout_eval_size": 2,
+                    "lmbda": 1, "max_steps": 2, "max_length": 96, "max_new_tokens": 6,
+                    "min_completion_tokens": 4, "heldout_eval_size": 2,
                     "output_dir": str(out_dir), "device": "cpu", "do_eval": True,
                     "eval_parameters": {"tasks": [], "perplexity_tokens": 0, "fidelity_samples": 2,
                                         "cache_dir": str(tmp_path / "cache")}},

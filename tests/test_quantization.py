@@ -254,3 +254,24 @@ def test_materialized_fake_quant_under_lora(model, tokens):
         lora(tokens).logits.float().logsumexp(-1).mean().backward()
     grads = [p.grad for name, p in lora.named_parameters() if "lora_A" in name]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_a_scheme_that_reproduces_the_teacher_grid_is_refused(model, monkeypatch):
+    assert q.weight_error(model, "int4", 32) > 0.05  # random weights: far from any int4 grid
+    q.check_distinct_from_teacher(model, "int4", 32)
+    # The symmetric CPU grid never reproduces a teacher, even one already on it: re-quantizing a
+    # quantized group shrinks it by 7/7.5 (its largest value maps to 7, not 7.5, steps).
+    on_grid = q.convert_qat(q.prepare_qat(copy.deepcopy(model), "int4", 32), "int4", 32)
+    q.dequantize_for_eval(on_grid)
+    assert q.weight_error(on_grid, "int4", 32) == pytest.approx(1 / 15, rel=1e-4)
+    # A scheme that does reproduce the teacher's grid (as an asymmetric 4-bit grid reproduces a
+    # Q4_1 GGUF teacher with the same blocks) is refused: the student would be the teacher.
+    monkeypatch.setattr(q, "_fake_quantizer", lambda config: nn.Identity())
+    assert q.weight_error(model, "int4", 32) == 0.0
+    with pytest.raises(q.QuantizationError, match="reproduces the teacher's own weight grid exactly"):
+        q.check_distinct_from_teacher(model, "int4", 32)
+    monkeypatch.undo()
+    # A scheme close to the teacher is allowed, with a warning: int8 changes the weights very little.
+    with pytest.warns(UserWarning, match="relative weight error of the teacher"):
+        error = q.check_distinct_from_teacher(model, "int8", 32)
+    assert 0 < error < q.NEAR_TEACHER_ERROR

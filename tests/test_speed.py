@@ -89,7 +89,8 @@ def rows(printed: str) -> dict[str, list[str]]:
 def test_speed_runs_end_to_end(tiny_model_dir, tiny_dataset_dir, tmp_path, capsys):
     out = tmp_path / "speed.json"
     results = speed.main(["--model", str(tiny_model_dir), "--dataset", str(tiny_dataset_dir), "--group-size",
-                          str(GROUP), "--max-length", "64", "--max-new-tokens", "4", "--steps", "1", "--warmup", "0",
+                          str(GROUP), "--max-length", "64", "--min-completion-tokens", "4", "--max-new-tokens", "4",
+                          "--steps", "1", "--warmup", "0",
                           "--trl-steps", "1", "--json", str(out)])
     printed = capsys.readouterr().out
     saved = json.loads(out.read_text())
@@ -121,7 +122,8 @@ def test_speed_runs_end_to_end(tiny_model_dir, tiny_dataset_dir, tmp_path, capsy
 
 def test_speed_skip_trl(tiny_model_dir, tiny_dataset_dir, capsys):
     results = speed.main(["--model", str(tiny_model_dir), "--dataset", str(tiny_dataset_dir), "--group-size",
-                          str(GROUP), "--max-length", "64", "--max-new-tokens", "2", "--steps", "1", "--warmup", "0",
+                          str(GROUP), "--max-length", "64", "--min-completion-tokens", "4", "--max-new-tokens", "2",
+                          "--steps", "1", "--warmup", "0",
                           "--skip-trl"])
     assert "trl_1" not in results["timings"] and results["ratios"]["trl_lambda1_over_ours_lambda1"] is None
     printed = capsys.readouterr().out
@@ -154,7 +156,8 @@ def test_settings_default_to_the_demo_and_keep_the_flags():
             settings.json) == (2, 0, 4, 1, True, "out.json")
     assert set(settings.as_dict()) == {
         "model", "dataset", "quant_type", "group_size", "batch_size", "max_new_tokens", "max_length", "beta",
-        "temperature", "learning_rate", "steps", "warmup", "trl_steps", "device", "threads", "skip_trl", "seed",
+        "temperature", "learning_rate", "min_completion_tokens",
+        "steps", "warmup", "trl_steps", "device", "threads", "skip_trl", "seed",
         "json"}
     with pytest.raises(SystemExit):
         speed.parse_args(["--steps", "0"])

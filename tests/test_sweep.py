@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def tiny_params(model_dir: Path, dataset_dir: Path) -> dict:
     return {"model_name": str(model_dir), "dataset_name": str(dataset_dir), "group_size": 32, "max_steps": 2,
-            "max_length": 96, "max_new_tokens": 6, "heldout_eval_size": 2, "device": "cpu"}
+            "max_length": 96, "max_new_tokens": 6, "min_completion_tokens": 4, "heldout_eval_size": 2, "device": "cpu"}
 
 
 def write_spec(tmp_path: Path, name: str = "tiny", **spec) -> Path:

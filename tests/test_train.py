@@ -15,8 +15,8 @@ from onpolicy_lib.training import train
 
 def tiny_config(model_dir: Path, data_dir: Path, out: Path, **overrides) -> TrainConfig:
     values = dict(model_name=str(model_dir), dataset_name=str(data_dir), group_size=32, max_steps=4,
-                  max_length=96, max_new_tokens=6, lmbda=0.5, learning_rate=1e-3, save_steps=2,
-                  heldout_eval_size=4, output_dir=str(out), device="cpu")
+                  max_length=96, max_new_tokens=6, min_completion_tokens=4, lmbda=0.5, learning_rate=1e-3,
+                  save_steps=2, heldout_eval_size=4, output_dir=str(out), device="cpu")
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -28,6 +28,11 @@ def test_run_directory_contents(tmp_path, tiny_model_dir, tiny_dataset_dir):
     assert result.state == "new"
     saved = json.loads((run / "config.json").read_text())
     assert saved["train"] == cfg.to_dict() and saved["resolved"]["group_size"] == 32
+    # What the teacher is, the machine that ran, and how far the student's grid is from the teacher's.
+    assert saved["teacher"]["format"] == "checkpoint" and "native precision" in saved["teacher"]["summary"]
+    assert "CPU cores" in saved["machine"] and saved["resolved"]["weight_error_vs_teacher"] > 0
+    assert set(saved["filter_counts"]) == {"train", "heldout"} and saved["filter_counts"]["train"]["kept"] > 0
+    assert sum(saved["resolved"]["heldout_sources"].values()) == 4
     metrics = json.loads((run / "metrics.json").read_text())
     assert [s["step"] for s in metrics["steps"]] == [1, 2, 3, 4]
     assert all(s["loss"] > 0 and s["learning_rate"] is not None for s in metrics["steps"])
@@ -103,3 +108,24 @@ def test_lora_student(tmp_path, tiny_model_dir, tiny_dataset_dir):
     assert not (result.path / "student" / "model.safetensors").exists()  # adapter only, not a full copy
     model = load_student(result.path, convert=True)
     assert not hasattr(model, "peft_config")  # merged for deployment
+
+
+def test_embeddings_frozen_by_default_and_the_heldout_curve(tmp_path, tiny_model_dir, tiny_dataset_dir):
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(tiny_model_dir, tiny_dataset_dir, tmp_path / "run", eval_steps=2)
+    run = train(cfg)
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    student = load_student(run.path, convert=False)
+    embedding = student.get_input_embeddings().weight
+    assert torch.equal(embedding, teacher.get_input_embeddings().weight)  # not trained
+    moved = [n for n, p in student.named_parameters() if "proj" in n
+             and not torch.equal(p, dict(teacher.named_parameters())[n])]
+    assert moved  # the quantized layers did train
+    # The held-out divergence every eval_steps, with the untrained start as step 0.
+    curve = run.metrics["heldout_curve"]
+    assert [c["step"] for c in curve] == [0, 2, 4] and curve[0]["loss"] == run.metrics["heldout_loss_before"]
+    # With train_embeddings the shared embedding/head matrix moves too.
+    both = train(tiny_config(tiny_model_dir, tiny_dataset_dir, tmp_path / "emb", train_embeddings=True))
+    trained = load_student(both.path, convert=False).get_input_embeddings().weight
+    assert not torch.equal(trained, teacher.get_input_embeddings().weight)

@@ -42,6 +42,7 @@ import torch
 
 from onpolicy_lib import quantization
 from onpolicy_lib.batches import DistillCollator
+from onpolicy_lib.metrics import machine_description
 from onpolicy_lib.models import load_model, load_tokenizer, resolve_device
 from onpolicy_lib.speed.contenders import (
     fixed_batch,
@@ -55,7 +56,7 @@ from onpolicy_lib.speed.contenders import (
 )
 from onpolicy_lib.speed.report import format_report, ratios
 from onpolicy_lib.speed.settings import SpeedSettings, parse_args
-from onpolicy_lib.speed.timing import Timing, load_average, machine_description, release
+from onpolicy_lib.speed.timing import Timing, load_average, release
 from onpolicy_lib.student import build_student
 
 __all__ = ["SpeedSettings", "format_report", "main", "parse_args", "run"]
@@ -77,13 +78,13 @@ def run(s: SpeedSettings) -> dict[str, Any]:
     teacher = load_model(cfg.model_name, device=device).eval().requires_grad_(False)
     group_size = quantization.resolve_group_size(teacher, cfg.group_size)
     features, chats = fixed_batch(tokenizer, cfg.dataset_name, cfg.per_device_train_batch_size, cfg.max_length,
-                                  cfg.max_new_tokens)
+                                  cfg.min_completion_tokens)
     ours_batch = to_device(DistillCollator(tokenizer.pad_token_id)(features), device)
 
     def student() -> torch.nn.Module:
         torch.manual_seed(cfg.seed)  # the same starting point and sampling stream for every contender
-        # The teacher is frozen (trainers freeze it too); its copy, the student, trains every weight.
-        return build_student(teacher, cfg.quant_type, group_size).to(device).requires_grad_(True)
+        # The student trains what a run of these settings trains (the teacher itself stays frozen).
+        return build_student(teacher, cfg.quant_type, group_size, train_embeddings=cfg.train_embeddings).to(device)
 
     results: dict[str, Any] = {
         "settings": {**s.as_dict(), "group_size": group_size, "device": str(device)},

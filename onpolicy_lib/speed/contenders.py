@@ -23,7 +23,7 @@ from onpolicy_lib.speed.timing import Timing, sync, timed
 
 # ---------------------------------------------------------------------------- the batch
 def fixed_batch(tokenizer: Any, dataset_name: str, batch_size: int, max_length: int,
-                max_new_tokens: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+                min_completion_tokens: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The first ``batch_size`` training chats that survive the usual filters: token features and chats.
 
     Deterministic (the mixture's order is a fixed hash of document ids), so every run of the
@@ -34,13 +34,13 @@ def fixed_batch(tokenizer: Any, dataset_name: str, batch_size: int, max_length: 
     size = min(len(train), 16 * batch_size)
     while True:
         tokenized, _ = data.tokenize_for_distillation(train.select(range(size)), tokenizer, max_length,
-                                                      max_new_tokens)
+                                                      min_completion_tokens)
         if len(tokenized) >= batch_size or size == len(train):
             break
         size = min(len(train), 4 * size)
     if len(tokenized) < batch_size:
         raise ValueError(f"dataset {dataset_name!r}: only {len(tokenized)} chats fit max_length={max_length} "
-                         f"with max_new_tokens={max_new_tokens}; need batch_size={batch_size}")
+                         f"with min_completion_tokens={min_completion_tokens}; need batch_size={batch_size}")
     rows = [tokenized[i] for i in range(batch_size)]
     by_id = {row["id"]: row for row in train.select(range(size))}
     chats = [by_id[row["id"]] for row in rows]

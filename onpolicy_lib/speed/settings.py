@@ -38,6 +38,8 @@ TRAIN_PARAMETERS = (
     TrainParameter("batch_size", "per_device_train_batch_size", int, "chats in the batch"),
     TrainParameter("max_new_tokens", "max_new_tokens", int, "rollout length", "min = max"),
     TrainParameter("max_length", "max_length", int, "longest chat, in tokens", "filter for the batch's chats"),
+    TrainParameter("min_completion_tokens", "min_completion_tokens", int, "shortest completion",
+                   "filter for the batch's chats"),
     TrainParameter("beta", "beta", float, "generalized JSD: 0 = forward KL, 1 = reverse KL"),
     TrainParameter("temperature", "temperature"),
     TrainParameter("learning_rate", "learning_rate"),
