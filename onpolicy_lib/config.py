@@ -406,6 +406,14 @@ def portable_path(path: str | Path) -> str:
     return str(path)
 
 
+def portable_text(text: str) -> str:
+    """``text`` with every absolute path under the project or the asset cache written as
+    :func:`portable_path` writes it (for logs and rendered notebooks, which print paths freely)."""
+    for root, prefix in ((cache_dir().absolute(), ASSETS_PREFIX), (PROJECT_ROOT, "")):
+        text = text.replace(f"{root}/", prefix).replace(str(root), prefix or ".")
+    return text
+
+
 def outputs_root() -> Path:
     return PROJECT_ROOT / "outputs"
 

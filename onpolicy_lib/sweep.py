@@ -53,6 +53,7 @@ from onpolicy_lib.config import (
     load_preset,
     outputs_root,
     portable_path,
+    portable_text,
     resolve_path,
     short_name,
 )
@@ -315,6 +316,8 @@ def execute(run: Run, lock_fd: int, threads: int | None = None) -> str:
                                     pass_fds=(lock_fd,)).returncode
     for rendered in run.path.glob("*.ipynb"):
         slim_notebook(rendered)
+    runner_log = run.file(run.RUNNER_LOG)
+    runner_log.write_text(portable_text(runner_log.read_text()))
     if returncode == 0 and run.status() == "done":
         return "done"
     run.file(run.ERROR).write_text(
@@ -324,10 +327,11 @@ def execute(run: Run, lock_fd: int, threads: int | None = None) -> str:
 
 
 def slim_notebook(path: Path) -> None:
-    """Drop the saved widget state of a rendered notebook; its outputs keep their text form.
+    """Make a rendered notebook fit to commit: no widget state, no machine-specific paths.
 
     tqdm's notebook progress bars (lm-eval draws hundreds) store megabytes of ipywidgets state
-    that only re-draws the bars; the text fallback of each bar stays in the cell outputs.
+    that only re-draws the bars; the text fallback of each bar stays in the cell outputs. Paths
+    that libraries print (warnings name their source files) are made project-relative.
     """
     import nbformat
 
@@ -336,7 +340,8 @@ def slim_notebook(path: Path) -> None:
         for cell in nb.cells:
             for output in cell.get("outputs", []):
                 output.get("data", {}).pop("application/vnd.jupyter.widget-view+json", None)
-        nbformat.write(nb, path)
+    nbformat.write(nb, path)
+    path.write_text(portable_text(path.read_text()))
 
 
 def _last_error(run: Run) -> str:

