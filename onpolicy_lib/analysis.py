@@ -147,37 +147,8 @@ def paired_bootstrap(pe: pd.DataFrame, a: dict[str, Any], b: dict[str, Any], met
     benchmarks. The two-sided p-value is the bootstrap's achieved significance level for zero.
     This captures evaluation-sample noise; seed-to-seed variance is shown by the per-seed table.
     """
-    per_cond = []
-    for cond in (a, b):
-        sel = pe[pe["role"] == "student"]
-        for key, value in cond.items():
-            sel = sel[np.isclose(sel[key].astype(float), float(value))] if _is_num(value) else sel[sel[key] == value]
-        if sel.empty:
-            raise ValueError(f"no per-example results for {cond}")
-        per_doc = sel.groupby(["task", "subject", "doc_id"], dropna=False)[metric].mean()
-        per_cond.append((per_doc, sel["run"].nunique()))
-    joined = pd.concat({"a": per_cond[0][0], "b": per_cond[1][0]}, axis=1, join="inner").reset_index()
-    if joined.empty:
-        raise ValueError("the two conditions share no evaluated documents")
-    rng = np.random.default_rng(seed)
-    tasks = sorted(joined["task"].unique(), key=lambda t: list(BENCHMARKS).index(t) if t in BENCHMARKS else 99)
-    boot = np.zeros(n_boot)
-    rows = []
-    for task in tasks:
-        diff = (joined.loc[joined["task"] == task, "b"] - joined.loc[joined["task"] == task, "a"]).to_numpy()
-        idx = rng.integers(0, len(diff), size=(n_boot, len(diff)))
-        task_boot = diff[idx].mean(axis=1)
-        boot += task_boot / len(tasks)
-        rows.append({"task": BENCHMARKS.get(task, task), "documents": len(diff),
-                     "a": joined.loc[joined["task"] == task, "a"].mean(),
-                     "b": joined.loc[joined["task"] == task, "b"].mean(), "delta": diff.mean(),
-                     "ci_low": np.quantile(task_boot, 0.025), "ci_high": np.quantile(task_boot, 0.975)})
-    per_task = pd.DataFrame(rows).set_index("task")
-    delta = float(per_task["delta"].mean())
-    p = 2 * min((boot <= 0).mean(), (boot >= 0).mean())
-    return BootstrapResult(a_name or _cond_name(a), b_name or _cond_name(b), delta,
-                           float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975)), float(min(1.0, p)),
-                           len(joined), per_cond[0][1], per_cond[1][1], per_task, boot)
+    return hierarchical_bootstrap(pe, a, b, metric, n_boot=n_boot, seed=seed, a_name=a_name, b_name=b_name,
+                                  resample_seeds=False)
 
 
 def _is_num(value: Any) -> bool:
@@ -199,7 +170,8 @@ def _select(frame: pd.DataFrame, cond: dict[str, Any]) -> pd.DataFrame:
 
 def hierarchical_bootstrap(pe: pd.DataFrame, a: dict[str, Any], b: dict[str, Any], value: str = "acc",
                            group: str = "task", unit: tuple[str, ...] = ("subject", "doc_id"), n_boot: int = 10_000,
-                           seed: int = 0, a_name: str | None = None, b_name: str | None = None) -> BootstrapResult:
+                           seed: int = 0, a_name: str | None = None, b_name: str | None = None,
+                           resample_seeds: bool = True) -> BootstrapResult:
     """Bootstrap of condition ``b`` minus ``a`` over *both* sources of noise: seeds and documents.
 
     ``pe`` has one row per (run, ``group``, ``unit``) with its ``value`` (``per_example()`` rows for
@@ -210,6 +182,7 @@ def hierarchical_bootstrap(pe: pd.DataFrame, a: dict[str, Any], b: dict[str, Any
     mean over a's drawn runs). Units are those every run of both conditions was scored on. With a
     single seed per condition this is the paired document bootstrap; with seeds that disagree, the
     interval widens by the seed-to-seed variance that a document-only bootstrap would ignore.
+    ``resample_seeds=False`` keeps every run at equal weight: the document-only bootstrap.
     """
     rng = np.random.default_rng(seed)
     unit = [u for u in unit if u in pe.columns]
@@ -226,8 +199,11 @@ def hierarchical_bootstrap(pe: pd.DataFrame, a: dict[str, Any], b: dict[str, Any
     groups.sort(key=lambda t: list(BENCHMARKS).index(t) if t in BENCHMARKS else 99)
     boot = np.zeros(n_boot)
     # Seed draws are shared by all groups of a replicate: a run is one student across benchmarks.
-    w_a = rng.multinomial(n_a, np.full(n_a, 1 / n_a), size=n_boot) / n_a
-    w_b = rng.multinomial(n_b, np.full(n_b, 1 / n_b), size=n_boot) / n_b
+    if resample_seeds:
+        w_a = rng.multinomial(n_a, np.full(n_a, 1 / n_a), size=n_boot) / n_a
+        w_b = rng.multinomial(n_b, np.full(n_b, 1 / n_b), size=n_boot) / n_b
+    else:
+        w_a, w_b = np.full((n_boot, n_a), 1 / n_a), np.full((n_boot, n_b), 1 / n_b)
     rows = []
     for g in groups:
         part = joined.xs(g, level=0).to_numpy(dtype=float)

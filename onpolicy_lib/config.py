@@ -110,9 +110,6 @@ class _Params:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def identity(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.identity_fields()}
-
 
 # ---------------------------------------------------------------------------- training
 @dataclass

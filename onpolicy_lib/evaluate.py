@@ -123,13 +123,15 @@ def fidelity_for(run_cfg: dict[str, Any], samples: int, tokenizer, cache: dict[s
     heldout = data.stratified_sample(cache[cache_key], samples)
     config = FidelityConfig.for_run(run_cfg, samples)
     key = {**data_key, "heldout_seed": data.HELDOUT_SEED, "heldout_ids": heldout["id"] if "id" in heldout.column_names
-           else None, **{k: v for k, v in vars(config).items()}}
+           else None, **vars(config)}
     return Fidelity(heldout, config, key)
 
 
 def _evaluate_ptq(teacher, tokenizer, cfg: EvalConfig, device, quant_type: str, group_size: int,
                   fidelity: Fidelity | None = None, parts: tuple[str, ...] = ("benchmarks", "perplexity"),
                   ) -> dict[str, Any]:
+    # Checked where the baseline is computed (a cached one was checked when it was computed).
+    quantization.check_distinct_from_teacher(teacher, quant_type, group_size)
     model = quantization.quantize_ptq(copy.deepcopy(teacher), quant_type, group_size)
     quantization.dequantize_for_eval(model)  # same numbers, teacher-speed forward
     return evaluate_model(model, tokenizer, cfg, teacher, fidelity, device, parts)
@@ -166,7 +168,6 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
         ptq: dict[tuple[str, int], dict[str, Any]] = {}
         if cfg.include_ptq:
             for quant_type, group_size in sorted(schemes):
-                quantization.check_distinct_from_teacher(teacher, quant_type, group_size)
                 key = {"model_name": model_name, "quant_type": quant_type, "group_size": group_size, **bench_key}
                 ptq[(quant_type, group_size)] = _cached(cfg, "ptq", key, partial(
                     _evaluate_ptq, teacher, tokenizer, cfg, device, quant_type, group_size))

@@ -124,23 +124,23 @@ class Run:
     def eval_before(self) -> dict[str, Any] | None:
         return read_json(self.file(self.EVAL_BEFORE))
 
-    def log(self) -> list[dict[str, Any]]:
-        """Every training log record, across resumed attempts (later attempts win per step)."""
+    def _log_records(self, key: str) -> dict[int, dict[str, Any]]:
+        """The training log's records holding ``key``, by step (a resumed attempt's record wins)."""
         path = self.file(self.LOG)
         if not path.is_file():
-            return []
+            return {}
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        train = {r["step"]: r for r in records if "loss" in r}
+        return {r["step"]: r for r in records if key in r}
+
+    def log(self) -> list[dict[str, Any]]:
+        """Every training log record, across resumed attempts (later attempts win per step)."""
+        train = self._log_records("loss")
         return [train[s] for s in sorted(train)]
 
     def eval_log(self) -> list[dict[str, Any]]:
         """The periodic held-out divergence (``eval_steps``) as ``{"step", "loss"}``, one per step."""
-        path = self.file(self.LOG)
-        if not path.is_file():
-            return []
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        evals = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
-        return [{"step": step, "loss": evals[step]} for step in sorted(evals)]
+        evals = self._log_records("eval_loss")
+        return [{"step": step, "loss": evals[step]["eval_loss"]} for step in sorted(evals)]
 
     @property
     def losses(self) -> list[float]:

@@ -67,8 +67,7 @@ class SpeedSettings:
 
 
 def _help(parameter: TrainParameter) -> str:
-    declared = {f.name: f.metadata.get("help") for f in dataclasses.fields(TrainConfig)}
-    text = declared.get(parameter.config_field) or parameter.help
+    text = TrainConfig.help(parameter.config_field) or parameter.help
     return f"{text} ({parameter.note})" if parameter.note else text
 
 
