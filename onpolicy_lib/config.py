@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from onpolicy_lib.assets import PACKAGED_MODEL, cache_dir, require_assets
+from onpolicy_lib.assets import PACKAGED_MODEL, PACKAGED_MODELS, cache_dir, require_assets
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PARAMS_DIR = PROJECT_ROOT / "params"
@@ -117,7 +117,8 @@ class TrainConfig(_Params):
     """One distillation run. The defaults are the CPU demo."""
 
     # What is distilled into what.
-    model_name: str = param(PACKAGED_MODEL, "packaged alias, hub id, local directory or .gguf file", short="model")
+    model_name: str = param(PACKAGED_MODEL, f"packaged alias ({', '.join(PACKAGED_MODELS)}), hub id, local "
+                            "directory or .gguf file", short="model")
     dataset_name: str = param("offline-mixture", "offline alias, hub dataset with a `messages` column, or local dir",
                               short="data")
     quant_type: str = param("int4", "int4, int8, int3 or int2", short="q")
@@ -366,7 +367,7 @@ def _check_model_name(name: Any) -> None:
     # Accept the packaged alias, a local directory or .gguf file, or a hub-id-shaped string.
     # Hub ids are not looked up here: that would need the network before anything else ran.
     if isinstance(name, str) and name:
-        if name == PACKAGED_MODEL:
+        if name in PACKAGED_MODELS:
             return
         path = Path(name).expanduser()
         if name.endswith(".gguf"):
@@ -379,8 +380,8 @@ def _check_model_name(name: Any) -> None:
             raise ConfigError(f"model_name: directory {name!r} has no config.json (not a HF model directory)")
         if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) and not path.exists():
             return
-    raise ConfigError(f"model_name must be {PACKAGED_MODEL!r}, a hub id like 'Qwen/Qwen3-4B-Instruct-2507', "
-                      f"a local model directory or a .gguf file; got {name!r}")
+    raise ConfigError(f"model_name must be a packaged alias ({', '.join(PACKAGED_MODELS)}), a hub id like "
+                      f"'Qwen/Qwen3-4B-Instruct-2507', a local model directory or a .gguf file; got {name!r}")
 
 
 def resolve_path(path: str | Path) -> Path:

@@ -144,3 +144,20 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     budget = CHUNK_ELEMENTS if student.device.type == "cpu" else CHUNK_ELEMENTS_ACCELERATOR
     chunk = max(1, budget // vocab)
     return _ChunkedJSD.apply(student, teacher, float(beta), _segments(ids, chunk), len(ids))
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of ``targets`` (``[...]``) under ``logits`` (``[..., V]``), one fp32 value each.
+
+    ``F.cross_entropy`` a slice of rows at a time, so only one slice is ever in fp32 (for a 262k
+    vocabulary a whole batch's fp32 log-probabilities would be gigabytes). No gradient.
+    """
+    vocab = logits.shape[-1]
+    flat, flat_targets = logits.reshape(-1, vocab), targets.reshape(-1)
+    chunk = max(1, (CHUNK_ELEMENTS if logits.device.type == "cpu" else CHUNK_ELEMENTS_ACCELERATOR) // vocab)
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+    with torch.no_grad():
+        for first in range(0, flat.shape[0], chunk):
+            stop = first + chunk
+            out[first:stop] = F.cross_entropy(flat[first:stop].float(), flat_targets[first:stop], reduction="none")
+    return out.reshape(targets.shape)

@@ -33,7 +33,7 @@ from onpolicy_lib.batches import (
     eos_token_ids,
     generate_completions,
 )
-from onpolicy_lib.divergence import generalized_jsd
+from onpolicy_lib.divergence import generalized_jsd, token_nll
 
 # The metrics this module measures, and how tables and figures name them. The ``_matched`` ones are
 # the same metric on the first ``max_new_tokens`` completion positions only: the positions an
@@ -65,9 +65,23 @@ class FidelityConfig:
 
 
 def completion_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits predicting each completion token, ``[B, C, V]``, and the completion mask ``[B, C]``."""
-    logits = model(**completion_forward(batch)).logits[:, :-1]
+    """The logits at positions ``P-1 .. T-1``, ``[B, C + 1, V]`` (position ``k`` predicts completion token
+    ``k``; the last predicts nothing), and the completion mask ``[B, C]``.
+
+    The extra last position is kept rather than sliced off: slicing would make every per-token
+    reduction below copy the whole batch's logits, for a 262k vocabulary gigabytes.
+    """
+    logits = model(**completion_forward(batch)).logits
     return logits, batch["labels"][:, batch["prompt_ids"].shape[1]:] != IGNORE_INDEX
+
+
+def _divergence(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-token divergence ``[B, C]`` at the masked completion positions (0 elsewhere), read in place."""
+    batch, width = mask.shape
+    rows = F.pad(mask, (0, 1)).flatten().nonzero().squeeze(1)
+    out = torch.zeros(batch * (width + 1), dtype=torch.float32, device=student.device)
+    out[rows] = generalized_jsd(student, teacher, beta, rows=rows)
+    return out.view(batch, width + 1)[:, :-1]
 
 
 def _generate(model, batch, tokenizer, eos_ids, config: FidelityConfig, sample: bool) -> dict[str, torch.Tensor]:
@@ -116,20 +130,21 @@ def measure_fidelity(teacher: torch.nn.Module, student: torch.nn.Module, tokeniz
 
         s_logits, mask = completion_logits(student, batch)
         t_logits, _ = completion_logits(teacher, batch)
-        fkl = generalized_jsd(s_logits, t_logits, beta=0.0).reshape(mask.shape)
-        agree = (s_logits.argmax(-1) == t_logits.argmax(-1)).float()
+        fkl = _divergence(s_logits, t_logits, mask, beta=0.0)
+        agree = (s_logits.argmax(-1) == t_logits.argmax(-1))[:, :-1].float()
         positions = torch.arange(mask.shape[1])[None, :]
         matched = mask & (positions < config.max_new_tokens)
 
         sampled = _generate(student, batch, tokenizer, eos_ids, config, sample=True)
         s_logits, s_mask = completion_logits(student, sampled)
         t_logits, _ = completion_logits(teacher, sampled)
-        rkl = generalized_jsd(s_logits, t_logits, beta=1.0).reshape(s_mask.shape)
+        rkl = _divergence(s_logits, t_logits, s_mask, beta=1.0)
+        del s_logits
 
         greedy = _generate(student, batch, tokenizer, eos_ids, config, sample=False)
         t_logits, g_mask = completion_logits(teacher, greedy)
-        targets = greedy["input_ids"][:, batch["prompt_ids"].shape[1]:]
-        nll = -F.log_softmax(t_logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        targets = F.pad(greedy["input_ids"][:, batch["prompt_ids"].shape[1]:], (0, 1), value=0)
+        nll = token_nll(t_logits, targets)[:, :-1]
 
         values = {"fkl": fkl, "agree": agree, "rkl": rkl, "nll": nll}
         masks = {"dataset": mask.float(), "matched": matched.float(), "sampled": s_mask.float(),

@@ -1,8 +1,12 @@
 """Loading the teacher and its tokenizer from any of the accepted ``model_name`` forms.
 
-``model_name`` may be the packaged alias (SmolLM2-135M-Instruct from the
-offline cache), a hub id (``Qwen/Qwen3-4B-Instruct-2507``), a local HF model
-directory, or a ``.gguf`` file (dequantized on load).
+``model_name`` may be a packaged alias (``smollm2-135m-instruct``, the default, or
+``gemma3-270m``, from the offline cache), a hub id (``Qwen/Qwen3-4B-Instruct-2507``), a local
+HF model directory, or a ``.gguf`` file (dequantized on load).
+
+A model without a chat template (a base model such as Gemma-3-270m) gets
+:data:`PLAIN_CHAT_TEMPLATE`, so every chat is rendered the same way for teacher, student and
+baselines: in data preparation, rollouts, held-out and fidelity scoring.
 """
 
 from __future__ import annotations
@@ -16,11 +20,38 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from onpolicy_lib import assets
 
+# A plain-text dialogue that a base model continues naturally: "User: ...", a blank line,
+# "Assistant: ...". Turn markers that a base model never saw in pretraining (Gemma's
+# <start_of_turn>, ChatML's <|im_start|>) would make every prompt out of distribution for the
+# teacher. The final assistant turn ends with EOS so that completions teach stopping; earlier
+# turns end with a blank line, as running text would. The generation prompt stops at
+# "Assistant:" and the reply starts with a space, so prompt tokens are a prefix of the full chat's.
+PLAIN_CHAT_TEMPLATE = (  # text only inside {{ }}: chat templates render with trim_blocks
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
+    "{% elif message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\\n\\n' }}"
+    "{% else %}{{ 'Assistant: ' + message['content'] + (eos_token if loop.last else '\\n\\n') }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+PROMPT_FORMATS = {"model": "the model's own chat template",
+                  "plain": "plain-text 'User: ... / Assistant: ...' dialogue (the model has no chat template)"}
+
+
+def prompt_format(tokenizer: PreTrainedTokenizerBase) -> str:
+    """``plain`` when the tokenizer renders chats with :data:`PLAIN_CHAT_TEMPLATE`, else ``model``."""
+    return "plain" if tokenizer.chat_template == PLAIN_CHAT_TEMPLATE else "model"
+
 
 def resolve_model_source(model_name: str) -> tuple[str, dict]:
-    """Where ``from_pretrained`` should look, and the extra kwargs it needs."""
-    if model_name == assets.PACKAGED_MODEL:
-        return str(assets.packaged_model_dir(assets.require_assets())), {}
+    """Where ``from_pretrained`` should look, and the extra kwargs it needs.
+
+    A packaged alias not yet prepared is fetched and converted here, once (its first use).
+    """
+    if assets.is_packaged(model_name):
+        return str(assets.require_model(model_name)), {}
     path = Path(model_name).expanduser()
     if model_name.endswith(".gguf"):
         return str(path.parent), {"gguf_file": path.name}
@@ -40,11 +71,12 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_tokenizer(model_name: str) -> PreTrainedTokenizerBase:
-    """Tokenizer with its chat template, left padding (for batched generation) and a pad token."""
+    """Tokenizer with a chat template (its own, else :data:`PLAIN_CHAT_TEMPLATE`), left padding (for
+    batched generation) and a pad token."""
     source, kwargs = resolve_model_source(model_name)
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if tokenizer.chat_template is None:
-        raise ValueError(f"model_name {model_name!r}: tokenizer has no chat template; use an instruct model")
+        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -70,9 +102,8 @@ def teacher_precision(model_name: str) -> dict[str, Any]:
     types and bits per weight. A HF checkpoint is at its stored dtype (its native precision).
     ``summary`` is the one line used wherever the teacher is named.
     """
-    if model_name == assets.PACKAGED_MODEL:
-        path = assets.packaged_model_dir(assets.require_assets()) / assets.PRECISION_FILE
-        info = json.loads(path.read_text())
+    if assets.is_packaged(model_name):
+        info = json.loads((assets.require_model(model_name) / assets.PRECISION_FILE).read_text())
     elif model_name.endswith(".gguf"):
         info = {**assets.gguf_precision(Path(model_name).expanduser()), "stored_as": "dequantized on load"}
     else:
@@ -89,7 +120,12 @@ def teacher_precision(model_name: str) -> dict[str, Any]:
         kinds = sorted(info["parameters_by_type"].items(), key=lambda kv: -kv[1])
         shares = ", ".join(f"{kind} {100 * n / info['parameters']:.0f}%" for kind, n in kinds)
         info["summary"] = f"GGUF {shares}; {info['bits_per_weight']:g} bits/weight, {info['stored_as']}"
-        info["label"] = f"{kinds[0][0]} GGUF"
+        # Named by the body's commonest type: the layers a student quantizes (an embedding kept at
+        # Q8_0 can hold most of a small model's parameters, as Gemma's 262k x 640 table does).
+        body = info.get("body_parameters_by_type") or info["parameters_by_type"]
+        info["label"] = f"{max(body.items(), key=lambda kv: kv[1])[0]} GGUF"
+        if "body_bits_per_weight" in info:
+            info["summary"] += f"; body {info['body_bits_per_weight']:g} bits/weight"
     else:
         info["summary"] = f"{info['dtype']} checkpoint (native precision)"
         info["label"] = info["dtype"]

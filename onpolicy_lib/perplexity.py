@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from onpolicy_lib.assets import require_assets, task_docs_dir
+from onpolicy_lib.divergence import token_nll
 
 TEXT_SOURCES = ("lambada-offline", "wikitext-2")
 
@@ -44,6 +45,13 @@ def load_text(source: str = "lambada-offline", documents: int = 200, root: Path 
     raise ValueError(f"perplexity text source must be one of {', '.join(TEXT_SOURCES)}; got {source!r}")
 
 
+def _leading_bos(tokenizer) -> int | None:
+    """The BOS id if the tokenizer puts one before every text by default, else None."""
+    bos = tokenizer.bos_token_id
+    first = tokenizer("a", add_special_tokens=True)["input_ids"][:1]
+    return bos if bos is not None and first == [bos] else None
+
+
 @torch.no_grad()
 def sliding_window_perplexity(model: torch.nn.Module, tokenizer, text: str, max_length: int = 512,
                               stride: int = 256, max_tokens: int | None = None) -> dict[str, Any]:
@@ -53,6 +61,9 @@ def sliding_window_perplexity(model: torch.nn.Module, tokenizer, text: str, max_
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     if max_tokens is not None:
         ids = ids[:max_tokens]
+    # A model whose tokenizer starts every text with BOS (Gemma) is out of distribution without
+    # it, so each window is read after BOS, as lm-eval reads its requests; BOS itself is never scored.
+    bos = _leading_bos(tokenizer)
     device = next(model.parameters()).device
     model.eval()
     nll_sum, scored, previous_end = 0.0, 0, 0
@@ -60,9 +71,10 @@ def sliding_window_perplexity(model: torch.nn.Module, tokenizer, text: str, max_
         end = min(begin + max_length, len(ids))
         target_len = end - previous_end  # tokens not scored by an earlier window
         window = ids[begin:end].unsqueeze(0).to(device)
-        logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()
+        inputs = window if bos is None else F.pad(window, (1, 0), value=bos)
+        logits = model(input_ids=inputs, use_cache=False).logits[0, (0 if bos is None else 1):-1]
         targets = window[0, 1:]
-        nll = F.cross_entropy(logits, targets, reduction="none")
+        nll = token_nll(logits, targets)
         # The first token of the text has no context and is never scored.
         take = min(target_len, nll.shape[0])
         nll_sum += float(nll[-take:].sum())

@@ -28,6 +28,7 @@ from onpolicy_lib.models import (
     load_model,
     load_skeleton,
     load_tokenizer,
+    prompt_format,
     resolve_device,
     teacher_precision,
 )
@@ -111,6 +112,7 @@ def train(cfg: TrainConfig) -> Run:
     student = build_student(teacher, cfg.quant_type, group_size, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                             train_embeddings=cfg.train_embeddings)
     record["resolved"] = {"group_size": group_size, "dtype": str(default_dtype(device)),
+                          "prompt_format": prompt_format(tokenizer),
                           "weight_error_vs_teacher": round(error, 6),
                           "train_examples": len(train_set), "heldout_eval_examples": len(heldout_set),
                           "heldout_sources": dict(sorted(Counter(heldout_set["source"]).items()))

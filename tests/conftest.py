@@ -55,6 +55,43 @@ def make_model(vocab_size: int, seed: int = 0, hidden: int = 64, layers: int = 2
     return model.eval()
 
 
+def make_base_tokenizer():
+    """A character-level tokenizer like a base model's: BOS before every text, no chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    chars = CHARS + [c.upper() for c in CHARS if c.isalpha()]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    core.add_special_tokens(specials)
+    core.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
+                                   eos_token="<eos>", bos_token="<bos>")
+
+
+def make_gemma_model(vocab_size: int, seed: int = 0, hidden: int = 64):
+    """A tiny randomly initialised Gemma-3 (sliding and full attention layers, tied head, one KV head)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                              sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                              max_position_embeddings=512, tie_word_embeddings=True, pad_token_id=0,
+                              eos_token_id=1, bos_token_id=2)
+    model = Gemma3ForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    model.generation_config.eos_token_id = 1
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
 @pytest.fixture
 def tokenizer():
     return make_tokenizer()
@@ -79,6 +116,16 @@ def chat_rows(n: int = 12) -> list[dict]:
 def tiny_model_dir(tmp_path: Path, tokenizer, tiny_model) -> Path:
     path = tmp_path / "tiny-model"
     tiny_model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_gemma_dir(tmp_path: Path) -> Path:
+    """A tiny Gemma-3 base model directory: its tokenizer has no chat template."""
+    path = tmp_path / "tiny-gemma"
+    tokenizer = make_base_tokenizer()
+    make_gemma_model(len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

@@ -124,3 +124,12 @@ def test_lean_divergence_without_grad_and_refuses_a_trainable_teacher():
     torch.testing.assert_close(lean, ref, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="teacher"):
         generalized_jsd(s, t.requires_grad_(), 0.5)
+
+
+def test_token_nll_is_cross_entropy_slice_by_slice(monkeypatch):
+    from onpolicy_lib import divergence
+
+    monkeypatch.setattr(divergence, "CHUNK_ELEMENTS", 3 * 50)  # three rows per slice: several slices
+    logits, targets = torch.randn(2, 7, 50) * 3, torch.randint(0, 50, (2, 7))
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 50), targets.reshape(-1), reduction="none")
+    torch.testing.assert_close(divergence.token_nll(logits, targets), expected.reshape(2, 7), rtol=0, atol=0)
