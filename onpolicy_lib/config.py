@@ -33,6 +33,7 @@ NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
 # so validating a config stays instant.
 QUANT_TYPES = ("int4", "int8", "int3", "int2")
 DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16")
 ASSETS_PREFIX = "assets:"
 
 
@@ -146,7 +147,12 @@ class TrainConfig(_Params):
     # LoRA: lora_r=None means full fine-tuning of the fake-quantized weights.
     lora_r: int | None = param(None, "None: full fine-tuning of the fake-quantized weights")
     lora_alpha: int = param(16, "LoRA scaling numerator (used with lora_r)")
-    lora_dropout: float = param(0.05, "LoRA dropout (used with lora_r)")
+    lora_dropout: float = param(0.05, "LoRA dropout (used with lora_r; 0 in effect under disable_dropout)")
+    disable_dropout: bool = param(True, "set every dropout module of the student to p=0, LoRA's included, as "
+                                  "TRL's GKD does by default (the original study inherited it)", short="nodrop")
+    dtype: str = param("auto", "the teacher's compute dtype: auto (float32 on CPU, bfloat16 on CUDA), float32 or "
+                       "bfloat16; weights that train are kept in float32 (master weights) and computed in it "
+                       "under autocast", short="dt")
     seed: int = param(42, "seeds initialisation, data order, policy draws and sampling")
     heldout_eval_size: int = param(32, "held-out chats scored before and after training")
     # Bookkeeping: where and how the run is kept, not what it trains.
@@ -192,10 +198,11 @@ class TrainConfig(_Params):
             check_int("lora_r", self.lora_r)
             check_int("lora_alpha", self.lora_alpha)
             _check_fraction("lora_dropout", self.lora_dropout, upper_open=True)
-        for name in ("seq_kd", "do_eval", "train_embeddings"):
+        for name in ("seq_kd", "do_eval", "train_embeddings", "disable_dropout"):
             _check_bool(name, getattr(self, name))
         check_int("seed", self.seed, minimum=-(2**63))
         _check_choice("device", self.device, DEVICES)
+        _check_choice("dtype", self.dtype, DTYPES)
         if not isinstance(self.eval_parameters, dict):
             raise ConfigError(f"eval_parameters must be a mapping of EvalConfig parameters, "
                               f"got {self.eval_parameters!r}")

@@ -67,6 +67,7 @@ class DistillConfig(TrainingArguments):
     seq_kd: bool = _gkd_field("seq_kd")
     max_new_tokens: int = _gkd_field("max_new_tokens")
     min_new_tokens: int = _gkd_field("min_new_tokens")
+    disable_dropout: bool = _gkd_field("disable_dropout")
     fast_rollouts: bool = field(
         default=True, metadata={"help": "sample from once-per-step materialised quantized weights (same numbers)"})
 
@@ -85,12 +86,19 @@ class DistillTrainer(Trainer):
     def __init__(self, model: PreTrainedModel, teacher_model: PreTrainedModel, args: DistillConfig,
                  processing_class: PreTrainedTokenizerBase, **kwargs: Any) -> None:
         kwargs.setdefault("data_collator", DistillCollator(processing_class.pad_token_id))
+        if args.disable_dropout:  # TRL's GKDConfig default: the loss forward sees the deployed policy
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
         super().__init__(model=model, args=args, processing_class=processing_class, **kwargs)
         self.teacher_model = teacher_model.eval().requires_grad_(False)
-        # Our loss is a per-micro-batch token mean; the Trainer then divides by the
-        # accumulation steps (the number of completion tokens differs per rollout, so
-        # the dataset-side ``num_items_in_batch`` would be wrong for on-policy batches).
+        # The loss is the token mean over the whole optimizer step (every micro-batch of the
+        # accumulation window), normalised in ``accumulate``, so the Trainer must neither divide
+        # it by the accumulation steps nor count tokens from the dataset's labels (rollouts
+        # replace them: their count is only known once they are sampled).
         self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = True
+        self._window_tokens, self._window_loss, self._normaliser = 0, 0.0, None
         self.eos_token_ids = eos_token_ids(model, processing_class)
         self.stats = {"tokens_generated": 0, "tokens_trained": 0, "batches_on_policy": 0, "batches_seq_kd": 0,
                       "batches": 0, "rollout_seconds": 0.0}
@@ -109,8 +117,10 @@ class DistillTrainer(Trainer):
         # Inside an on-policy step the weights are already quantized once (``fake_quantized_once``);
         # otherwise (a rollout on its own) they are materialised for the rollout's duration.
         fast = self.args.fast_rollouts and unwrapped is not self.teacher_model and not self._weights_shared
+        # Under the training forward's autocast (bf16 runs), so rollouts sample the policy the loss scores.
+        autocast = self.compute_loss_context_manager() if self.args.bf16 or self.args.fp16 else nullcontext()
         try:
-            with materialized_fake_quant(unwrapped) if fast else nullcontext():
+            with materialized_fake_quant(unwrapped) if fast else nullcontext(), autocast:
                 batch = generate_completions(
                     unwrapped, inputs, self.processing_class.pad_token_id, self.eos_token_ids,
                     do_sample=True, temperature=self.args.temperature, top_k=0, top_p=1.0,
@@ -145,8 +155,39 @@ class DistillTrainer(Trainer):
             elif self.args.seq_kd:
                 inputs = self.rollout(self.teacher_model, inputs)
                 self.stats["batches_seq_kd"] += 1
-            self.stats["tokens_trained"] += int((inputs["labels"] != IGNORE_INDEX).sum())
-            return super().training_step(model, inputs, num_items_in_batch)
+            tokens = int((inputs["labels"] != IGNORE_INDEX).sum())
+            self.stats["tokens_trained"] += tokens
+            return self.accumulate(model, inputs, tokens)
+
+    def accumulate(self, model: torch.nn.Module, inputs: dict[str, Any], tokens: int) -> torch.Tensor:
+        """Forward and backward of one micro-batch so that the optimizer step sees the token mean of
+        its whole accumulation window.
+
+        The window's token count is known only after its last rollout, so earlier micro-batches
+        backpropagate their token *sums*, and the last one first rescales the accumulated gradients
+        by 1 / (window tokens), then backpropagates its own sum divided by it. Accumulation 2 x batch
+        1 then equals batch 2 on the same examples (tested); with one micro-batch per step it is the
+        plain token mean of the batch. (The original study's trl 0.26.2 with transformers 4.57.3 sums
+        per-micro-batch token means over the window; TRL 1.16 divides by the dataset completions'
+        token count, also when rollouts replaced them.)
+        """
+        self._window_tokens += tokens
+        last = self.accelerator.sync_gradients  # the Trainer sets it for the window's last micro-batch
+        if last and self._window_tokens > tokens:
+            with torch.no_grad():
+                for param in model.parameters():
+                    if param.grad is not None:
+                        param.grad.mul_(1.0 / self._window_tokens)
+        self._normaliser = max(self._window_tokens, 1) if last else 1
+        try:
+            loss = super().training_step(model, inputs)
+        finally:
+            normaliser, self._normaliser = self._normaliser, None
+        self._window_loss += loss * normaliser  # this micro-batch's token sum
+        if not last:
+            return torch.zeros_like(loss)  # the Trainer sums what steps return: the window's mean comes last
+        mean, self._window_tokens, self._window_loss = self._window_loss / normaliser, 0, 0.0
+        return mean
 
     @contextlib.contextmanager
     def shared_weights(self, model: torch.nn.Module) -> Iterator[None]:
@@ -162,7 +203,10 @@ class DistillTrainer(Trainer):
                 self._weights_shared = False
 
     # -- the loss
-    def distillation_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def distillation_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor],
+                          normaliser: int | None = None) -> torch.Tensor:
+        """The divergence summed over the batch's scored tokens, divided by ``normaliser`` (default:
+        their number: the token mean)."""
         labels = inputs["labels"]
         width_p = inputs["prompt_ids"].shape[1]
         forward = completion_forward(inputs)  # only the completion block is scored
@@ -176,11 +220,12 @@ class DistillTrainer(Trainer):
         # last position predicts nothing): the divergence reads them in place, so neither the
         # [:, :-1] slice nor a masked copy of the logits (nor their backward scatters) is built.
         rows = F.pad(mask, (0, 1)).flatten().nonzero().squeeze(1)
-        return generalized_jsd(student_logits, teacher_logits, self.args.beta, rows=rows).mean()
+        return generalized_jsd(student_logits, teacher_logits, self.args.beta, rows=rows).sum() / (
+            normaliser or len(rows))
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
-        loss = self.distillation_loss(model, inputs)
+        loss = self.distillation_loss(model, inputs, self._normaliser)
         return (loss, None) if return_outputs else loss
 
     def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,

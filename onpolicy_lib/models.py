@@ -70,6 +70,11 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``TrainConfig.dtype`` as a torch dtype: ``auto`` is :func:`default_dtype` of the device."""
+    return default_dtype(device) if name == "auto" else getattr(torch, name)
+
+
 def load_tokenizer(model_name: str) -> PreTrainedTokenizerBase:
     """Tokenizer with a chat template (its own, else :data:`PLAIN_CHAT_TEMPLATE`), left padding (for
     batched generation) and a pad token."""

@@ -48,9 +48,15 @@ def eval_cache_dir(cache_dir: str | Path | None = None) -> Path:
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Identity fields whose values differ between two training configurations."""
+    """Identity fields whose values differ between two training configurations.
+
+    A field missing from a configuration was added after it was written: that run ran with the
+    field's default (a new parameter's default keeps the old behaviour), so it compares as such.
+    """
+    defaults = TrainConfig().to_dict()
     keys = TrainConfig.identity_fields()
-    return {k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)}
+    return {k: (old.get(k, defaults[k]), new.get(k, defaults[k])) for k in keys
+            if old.get(k, defaults[k]) != new.get(k, defaults[k])}
 
 
 def format_diff(diff: dict[str, tuple[Any, Any]]) -> str:

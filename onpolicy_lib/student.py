@@ -27,8 +27,15 @@ def build_student(teacher: PreTrainedModel, quant_type: str, group_size: int, lo
     The embedding and output-head matrices are not quantized (the head is kept in full precision;
     many models tie the two). ``train_embeddings=False`` freezes them, so training only moves the
     weights the student quantizes (with LoRA they are frozen in any case).
+
+    Weights that train are float32 (master weights) whatever the teacher computes in: a bf16 weight
+    of magnitude above about 0.004 cannot take a 1e-5 step (``0.02 + 1e-5 == 0.02`` in bf16), so
+    full fine-tuning from a bf16 teacher gets an fp32 copy, run under bf16 autocast by the trainer;
+    LoRA keeps the frozen base in the teacher's dtype and its adapters in float32 (peft's default).
     """
     student = copy.deepcopy(teacher)
+    if lora_r is None and any(p.dtype in (torch.bfloat16, torch.float16) for p in student.parameters()):
+        student.float()
     # The teacher may already be frozen (a trainer sets requires_grad=False on it); the copy must train.
     student.requires_grad_(True)
     if not train_embeddings:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 from collections import Counter
@@ -20,16 +21,16 @@ import torch
 import transformers
 
 from onpolicy_lib import data, quantization
-from onpolicy_lib.config import TrainConfig, portable_path
+from onpolicy_lib.config import ConfigError, TrainConfig, portable_path
 from onpolicy_lib.distill import DistillConfig, DistillTrainer
 from onpolicy_lib.metrics import MetricsRecorder, machine_description, summarise
 from onpolicy_lib.models import (
-    default_dtype,
     load_model,
     load_skeleton,
     load_tokenizer,
     prompt_format,
     resolve_device,
+    resolve_dtype,
     teacher_precision,
 )
 from onpolicy_lib.rundir import Run
@@ -58,11 +59,12 @@ def versions() -> dict[str, str]:
             "transformers": transformers.__version__, "peft": peft.__version__}
 
 
-def distill_args(cfg: TrainConfig, run_dir: Path, device: torch.device) -> DistillConfig:
+def distill_args(cfg: TrainConfig, run_dir: Path, device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> DistillConfig:
     return DistillConfig(
         output_dir=str(run_dir), seed=cfg.seed, data_seed=cfg.seed,
         lmbda=cfg.lmbda, beta=cfg.beta, temperature=cfg.temperature, seq_kd=cfg.seq_kd,
-        max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
+        max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens, disable_dropout=cfg.disable_dropout,
         learning_rate=cfg.learning_rate, per_device_train_batch_size=cfg.per_device_train_batch_size,
         per_device_eval_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_steps=cfg.max_steps,
@@ -70,8 +72,50 @@ def distill_args(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Disti
         logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, save_total_limit=1,
         eval_strategy="steps" if cfg.eval_steps else "no", eval_steps=cfg.eval_steps, report_to=[],
         remove_unused_columns=False, dataloader_num_workers=0,
-        use_cpu=device.type == "cpu", bf16=device.type == "cuda", disable_tqdm=False,
+        use_cpu=device.type == "cpu", bf16=dtype == torch.bfloat16, disable_tqdm=False,
     )
+
+
+def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
+    """Parameters of a model (a meta-device skeleton will do), in all and in its embedding/head matrices."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():  # tied matrices once
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    embeddings = {id(m.weight): m.weight.numel() for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                  if m is not None}
+    return {"total": total, "embeddings": sum(embeddings.values())}
+
+
+def memory_estimate(counts: dict[str, int], cfg: TrainConfig, dtype: torch.dtype) -> dict[str, float]:
+    """Bytes a run needs before activations: the teacher in ``dtype``, the student and, for full
+    fine-tuning, float32 master weights, their gradients and AdamW's two moments."""
+    width = torch.finfo(dtype).bits // 8
+    total = counts["total"]
+    if cfg.lora_r is not None:  # the frozen base in the teacher's dtype; adapters are small
+        parts = {"teacher": total * width, "student": total * width}
+    else:
+        trainable = total - (0 if cfg.train_embeddings else counts["embeddings"])
+        parts = {"teacher": total * width, "student (float32 master weights)": total * 4,
+                 "gradients": trainable * 4, "AdamW moments": trainable * 8}
+    return {**parts, "total": sum(parts.values())}
+
+
+def check_memory(counts: dict[str, int], cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse, before any weights load, a run whose weights and optimizer state alone exceed the device."""
+    if device.type == "cuda":
+        available = torch.cuda.get_device_properties(device).total_memory
+    else:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    need = memory_estimate(counts, cfg, dtype)
+    if need["total"] > available:
+        parts = " + ".join(f"{name} {value / 2**30:.1f}" for name, value in need.items() if name != "total")
+        hint = "use LoRA (lora_r) or shard the model across devices" if cfg.lora_r is None else "use a larger device"
+        raise ConfigError(f"model_name {cfg.model_name!r} does not fit {device.type}: {parts} = "
+                          f"{need['total'] / 2**30:.1f} GiB before activations, {available / 2**30:.1f} GiB "
+                          f"available; {hint}")
 
 
 def train(cfg: TrainConfig) -> Run:
@@ -85,9 +129,12 @@ def train(cfg: TrainConfig) -> Run:
     # fails here, naming the layer and the valid sizes, before data or weights are loaded.
     skeleton = load_skeleton(cfg.model_name)
     group_size = quantization.resolve_group_size(skeleton, cfg.group_size)
+    skeleton_parameters = parameter_counts(skeleton)
     del skeleton
 
     device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    check_memory(skeleton_parameters, cfg, device, dtype)
     record: dict[str, Any] = {"train": record_config(cfg), "versions": versions(), "device": str(device),
                               "machine": machine_description(device),
                               "teacher": teacher_precision(cfg.model_name)}
@@ -107,11 +154,11 @@ def train(cfg: TrainConfig) -> Run:
                          f"{filter_counts}")
 
     transformers.set_seed(cfg.seed)  # LoRA initialisation and everything after it
-    teacher = load_model(cfg.model_name, device=device)
+    teacher = load_model(cfg.model_name, device=device, dtype=dtype)
     error = quantization.check_distinct_from_teacher(teacher, cfg.quant_type, group_size)
     student = build_student(teacher, cfg.quant_type, group_size, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                             train_embeddings=cfg.train_embeddings)
-    record["resolved"] = {"group_size": group_size, "dtype": str(default_dtype(device)),
+    record["resolved"] = {"group_size": group_size, "dtype": str(dtype),
                           "prompt_format": prompt_format(tokenizer),
                           "weight_error_vs_teacher": round(error, 6),
                           "train_examples": len(train_set), "heldout_eval_examples": len(heldout_set),
@@ -123,7 +170,7 @@ def train(cfg: TrainConfig) -> Run:
     run.write_record(record)
 
     recorder = MetricsRecorder(run)
-    trainer = DistillTrainer(student, teacher, distill_args(cfg, run.path, device), processing_class=tokenizer,
+    trainer = DistillTrainer(student, teacher, distill_args(cfg, run.path, device, dtype), processing_class=tokenizer,
                              train_dataset=train_set, eval_dataset=heldout_set, callbacks=[recorder])
     # The held-out divergence before training is measured once and kept, so a resumed
     # run still reports the untrained starting point.

@@ -181,3 +181,51 @@ def test_policy_draws_follow_lmbda_and_are_reproducible(tmp_path, tokenizer, tin
     assert a == b
     assert 0.4 < sum(a) / len(a) < 0.6
     assert draws(1) != a
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_dropout_is_disabled_as_trl_does_by_default(tmp_path, tokenizer, tiny_model, disable):
+    from onpolicy_lib.student import build_student
+
+    student = build_student(tiny_model, "int4", GROUP, lora_r=4, lora_dropout=0.5)
+    args = DistillConfig(output_dir=str(tmp_path / "run"), max_steps=1, report_to=[], use_cpu=True,
+                         remove_unused_columns=False, disable_dropout=disable)
+    DistillTrainer(student, tiny_model, args, processing_class=tokenizer, train_dataset=tokenized(tokenizer))
+    dropouts = [m.p for m in student.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(p == (0.0 if disable else 0.5) for p in dropouts)
+    assert DistillConfig(output_dir=str(tmp_path / "d")).disable_dropout  # the default, as TRL's GKDConfig
+
+
+def test_accumulation_2_x_batch_1_equals_batch_2_on_the_same_examples(tmp_path, tokenizer, tiny_model):
+    # The loss is the token mean over the optimizer step's whole window, whatever its micro-batching;
+    # the two examples have different completion lengths, so a mean of per-micro-batch means would differ.
+    from transformers import TrainerCallback
+
+    class Grads(TrainerCallback):
+        def __init__(self):
+            self.grads, self.losses = [], []
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            self.grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if "loss" in logs:
+                self.losses.append(logs["loss"])
+
+    results = []
+    for name, batch, accumulation in (("b2", 2, 1), ("a2", 1, 2)):
+        teacher = copy.deepcopy(tiny_model).requires_grad_(True)  # a trainer freezes the teacher it is given
+        trainer = make_trainer(tmp_path / name, tokenizer, teacher, lmbda=0.0, per_device_train_batch_size=batch,
+                               gradient_accumulation_steps=accumulation, max_steps=1, max_grad_norm=0.0,
+                               logging_steps=1)
+        spy = Grads()
+        trainer.add_callback(spy)
+        trainer.train()
+        results.append(spy)
+    (one, two) = results
+    assert one.grads[0].keys() == two.grads[0].keys() and one.grads[0]
+    for name, grad in one.grads[0].items():
+        torch.testing.assert_close(two.grads[0][name], grad, rtol=1e-4, atol=1e-7, msg=name)
+    assert two.losses[0] == pytest.approx(one.losses[0], rel=1e-5)
+    lengths = [len(trainer.train_dataset[i]["completion_ids"]) for i in range(len(trainer.train_dataset))]
+    assert len(set(lengths)) > 1

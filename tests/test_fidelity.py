@@ -140,3 +140,27 @@ def test_length_matched_and_per_source_metrics(tiny_model, student, tokenizer):
 def test_fidelity_rollouts_use_the_run_settings():
     cfg = FidelityConfig.for_run({"max_new_tokens": 7, "min_new_tokens": 2, "temperature": 0.5, "lmbda": 1}, 12)
     assert (cfg.samples, cfg.max_new_tokens, cfg.min_new_tokens, cfg.temperature) == (12, 7, 2, 0.5)
+
+
+def test_rollouts_stop_on_every_end_of_sequence_id(tiny_model, student, tokenizer, heldout, monkeypatch):
+    # Qwen3's generation config lists two end-of-sequence ids; the tokenizer names one.
+    from onpolicy_lib import fidelity
+    from onpolicy_lib.batches import completion_mask_from_generation, eos_token_ids
+
+    second = tokenizer.convert_tokens_to_ids(".")
+    for model in (tiny_model, student):
+        model.generation_config.eos_token_id = [tokenizer.eos_token_id, second]
+    both = sorted({tokenizer.eos_token_id, second})
+    assert eos_token_ids(student, tokenizer) == both
+    ids = torch.tensor([[7, second, 8, 9], [7, 8, tokenizer.eos_token_id, 9]])
+    assert completion_mask_from_generation(ids, both).tolist() == [[1, 1, 0, 0], [1, 1, 1, 0]]
+    seen = []
+    original = fidelity.generate_completions
+
+    def spy(model, inputs, pad, eos_ids, **kwargs):
+        seen.append(list(eos_ids))
+        return original(model, inputs, pad, eos_ids, **kwargs)
+
+    monkeypatch.setattr(fidelity, "generate_completions", spy)
+    measure_fidelity(tiny_model, student, tokenizer, heldout, FidelityConfig(samples=2, max_new_tokens=4))
+    assert len(seen) == 2 and all(ids == both for ids in seen)  # sampled and greedy rollouts

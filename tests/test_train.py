@@ -129,3 +129,33 @@ def test_embeddings_frozen_by_default_and_the_heldout_curve(tmp_path, tiny_model
     both = train(tiny_config(tiny_model_dir, tiny_dataset_dir, tmp_path / "emb", train_embeddings=True))
     trained = load_student(both.path, convert=False).get_input_embeddings().weight
     assert not torch.equal(trained, teacher.get_input_embeddings().weight)
+
+
+def test_bf16_training_keeps_float32_master_weights_that_move_at_small_learning_rates(
+        tmp_path, tiny_model_dir, tiny_dataset_dir):
+    # The failure this prevents: a 1e-5 step is below bf16 resolution for any weight above ~0.004.
+    assert torch.tensor(0.02, dtype=torch.bfloat16) + 1e-5 == torch.tensor(0.02, dtype=torch.bfloat16)
+    from safetensors.torch import load_file
+
+    cfg = tiny_config(tiny_model_dir, tiny_dataset_dir, tmp_path / "bf16", dtype="bfloat16", learning_rate=1e-5,
+                      max_steps=2, lmbda=0.5)
+    run = train(cfg)
+    assert json.loads((run.path / "config.json").read_text())["resolved"]["dtype"] == "torch.bfloat16"
+    teacher = load_file(tiny_model_dir / "model.safetensors")
+    student = load_file(run.path / "student" / "model.safetensors")
+    layer = "model.layers.0.mlp.down_proj.weight"
+    assert student[layer].dtype == torch.float32
+    start = teacher[layer].to(torch.bfloat16).float()  # where training started: the bf16 teacher's values
+    moved = (student[layer] != start)[start.abs() > 0.004].float().mean()
+    assert moved > 0.9
+    assert (student[layer] - start).abs().max() < 1e-4  # small steps, not a re-initialisation
+
+
+def test_full_fine_tuning_that_cannot_fit_is_refused_with_the_arithmetic():
+    from onpolicy_lib.training import check_memory
+
+    counts = {"total": 4_000_000_000, "embeddings": 400_000_000}
+    cfg = TrainConfig(model_name="Qwen/Qwen3-4B-Instruct-2507", device="cpu")
+    with pytest.raises(ConfigError, match=r"does not fit cpu: teacher .* \+ AdamW moments .* GiB before activations"):
+        check_memory({k: v * 100 for k, v in counts.items()}, cfg, torch.device("cpu"), torch.bfloat16)
+    check_memory({"total": 1000, "embeddings": 100}, cfg, torch.device("cpu"), torch.bfloat16)
