@@ -124,6 +124,8 @@ class TrainConfig(_Params):
                               short="data")
     quant_type: str = param("int4", "int4, int8, int3 or int2", short="q")
     group_size: int | None = param(None, "None: the model's default (64 for the packaged model)", short="g")
+    quantize_head: bool = param(False, "also quantize the output head (torchao's default filter, the original "
+                                "study's choice); a tied input embedding stays full precision", short="qhead")
     # GKD (Agarwal et al. 2023), with TRL's GKDConfig meanings and defaults.
     lmbda: float = param(0.5, "probability a batch is on-policy (the student's own samples)")
     beta: float = param(0.5, "generalized JSD: 0 is forward KL, 1 is reverse KL")
@@ -198,7 +200,7 @@ class TrainConfig(_Params):
             check_int("lora_r", self.lora_r)
             check_int("lora_alpha", self.lora_alpha)
             _check_fraction("lora_dropout", self.lora_dropout, upper_open=True)
-        for name in ("seq_kd", "do_eval", "train_embeddings", "disable_dropout"):
+        for name in ("seq_kd", "do_eval", "train_embeddings", "disable_dropout", "quantize_head"):
             _check_bool(name, getattr(self, name))
         check_int("seed", self.seed, minimum=-(2**63))
         _check_choice("device", self.device, DEVICES)

@@ -128,13 +128,18 @@ def fidelity_for(run_cfg: dict[str, Any], samples: int, tokenizer, cache: dict[s
 
 
 def _evaluate_ptq(teacher, tokenizer, cfg: EvalConfig, device, quant_type: str, group_size: int,
-                  fidelity: Fidelity | None = None, parts: tuple[str, ...] = ("benchmarks", "perplexity"),
-                  ) -> dict[str, Any]:
+                  quantize_head: bool = False, fidelity: Fidelity | None = None,
+                  parts: tuple[str, ...] = ("benchmarks", "perplexity")) -> dict[str, Any]:
     # Checked where the baseline is computed (a cached one was checked when it was computed).
-    quantization.check_distinct_from_teacher(teacher, quant_type, group_size)
-    model = quantization.quantize_ptq(copy.deepcopy(teacher), quant_type, group_size)
+    quantization.check_distinct_from_teacher(teacher, quant_type, group_size, quantize_head)
+    model = quantization.quantize_ptq(copy.deepcopy(teacher), quant_type, group_size, quantize_head)
     quantization.dequantize_for_eval(model)  # same numbers, teacher-speed forward
     return evaluate_model(model, tokenizer, cfg, teacher, fidelity, device, parts)
+
+
+def _scheme_key(meta: dict[str, Any]) -> tuple[str, int, bool]:
+    """A student's (quant_type, group_size, quantize_head) from its quantization.json."""
+    return meta["quant_type"], meta["group_size"], bool(meta.get("quantize_head", False))
 
 
 # ---------------------------------------------------------------------------- the whole evaluation
@@ -157,7 +162,7 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
         teacher = load_model(model_name, device=device).eval()
         precision = teacher_precision(model_name)
         members = [(r, c, s) for r, c, s in runs if s["model_name"] == model_name]
-        schemes = {(s["quant_type"], s["group_size"]) for _, _, s in members} or {(cfg.quant_type, cfg.group_size)}
+        schemes = {_scheme_key(s) for _, _, s in members} or {(cfg.quant_type, cfg.group_size, False)}
         bench_key = {**cfg.benchmark_settings(), **cfg.perplexity_settings(), **versions}
         teacher_result = None
         if cfg.include_teacher:
@@ -165,12 +170,13 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
                                      partial(evaluate_model, teacher, tokenizer, cfg, device=device))
             teacher_result = {**teacher_result, "precision": precision}
             rows.append(_row(teacher_label(teacher_result), model_name, teacher_result))
-        ptq: dict[tuple[str, int], dict[str, Any]] = {}
+        ptq: dict[tuple[str, int, bool], dict[str, Any]] = {}
         if cfg.include_ptq:
-            for quant_type, group_size in sorted(schemes):
-                key = {"model_name": model_name, "quant_type": quant_type, "group_size": group_size, **bench_key}
-                ptq[(quant_type, group_size)] = _cached(cfg, "ptq", key, partial(
-                    _evaluate_ptq, teacher, tokenizer, cfg, device, quant_type, group_size))
+            for scheme_key in sorted(schemes):
+                key = {"model_name": model_name, "scheme": quantization.describe_scheme(*scheme_key[:2], device,
+                                                                                        scheme_key[2]), **bench_key}
+                ptq[scheme_key] = _cached(cfg, "ptq", key, partial(
+                    _evaluate_ptq, teacher, tokenizer, cfg, device, *scheme_key))
             if not members:
                 for scheme, result in ptq.items():
                     rows.append(_row(ptq_label(*scheme), model_name, result))
@@ -183,12 +189,13 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
             record["baselines"] = {}
             if teacher_result is not None:
                 record["baselines"]["teacher"] = teacher_result
-            scheme_key = (scheme["quant_type"], scheme["group_size"])
+            scheme_key = _scheme_key(scheme)
             if scheme_key in ptq:
                 baseline = dict(ptq[scheme_key])
                 if fidelity is not None:
-                    fid = _cached(cfg, "ptq-fidelity", {"model_name": model_name, "quant_type": scheme_key[0],
-                                                        "group_size": scheme_key[1], **fidelity.key},
+                    described = quantization.describe_scheme(*scheme_key[:2], device, scheme_key[2])
+                    fid = _cached(cfg, "ptq-fidelity", {"model_name": model_name, "scheme": described,
+                                                        **fidelity.key},
                                   partial(_evaluate_ptq, teacher, tokenizer, cfg, device, *scheme_key, fidelity,
                                           ("fidelity",)))
                     baseline["fidelity"] = fid["fidelity"]

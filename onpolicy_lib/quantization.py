@@ -21,6 +21,7 @@ converted model's logits equal the fake-quantized model's bit for bit. On CUDA,
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterator
@@ -58,11 +59,11 @@ def check_quant_type(quant_type: str) -> None:
         raise QuantizationError(f"unknown quant_type {quant_type!r}; expected one of {allowed}")
 
 
-def is_quantizable(module: nn.Module, fqn: str) -> bool:
+def is_quantizable(module: nn.Module, fqn: str, quantize_head: bool = False) -> bool:
     """Whether the layer ``fqn`` is one the student quantizes (a ``quantize_`` filter_fn).
 
-    Every nn.Linear except the output head and LoRA adapters. peft's wrapped base
-    layers (``...q_proj.base_layer``) are nn.Linear, so they are included.
+    Every nn.Linear except LoRA adapters and, unless ``quantize_head``, the output head. peft's
+    wrapped base layers (``...q_proj.base_layer``) are nn.Linear, so they are included.
     """
     if not isinstance(module, nn.Linear):
         return False
@@ -73,14 +74,18 @@ def is_quantizable(module: nn.Module, fqn: str) -> bool:
     # The head is tied to the embedding matrix in many models (SmolLM2 included), and
     # it is commonly kept in high precision: it is a small share of the weights and
     # quantizing it hurts the output distribution the student is distilled on.
-    if "lm_head" in parts:
+    if "lm_head" in parts and not quantize_head:
         return False
     # LoRA adapters (lora_A/lora_B/...) are the trainable high-precision correction.
     return not any(part.startswith("lora_") for part in parts)
 
 
-def _quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    return [(name, mod) for name, mod in model.named_modules() if is_quantizable(mod, name)]
+def _quantizable_layers(model: nn.Module, quantize_head: bool = False) -> list[tuple[str, nn.Linear]]:
+    return [(name, mod) for name, mod in model.named_modules() if is_quantizable(mod, name, quantize_head)]
+
+
+def _filter(quantize_head: bool) -> Callable[[nn.Module, str], bool]:
+    return functools.partial(is_quantizable, quantize_head=quantize_head)
 
 
 def _divisors(n: int) -> list[int]:
@@ -88,9 +93,9 @@ def _divisors(n: int) -> list[int]:
     return sorted(set(small + [n // d for d in small]))
 
 
-def valid_group_sizes(model: nn.Module) -> list[int]:
+def valid_group_sizes(model: nn.Module, quantize_head: bool = False) -> list[int]:
     """Group sizes that divide every quantizable layer's in_features, largest first."""
-    layers = _quantizable_layers(model)
+    layers = _quantizable_layers(model, quantize_head)
     if not layers:
         return []
     gcd = math.gcd(*(mod.in_features for _, mod in layers))
@@ -102,7 +107,7 @@ def _format_sizes(sizes: list[int]) -> str:
     return shown + (", ..." if len(sizes) > _MAX_LISTED_GROUP_SIZES else "")
 
 
-def check_group_size(model: nn.Module, group_size: int) -> None:
+def check_group_size(model: nn.Module, group_size: int, quantize_head: bool = False) -> None:
     """Raise QuantizationError unless ``group_size`` divides every quantizable in_features.
 
     Checked up front because torchao fails deep inside ``quantize_`` otherwise, and
@@ -111,20 +116,20 @@ def check_group_size(model: nn.Module, group_size: int) -> None:
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
         raise QuantizationError(
             f"group_size must be a positive integer, got {group_size!r}; "
-            f"valid group sizes: {_format_sizes(valid_group_sizes(model))}"
+            f"valid group sizes: {_format_sizes(valid_group_sizes(model, quantize_head))}"
         )
-    for name, mod in _quantizable_layers(model):
+    for name, mod in _quantizable_layers(model, quantize_head):
         if mod.in_features % group_size:
-            valid = _format_sizes(valid_group_sizes(model))
+            valid = _format_sizes(valid_group_sizes(model, quantize_head))
             raise QuantizationError(
                 f"group_size {group_size} does not divide in_features={mod.in_features} of layer {name!r}; "
                 f"valid group sizes (dividing every quantized layer): {valid}"
             )
 
 
-def default_group_size(model: nn.Module) -> int:
+def default_group_size(model: nn.Module, quantize_head: bool = False) -> int:
     """128 if it divides every quantizable in_features, else 64, else 32 (64 for SmolLM2-135M)."""
-    valid = valid_group_sizes(model)
+    valid = valid_group_sizes(model, quantize_head)
     if not valid:
         raise QuantizationError("the model has no quantizable Linear layers")
     for size in PREFERRED_GROUP_SIZES:
@@ -136,10 +141,10 @@ def default_group_size(model: nn.Module) -> int:
     )
 
 
-def resolve_group_size(model: nn.Module, group_size: int | None) -> int:
+def resolve_group_size(model: nn.Module, group_size: int | None, quantize_head: bool = False) -> int:
     """``group_size`` (None: the model's default), checked against the model's layers."""
-    group_size = group_size or default_group_size(model)
-    check_group_size(model, group_size)
+    group_size = group_size or default_group_size(model, quantize_head)
+    check_group_size(model, group_size, quantize_head)
     return group_size
 
 
@@ -157,15 +162,82 @@ def base_config(quant_type: str, group_size: int, device: str | torch.device = "
     )
 
 
+def check_kernels(quant_type: str, device: str | torch.device) -> None:
+    """Refuse, before any training, a scheme whose conversion needs kernels that are not installed.
+
+    On CUDA ``int4`` converts through torchao's ``Int4WeightOnlyConfig``, whose default packing runs
+    on the ``mslk`` kernels; without them training would run for hours and the conversion for
+    evaluation would then fail. (PyPI's ``mslk`` is an empty 0.0.0 placeholder; the kernels ship as
+    ``mslk-cuda``, whose compatibility with a given torch/CUDA has not been verified here.)
+    """
+    if quant_type != "int4" or torch.device(device).type != "cuda":
+        return
+    from importlib import metadata
+
+    try:
+        import mslk  # noqa: F401
+
+        version = metadata.version("mslk-cuda") if _installed("mslk-cuda") else metadata.version("mslk")
+    except (ImportError, metadata.PackageNotFoundError):
+        version = None
+    if version is None or version.split(".")[0] == "0":
+        raise QuantizationError(
+            f"quant_type 'int4' on CUDA needs the mslk kernels that torchao's Int4WeightOnlyConfig converts with "
+            f"(found: {version or 'none'}); install mslk-cuda for this torch/CUDA, or train on CPU")
+
+
+def _installed(distribution: str) -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.version(distribution)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+def describe_scheme(quant_type: str, group_size: int, device: str | torch.device = "cpu",
+                    quantize_head: bool = False) -> dict[str, Any]:
+    """The complete weight quantization ``quant_type``/``group_size`` means on ``device``.
+
+    Read off the torchao configuration itself (its class, mapping, packing and parameter choice), so
+    everything that can differ between two students is here: what run identity, ``quantization.json``
+    and the baseline cache record, and what is compared before a student is resumed, converted or
+    evaluated elsewhere (``int4`` is symmetric ``IntxWeightOnlyConfig`` on CPU and asymmetric
+    ``Int4WeightOnlyConfig`` on CUDA: the same name, two grids).
+    """
+    config = base_config(quant_type, group_size, device)
+    if isinstance(config, Int4WeightOnlyConfig):
+        details = {"mapping": "asymmetric", "packing": config.int4_packing_format.value,
+                   "qparams": config.int4_choose_qparams_algorithm.value}
+    else:
+        details = {"mapping": config.mapping_type.name.lower(), "packing": config.intx_packing_format.value,
+                   "qparams": config.intx_choose_qparams_algorithm.value}
+    return {"quant_type": quant_type, "group_size": group_size, "config": type(config).__name__, **details,
+            "head": "quantized" if quantize_head else "full precision"}
+
+
+def check_same_scheme(recorded: dict[str, Any] | None, current: dict[str, Any], what: str) -> None:
+    """Refuse to go on with ``current`` when ``recorded`` (a student's scheme) differs, naming the difference."""
+    if recorded is None:
+        return
+    diff = {k: (recorded.get(k), current.get(k)) for k in sorted(set(recorded) | set(current))
+            if recorded.get(k) != current.get(k)}
+    if diff:
+        changes = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        raise QuantizationError(f"{what}: the student was quantized as {recorded['config']} and here it would be "
+                                f"quantized differently ({changes}); run it where its scheme is available")
+
+
 def _model_device(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
 
 
-def _checked_config(model: nn.Module, quant_type: str, group_size: int) -> AOBaseConfig:
+def _checked_config(model: nn.Module, quant_type: str, group_size: int, quantize_head: bool = False) -> AOBaseConfig:
     check_quant_type(quant_type)
-    check_group_size(model, group_size)
-    if not _quantizable_layers(model):
+    check_group_size(model, group_size, quantize_head)
+    if not _quantizable_layers(model, quantize_head):
         raise QuantizationError("the model has no quantizable Linear layers")
     return base_config(quant_type, group_size, _model_device(model))
 
@@ -174,20 +246,26 @@ def _is_quantized_weight(weight: Any) -> bool:
     return isinstance(weight, TorchAOBaseTensor)
 
 
-def _check_plain(model: nn.Module, action: str) -> None:
+def _check_plain(model: nn.Module, action: str, quantize_head: bool = False) -> None:
     # Applying a second quantization on top of the first would silently re-quantize
     # (or fail inside torchao), so refuse it by name.
-    for name, mod in _quantizable_layers(model):
+    for name, mod in _quantizable_layers(model, quantize_head):
         if isinstance(mod, FakeQuantizedLinear) or _is_quantized_weight(mod.weight):
             kind = type(mod).__name__ if isinstance(mod, FakeQuantizedLinear) else type(mod.weight).__name__
             raise QuantizationError(f"cannot {action}: layer {name!r} is already quantized ({kind})")
 
 
-def prepare_qat(model: nn.Module, quant_type: str, group_size: int) -> nn.Module:
-    """Swap quantizable Linear layers for fake-quantized ones, in place, for QAT."""
-    config = _checked_config(model, quant_type, group_size)
-    _check_plain(model, "prepare QAT")
-    quantize_(model, QATConfig(config, step="prepare"), filter_fn=is_quantizable)
+def prepare_qat(model: nn.Module, quant_type: str, group_size: int, quantize_head: bool = False) -> nn.Module:
+    """Swap quantizable Linear layers for fake-quantized ones, in place, for QAT.
+
+    With ``quantize_head`` the output head is fake-quantized too (torchao's default filter, the
+    original study's choice). A head tied to the input embedding keeps sharing its latent matrix
+    (torchao's swap reuses the Parameter): the embedding lookup reads it in full precision, the
+    head computes with its fake-quantized values, and training moves the one shared matrix.
+    """
+    config = _checked_config(model, quant_type, group_size, quantize_head)
+    _check_plain(model, "prepare QAT", quantize_head)
+    quantize_(model, QATConfig(config, step="prepare"), filter_fn=_filter(quantize_head))
     return model
 
 
@@ -212,26 +290,27 @@ NEAR_TEACHER_ERROR = 0.01
 
 
 @torch.no_grad()
-def weight_error(model: nn.Module, quant_type: str, group_size: int) -> float:
+def weight_error(model: nn.Module, quant_type: str, group_size: int, quantize_head: bool = False) -> float:
     """Relative error ``||W - Q(W)|| / ||W||`` of the scheme over every layer the student quantizes.
 
     Zero means the scheme reproduces the model's own weight grid exactly: a teacher that was itself
     quantized on that grid (a GGUF checkpoint, say) would be its own student.
     """
-    quantizer = _fake_quantizer(_checked_config(model, quant_type, group_size))
+    quantizer = _fake_quantizer(_checked_config(model, quant_type, group_size, quantize_head))
     quantizer.to(_model_device(model))
     diff = norm = 0.0
-    for _, mod in _quantizable_layers(model):
+    for _, mod in _quantizable_layers(model, quantize_head):
         weight = (mod.weight.dequantize() if _is_quantized_weight(mod.weight) else mod.weight).float()
         diff += float((weight - quantizer(weight)).pow(2).sum())
         norm += float(weight.pow(2).sum())
     return math.sqrt(diff / norm) if norm else 0.0
 
 
-def check_distinct_from_teacher(teacher: nn.Module, quant_type: str, group_size: int) -> float:
+def check_distinct_from_teacher(teacher: nn.Module, quant_type: str, group_size: int,
+                                quantize_head: bool = False) -> float:
     """The scheme's :func:`weight_error` against the teacher; refuses a scheme that reproduces the
     teacher exactly (nothing to distil, nothing to compare) and warns when it comes close."""
-    error = weight_error(teacher, quant_type, group_size)
+    error = weight_error(teacher, quant_type, group_size, quantize_head)
     scheme = f"quant_type={quant_type!r} group_size={group_size}"
     if error < 1e-7:
         raise QuantizationError(f"{scheme} reproduces the teacher's own weight grid exactly (relative weight error "
@@ -250,10 +329,15 @@ def _describe(fq_config: Any) -> str:
     return f"{type(fq_config).__name__}(dtype={dtype}, group_size={getattr(fq_config, 'group_size', None)})"
 
 
-def convert_qat(model: nn.Module, quant_type: str, group_size: int) -> nn.Module:
-    """Replace fake-quantized layers by real quantized weights, in place (deployment/eval)."""
-    config = _checked_config(model, quant_type, group_size)
-    fake = [(name, mod) for name, mod in _quantizable_layers(model) if isinstance(mod, FakeQuantizedLinear)]
+def convert_qat(model: nn.Module, quant_type: str, group_size: int, quantize_head: bool = False) -> nn.Module:
+    """Replace fake-quantized layers by real quantized weights, in place (deployment/eval).
+
+    A quantized head tied to the input embedding gets its own quantized weight here; the
+    embedding keeps the full-precision matrix.
+    """
+    config = _checked_config(model, quant_type, group_size, quantize_head)
+    fake = [(name, mod) for name, mod in _quantizable_layers(model, quantize_head)
+            if isinstance(mod, FakeQuantizedLinear)]
     # torchao's convert skips plain Linear layers, so converting an unprepared model
     # would silently leave it in full precision.
     if not fake:
@@ -266,15 +350,15 @@ def convert_qat(model: nn.Module, quant_type: str, group_size: int) -> nn.Module
                 f"layer {name!r} was prepared as {_describe(got)}, not as "
                 f"quant_type={quant_type!r} group_size={group_size}"
             )
-    quantize_(model, QATConfig(config, step="convert"), filter_fn=is_quantizable)
+    quantize_(model, QATConfig(config, step="convert"), filter_fn=_filter(quantize_head))
     return model
 
 
-def quantize_ptq(model: nn.Module, quant_type: str, group_size: int) -> nn.Module:
+def quantize_ptq(model: nn.Module, quant_type: str, group_size: int, quantize_head: bool = False) -> nn.Module:
     """Quantize the full-precision weights directly, in place: the no-training baseline."""
-    config = _checked_config(model, quant_type, group_size)
-    _check_plain(model, "apply PTQ")
-    quantize_(model, config, filter_fn=is_quantizable)
+    config = _checked_config(model, quant_type, group_size, quantize_head)
+    _check_plain(model, "apply PTQ", quantize_head)
+    quantize_(model, config, filter_fn=_filter(quantize_head))
     return model
 
 

@@ -30,8 +30,8 @@ TRAIN_METRICS = ("wall_time_s", "median_step_s", "tokens_generated", "tokens_tra
 ID_COLUMNS = ["sweep", "run", "role", "status", "run_dir"]
 
 
-def ptq_label(quant_type: str | None, group_size: int | None) -> str:
-    return f"PTQ {quant_type} g{group_size}"
+def ptq_label(quant_type: str | None, group_size: int | None, quantize_head: bool = False) -> str:
+    return f"PTQ {quant_type} g{group_size}" + (" +head" if quantize_head else "")
 
 
 def teacher_label(result: dict[str, Any]) -> str:
@@ -44,9 +44,10 @@ def baselines(evaluation: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]
     """(role, label, result) of the teacher and PTQ results an eval.json carries."""
     out = []
     for role, result in evaluation.get("baselines", {}).items():
-        key = result.get("key", {})
+        scheme = result.get("key", {}).get("scheme") or result.get("key", {})  # older caches: flat keys
         out.append((role, teacher_label(result) if role == "teacher" else
-                    ptq_label(key.get("quant_type"), key.get("group_size")), result))
+                    ptq_label(scheme.get("quant_type"), scheme.get("group_size"), scheme.get("head") == "quantized"),
+                    result))
     return out
 
 

@@ -21,7 +21,7 @@ from onpolicy_lib.rundir import Run, write_json
 
 def build_student(teacher: PreTrainedModel, quant_type: str, group_size: int, lora_r: int | None = None,
                   lora_alpha: int = 16, lora_dropout: float = 0.05,
-                  train_embeddings: bool = True) -> torch.nn.Module:
+                  train_embeddings: bool = True, quantize_head: bool = False) -> torch.nn.Module:
     """A fake-quantized copy of the teacher, with LoRA adapters when ``lora_r`` is set.
 
     The embedding and output-head matrices are not quantized (the head is kept in full precision;
@@ -42,7 +42,7 @@ def build_student(teacher: PreTrainedModel, quant_type: str, group_size: int, lo
         for module in (student.get_input_embeddings(), student.get_output_embeddings()):
             if module is not None:
                 module.requires_grad_(False)
-    quantization.prepare_qat(student, quant_type, group_size)
+    quantization.prepare_qat(student, quant_type, group_size, quantize_head)
     if lora_r is not None:
         from peft import LoraConfig, get_peft_model
 
@@ -55,7 +55,9 @@ def build_student(teacher: PreTrainedModel, quant_type: str, group_size: int, lo
 
 
 def save_student(student: torch.nn.Module, run_dir: Path, model_name: str, quant_type: str,
-                 group_size: int, tokenizer=None) -> Path:
+                 group_size: int, tokenizer=None, scheme: dict | None = None) -> Path:
+    """The latent weights (or adapter) and ``quantization.json``: how to quantize them again, and the
+    complete scheme they were trained under (:func:`quantization.describe_scheme`; default: CPU's)."""
     run = Run(Path(run_dir))
     out = run.student_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -65,7 +67,9 @@ def save_student(student: torch.nn.Module, run_dir: Path, model_name: str, quant
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     is_lora = hasattr(student, "peft_config")
+    scheme = scheme or quantization.describe_scheme(quant_type, group_size)
     meta = {"model_name": model_name, "quant_type": quant_type, "group_size": group_size,
+            "quantize_head": scheme["head"] == "quantized", "scheme": scheme,
             "format": "lora-adapter" if is_lora else "latent-weights",
             "note": "latent full-precision weights trained through torchao fake quantization; "
                     "load with onpolicy_lib.student.load_student to get the quantized model"}
@@ -93,18 +97,22 @@ def load_student(run_dir: str | Path, convert: bool = True, device: str = "cpu",
     run = Run(Path(run_dir))
     src = run.student_dir
     meta = run.student_scheme()
+    head = meta.get("quantize_head", False)
+    if convert:  # converting elsewhere must not silently put the student on another grid
+        here = quantization.describe_scheme(meta["quant_type"], meta["group_size"], device, head)
+        quantization.check_same_scheme(meta.get("scheme"), here, f"run_dir {run.path.name} on {device}")
     if meta["format"] == "lora-adapter":
         from peft import PeftModel
 
         base = load_model(meta["model_name"], device=device, dtype=dtype)
-        quantization.prepare_qat(base, meta["quant_type"], meta["group_size"])
+        quantization.prepare_qat(base, meta["quant_type"], meta["group_size"], head)
         model = PeftModel.from_pretrained(base, src)
         if convert and lora_mode == "merge":
             model = model.merge_and_unload()
     else:
         model = load_model(str(src), device=device, dtype=dtype)
-        quantization.prepare_qat(model, meta["quant_type"], meta["group_size"])
+        quantization.prepare_qat(model, meta["quant_type"], meta["group_size"], head)
     if convert:
         # With an unmerged adapter only the base layers are converted (is_quantizable skips lora_*).
-        quantization.convert_qat(model, meta["quant_type"], meta["group_size"])
+        quantization.convert_qat(model, meta["quant_type"], meta["group_size"], head)
     return model.eval()

@@ -128,13 +128,18 @@ def train(cfg: TrainConfig) -> Run:
     # Group size against the real layer shapes, from the architecture alone: a bad value
     # fails here, naming the layer and the valid sizes, before data or weights are loaded.
     skeleton = load_skeleton(cfg.model_name)
-    group_size = quantization.resolve_group_size(skeleton, cfg.group_size)
+    group_size = quantization.resolve_group_size(skeleton, cfg.group_size, cfg.quantize_head)
     skeleton_parameters = parameter_counts(skeleton)
     del skeleton
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     check_memory(skeleton_parameters, cfg, device, dtype)
+    quantization.check_kernels(cfg.quant_type, device)
+    scheme = quantization.describe_scheme(cfg.quant_type, group_size, device, cfg.quantize_head)
+    if run.state == "resume":  # a CPU run must not go on as a GPU run on another grid, or vice versa
+        previous = ((run.record or {}).get("resolved") or {}).get("scheme")
+        quantization.check_same_scheme(previous, scheme, f"resuming {portable_path(run.path)}")
     record: dict[str, Any] = {"train": record_config(cfg), "versions": versions(), "device": str(device),
                               "machine": machine_description(device),
                               "teacher": teacher_precision(cfg.model_name)}
@@ -155,10 +160,11 @@ def train(cfg: TrainConfig) -> Run:
 
     transformers.set_seed(cfg.seed)  # LoRA initialisation and everything after it
     teacher = load_model(cfg.model_name, device=device, dtype=dtype)
-    error = quantization.check_distinct_from_teacher(teacher, cfg.quant_type, group_size)
+    error = quantization.check_distinct_from_teacher(teacher, cfg.quant_type, group_size, cfg.quantize_head)
     student = build_student(teacher, cfg.quant_type, group_size, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                            quantize_head=cfg.quantize_head,
                             train_embeddings=cfg.train_embeddings)
-    record["resolved"] = {"group_size": group_size, "dtype": str(dtype),
+    record["resolved"] = {"group_size": group_size, "dtype": str(dtype), "scheme": scheme,
                           "prompt_format": prompt_format(tokenizer),
                           "weight_error_vs_teacher": round(error, 6),
                           "train_examples": len(train_set), "heldout_eval_examples": len(heldout_set),
@@ -180,7 +186,7 @@ def train(cfg: TrainConfig) -> Run:
     trainer.train(resume_from_checkpoint=str(run.checkpoint) if run.checkpoint else None)
     eval_after = trainer.evaluate(metric_key_prefix="heldout")
 
-    save_student(trainer.model, run.path, cfg.model_name, cfg.quant_type, group_size, tokenizer)
+    save_student(trainer.model, run.path, cfg.model_name, cfg.quant_type, group_size, tokenizer, scheme)
     for checkpoint in run.checkpoints():
         shutil.rmtree(checkpoint)  # optimizer state is only needed to resume; the student is saved
     metrics = summarise(recorder, trainer.unlogged_stats(), device, {

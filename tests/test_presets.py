@@ -41,6 +41,7 @@ def original_defaults() -> dict:
     facts["dataset_name"] = re.search(r"\| dataset \| `([^`]+)`", text).group(1)
     facts["group_size"] = int(re.search(r"group size (\d+)", text).group(1))
     facts["temperature"] = float(re.search(r"GKDConfig` default \(([\d.]+)\)", text).group(1))
+    facts["quantize_head"] = "so `lm_head` is fake-quantized too" in text
     facts["gpus"] = int(re.search(r"\*\*(\d+) GPUs by default\*\*", text).group(1))
     facts["headline_steps"] = int(re.search(r"headline runs: (\d+)k", text).group(1)) * 1000
     return facts
@@ -79,6 +80,9 @@ def test_preset_matches_the_original_value_for_value():
     global_batch = facts["per_device_train_batch_size"] * facts["gradient_accumulation_steps"] * facts["gpus"]
     assert preset.per_device_train_batch_size * preset.gradient_accumulation_steps == global_batch == 64
     assert preset.quant_type == "int4" and preset.lora_r is not None  # LoRA on by default, INT4
+    assert facts["quantize_head"] and preset.quantize_head
+    assert preset.min_completion_tokens == int(re.search(r"min_response_tokens=(\d+)", section("Data filter")
+                                                         ).group(1))
 
 
 def expand(name: str) -> list[dict]:

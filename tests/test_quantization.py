@@ -275,3 +275,15 @@ def test_a_scheme_that_reproduces_the_teacher_grid_is_refused(model, monkeypatch
     with pytest.warns(UserWarning, match="relative weight error of the teacher"):
         error = q.check_distinct_from_teacher(model, "int8", 32)
     assert 0 < error < q.NEAR_TEACHER_ERROR
+
+
+def test_int4_on_cuda_without_its_kernels_is_refused_before_training():
+    import importlib.util
+
+    from onpolicy_lib import quantization
+
+    quantization.check_kernels("int4", "cpu")  # symmetric IntxWeightOnlyConfig: torch's own ops
+    quantization.check_kernels("int8", "cuda")
+    if importlib.util.find_spec("mslk") is None:
+        with pytest.raises(quantization.QuantizationError, match=r"^quant_type 'int4' on CUDA needs the mslk kernels"):
+            quantization.check_kernels("int4", "cuda")

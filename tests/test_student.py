@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -68,3 +69,37 @@ def test_student_of_a_frozen_teacher_is_trainable(tiny_model):
     student = build_student(tiny_model, "int4", GROUP)
     assert all(p.requires_grad for p in student.parameters())
     assert not any(p.requires_grad for p in tiny_model.parameters())
+
+
+def test_the_scheme_is_recorded_and_converting_on_another_grid_is_refused(tmp_path, tiny_model, tiny_model_dir):
+    student = build_student(tiny_model, "int4", GROUP)
+    save_student(student, tmp_path / "run", str(tiny_model_dir), "int4", GROUP)
+    meta = json.loads((tmp_path / "run" / "student" / "quantization.json").read_text())
+    assert meta["scheme"] == {"quant_type": "int4", "group_size": GROUP, "config": "IntxWeightOnlyConfig",
+                              "mapping": "symmetric", "packing": "unpacked_to_int8", "qparams": "affine",
+                              "head": "full precision"}
+    # What the same name means on CUDA: another config, another grid.
+    cuda = quantization.describe_scheme("int4", GROUP, "cuda")
+    assert (cuda["config"], cuda["mapping"]) == ("Int4WeightOnlyConfig", "asymmetric")
+    meta["scheme"] = cuda  # as if trained on a GPU
+    (tmp_path / "run" / "student" / "quantization.json").write_text(json.dumps(meta))
+    with pytest.raises(quantization.QuantizationError, match=r"on cpu: .*mapping: 'asymmetric' -> 'symmetric'"):
+        load_student(tmp_path / "run", convert=True)
+
+
+def test_a_quantized_head_shares_the_tied_matrix_in_training_and_is_quantized_alone_when_converted(tiny_model):
+    head, embedding = tiny_model.get_output_embeddings(), tiny_model.get_input_embeddings()
+    assert head.weight is embedding.weight  # tied, as SmolLM2's and Qwen3-4B's are
+    original = embedding.weight.detach().clone()
+    student = quantization.prepare_qat(copy.deepcopy(tiny_model), "int4", GROUP, quantize_head=True)
+    assert quantization.quantization_summary(student)["fake_quantized"] == 2 * 7 + 1
+    assert student.lm_head.weight is student.model.embed_tokens.weight  # one latent matrix, trained once
+    ids = torch.randint(4, 40, (2, 16))
+    fake = logits(student, ids)
+    assert not torch.equal(fake, logits(quantization.prepare_qat(copy.deepcopy(tiny_model), "int4", GROUP), ids))
+    quantization.convert_qat(student, "int4", GROUP, quantize_head=True)
+    assert torch.equal(logits(student, ids), fake)  # converted == fake-quantized, head included
+    assert quantization.quantization_summary(student)["quantized"] == 2 * 7 + 1
+    assert torch.equal(student.model.embed_tokens.weight, original)  # the input embedding stays full precision
+    ptq = quantization.quantize_ptq(copy.deepcopy(tiny_model), "int4", GROUP, quantize_head=True)
+    assert quantization.quantization_summary(ptq)["quantized"] == 2 * 7 + 1

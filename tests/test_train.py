@@ -159,3 +159,27 @@ def test_full_fine_tuning_that_cannot_fit_is_refused_with_the_arithmetic():
     with pytest.raises(ConfigError, match=r"does not fit cpu: teacher .* \+ AdamW moments .* GiB before activations"):
         check_memory({k: v * 100 for k, v in counts.items()}, cfg, torch.device("cpu"), torch.bfloat16)
     check_memory({"total": 1000, "embeddings": 100}, cfg, torch.device("cpu"), torch.bfloat16)
+
+
+def test_resuming_under_another_scheme_is_refused(tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch):
+    # Same parameters, another device: int4 would mean Int4WeightOnlyConfig's asymmetric grid on CUDA.
+    from onpolicy_lib import distill, quantization
+
+    cfg = tiny_config(tiny_model_dir, tiny_dataset_dir, tmp_path / "run")
+    original = distill.DistillTrainer.training_step
+
+    def dies_at_step_3(self, model, inputs, num_items_in_batch=None):
+        if self.state.global_step == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, model, inputs, num_items_in_batch)
+
+    monkeypatch.setattr(distill.DistillTrainer, "training_step", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.setattr(distill.DistillTrainer, "training_step", original)
+    cuda = quantization.describe_scheme("int4", 32, "cuda")
+    monkeypatch.setattr(quantization, "describe_scheme", lambda *args, **kwargs: cuda)
+    with pytest.raises(quantization.QuantizationError,
+                       match=r"resuming .*config: 'IntxWeightOnlyConfig' -> 'Int4WeightOnlyConfig'"
+                             r".*mapping: 'symmetric' -> 'asymmetric'"):
+        train(cfg)
