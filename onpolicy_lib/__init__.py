@@ -41,6 +41,7 @@ _EXPORTS = {
     # evaluation and the deployed student
     "plan_evaluation": "evaluate", "evaluate_runs": "evaluate", "run_eval_notebook": "evaluate",
     "load_student": "student",
+    "export_student": "student",
     # sweeps, results and analysis
     "expand": "sweep", "run_sweep": "sweep",
     "collect": "results", "per_example": "results", "per_example_fidelity": "results", "wide": "results",

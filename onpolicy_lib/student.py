@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedModel
 
 from onpolicy_lib import quantization
-from onpolicy_lib.models import load_model
+from onpolicy_lib.models import load_model, load_skeleton
 from onpolicy_lib.rundir import Run, write_json
 
 
@@ -116,3 +116,65 @@ def load_student(run_dir: str | Path, convert: bool = True, device: str = "cpu",
         # With an unmerged adapter only the base layers are converted (is_quantizable skips lora_*).
         quantization.convert_qat(model, meta["quant_type"], meta["group_size"], head)
     return model.eval()
+
+
+def export_student(run_dir: str | Path, out_dir: str | Path, device: str = "cpu") -> Path:
+    """The trained student as a plain transformers checkpoint with torchao-quantized weights.
+
+    ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads it without this library (transformers and
+    torchao only), already quantized, and scores exactly what ``load_student(run_dir)`` scores
+    (tested): transformers' own torchao integration quantizes the latent weights with the student's
+    torchao configuration, the same deterministic step as converting the fake-quantized model, and
+    serialises the quantized tensors to safetensors with that configuration in ``config.json``. A
+    LoRA student is exported in its usual deployed form, the adapter merged into the latent weights
+    before quantization (``lora_mode="merge"``). The tokenizer is saved beside it. Refuses an
+    existing non-empty ``out_dir``.
+    """
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, TorchAoConfig
+
+    run = Run(Path(run_dir))
+    meta = run.student_scheme()
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"out_dir {out} is not empty; choose another or delete it")
+    head = meta.get("quantize_head", False)
+    here = quantization.describe_scheme(meta["quant_type"], meta["group_size"], device, head)
+    quantization.check_same_scheme(meta.get("scheme"), here, f"exporting {run.path.name} on {device}")
+    skeleton = load_skeleton(str(run.student_dir) if meta["format"] == "latent-weights" else meta["model_name"])
+    embedding = next(name for name, module in skeleton.named_modules() if module is skeleton.get_input_embeddings())
+    head_name = next(name for name, module in skeleton.named_modules() if module is skeleton.get_output_embeddings())
+    tied = bool(getattr(skeleton.config, "tie_word_embeddings", False))
+    # transformers leaves embeddings and head alone unless told; the input embedding is never quantized.
+    config = TorchAoConfig(quant_type=quantization.base_config(meta["quant_type"], meta["group_size"], device),
+                           include_input_output_embeddings=head,
+                           modules_to_not_convert=[embedding] if head else [head_name])
+    with tempfile.TemporaryDirectory() as tmp:
+        latent = run.student_dir
+        if meta["format"] == "lora-adapter" or (head and tied):
+            if meta["format"] == "lora-adapter":
+                from peft import PeftModel
+
+                base = load_model(meta["model_name"], device="cpu", dtype=torch.float32)
+                model = PeftModel.from_pretrained(base, latent).merge_and_unload()
+            else:
+                model = load_model(str(latent), device="cpu", dtype=torch.float32)
+            if head and model.get_output_embeddings().weight is model.get_input_embeddings().weight:
+                # A quantized head cannot share the embedding's tensor: untie it (the embedding stays
+                # full precision), as converting the fake-quantized student does.
+                model.get_output_embeddings().weight = torch.nn.Parameter(model.get_input_embeddings().weight.clone())
+                model.config.tie_word_embeddings = False
+            model.save_pretrained(tmp)
+            latent = Path(tmp)
+        model = AutoModelForCausalLM.from_pretrained(latent, quantization_config=config, dtype=torch.float32,
+                                                     device_map=device)
+        model.save_pretrained(out)
+    if (run.student_dir / "tokenizer_config.json").is_file():
+        for name in run.student_dir.iterdir():
+            if name.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+                shutil.copy2(name, out / name.name)
+    write_json(out / "onpolicy_quant.json", {"run": run.path.name, "scheme": here, "format": meta["format"],
+                                             "note": "load with transformers.AutoModelForCausalLM.from_pretrained"})
+    return out

@@ -103,3 +103,31 @@ def test_a_quantized_head_shares_the_tied_matrix_in_training_and_is_quantized_al
     assert torch.equal(student.model.embed_tokens.weight, original)  # the input embedding stays full precision
     ptq = quantization.quantize_ptq(copy.deepcopy(tiny_model), "int4", GROUP, quantize_head=True)
     assert quantization.quantization_summary(ptq)["quantized"] == 2 * 7 + 1
+
+
+@pytest.mark.parametrize("kind", ["latent", "lora", "head"])
+def test_export_reloads_without_the_library_and_scores_the_same(tmp_path, tiny_model, tiny_model_dir, tokenizer,
+                                                                 kind):
+    from transformers import AutoModelForCausalLM
+
+    from onpolicy_lib.student import export_student
+
+    head = kind == "head"
+    student = build_student(tiny_model, "int4", GROUP, lora_r=4 if kind == "lora" else None, lora_dropout=0.0,
+                            quantize_head=head)
+    torch.manual_seed(2)
+    with torch.no_grad():  # a trained student is not its teacher
+        for name, p in student.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    scheme = quantization.describe_scheme("int4", GROUP, quantize_head=head)
+    save_student(student, tmp_path / "run", str(tiny_model_dir), "int4", GROUP, tokenizer, scheme)
+    out = export_student(tmp_path / "run", tmp_path / "export")
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
+    assert "quantization_config" in json.loads((out / "config.json").read_text())
+    exported = AutoModelForCausalLM.from_pretrained(out)  # plain transformers: no onpolicy_lib involved
+    assert quantization.quantization_summary(exported)["quantized"] == 2 * 7 + head
+    ids = torch.randint(4, 40, (2, 16))
+    assert torch.equal(logits(exported, ids), logits(load_student(tmp_path / "run", convert=True), ids))
+    with pytest.raises(FileExistsError, match="not empty"):
+        export_student(tmp_path / "run", tmp_path / "export")
