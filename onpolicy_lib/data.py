@@ -21,6 +21,7 @@ import re
 import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -455,7 +456,8 @@ def filter_reason(prompt_len: int, completion_len: int, max_length: int,
 
 
 def tokenize_for_distillation(
-    ds: Dataset, tokenizer: Any, max_length: int, min_completion_tokens: int = MIN_COMPLETION_TOKENS
+    ds: Dataset, tokenizer: Any, max_length: int, min_completion_tokens: int = MIN_COMPLETION_TOKENS,
+    num_proc: int | None = None,
 ) -> tuple[Dataset, dict[str, int]]:
     """Tokenize chats into ``prompt_ids`` (all turns but the last, plus the generation prompt)
     and ``completion_ids`` (the final assistant turn, ending at the first EOS inclusive).
@@ -523,7 +525,8 @@ def tokenize_for_distillation(
             "_truncated": Value("bool"),
         }
     )
-    encoded = ds.map(encode, remove_columns=drop, features=features, desc="tokenizing chats")
+    encoded = ds.map(encode, remove_columns=drop, features=features, desc="tokenizing chats",
+                     num_proc=num_proc if num_proc and num_proc > 1 else None)
     reasons = Counter(encoded["_drop"])
     kept = encoded.filter(lambda r: r == "", input_columns="_drop", desc="filtering")
     counts = {"total": len(ds), **{r: reasons.get(r, 0) for r in FILTER_REASONS}, "kept": len(kept)}
@@ -558,3 +561,104 @@ def stratified_sample(ds: Dataset, n: int, seed: int = HELDOUT_SEED) -> Dataset:
                 picked.append(queue.pop(0))
     rng.shuffle(picked)
     return ds.select(picked)
+
+
+# --------------------------------------------------------------------------
+# Prepared once: tokenized and filtered data shared by every run
+# --------------------------------------------------------------------------
+
+# Where prepared data lives when not under the asset cache (a shared filesystem for a cluster's jobs).
+PREPARED_ENV = "ONPOLICY_QUANT_PREPARED"
+# Bumped whenever tokenize_for_distillation's output for the same inputs changes.
+PREPARED_FORMAT = 1
+# Chats per worker process before tokenization is split over processes: below it the start-up of a
+# pool (each worker receives the tokenizer) costs more than it saves.
+CHATS_PER_PROCESS = 50_000
+
+
+@dataclass
+class PreparedData:
+    """Tokenized, filtered train and held-out sets, as every run with the same key sees them."""
+
+    train: Dataset
+    heldout: Dataset
+    counts: dict[str, dict[str, int]]  # filter counts, "train" and "heldout"
+    path: Path
+    reused: bool
+    seconds: float  # the preparation's own time (when it was computed)
+
+    def describe(self) -> str:
+        from onpolicy_lib.config import portable_path
+
+        how = "reused" if self.reused else "tokenized and filtered"
+        return (f"prepared data: {how} {portable_path(self.path)} ({len(self.train)} train / "
+                f"{len(self.heldout)} held-out chats; preparation took {self.seconds:.1f} s)")
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of what decides token ids: the vocabulary and merges, the chat template, special tokens."""
+    digest = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    digest.update(backend.to_str().encode() if backend is not None else json.dumps(tokenizer.get_vocab(),
+                                                                                     sort_keys=True).encode())
+    digest.update(str(tokenizer.chat_template).encode())
+    digest.update(json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]).encode())
+    return digest.hexdigest()[:16]
+
+
+def prepared_key(dataset_name: str, train: Dataset, heldout: Dataset, tokenizer: Any, max_length: int,
+                 min_completion_tokens: int) -> dict[str, Any]:
+    """What identifies a prepared dataset: the chats (their datasets fingerprints, deterministic for
+    data read from disk or the hub), the tokenizer, and the filter settings."""
+    return {"format": PREPARED_FORMAT, "dataset_name": dataset_name,
+            "chats": {"train": train._fingerprint, "heldout": heldout._fingerprint},
+            "tokenizer": tokenizer_fingerprint(tokenizer), "max_length": max_length,
+            "min_completion_tokens": min_completion_tokens}
+
+
+def prepare_distillation_data(dataset_name: str, tokenizer: Any, max_length: int,
+                              min_completion_tokens: int = MIN_COMPLETION_TOKENS, root: Path | None = None,
+                              num_proc: int | None = None) -> PreparedData:
+    """:func:`tokenize_for_distillation` of the dataset's train and held-out chats, computed once per key
+    (:func:`prepared_key`) and kept under ``<asset cache>/prepared/``, where every run and sweep job
+    sharing that cache (or ``$ONPOLICY_QUANT_PREPARED``) reads it: the first takes a lock and computes, the
+    others wait and load. With
+    ``num_proc=None`` tokenization uses one process per :data:`CHATS_PER_PROCESS` chats, up to the cores.
+    """
+    import fcntl
+    import os
+    import time
+
+    from onpolicy_lib.assets import cache_dir
+
+    train_chat, heldout_chat = load_chat_dataset(dataset_name, root)
+    key = prepared_key(dataset_name, train_chat, heldout_chat, tokenizer, max_length, min_completion_tokens)
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    base = Path(os.environ.get(PREPARED_ENV) or (root or cache_dir()) / "prepared")
+    path = base / name
+    base.mkdir(parents=True, exist_ok=True)
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (path / "prepared.json").is_file():
+            meta = json.loads((path / "prepared.json").read_text())
+            return PreparedData(load_from_disk(str(path / "train"), keep_in_memory=True),
+                                load_from_disk(str(path / "heldout"), keep_in_memory=True),
+                                meta["counts"], path, True, meta["seconds"])
+        start = time.perf_counter()
+        if num_proc is None:
+            num_proc = min(os.cpu_count() or 1, max(1, len(train_chat) // CHATS_PER_PROCESS))
+        train, train_counts = tokenize_for_distillation(train_chat, tokenizer, max_length, min_completion_tokens,
+                                                        num_proc=num_proc)
+        heldout, heldout_counts = tokenize_for_distillation(heldout_chat, tokenizer, max_length,
+                                                            min_completion_tokens)
+        seconds = time.perf_counter() - start
+        tmp = path.with_name(name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        train.save_to_disk(str(tmp / "train"))
+        heldout.save_to_disk(str(tmp / "heldout"))
+        counts = {"train": train_counts, "heldout": heldout_counts}
+        (tmp / "prepared.json").write_text(json.dumps({"key": key, "counts": counts, "seconds": round(seconds, 2),
+                                                       "num_proc": num_proc}, indent=2))
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+        return PreparedData(train, heldout, counts, path, False, seconds)

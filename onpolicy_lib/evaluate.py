@@ -115,11 +115,9 @@ def fidelity_for(run_cfg: dict[str, Any], samples: int, tokenizer, cache: dict[s
     data_key = {"dataset_name": run_cfg["dataset_name"], "max_length": run_cfg["max_length"],
                 "min_completion_tokens": run_cfg.get("min_completion_tokens", defaults.min_completion_tokens)}
     cache_key = json.dumps(data_key, sort_keys=True)
-    if cache_key not in cache:
-        _, chats = data.load_chat_dataset(data_key["dataset_name"])
-        tokenized, _ = data.tokenize_for_distillation(chats, tokenizer, data_key["max_length"],
-                                                      data_key["min_completion_tokens"])
-        cache[cache_key] = tokenized
+    if cache_key not in cache:  # the same prepared data the run trained and was held out on
+        cache[cache_key] = data.prepare_distillation_data(data_key["dataset_name"], tokenizer, data_key["max_length"],
+                                                          data_key["min_completion_tokens"]).heldout
     heldout = data.stratified_sample(cache[cache_key], samples)
     config = FidelityConfig.for_run(run_cfg, samples)
     key = {**data_key, "heldout_seed": data.HELDOUT_SEED, "heldout_ids": heldout["id"] if "id" in heldout.column_names

@@ -147,11 +147,10 @@ def train(cfg: TrainConfig) -> Run:
 
     tokenizer = load_tokenizer(cfg.model_name)
     datasets.disable_progress_bars()  # seconds of work; the bars would flood rendered notebooks
-    train_chat, heldout_chat = data.load_chat_dataset(cfg.dataset_name)
-    train_set, filter_counts = data.tokenize_for_distillation(train_chat, tokenizer, cfg.max_length,
-                                                              cfg.min_completion_tokens)
-    heldout_all, heldout_counts = data.tokenize_for_distillation(heldout_chat, tokenizer, cfg.max_length,
-                                                                 cfg.min_completion_tokens)
+    prepared = data.prepare_distillation_data(cfg.dataset_name, tokenizer, cfg.max_length, cfg.min_completion_tokens)
+    print(prepared.describe())
+    train_set, heldout_all = prepared.train, prepared.heldout
+    filter_counts, heldout_counts = prepared.counts["train"], prepared.counts["heldout"]
     heldout_set = data.stratified_sample(heldout_all, cfg.heldout_eval_size)
     if len(train_set) == 0:
         raise ValueError(f"dataset_name {cfg.dataset_name!r}: no example survives filtering at "
@@ -166,6 +165,7 @@ def train(cfg: TrainConfig) -> Run:
                             train_embeddings=cfg.train_embeddings)
     record["resolved"] = {"group_size": group_size, "dtype": str(dtype), "scheme": scheme,
                           "prompt_format": prompt_format(tokenizer),
+                          "prepared_data": portable_path(prepared.path),
                           "weight_error_vs_teacher": round(error, 6),
                           "train_examples": len(train_set), "heldout_eval_examples": len(heldout_set),
                           "heldout_sources": dict(sorted(Counter(heldout_set["source"]).items()))

@@ -10,6 +10,14 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _prepared_data_in_a_temporary_directory(tmp_path_factory):
+    # Tests prepare many small datasets; they must not accumulate in the user's asset cache.
+    os.environ["ONPOLICY_QUANT_PREPARED"] = str(tmp_path_factory.mktemp("prepared"))
+    yield
+    del os.environ["ONPOLICY_QUANT_PREPARED"]
+
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

@@ -428,3 +428,45 @@ def test_real_offline_mixture() -> None:
     assert {"gsm8k", "minerva_math", "codex_mbpp"} <= set(out["source"]) and counts["template_fallback"] == 0
     whole = [c for p, c in zip(out["prompt_ids"], out["completion_ids"], strict=True) if len(p) + len(c) < 512]
     assert whole and all(c[-1] == tok.eos_token_id for c in whole)  # only truncated ones lose their EOS
+
+
+# ---------------------------------------------------------------------------- prepared once
+def test_data_is_prepared_once_per_key_and_shared(tmp_path, tokenizer, tiny_dataset_dir, monkeypatch):
+    import copy
+
+    from onpolicy_lib import data
+
+    monkeypatch.setenv("ONPOLICY_QUANT_PREPARED", str(tmp_path / "prepared"))
+    first = data.prepare_distillation_data(str(tiny_dataset_dir), tokenizer, 96, 4)
+    again = data.prepare_distillation_data(str(tiny_dataset_dir), tokenizer, 96, 4)
+    assert not first.reused and again.reused and again.path == first.path
+    assert again.train.to_list() == first.train.to_list() and again.heldout.to_list() == first.heldout.to_list()
+    assert again.counts == first.counts and "reused" in again.describe()
+    # The same as tokenizing directly; two worker processes give the same rows.
+    train_chat, _ = data.load_chat_dataset(str(tiny_dataset_dir))
+    direct, counts = data.tokenize_for_distillation(train_chat, tokenizer, 96, 4)
+    assert direct.to_list() == first.train.to_list() and counts == first.counts["train"]
+    parallel, _ = data.tokenize_for_distillation(train_chat, tokenizer, 96, 4, num_proc=2)
+    assert parallel.to_list() == direct.to_list()
+    # Another filter setting or another chat template is another prepared dataset.
+    assert data.prepare_distillation_data(str(tiny_dataset_dir), tokenizer, 80, 4).path != first.path
+    other = copy.deepcopy(tokenizer)
+    other.chat_template = other.chat_template.replace("<|im_start|>", "<|im_start|> ")
+    assert data.prepare_distillation_data(str(tiny_dataset_dir), other, 96, 4).path != first.path
+
+
+def test_runs_of_a_sweep_share_the_prepared_data(tmp_path, tiny_model_dir, tiny_dataset_dir, capsys, monkeypatch):
+    from onpolicy_lib.config import TrainConfig
+    from onpolicy_lib.training import train
+
+    monkeypatch.setenv("ONPOLICY_QUANT_PREPARED", str(tmp_path / "prepared"))
+    paths = []
+    for seed in (1, 2):
+        cfg = TrainConfig(model_name=str(tiny_model_dir), dataset_name=str(tiny_dataset_dir), group_size=32,
+                          max_steps=1, max_length=96, max_new_tokens=6, min_completion_tokens=4, seed=seed,
+                          heldout_eval_size=2, output_dir=str(tmp_path / f"seed-{seed}"), device="cpu")
+        run = train(cfg)
+        paths.append(json.loads((run.path / "config.json").read_text())["resolved"]["prepared_data"])
+    log = capsys.readouterr().out
+    assert "prepared data: tokenized and filtered" in log and "prepared data: reused" in log
+    assert paths[0] == paths[1]

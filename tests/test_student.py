@@ -117,7 +117,7 @@ def test_export_reloads_without_the_library_and_scores_the_same(tmp_path, tiny_m
                             quantize_head=head)
     torch.manual_seed(2)
     with torch.no_grad():  # a trained student is not its teacher
-        for name, p in student.named_parameters():
+        for p in student.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)
     scheme = quantization.describe_scheme("int4", GROUP, quantize_head=head)
