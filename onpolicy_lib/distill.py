@@ -173,12 +173,21 @@ class DistillTrainer(Trainer):
         """
         self._window_tokens += tokens
         last = self.accelerator.sync_gradients  # the Trainer sets it for the window's last micro-batch
-        if last and self._window_tokens > tokens:
-            with torch.no_grad():
-                for param in model.parameters():
-                    if param.grad is not None:
-                        param.grad.mul_(1.0 / self._window_tokens)
-        self._normaliser = max(self._window_tokens, 1) if last else 1
+        normaliser = 1.0
+        if last:
+            # Several processes: the window is every process's micro-batches, and DDP averages the
+            # processes' gradients, so each divides its sums by (all tokens / processes).
+            total = self._window_tokens
+            if self.accelerator.num_processes > 1:
+                count = torch.tensor(float(total), dtype=torch.float64, device=self.args.device)
+                total = float(self.accelerator.reduce(count, reduction="sum"))
+            normaliser = max(total, 1) / self.accelerator.num_processes
+            if self._window_tokens > tokens or self.accelerator.num_processes > 1:
+                with torch.no_grad():
+                    for param in model.parameters():
+                        if param.grad is not None:
+                            param.grad.mul_(1.0 / normaliser)
+        self._normaliser = normaliser
         try:
             loss = super().training_step(model, inputs)
         finally:
@@ -246,6 +255,12 @@ class DistillTrainer(Trainer):
         # Deltas rather than running totals: summed over the log they give the run's
         # totals even when it was resumed from a checkpoint in a fresh process.
         since = {k: self.stats[k] - self._log_since[k] for k in self.stats}
+        if self.accelerator.num_processes > 1:  # a collective: every process logs at the same steps
+            counts = torch.tensor([since[k] for k in self.stats], dtype=torch.float64, device=self.args.device)
+            summed = self.accelerator.reduce(counts.clone(), reduction="sum")
+            slowest = self.accelerator.reduce(counts.clone(), reduction="max")
+            since = {k: (float(slowest[i]) if k == "rollout_seconds" else int(summed[i]))
+                     for i, k in enumerate(self.stats)}  # the rollout time is the slowest process's
         since["rollout_seconds"] = round(since["rollout_seconds"], 3)
         since["on_policy_fraction"] = since["batches_on_policy"] / max(since["batches"], 1)
         return since

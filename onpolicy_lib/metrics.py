@@ -82,7 +82,8 @@ class MetricsRecorder(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         record = {"step": state.global_step, "time": time.time(), **(logs or {})}
         self.history.append(record)
-        self.run.append_log(record)
+        if state.is_world_process_zero:  # one log per run, whatever the number of processes
+            self.run.append_log(record)
 
 
 COUNTERS = ("tokens_generated", "tokens_trained", "rollout_seconds", "batches", "batches_on_policy",

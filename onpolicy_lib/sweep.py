@@ -287,25 +287,42 @@ def status_table(sweep: Sweep):
 
 
 # ---------------------------------------------------------------------------- running
-def command(sweep: Sweep, run: Run, retry_failed: bool = False) -> str:
+def command(sweep: Sweep, run: Run, retry_failed: bool = False, processes: int = 1) -> str:
     """The shell line that runs one configuration through this runner (for a cluster scheduler)."""
     args = [sys.executable, "-m", "onpolicy_lib.sweep", portable_path(sweep.spec_path), "--run", run.name]
     if sweep.root.parent != outputs_root():
         args += ["--outputs", str(sweep.root.parent)]
     if retry_failed:
         args.append("--retry-failed")
+    if processes > 1:
+        args += ["--num-processes", str(processes)]
     return f"cd {shlex.quote(str(PROJECT_ROOT))} && " + shlex.join(args)
 
 
-def execute(run: Run, lock_fd: int, threads: int | None = None) -> str:
-    """Run one configuration in a papermill subprocess; returns its final state (done | failed).
+def training_command(params: dict[str, Any], processes: int) -> list[str]:
+    """``accelerate launch --num_processes N -m onpolicy_lib.training -p NAME VALUE ...`` for one run."""
+    args = [a for name, value in params.items()
+            for a in ("-p", name, yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix(
+                "\n...").strip())]
+    launcher = [str(Path(sys.executable).with_name("accelerate")), "launch", "--num_processes", str(processes),
+                "--num_machines", "1", "--multi_gpu", "--dynamo_backend", "no"]
+    return [*launcher, "-m", "onpolicy_lib.training", *args]
 
-    The subprocess inherits the run's lock, so the run counts as running exactly while it lives.
+
+def execute(run: Run, lock_fd: int, threads: int | None = None, processes: int = 1) -> str:
+    """Run one configuration in a subprocess; returns its final state (done | failed).
+
+    One process: papermill renders ``train.ipynb``. Several: ``accelerate launch`` runs the same
+    parameters through ``python -m onpolicy_lib.training`` (no rendered training notebook; the
+    evaluation notebook is still rendered with ``do_eval``). The subprocess inherits the run's lock,
+    so the run counts as running exactly while it lives.
     """
     notebook = run.file(run.TRAIN_NOTEBOOK)
     params_yaml = yaml.safe_dump(run.params, sort_keys=False)
     args = [sys.executable, "-m", "papermill", portable_path(TRAIN_NOTEBOOK), portable_path(notebook),
             "-y", params_yaml, "--cwd", ".", "--kernel", "python3", "--no-progress-bar"]
+    if processes > 1:
+        args = training_command(run.params, processes)
     env = dict(os.environ)
     if threads:  # parallel runs share the cores instead of each taking all of them
         env.setdefault("OMP_NUM_THREADS", str(threads))
@@ -352,7 +369,7 @@ def _last_error(run: Run) -> str:
 
 
 def run_sweep(sweep: Sweep, parallel: int = 1, retry_failed: bool = False, only: list[str] | None = None,
-              analysis: bool | None = None) -> dict[str, str]:
+              analysis: bool | None = None, processes: int = 1) -> dict[str, str]:
     """Run every run that is not done (failed ones only with ``retry_failed``); returns name -> final state."""
     from tqdm.auto import tqdm
 
@@ -384,7 +401,7 @@ def run_sweep(sweep: Sweep, parallel: int = 1, retry_failed: bool = False, only:
         try:
             if run.file(run.ERROR).is_file():  # a retry: keep the failed attempt beside the new one
                 run.set_aside_failure()
-            return execute(run, lock_fd, threads)
+            return execute(run, lock_fd, threads, processes)
         finally:
             run.release(lock_fd)
 
@@ -434,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", action="append", help="only this run (repeatable)")
     parser.add_argument("--outputs", help="root of the sweep directory (default: outputs/)")
     parser.add_argument("--no-analysis", action="store_true", help="do not render the analysis notebook at the end")
+    parser.add_argument("--num-processes", type=int, default=1,
+                        help="processes per run through accelerate launch (one per GPU; default 1: papermill)")
     args = parser.parse_args(argv)
     try:
         sweep = expand(args.spec, args.outputs)
@@ -452,10 +471,10 @@ def main(argv: list[str] | None = None) -> int:
             for run in sweep.runs:
                 state = run.status()
                 if state in ("pending", "interrupted") or (args.retry_failed and state == "failed"):
-                    print(command(sweep, run, args.retry_failed))
+                    print(command(sweep, run, args.retry_failed, args.num_processes))
             return 0
         states = run_sweep(sweep, args.parallel, args.retry_failed, args.run,
-                           analysis=False if args.no_analysis else None)
+                           analysis=False if args.no_analysis else None, processes=args.num_processes)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

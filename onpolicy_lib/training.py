@@ -119,9 +119,21 @@ def check_memory(counts: dict[str, int], cfg: TrainConfig, device: torch.device,
 
 
 def train(cfg: TrainConfig) -> Run:
-    """Run (or resume, or reuse) the distillation run that ``cfg`` describes; returns its :class:`Run`."""
+    """Run (or resume, or reuse) the distillation run that ``cfg`` describes; returns its :class:`Run`.
+
+    Under ``accelerate launch --num_processes N`` every process runs this: the HF Trainer makes it
+    data-parallel (DDP), each process on its own device, and only the main process writes the run
+    directory (records, log, student, metrics); the others wait for it where they read what it wrote.
+    """
+    from accelerate import PartialState
+
+    # Sets up the process group when launched by accelerate (gloo for CPU processes).
+    processes = PartialState(cpu=resolve_device(cfg.device).type == "cpu")
+    main = processes.is_main_process
     run = plan(cfg)
-    print(run.describe())
+    processes.wait_for_everyone()  # every process decided new/resume/complete before anything is written
+    if main:
+        print(run.describe())
     if run.state == "complete":
         return run
 
@@ -133,6 +145,8 @@ def train(cfg: TrainConfig) -> Run:
     del skeleton
 
     device = resolve_device(cfg.device)
+    if processes.num_processes > 1 and device.type == "cuda":
+        device = processes.device  # this process's own GPU
     dtype = resolve_dtype(cfg.dtype, device)
     check_memory(skeleton_parameters, cfg, device, dtype)
     quantization.check_kernels(cfg.quant_type, device)
@@ -142,13 +156,15 @@ def train(cfg: TrainConfig) -> Run:
         quantization.check_same_scheme(previous, scheme, f"resuming {portable_path(run.path)}")
     record: dict[str, Any] = {"train": record_config(cfg), "versions": versions(), "device": str(device),
                               "machine": machine_description(device),
-                              "teacher": teacher_precision(cfg.model_name)}
-    run.write_record(record)  # claims the directory before the slow part
+                              "teacher": teacher_precision(cfg.model_name), "processes": processes.num_processes}
+    if main:
+        run.write_record(record)  # claims the directory before the slow part
 
     tokenizer = load_tokenizer(cfg.model_name)
     datasets.disable_progress_bars()  # seconds of work; the bars would flood rendered notebooks
     prepared = data.prepare_distillation_data(cfg.dataset_name, tokenizer, cfg.max_length, cfg.min_completion_tokens)
-    print(prepared.describe())
+    if main:
+        print(prepared.describe())
     train_set, heldout_all = prepared.train, prepared.heldout
     filter_counts, heldout_counts = prepared.counts["train"], prepared.counts["heldout"]
     heldout_set = data.stratified_sample(heldout_all, cfg.heldout_eval_size)
@@ -173,27 +189,81 @@ def train(cfg: TrainConfig) -> Run:
                           "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
                           "quantization": quantization.quantization_summary(student)}
     record["filter_counts"] = {"train": filter_counts, "heldout": heldout_counts}
-    run.write_record(record)
+    if main:
+        run.write_record(record)
 
     recorder = MetricsRecorder(run)
     trainer = DistillTrainer(student, teacher, distill_args(cfg, run.path, device, dtype), processing_class=tokenizer,
                              train_dataset=train_set, eval_dataset=heldout_set, callbacks=[recorder])
     # The held-out divergence before training is measured once and kept, so a resumed
     # run still reports the untrained starting point.
-    if run.eval_before is None:
-        run.write_eval_before(trainer.evaluate(metric_key_prefix="heldout"))
     eval_before = run.eval_before
+    if eval_before is None:
+        eval_before = trainer.evaluate(metric_key_prefix="heldout")  # every process: a collective
+        if main:
+            run.write_eval_before(eval_before)
+        # Evaluating marks the (unwrapped) model as prepared by accelerate, and train() would then
+        # not wrap it for DDP: several processes would train unsynchronised copies.
+        vars(student).pop("_is_accelerate_prepared", None)
     trainer.train(resume_from_checkpoint=str(run.checkpoint) if run.checkpoint else None)
     eval_after = trainer.evaluate(metric_key_prefix="heldout")
+    unlogged = trainer.unlogged_stats()  # a collective too
+    if not main:
+        processes.wait_for_everyone()
+        return run
 
     save_student(trainer.model, run.path, cfg.model_name, cfg.quant_type, group_size, tokenizer, scheme)
     for checkpoint in run.checkpoints():
         shutil.rmtree(checkpoint)  # optimizer state is only needed to resume; the student is saved
-    metrics = summarise(recorder, trainer.unlogged_stats(), device, {
+    metrics = summarise(recorder, unlogged, device, {
         "heldout_loss_before": eval_before["heldout_loss"], "heldout_loss_after": eval_after["heldout_loss"],
         "heldout_curve": [{"step": 0, "loss": eval_before["heldout_loss"]}, *run.eval_log()],
         "heldout_examples": len(heldout_set), "train_examples": len(train_set), "group_size": group_size,
         "resumed_from": run.checkpoint.name if run.checkpoint else None,
     })
     run.write_metrics(metrics)  # written last: its presence marks the run complete
+    processes.wait_for_everyone()
     return run
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m onpolicy_lib.training [-f PRESET.yaml] [-p NAME VALUE]...``: one run from the command line.
+
+    The same parameters as ``train.ipynb`` and the same way of giving them (papermill's ``-f``/``-p``),
+    for ``accelerate launch --num_processes N -m onpolicy_lib.training ...`` (the notebook stays the
+    interactive front end; it runs one process).
+    """
+    import argparse
+
+    import yaml
+
+    parser = argparse.ArgumentParser(prog="python -m onpolicy_lib.training", description=main.__doc__.split("\n")[0])
+    parser.add_argument("-f", "--parameters-file", action="append", default=[], help="a YAML preset (repeatable)")
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                        help="one train.ipynb parameter (value read as YAML, as papermill does)")
+    args = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    for path in args.parameters_file:
+        from onpolicy_lib.config import load_preset
+
+        values.update(load_preset(path))
+    for name, text in args.parameter:
+        value = yaml.safe_load(text)
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as text; papermill's -p reads it as a number
+            try:
+                value = float(text)
+            except ValueError:
+                pass
+        values[name] = value
+    cfg = TrainConfig.from_dict(values)
+    run = train(cfg)
+    from accelerate import PartialState
+
+    if cfg.do_eval and PartialState().is_main_process:  # what train.ipynb does with do_eval
+        from onpolicy_lib.evaluate import run_eval_notebook
+
+        run_eval_notebook(run.path, **cfg.eval_parameters)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Several processes through ``accelerate launch`` (DDP over gloo on CPU), against one process.
+
+Two processes with one chat each make the same global batch as one process with two (the
+sampler gives process i the i-th chat of each global batch), so the first steps' losses match;
+later steps drift apart only as far as fake quantization amplifies summation-order differences
+(a weight near a rounding boundary lands on either side).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+
+
+def launch(tmp_path: Path, name: str, processes: int, batch: int, model_dir: Path, data_dir: Path,
+           **params) -> dict:
+    settings = {"model_name": model_dir, "dataset_name": data_dir, "group_size": 32, "max_steps": 3, "max_length": 96,
+                "max_new_tokens": 6, "min_completion_tokens": 4, "heldout_eval_size": 4, "device": "cpu",
+                "learning_rate": 1e-3, "per_device_train_batch_size": batch, "output_dir": tmp_path / name, **params}
+    args = [a for k, v in settings.items() for a in ("-p", k, str(v))]
+    # torchrun-style launcher (accelerate's --multi_gpu): on a machine without GPUs the processes use gloo.
+    launcher = ([str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+                 "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "onpolicy_lib.training"]
+                if processes > 1 else [sys.executable, "-m", "onpolicy_lib.training"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(launcher + args, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / name
+    return {"metrics": json.loads((run / "metrics.json").read_text()),
+            "config": json.loads((run / "config.json").read_text()),
+            "log": [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]}
+
+
+@pytest.mark.skipif(not ACCELERATE.is_file(), reason="accelerate's launcher is not installed beside python")
+def test_two_processes_train_the_global_batch_of_one(tmp_path, tiny_model_dir, tiny_dataset_dir):
+    one = launch(tmp_path, "one", 1, 2, tiny_model_dir, tiny_dataset_dir, lmbda=0.0)
+    two = launch(tmp_path, "two", 2, 1, tiny_model_dir, tiny_dataset_dir, lmbda=0.0)
+    assert two["config"]["processes"] == 2 and one["config"]["processes"] == 1
+    a, b = ([s["loss"] for s in r["metrics"]["steps"]] for r in (one, two))
+    assert b[0] == pytest.approx(a[0], rel=1e-6) and b[1] == pytest.approx(a[1], rel=1e-5)
+    assert b[2] == pytest.approx(a[2], rel=0.05)
+    assert two["metrics"]["heldout_loss_before"] == pytest.approx(one["metrics"]["heldout_loss_before"], rel=1e-6)
+    # Counts are the whole run's, over both processes; the log has one line per step, not one per process.
+    assert two["metrics"]["tokens_trained"] == one["metrics"]["tokens_trained"]
+    assert [r["step"] for r in two["log"] if "loss" in r] == [1, 2, 3]
+
+
+@pytest.mark.skipif(not ACCELERATE.is_file(), reason="accelerate's launcher is not installed beside python")
+def test_processes_share_each_on_policy_draw(tmp_path, tiny_model_dir, tiny_dataset_dir):
+    # One draw per micro-step, the same in every process (it is keyed by seed, step and micro-batch):
+    # a step is on-policy everywhere or nowhere, so no process waits for another's rollouts.
+    two = launch(tmp_path, "mixed", 2, 1, tiny_model_dir, tiny_dataset_dir, lmbda=0.5, max_steps=6)
+    per_step = [r["batches_on_policy"] for r in two["log"] if "loss" in r]
+    assert set(per_step) <= {0, 2} and 0 < sum(per_step) < 12
+    assert two["metrics"]["tokens_generated"] > 0
+
+
+@pytest.mark.skipif(not ACCELERATE.is_file(), reason="accelerate's launcher is not installed beside python")
+def test_a_sweep_runs_and_emits_multi_process_runs(tmp_path, tiny_model_dir, tiny_dataset_dir, capsys, monkeypatch):
+    import yaml
+
+    from onpolicy_lib import sweep
+
+    params = {"model_name": str(tiny_model_dir), "dataset_name": str(tiny_dataset_dir), "group_size": 32,
+              "max_steps": 2, "max_length": 96, "max_new_tokens": 6, "min_completion_tokens": 4,
+              "heldout_eval_size": 4, "device": "cpu", "per_device_train_batch_size": 1}
+    spec = tmp_path / "mp.yaml"
+    spec.write_text(yaml.safe_dump({"name": "mp", "params": params, "grid": {"lmbda": [1.0]}, "analysis": False}))
+    out = ["--outputs", str(tmp_path / "out")]
+    assert sweep.main([str(spec), *out, "--emit-commands", "--num-processes", "2"]) == 0
+    assert capsys.readouterr().out.strip().endswith("--num-processes 2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert sweep.main([str(spec), *out, "--num-processes", "2"]) == 0
+    run = tmp_path / "out" / "mp" / "run"  # one run: nothing varies
+    assert json.loads((run / "config.json").read_text())["processes"] == 2
+    assert json.loads((run / "metrics.json").read_text())["batches_on_policy"] == 4  # 2 steps x 2 processes
+    assert "accelerate" in (run / "sweep-log.txt").read_text()
