@@ -587,11 +587,10 @@ class PreparedData:
     reused: bool
     seconds: float  # the preparation's own time (when it was computed)
 
-    def describe(self) -> str:
-        from onpolicy_lib.config import portable_path
-
+    def describe(self, where: str) -> str:
+        """One log line; ``where`` is how the caller names :attr:`path` (e.g. relative to the project)."""
         how = "reused" if self.reused else "tokenized and filtered"
-        return (f"prepared data: {how} {portable_path(self.path)} ({len(self.train)} train / "
+        return (f"prepared data: {how} {where} ({len(self.train)} train / "
                 f"{len(self.heldout)} held-out chats; preparation took {self.seconds:.1f} s)")
 
 

@@ -164,7 +164,7 @@ def train(cfg: TrainConfig) -> Run:
     datasets.disable_progress_bars()  # seconds of work; the bars would flood rendered notebooks
     prepared = data.prepare_distillation_data(cfg.dataset_name, tokenizer, cfg.max_length, cfg.min_completion_tokens)
     if main:
-        print(prepared.describe())
+        print(prepared.describe(portable_path(prepared.path)))
     train_set, heldout_all = prepared.train, prepared.heldout
     filter_counts, heldout_counts = prepared.counts["train"], prepared.counts["heldout"]
     heldout_set = data.stratified_sample(heldout_all, cfg.heldout_eval_size)

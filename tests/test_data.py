@@ -441,7 +441,7 @@ def test_data_is_prepared_once_per_key_and_shared(tmp_path, tokenizer, tiny_data
     again = data.prepare_distillation_data(str(tiny_dataset_dir), tokenizer, 96, 4)
     assert not first.reused and again.reused and again.path == first.path
     assert again.train.to_list() == first.train.to_list() and again.heldout.to_list() == first.heldout.to_list()
-    assert again.counts == first.counts and "reused" in again.describe()
+    assert again.counts == first.counts and "reused" in again.describe(str(again.path))
     # The same as tokenizing directly; two worker processes give the same rows.
     train_chat, _ = data.load_chat_dataset(str(tiny_dataset_dir))
     direct, counts = data.tokenize_for_distillation(train_chat, tokenizer, 96, 4)
