@@ -51,15 +51,18 @@ def make_model(vocab_size: int, seed: int = 0, hidden: int = 64, layers: int = 2
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=512, tie_word_embeddings=True, pad_token_id=0,
                          eos_token_id=3, bos_token_id=None)
-    model = LlamaForCausalLM(config)
-    # Larger-than-default init so the tiny model's distributions are far from uniform
-    # and quantization visibly changes them.
+    return randomised(LlamaForCausalLM(config))
+
+
+def randomised(model):
+    """A tiny model with a larger-than-default init, so its distributions are far from uniform and
+    quantization visibly changes them, and its generation config's EOS and padding set from its config."""
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.2)
-    model.generation_config.eos_token_id = 3
-    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = model.config.eos_token_id
+    model.generation_config.pad_token_id = model.config.pad_token_id
     return model.eval()
 
 
@@ -90,14 +93,7 @@ def make_gemma_model(vocab_size: int, seed: int = 0, hidden: int = 64):
                               sliding_window=8, layer_types=["sliding_attention", "full_attention"],
                               max_position_embeddings=512, tie_word_embeddings=True, pad_token_id=0,
                               eos_token_id=1, bos_token_id=2)
-    model = Gemma3ForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)
-    model.generation_config.eos_token_id = 1
-    model.generation_config.pad_token_id = 0
-    return model.eval()
+    return randomised(Gemma3ForCausalLM(config))
 
 
 @pytest.fixture

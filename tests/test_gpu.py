@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch
-from conftest import chat_rows, make_tokenizer
+from conftest import chat_rows, make_tokenizer, randomised
 
 from onpolicy_lib import quantization
 from onpolicy_lib.config import TrainConfig
@@ -34,14 +34,7 @@ def make_qwen3(vocab_size: int):
     config = Qwen3Config(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
                          tie_word_embeddings=True, pad_token_id=0, eos_token_id=3, bos_token_id=None)
-    model = Qwen3ForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)
-    model.generation_config.eos_token_id = 3
-    model.generation_config.pad_token_id = 0
-    return model
+    return randomised(Qwen3ForCausalLM(config)).train()
 
 
 @pytest.fixture(scope="module")

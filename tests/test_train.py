@@ -65,12 +65,10 @@ def test_same_seed_same_losses(tmp_path, tiny_model_dir, tiny_dataset_dir):
     assert c.losses != a.losses
 
 
-def test_killed_run_resumes_to_the_same_result(tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch):
+def kill_at_step_3(cfg: TrainConfig, monkeypatch) -> None:
+    """Run ``cfg`` until it is killed (KeyboardInterrupt) in its third step, after checkpoint-2."""
     from onpolicy_lib import distill
 
-    full = train(tiny_config(tiny_model_dir, tiny_dataset_dir, tmp_path / "full", lmbda=1.0))
-
-    cfg = tiny_config(tiny_model_dir, tiny_dataset_dir, tmp_path / "killed", lmbda=1.0)
     original = distill.DistillTrainer.training_step
 
     def dies_at_step_3(self, model, inputs, num_items_in_batch=None):
@@ -81,9 +79,17 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, tiny_model_dir, tiny_da
     monkeypatch.setattr(distill.DistillTrainer, "training_step", dies_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
+    monkeypatch.setattr(distill.DistillTrainer, "training_step", original)
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch):
+
+    full = train(tiny_config(tiny_model_dir, tiny_dataset_dir, tmp_path / "full", lmbda=1.0))
+
+    cfg = tiny_config(tiny_model_dir, tiny_dataset_dir, tmp_path / "killed", lmbda=1.0)
+    kill_at_step_3(cfg, monkeypatch)
     assert (tmp_path / "killed" / "checkpoint-2").is_dir()
     assert not (tmp_path / "killed" / "metrics.json").exists()
-    monkeypatch.setattr(distill.DistillTrainer, "training_step", original)
 
     resumed = train(cfg)
     assert resumed.state == "resume" and resumed.metrics["resumed_from"] == "checkpoint-2"
@@ -163,20 +169,10 @@ def test_full_fine_tuning_that_cannot_fit_is_refused_with_the_arithmetic():
 
 def test_resuming_under_another_scheme_is_refused(tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch):
     # Same parameters, another device: int4 would mean Int4WeightOnlyConfig's asymmetric grid on CUDA.
-    from onpolicy_lib import distill, quantization
+    from onpolicy_lib import quantization
 
     cfg = tiny_config(tiny_model_dir, tiny_dataset_dir, tmp_path / "run")
-    original = distill.DistillTrainer.training_step
-
-    def dies_at_step_3(self, model, inputs, num_items_in_batch=None):
-        if self.state.global_step == 2:
-            raise KeyboardInterrupt("simulated kill")
-        return original(self, model, inputs, num_items_in_batch)
-
-    monkeypatch.setattr(distill.DistillTrainer, "training_step", dies_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg)
-    monkeypatch.setattr(distill.DistillTrainer, "training_step", original)
+    kill_at_step_3(cfg, monkeypatch)
     cuda = quantization.describe_scheme("int4", 32, "cuda")
     monkeypatch.setattr(quantization, "describe_scheme", lambda *args, **kwargs: cuda)
     with pytest.raises(quantization.QuantizationError,
