@@ -14,8 +14,15 @@ The student shares its teacher's weights; only its Linear layers are quantized:
 On CPU every type goes through ``IntxWeightOnlyConfig`` with a *symmetric* mapping:
 torchao only supports symmetric weights for QAT with that config, and with it the
 converted model's logits equal the fake-quantized model's bit for bit. On CUDA,
-``int4`` uses ``Int4WeightOnlyConfig`` instead, the path of the original GPU study
-(its convert step needs CUDA kernels).
+``int4`` uses ``Int4WeightOnlyConfig`` instead (asymmetric, the original GPU study's scheme)
+in one of two packings, whichever has kernels here (:func:`cuda_int4_packing`):
+
+* ``plain``, torchao's default and the original's, when the ``mslk`` kernels are installed
+  (the ``gpu`` extra); torchao's own QAT fake quantizer matches it;
+* ``tile_packed_to_4d`` otherwise: torch's own int4 kernels (tinygemm), which every CUDA build
+  of torch ships. torchao's QAT does not derive a fake quantizer for it, so
+  :class:`TinygemmInt4FakeQuantizer` computes the packing's own quantization (same primitives,
+  same bf16 arithmetic): the converted weights equal the fake-quantized ones bit for bit.
 """
 
 from __future__ import annotations
@@ -37,8 +44,14 @@ from torchao.quantization import (
     PerGroup,
     quantize_,
 )
-from torchao.quantization.qat import QATConfig
+from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
 from torchao.quantization.qat.linear import FakeQuantizedLinear
+from torchao.quantization.quant_primitives import (
+    _choose_qparams_affine_tinygemm,
+    _dequantize_affine_tinygemm_no_dtype_check,
+    _quantize_affine_tinygemm_no_dtype_cast,
+)
+from torchao.quantization.quantize_.workflows import Int4PackingFormat
 from torchao.utils import TorchAOBaseTensor
 
 QUANT_TYPES = ("int4", "int8", "int3", "int2")
@@ -152,7 +165,7 @@ def base_config(quant_type: str, group_size: int, device: str | torch.device = "
     """The torchao post-training config behind ``quant_type`` (QAT derives its fake quantizer from it)."""
     check_quant_type(quant_type)
     if quant_type == "int4" and torch.device(device).type == "cuda":
-        return Int4WeightOnlyConfig(group_size=group_size)
+        return Int4WeightOnlyConfig(group_size=group_size, int4_packing_format=Int4PackingFormat(cuda_int4_packing()))
     # SYMMETRIC is required: torchao's QAT accepts nothing else for IntxWeightOnlyConfig,
     # and it is what makes convert bit-exact with the fake-quantized forward.
     return IntxWeightOnlyConfig(
@@ -162,38 +175,104 @@ def base_config(quant_type: str, group_size: int, device: str | torch.device = "
     )
 
 
-def check_kernels(quant_type: str, device: str | torch.device) -> None:
-    """Refuse, before any training, a scheme whose conversion needs kernels that are not installed.
-
-    On CUDA ``int4`` converts through torchao's ``Int4WeightOnlyConfig``, whose default packing runs
-    on the ``mslk`` kernels; without them training would run for hours and the conversion for
-    evaluation would then fail. (PyPI's ``mslk`` is an empty 0.0.0 placeholder; the kernels ship as
-    ``mslk-cuda``, whose compatibility with a given torch/CUDA has not been verified here.)
-    """
-    if quant_type != "int4" or torch.device(device).type != "cuda":
-        return
+def mslk_version() -> str | None:
+    """The installed mslk kernels' version, None when they are missing or the empty 0.0.0 placeholder
+    (PyPI's ``mslk``; the kernels ship as ``mslk-cuda``) or cannot be loaded with this torch."""
     from importlib import metadata
 
+    version = None
+    for distribution in ("mslk-cuda", "mslk"):
+        try:
+            version = metadata.version(distribution)
+            break
+        except metadata.PackageNotFoundError:
+            continue
+    if version is None or version.split(".")[0] == "0":
+        return None
     try:
         import mslk  # noqa: F401
-
-        version = metadata.version("mslk-cuda") if _installed("mslk-cuda") else metadata.version("mslk")
-    except (ImportError, metadata.PackageNotFoundError):
-        version = None
-    if version is None or version.split(".")[0] == "0":
-        raise QuantizationError(
-            f"quant_type 'int4' on CUDA needs the mslk kernels that torchao's Int4WeightOnlyConfig converts with "
-            f"(found: {version or 'none'}); install mslk-cuda for this torch/CUDA, or train on CPU")
+    except Exception:  # an ABI mismatch with this torch raises OSError/ImportError/RuntimeError
+        return None
+    return version
 
 
-def _installed(distribution: str) -> bool:
-    from importlib import metadata
+@functools.cache
+def cuda_int4_packing() -> str:
+    """The packing CUDA ``int4`` uses here: ``plain`` (the original's, mslk kernels) when mslk loads,
+    else ``tile_packed_to_4d`` (torch's own int4 kernels). Recorded in every scheme, so a student
+    is never converted or resumed under the other one."""
+    return "plain" if mslk_version() else "tile_packed_to_4d"
 
-    try:
-        metadata.version(distribution)
-        return True
-    except metadata.PackageNotFoundError:
-        return False
+
+# Group sizes torch's tinygemm int4 kernel accepts.
+TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
+
+
+def _is_tinygemm(config: AOBaseConfig) -> bool:
+    return (isinstance(config, Int4WeightOnlyConfig)
+            and config.int4_packing_format == Int4PackingFormat.TILE_PACKED_TO_4D)
+
+
+def check_kernels(quant_type: str, device: str | torch.device, group_size: int | None = None) -> None:
+    """Refuse, before any training, a scheme whose conversion cannot run on ``device``.
+
+    Without mslk, CUDA ``int4`` converts to torch's tinygemm kernels: they need compute capability
+    8.0 (Ampere) or newer and a group size of 32, 64, 128 or 256.
+    """
+    if quant_type != "int4" or torch.device(device).type != "cuda" or cuda_int4_packing() != "tile_packed_to_4d":
+        return
+    major, minor = torch.cuda.get_device_capability(torch.device(device))
+    if major < 8:
+        raise QuantizationError(f"quant_type 'int4' on this GPU (compute capability {major}.{minor}) needs the mslk "
+                                "kernels (pip install mslk-cuda) or a GPU of capability 8.0 or newer for torch's own "
+                                "int4 kernels")
+    if group_size is not None and group_size not in TINYGEMM_GROUP_SIZES:
+        raise QuantizationError(f"group_size {group_size} with quant_type 'int4' on CUDA (torch's int4 kernels) must "
+                                f"be one of {', '.join(map(str, TINYGEMM_GROUP_SIZES))}")
+
+
+class TinygemmInt4FakeQuantizeConfig:
+    """What :class:`TinygemmInt4FakeQuantizer` computes (compared by value before conversion)."""
+
+    def __init__(self, group_size: int) -> None:
+        self.group_size = group_size
+        self.dtype = torch.uint4
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TinygemmInt4FakeQuantizeConfig) and other.group_size == self.group_size
+
+    def __hash__(self) -> int:
+        return hash(("tinygemm-int4", self.group_size))
+
+    def __repr__(self) -> str:
+        return f"TinygemmInt4FakeQuantizeConfig(group_size={self.group_size})"
+
+
+class TinygemmInt4FakeQuantizer(nn.Module):
+    """Fake quantization onto the grid of torchao's ``tile_packed_to_4d`` int4 packing.
+
+    The weight is cast to bf16 (the packing's only dtype) and quantized with the very primitives
+    that packing's ``from_hp`` calls (asymmetric min-max per group of ``group_size``, scale and
+    zero point in bf16, zero point in the float domain): converting gives the same dequantized
+    values bit for bit. Rounding is straight-through (torchao's ``_Round``); gradients also reach
+    the latent weights through the group's min and max, as in torchao's own int4 fake quantizer.
+    """
+
+    def __init__(self, group_size: int) -> None:
+        super().__init__()
+        self.config = TinygemmInt4FakeQuantizeConfig(group_size)
+        self.enabled = True
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return w
+        w16 = w.to(torch.bfloat16)
+        block = [1] * (w16.dim() - 1) + [self.config.group_size]
+        scale, zero = _choose_qparams_affine_tinygemm(w16, MappingType.ASYMMETRIC, tuple(block), torch.int32, 0, 15,
+                                                      scale_dtype=torch.bfloat16, zero_point_dtype=torch.bfloat16)
+        q = _quantize_affine_tinygemm_no_dtype_cast(w16, block, scale, zero, 0, 15)
+        return _dequantize_affine_tinygemm_no_dtype_check(q, block, scale, zero, 0, 15,
+                                                          output_dtype=torch.bfloat16).to(w.dtype)
 
 
 def describe_scheme(quant_type: str, group_size: int, device: str | torch.device = "cpu",
@@ -265,6 +344,15 @@ def prepare_qat(model: nn.Module, quant_type: str, group_size: int, quantize_hea
     """
     config = _checked_config(model, quant_type, group_size, quantize_head)
     _check_plain(model, "prepare QAT", quantize_head)
+    if _is_tinygemm(config):
+        # torchao derives no fake quantizer for this packing: swap the layers with a stand-in weight
+        # config, then give each the packing's own quantizer.
+        stand_in = IntxFakeQuantizeConfig(torch.int4, group_size=group_size, is_symmetric=False)
+        quantize_(model, QATConfig(weight_config=stand_in, step="prepare"), filter_fn=_filter(quantize_head))
+        for _, mod in _quantizable_layers(model, quantize_head):
+            if isinstance(mod, FakeQuantizedLinear):
+                mod.weight_fake_quantizer = TinygemmInt4FakeQuantizer(group_size).to(mod.weight.device)
+        return model
     quantize_(model, QATConfig(config, step="prepare"), filter_fn=_filter(quantize_head))
     return model
 
@@ -274,6 +362,8 @@ def _fake_quantizer(config: AOBaseConfig) -> nn.Module:
     than its private inference helper; quantize_ cannot swap a root module, hence the wrapper)."""
     if isinstance(config, Int4WeightOnlyConfig):
         group_size = config.group_size
+        if _is_tinygemm(config):
+            return TinygemmInt4FakeQuantizer(group_size)
     else:
         group_size = config.granularity.group_size
     probe = nn.Sequential(nn.Linear(group_size, 1, bias=False))
@@ -350,14 +440,26 @@ def convert_qat(model: nn.Module, quant_type: str, group_size: int, quantize_hea
                 f"layer {name!r} was prepared as {_describe(got)}, not as "
                 f"quant_type={quant_type!r} group_size={group_size}"
             )
+    if _is_tinygemm(config):
+        _cast_weights_bf16(model, quantize_head)
     quantize_(model, QATConfig(config, step="convert"), filter_fn=_filter(quantize_head))
     return model
+
+
+def _cast_weights_bf16(model: nn.Module, quantize_head: bool) -> None:
+    # The tile-packed int4 tensor is built from bf16 weights only (the fake quantizer casts the same
+    # way, so the values are the same); its kernel casts activations itself.
+    for _, mod in _quantizable_layers(model, quantize_head):
+        if mod.weight.dtype != torch.bfloat16:
+            mod.weight = nn.Parameter(mod.weight.detach().to(torch.bfloat16), requires_grad=False)
 
 
 def quantize_ptq(model: nn.Module, quant_type: str, group_size: int, quantize_head: bool = False) -> nn.Module:
     """Quantize the full-precision weights directly, in place: the no-training baseline."""
     config = _checked_config(model, quant_type, group_size, quantize_head)
     _check_plain(model, "apply PTQ", quantize_head)
+    if _is_tinygemm(config):
+        _cast_weights_bf16(model, quantize_head)
     quantize_(model, config, filter_fn=_filter(quantize_head))
     return model
 
@@ -421,10 +523,12 @@ def dequantize_for_eval(model: nn.Module) -> nn.Module:
     dequantizes every weight on every forward (several times the teacher's cost).
     Doing it once gives bit-identical outputs (tested) at the teacher's cost, which
     is what evaluating many lm-eval requests needs. The model is for inference only
-    afterwards. Returns the model; a no-op for models without quantized weights.
+    afterwards. CUDA weights are left alone: there the evaluation runs the real int4 kernels.
+    Returns the model; a no-op for models without quantized weights.
     """
     for mod in model.modules():
-        if isinstance(mod, nn.Linear) and _is_quantized_weight(mod.weight):
+        # On CUDA the converted weights run on their real int4 kernels: evaluation measures those.
+        if isinstance(mod, nn.Linear) and _is_quantized_weight(mod.weight) and mod.weight.device.type != "cuda":
             mod.weight = nn.Parameter(mod.weight.dequantize(), requires_grad=False)
     return model
 

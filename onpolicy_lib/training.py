@@ -149,7 +149,7 @@ def train(cfg: TrainConfig) -> Run:
         device = processes.device  # this process's own GPU
     dtype = resolve_dtype(cfg.dtype, device)
     check_memory(skeleton_parameters, cfg, device, dtype)
-    quantization.check_kernels(cfg.quant_type, device)
+    quantization.check_kernels(cfg.quant_type, device, group_size)
     scheme = quantization.describe_scheme(cfg.quant_type, group_size, device, cfg.quantize_head)
     if run.state == "resume":  # a CPU run must not go on as a GPU run on another grid, or vice versa
         previous = ((run.record or {}).get("resolved") or {}).get("scheme")

@@ -277,13 +277,68 @@ def test_a_scheme_that_reproduces_the_teacher_grid_is_refused(model, monkeypatch
     assert 0 < error < q.NEAR_TEACHER_ERROR
 
 
-def test_int4_on_cuda_without_its_kernels_is_refused_before_training():
-    import importlib.util
+def test_cuda_int4_packing_follows_the_installed_kernels_and_is_part_of_the_scheme(monkeypatch):
+    # Without mslk (or with PyPI's empty 0.0.0 placeholder) CUDA int4 packs for torch's own kernels.
+    assert q.cuda_int4_packing() == ("plain" if q.mslk_version() else "tile_packed_to_4d")
+    q.check_kernels("int4", "cpu")  # symmetric IntxWeightOnlyConfig: torch's own ops
+    q.check_kernels("int8", "cuda")
+    monkeypatch.setattr(q, "cuda_int4_packing", lambda: "tile_packed_to_4d")
+    tile = q.describe_scheme("int4", 128, "cuda")
+    assert (tile["config"], tile["mapping"], tile["packing"]) == ("Int4WeightOnlyConfig", "asymmetric",
+                                                                   "tile_packed_to_4d")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    with pytest.raises(q.QuantizationError, match=r"^quant_type 'int4' on this GPU \(compute capability 7.5\)"):
+        q.check_kernels("int4", "cuda", 128)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    q.check_kernels("int4", "cuda", 128)
+    with pytest.raises(q.QuantizationError, match=r"^group_size 48 with quant_type 'int4' on CUDA"):
+        q.check_kernels("int4", "cuda", 48)
+    # A student trained with one packing is not converted with the other: the difference is named.
+    monkeypatch.setattr(q, "cuda_int4_packing", lambda: "plain")
+    with pytest.raises(q.QuantizationError, match="packing: 'tile_packed_to_4d' -> 'plain'"):
+        q.check_same_scheme(tile, q.describe_scheme("int4", 128, "cuda"), "run_dir x on cuda")
 
-    from onpolicy_lib import quantization
 
-    quantization.check_kernels("int4", "cpu")  # symmetric IntxWeightOnlyConfig: torch's own ops
-    quantization.check_kernels("int8", "cuda")
-    if importlib.util.find_spec("mslk") is None:
-        with pytest.raises(quantization.QuantizationError, match=r"^quant_type 'int4' on CUDA needs the mslk kernels"):
-            quantization.check_kernels("int4", "cuda")
+def test_tinygemm_fake_quantizer_is_the_packings_own_quantization():
+    """Fake quantization for torch's int4 kernels computes exactly what converting to them stores."""
+    from torchao.quantization.quant_primitives import (
+        MappingType,
+        _choose_qparams_affine_tinygemm,
+        _dequantize_affine_tinygemm,
+        _quantize_affine_tinygemm,
+    )
+
+    torch.manual_seed(0)
+    w = (torch.randn(48, 256) * 0.05).requires_grad_()
+    block = (1, 64)
+    w16 = w.detach().to(torch.bfloat16)
+    # The calls Int4TilePackedTo4dTensor.from_hp makes (torchao's tile_packed_to_4d packing).
+    scale, zero = _choose_qparams_affine_tinygemm(w16, MappingType.ASYMMETRIC, block, torch.int32, 0, 15,
+                                                  scale_dtype=torch.bfloat16, zero_point_dtype=torch.bfloat16)
+    int_data = _quantize_affine_tinygemm(w16, block, scale, zero, torch.int32, 0, 15)
+    stored = _dequantize_affine_tinygemm(int_data, block, scale, zero, torch.int32, 0, 15,
+                                         output_dtype=torch.bfloat16)
+    fake = q.TinygemmInt4FakeQuantizer(64)(w)
+    assert fake.dtype == torch.float32 and torch.equal(fake, stored.float())
+    assert max(len(torch.unique(g)) for g in fake.detach().view(48, 4, 64).flatten(0, 1)) <= 16
+    fake.square().sum().backward()  # straight-through rounding: every latent weight gets a gradient
+    assert torch.isfinite(w.grad).all() and (w.grad != 0).float().mean() > 0.9
+
+
+def test_tinygemm_packing_prepares_its_own_fake_quantizer(monkeypatch):
+    from torchao.quantization import Int4WeightOnlyConfig
+    from torchao.quantization.quantize_.workflows import Int4PackingFormat
+
+    monkeypatch.setattr(q, "base_config", lambda quant_type, group_size, device="cpu": Int4WeightOnlyConfig(
+        group_size=group_size, int4_packing_format=Int4PackingFormat.TILE_PACKED_TO_4D))
+    model = tiny_llama()
+    q.prepare_qat(model, "int4", 32)
+    quantizers = [mod.weight_fake_quantizer for _, mod in q._quantizable_layers(model)]
+    assert quantizers and all(isinstance(x, q.TinygemmInt4FakeQuantizer) for x in quantizers)
+    assert q._expected_weight_fq_config(q.base_config("int4", 32)) == quantizers[0].config
+    assert q._expected_weight_fq_config(q.base_config("int4", 64)) != quantizers[0].config
+    ids = torch.randint(0, VOCAB, (1, 8))
+    with torch.no_grad():
+        reference = model(ids).logits
+        with q.materialized_fake_quant(model):  # fast rollouts: same values
+            assert torch.equal(model(ids).logits, reference)
