@@ -122,5 +122,6 @@ def test_evaluates_on_cuda(qwen_dirs, tmp_path):
     scores = benchmarks.evaluate_benchmarks(model, ascii_tokenizer, ["arc_easy"], limit=4, root=tmp_path / "data",
                                             device="cuda")
     assert 0 <= scores["tasks"]["arc_easy"]["acc"] <= 1
-    ppl = sliding_window_perplexity(student, make_tokenizer(), "what is 3 + 4? it is 7. " * 20, max_length=64)
+    ppl = sliding_window_perplexity(student, make_tokenizer(), "what is 3 + 4? it is 7. " * 20, max_length=64,
+                                     stride=32)
     assert ppl["perplexity"] > 1
