@@ -118,6 +118,7 @@ def measure_fidelity(teacher: torch.nn.Module, student: torch.nn.Module, tokeniz
     eos_ids = eos_token_ids(teacher, tokenizer)
     teacher.eval()
     student.eval()
+    device = next(student.parameters()).device
     # sums[source][values] and tokens[source][mask], accumulated token by token.
     sums: dict[str, dict[str, float]] = {}
     tokens: dict[str, dict[str, int]] = {}
@@ -126,13 +127,13 @@ def measure_fidelity(teacher: torch.nn.Module, student: torch.nn.Module, tokeniz
     torch.manual_seed(config.seed)
     for start in range(0, len(rows), config.batch_size):
         batch_rows = [rows[i] for i in range(start, min(start + config.batch_size, len(rows)))]
-        batch = collate(batch_rows)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(batch_rows).items()}
 
         s_logits, mask = completion_logits(student, batch)
         t_logits, _ = completion_logits(teacher, batch)
         fkl = _divergence(s_logits, t_logits, mask, beta=0.0)
         agree = (s_logits.argmax(-1) == t_logits.argmax(-1))[:, :-1].float()
-        positions = torch.arange(mask.shape[1])[None, :]
+        positions = torch.arange(mask.shape[1], device=mask.device)[None, :]
         matched = mask & (positions < config.max_new_tokens)
 
         sampled = _generate(student, batch, tokenizer, eos_ids, config, sample=True)

@@ -14,15 +14,12 @@ The student shares its teacher's weights; only its Linear layers are quantized:
 On CPU every type goes through ``IntxWeightOnlyConfig`` with a *symmetric* mapping:
 torchao only supports symmetric weights for QAT with that config, and with it the
 converted model's logits equal the fake-quantized model's bit for bit. On CUDA,
-``int4`` uses ``Int4WeightOnlyConfig`` instead (asymmetric, the original GPU study's scheme)
-in one of two packings, whichever has kernels here (:func:`cuda_int4_packing`):
-
-* ``plain``, torchao's default and the original's, when the ``mslk`` kernels are installed
-  (the ``gpu`` extra); torchao's own QAT fake quantizer matches it;
-* ``tile_packed_to_4d`` otherwise: torch's own int4 kernels (tinygemm), which every CUDA build
-  of torch ships. torchao's QAT does not derive a fake quantizer for it, so
-  :class:`TinygemmInt4FakeQuantizer` computes the packing's own quantization (same primitives,
-  same bf16 arithmetic): the converted weights equal the fake-quantized ones bit for bit.
+``int4`` uses ``Int4WeightOnlyConfig`` instead: asymmetric min-max groups, the original GPU
+study's grid, packed ``tile_packed_to_4d`` for torch's own int4 kernels (tinygemm), which every
+CUDA build of torch ships (the original's default plain packing needs the mslk kernels, see
+:data:`CUDA_INT4_PACKING`). torchao's QAT derives no fake quantizer for this packing, so
+:class:`TinygemmInt4FakeQuantizer` computes the packing's own quantization (same primitives, same
+bf16 arithmetic); the kernel reads those weights back within one bf16 rounding.
 """
 
 from __future__ import annotations
@@ -165,7 +162,7 @@ def base_config(quant_type: str, group_size: int, device: str | torch.device = "
     """The torchao post-training config behind ``quant_type`` (QAT derives its fake quantizer from it)."""
     check_quant_type(quant_type)
     if quant_type == "int4" and torch.device(device).type == "cuda":
-        return Int4WeightOnlyConfig(group_size=group_size, int4_packing_format=Int4PackingFormat(cuda_int4_packing()))
+        return Int4WeightOnlyConfig(group_size=group_size, int4_packing_format=Int4PackingFormat(CUDA_INT4_PACKING))
     # SYMMETRIC is required: torchao's QAT accepts nothing else for IntxWeightOnlyConfig,
     # and it is what makes convert bit-exact with the fake-quantized forward.
     return IntxWeightOnlyConfig(
@@ -175,33 +172,11 @@ def base_config(quant_type: str, group_size: int, device: str | torch.device = "
     )
 
 
-def mslk_version() -> str | None:
-    """The installed mslk kernels' version, None when they are missing or the empty 0.0.0 placeholder
-    (PyPI's ``mslk``; the kernels ship as ``mslk-cuda``) or cannot be loaded with this torch."""
-    from importlib import metadata
-
-    version = None
-    for distribution in ("mslk-cuda", "mslk"):
-        try:
-            version = metadata.version(distribution)
-            break
-        except metadata.PackageNotFoundError:
-            continue
-    if version is None or version.split(".")[0] == "0":
-        return None
-    try:
-        import mslk  # noqa: F401
-    except Exception:  # an ABI mismatch with this torch raises OSError/ImportError/RuntimeError
-        return None
-    return version
-
-
-@functools.cache
-def cuda_int4_packing() -> str:
-    """The packing CUDA ``int4`` uses here: ``plain`` (the original's, mslk kernels) when mslk loads,
-    else ``tile_packed_to_4d`` (torch's own int4 kernels). Recorded in every scheme, so a student
-    is never converted or resumed under the other one."""
-    return "plain" if mslk_version() else "tile_packed_to_4d"
+# CUDA int4 packs for torch's own int4 kernels (tinygemm), which every CUDA build of torch ships.
+# torchao's default plain packing runs on the mslk kernels instead: PyPI's ``mslk`` is an empty
+# placeholder, and ``mslk-cuda`` 1.1.0 imports with torch 2.11+cu130 but its int4 kernel stopped
+# an H100 with an illegal instruction (see the README's GPU section).
+CUDA_INT4_PACKING = "tile_packed_to_4d"
 
 
 # Group sizes torch's tinygemm int4 kernel accepts.
@@ -216,16 +191,15 @@ def _is_tinygemm(config: AOBaseConfig) -> bool:
 def check_kernels(quant_type: str, device: str | torch.device, group_size: int | None = None) -> None:
     """Refuse, before any training, a scheme whose conversion cannot run on ``device``.
 
-    Without mslk, CUDA ``int4`` converts to torch's tinygemm kernels: they need compute capability
-    8.0 (Ampere) or newer and a group size of 32, 64, 128 or 256.
+    CUDA ``int4`` converts to torch's tinygemm kernels: they need compute capability 8.0 (Ampere) or
+    newer and a group size of 32, 64, 128 or 256.
     """
-    if quant_type != "int4" or torch.device(device).type != "cuda" or cuda_int4_packing() != "tile_packed_to_4d":
+    if quant_type != "int4" or torch.device(device).type != "cuda":
         return
     major, minor = torch.cuda.get_device_capability(torch.device(device))
     if major < 8:
-        raise QuantizationError(f"quant_type 'int4' on this GPU (compute capability {major}.{minor}) needs the mslk "
-                                "kernels (pip install mslk-cuda) or a GPU of capability 8.0 or newer for torch's own "
-                                "int4 kernels")
+        raise QuantizationError(f"quant_type 'int4' on this GPU (compute capability {major}.{minor}) needs "
+                                "capability 8.0 or newer (torch's int4 kernels); use int8 or train on CPU")
     if group_size is not None and group_size not in TINYGEMM_GROUP_SIZES:
         raise QuantizationError(f"group_size {group_size} with quant_type 'int4' on CUDA (torch's int4 kernels) must "
                                 f"be one of {', '.join(map(str, TINYGEMM_GROUP_SIZES))}")
@@ -254,8 +228,9 @@ class TinygemmInt4FakeQuantizer(nn.Module):
     The weight is cast to bf16 (the packing's only dtype) and quantized with the very primitives
     that packing's ``from_hp`` calls (asymmetric min-max per group of ``group_size``, scale and
     zero point in bf16, zero point in the float domain): converting gives the same dequantized
-    values bit for bit. Rounding is straight-through (torchao's ``_Round``); gradients also reach
-    the latent weights through the group's min and max, as in torchao's own int4 fake quantizer.
+    values (the kernel dequantizes in higher precision: within one bf16 rounding). Rounding is
+    straight-through (torchao's ``_Round``); gradients also reach the latent weights through the
+    group's min and max, as in torchao's own int4 fake quantizer.
     """
 
     def __init__(self, group_size: int) -> None:

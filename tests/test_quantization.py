@@ -277,12 +277,9 @@ def test_a_scheme_that_reproduces_the_teacher_grid_is_refused(model, monkeypatch
     assert 0 < error < q.NEAR_TEACHER_ERROR
 
 
-def test_cuda_int4_packing_follows_the_installed_kernels_and_is_part_of_the_scheme(monkeypatch):
-    # Without mslk (or with PyPI's empty 0.0.0 placeholder) CUDA int4 packs for torch's own kernels.
-    assert q.cuda_int4_packing() == ("plain" if q.mslk_version() else "tile_packed_to_4d")
+def test_cuda_int4_packs_for_torchs_own_kernels_and_the_packing_is_part_of_the_scheme(monkeypatch):
     q.check_kernels("int4", "cpu")  # symmetric IntxWeightOnlyConfig: torch's own ops
     q.check_kernels("int8", "cuda")
-    monkeypatch.setattr(q, "cuda_int4_packing", lambda: "tile_packed_to_4d")
     tile = q.describe_scheme("int4", 128, "cuda")
     assert (tile["config"], tile["mapping"], tile["packing"]) == ("Int4WeightOnlyConfig", "asymmetric",
                                                                    "tile_packed_to_4d")
@@ -294,7 +291,7 @@ def test_cuda_int4_packing_follows_the_installed_kernels_and_is_part_of_the_sche
     with pytest.raises(q.QuantizationError, match=r"^group_size 48 with quant_type 'int4' on CUDA"):
         q.check_kernels("int4", "cuda", 48)
     # A student trained with one packing is not converted with the other: the difference is named.
-    monkeypatch.setattr(q, "cuda_int4_packing", lambda: "plain")
+    monkeypatch.setattr(q, "CUDA_INT4_PACKING", "plain")
     with pytest.raises(q.QuantizationError, match="packing: 'tile_packed_to_4d' -> 'plain'"):
         q.check_same_scheme(tile, q.describe_scheme("int4", 128, "cuda"), "run_dir x on cuda")
 
