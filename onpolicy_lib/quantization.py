@@ -491,21 +491,40 @@ def quantization_summary(model: nn.Module) -> dict[str, int]:
     return counts
 
 
-def dequantize_for_eval(model: nn.Module) -> nn.Module:
-    """Replace converted quantized weights by their dequantized values, once, in place.
+def dequantize_for_eval(model: nn.Module, cuda_kernels: bool = True) -> nn.Module:
+    """Replace converted quantized weights by plain weights with the same values, once, in place.
 
     On CPU torchao has no fast low-bit kernel for these weights: the converted model
     dequantizes every weight on every forward (several times the teacher's cost).
     Doing it once gives bit-identical outputs (tested) at the teacher's cost, which
     is what evaluating many lm-eval requests needs. The model is for inference only
-    afterwards. CUDA weights are left alone: there the evaluation runs the real int4 kernels.
-    Returns the model; a no-op for models without quantized weights.
+    afterwards. Returns the model; a no-op for models without quantized weights.
+
+    On CUDA the weights stay on their int4 kernels (the deployed numerics) unless
+    ``cuda_kernels`` is False: then each layer gets the weights its kernel reads, read back
+    through an identity input (:func:`kernel_weight`), in the model's dtype. torch's int4
+    kernel is much slower than a bf16 matmul at prefill lengths, which is most of an lm-eval
+    run; the values are the kernel's own, only the summation order of the products differs.
     """
     for mod in model.modules():
-        # On CUDA the converted weights run on their real int4 kernels: evaluation measures those.
-        if isinstance(mod, nn.Linear) and _is_quantized_weight(mod.weight) and mod.weight.device.type != "cuda":
+        if not (isinstance(mod, nn.Linear) and _is_quantized_weight(mod.weight)):
+            continue
+        if mod.weight.device.type != "cuda":
             mod.weight = nn.Parameter(mod.weight.dequantize(), requires_grad=False)
+        elif not cuda_kernels:
+            mod.weight = nn.Parameter(kernel_weight(mod), requires_grad=False)
     return model
+
+
+@torch.no_grad()
+def kernel_weight(linear: nn.Linear, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The ``[out, in]`` weight a quantized Linear's kernel computes with, as ``dtype``.
+
+    Read through the kernel itself (``linear(I)`` is the transposed weight: each output is one
+    weight times 1), so it holds for packings without a ``dequantize`` (the tile-packed int4).
+    """
+    eye = torch.eye(linear.in_features, device=linear.weight.device, dtype=dtype)
+    return torch.nn.functional.linear(eye, linear.weight).T.contiguous()
 
 
 def _reusing(quantizer: torch.nn.Module, latent: torch.Tensor, shared: torch.Tensor) -> Callable[..., torch.Tensor]:

@@ -9,6 +9,7 @@ benchmark on a fake packaged-data tree, perplexity, fidelity) on the device. Eve
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 
@@ -62,8 +63,7 @@ def converted_weight_gap(fake: torch.nn.Module, real: torch.nn.Module) -> float:
             compared += 1
             name = names[mod]
             trained = quantizer(mod.weight).float()
-            eye = torch.eye(mod.in_features, device=mod.weight.device, dtype=dtype)
-            kernel = torch.nn.functional.linear(eye, real_modules[name].weight).float().T
+            kernel = quantization.kernel_weight(real_modules[name], dtype).float()
             worst = max(worst, float((kernel - trained).abs().max() / trained.abs().max()))
     assert compared and compared == quantization.quantization_summary(real)["quantized"]
     return worst
@@ -99,6 +99,12 @@ def test_trains_converts_and_matches_on_cuda(qwen_dirs, tmp_path, lmbda, lora_r)
     # one bf16 rounding (it dequantizes in higher precision); logits differ by that and bf16 sums.
     assert weight_gap < 1e-2
     assert gap < 0.05
+    # Evaluation without the int4 kernels runs bf16 matmuls on the very weights they read.
+    read_back = quantization.dequantize_for_eval(copy.deepcopy(real), cuda_kernels=False)
+    assert quantization.quantization_summary(read_back)["quantized"] == 0
+    with torch.no_grad():
+        c = read_back(ids).logits.float()
+    assert float((c - b).abs().max() / b.abs().max()) < 0.02
 
 
 def test_evaluates_on_cuda(qwen_dirs, tmp_path):

@@ -63,6 +63,13 @@ def test_dequantize_for_eval_is_bit_identical(tiny_model):
     assert torch.equal(logits(model, ids), before)
 
 
+def test_kernel_weight_reads_back_the_weights_the_kernel_uses(tiny_model):
+    model = copy.deepcopy(tiny_model)
+    quantization.quantize_ptq(model, "int4", 32)
+    layer = model.model.layers[0].mlp.down_proj
+    assert torch.equal(quantization.kernel_weight(layer, torch.float32), layer.weight.dequantize())
+
+
 def test_student_of_a_frozen_teacher_is_trainable(tiny_model):
     # A trainer freezes its teacher; a student built from that same object must still train.
     tiny_model.requires_grad_(False)
