@@ -48,7 +48,7 @@ from onpolicy_lib.batches import (
 )
 from onpolicy_lib.config import TrainConfig
 from onpolicy_lib.divergence import generalized_jsd
-from onpolicy_lib.quantization import fake_quantized_once, materialized_fake_quant
+from onpolicy_lib.quantization import cast_for_rollout, fake_quantized_once, materialized_fake_quant
 
 
 def _gkd_field(name: str) -> Any:
@@ -68,6 +68,7 @@ class DistillConfig(TrainingArguments):
     max_new_tokens: int = _gkd_field("max_new_tokens")
     min_new_tokens: int = _gkd_field("min_new_tokens")
     disable_dropout: bool = _gkd_field("disable_dropout")
+    rollout_dtype: str = _gkd_field("rollout_dtype")
     fast_rollouts: bool = field(
         default=True, metadata={"help": "sample from once-per-step materialised quantized weights (same numbers)"})
 
@@ -119,8 +120,12 @@ class DistillTrainer(Trainer):
         fast = self.args.fast_rollouts and unwrapped is not self.teacher_model and not self._weights_shared
         # Under the training forward's autocast (bf16 runs), so rollouts sample the policy the loss scores.
         autocast = self.compute_loss_context_manager() if self.args.bf16 or self.args.fp16 else nullcontext()
+        # Opt-in: the student's (quantized) weights cast once for the whole rollout (teacher rollouts stay as they are).
+        cast = self.args.rollout_dtype != "float32" and unwrapped is not self.teacher_model
         try:
-            with materialized_fake_quant(unwrapped) if fast else nullcontext(), autocast:
+            with (materialized_fake_quant(unwrapped) if fast else nullcontext(),
+                  cast_for_rollout(unwrapped, getattr(torch, self.args.rollout_dtype)) if cast else nullcontext(),
+                  autocast):
                 batch = generate_completions(
                     unwrapped, inputs, self.processing_class.pad_token_id, self.eos_token_ids,
                     do_sample=True, temperature=self.args.temperature, top_k=0, top_p=1.0,

@@ -466,6 +466,46 @@ def materialized_fake_quant(model: nn.Module) -> Iterator[nn.Module]:
             mod.weight_fake_quantizer.enabled = True
 
 
+@contextlib.contextmanager
+def cast_for_rollout(model: nn.Module, dtype: torch.dtype) -> Iterator[nn.Module]:
+    """Every parameter of ``model`` as a ``dtype`` copy for the context's duration (rollouts only).
+
+    A fake-quantized layer gets its fake-quantized weight cast (its quantizer is off meanwhile),
+    so the rollout samples the quantized student, computed in ``dtype``. Casting once per rollout
+    rather than under autocast (which would recast every weight at every generated token) is what
+    makes it faster than float32. Tied parameters stay tied. On exit (also on exception) the
+    original Parameter objects are put back: optimizer state and values are untouched.
+    """
+    saved: list[tuple[nn.Module, str, nn.Parameter]] = []
+    quantizers: list[nn.Module] = []
+    casts: dict[int, nn.Parameter] = {}
+    try:
+        with torch.no_grad():
+            for mod, quantizer in list(active_fake_quantized(model)):
+                weight = mod.weight
+                # quantizer(weight), not of a detached copy: inside an on-policy step it returns the
+                # step's shared quantized weight instead of recomputing it.
+                fq = nn.Parameter(quantizer(weight).to(dtype), requires_grad=False)
+                saved.append((mod, "weight", weight))
+                quantizers.append(quantizer)
+                quantizer.enabled = False
+                mod._parameters["weight"] = fq
+            for mod in model.modules():
+                for name, param in list(mod._parameters.items()):
+                    if param is None or param.dtype == dtype:  # the quantized weights cast above included
+                        continue
+                    if id(param) not in casts:
+                        casts[id(param)] = nn.Parameter(param.detach().to(dtype), requires_grad=False)
+                    saved.append((mod, name, param))
+                    mod._parameters[name] = casts[id(param)]
+        yield model
+    finally:
+        for mod, name, param in reversed(saved):
+            mod._parameters[name] = param
+        for quantizer in quantizers:
+            quantizer.enabled = True
+
+
 def active_fake_quantized(model: nn.Module) -> Iterator[tuple[FakeQuantizedLinear, nn.Module]]:
     """Each FakeQuantizedLinear (also under a LoRA wrapper) whose weight quantizer is on, with that quantizer."""
     for mod in model.modules():

@@ -229,3 +229,31 @@ def test_accumulation_2_x_batch_1_equals_batch_2_on_the_same_examples(tmp_path, 
     assert two.losses[0] == pytest.approx(one.losses[0], rel=1e-5)
     lengths = [len(trainer.train_dataset[i]["completion_ids"]) for i in range(len(trainer.train_dataset))]
     assert len(set(lengths)) > 1
+
+
+def test_bf16_rollouts_sample_the_quantized_student_within_bf16_rounding(tmp_path, tokenizer, tiny_model):
+    """rollout_dtype='bfloat16' casts the student's quantized weights for the rollout alone: the policy it
+    samples is the fake-quant forward's within bf16 rounding, and training state is untouched."""
+    from onpolicy_lib.quantization import cast_for_rollout
+
+    trainer = make_trainer(tmp_path, tokenizer, tiny_model, lmbda=1.0, beta=1.0, rollout_dtype="bfloat16")
+    student = trainer.model
+    batch = first_batch(trainer)
+    params = {name: (p, p.detach().clone()) for name, p in student.named_parameters()}
+    with torch.no_grad():
+        exact = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with cast_for_rollout(student, torch.bfloat16):
+            assert {p.dtype for p in student.parameters()} == {torch.bfloat16}
+            cast = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    real = batch["attention_mask"].bool()
+    divergence = kl(exact[real], cast[real])
+    assert float(divergence.mean()) < 1e-3 and float(divergence.max()) < 1e-2
+    assert (exact[real].argmax(-1) == cast[real].argmax(-1)).float().mean() > 0.9
+    # Every parameter is the same object with the same values afterwards, quantizers back on.
+    for name, p in student.named_parameters():
+        assert p is params[name][0] and torch.equal(p, params[name][1]), name
+    assert all(m.weight_fake_quantizer.enabled for m in student.modules() if hasattr(m, "weight_fake_quantizer"))
+    # And a whole on-policy step runs with it: bf16 samples, fp32 training.
+    seen = captured_step(trainer, batch)
+    assert trainer.stats["batches_on_policy"] == 1 and seen["input_ids"].shape[1] > batch["prompt_ids"].shape[1]
+    assert {p.dtype for p in student.parameters()} == {torch.float32}

@@ -39,6 +39,7 @@ STEP_LABELS = [
     "    optimizer alone: clip + AdamW + schedule",
     "(b) ours, lambda=0",
     "(b) ours, lambda=1",
+    "    ours, lambda=1, bf16 rollouts (opt-in)",
     "(c) stock TRL GKDTrainer, lambda=0",
     "(c) stock TRL GKDTrainer, lambda=1",
     "    TRL, gradient_checkpointing=False, lambda=0",
@@ -48,6 +49,7 @@ GENERATION_LABELS = [
     "(d) generation, 2 x 4 new tokens",
     "plain weights (the teacher)",
     "student, quantized once per step (our rollouts)",
+    "  same, bf16 rollout (opt-in rollout_dtype)",
     "student, materialised for the call alone",
     "student, fake-quant weights (stock TRL's)",
     "quantizing all weights once (once per on-policy step)",
@@ -56,8 +58,10 @@ RATIO_LABELS = [
     "ratio",
     "ours lambda=0 / floor",
     "ours lambda=1 / ours lambda=0",
+    "  same, bf16 rollouts (opt-in)",
     "ours lambda=1 / (plain generation + lambda=1 floor)",
     "TRL lambda=1 / ours lambda=1 (speed-up)",
+    "  same, ours with bf16 rollouts (opt-in)",
     "TRL lambda=0 / ours lambda=0 (speed-up)",
     "  same, TRL without checkpointing, lambda=1",
     "  same, TRL without checkpointing, lambda=0",
@@ -65,8 +69,9 @@ RATIO_LABELS = [
     "  same, weights materialised for the call",
     "fake-quant / our student generation time",
 ]
-TIMING_KEYS = {"floor", "floor_lambda1_shape", "optimizer", "ours_0", "ours_1", "trl_0", "trl_1", "trl_nockpt_0",
-               "trl_nockpt_1", "gen_plain", "gen_student", "gen_materialised", "gen_fake_quant", "quantize_once"}
+TIMING_KEYS = {"floor", "floor_lambda1_shape", "optimizer", "ours_0", "ours_1", "ours_1_bf16", "trl_0", "trl_1",
+               "trl_nockpt_0", "trl_nockpt_1", "gen_plain", "gen_student", "gen_student_bf16", "gen_materialised",
+               "gen_fake_quant", "quantize_once"}
 
 
 def split_row(line: str) -> tuple[str, list[str]]:
@@ -99,18 +104,24 @@ def test_speed_runs_end_to_end(tiny_model_dir, tiny_dataset_dir, tmp_path, capsy
     for name, timing in saved["timings"].items():
         assert len(timing["seconds"]) == 1 and timing["median_s"] > 0, name
         assert timing["peak_mb"] > 0, name
-    for name in ("ours_1", "trl_1", "trl_nockpt_1"):  # the lambda=1 contenders really generated
+    for name in ("ours_1", "ours_1_bf16", "trl_1", "trl_nockpt_1"):  # the lambda=1 contenders really generated
         assert saved["timings"][name]["parts_median_s"]["rollout"] > 0, name
     assert saved["timings"]["ours_0"]["parts_median_s"]["rollout"] == 0
     # Equal work: every lambda=1 contender scored exactly batch x max_new_tokens completion tokens,
     # every lambda=0 contender the dataset completions.
     scored = {name: timing["parts_median_s"]["scored_tokens"] for name, timing in saved["timings"].items()
               if "scored_tokens" in timing["parts_median_s"]}
-    assert scored["ours_1"] == scored["trl_1"] == scored["trl_nockpt_1"] == 2 * 4
+    assert scored["ours_1"] == scored["ours_1_bf16"] == scored["trl_1"] == scored["trl_nockpt_1"] == 2 * 4
     assert scored["ours_0"] == scored["trl_0"] == scored["trl_nockpt_0"] == sum(saved["batch"]["completion_tokens"])
     assert all(v > 0 for v in saved["tokens_per_s"].values())
     assert all(v is not None and v > 0 for v in saved["ratios"].values())
     assert tables(printed) == [STEP_LABELS, GENERATION_LABELS, RATIO_LABELS]
+    # The machine's ceilings and the decode step against them, fp32 and bf16 (half the weight bytes).
+    hardware = saved["hardware"]
+    assert all(hardware[k] > 0 for k in ("read_gb_s", "gemm_fp32_gflops", "gemm_bf16_gflops", "decode_fp32_s",
+                                         "decode_bf16_s", "decode_fp32_over_read", "decode_bf16_over_read"))
+    assert hardware["weights_mb_bf16"] == pytest.approx(hardware["weights_mb_fp32"] / 2)
+    assert "(e) the machine: memory read" in printed and "decode step, bf16 weights" in printed
     for label in ("peak MB", "tokens/s", "median s", "rollout s", "measured", "target"):
         assert label in printed, label
     # The settings recorded are the demo's wherever the command line left them alone.
@@ -166,8 +177,9 @@ def test_settings_default_to_the_demo_and_keep_the_flags():
 def fake_results(skip_trl: bool = False, contended: str | None = None) -> dict:
     """Results shaped as :func:`speed.run` returns them, from made-up timings (no model)."""
     seconds = {"floor": 1.0, "floor_lambda1_shape": 1.2, "optimizer": 0.1, "ours_0": 1.2, "ours_1": 2.0,
-               "trl_0": 3.0, "trl_1": 10.0, "trl_nockpt_0": 2.5, "trl_nockpt_1": 6.0, "gen_plain": 0.5,
-               "gen_student": 0.6, "gen_materialised": 0.9, "gen_fake_quant": 3.0, "quantize_once": 0.05}
+               "ours_1_bf16": 1.6, "trl_0": 3.0, "trl_1": 10.0, "trl_nockpt_0": 2.5, "trl_nockpt_1": 6.0,
+               "gen_plain": 0.5, "gen_student": 0.6, "gen_student_bf16": 0.4, "gen_materialised": 0.9,
+               "gen_fake_quant": 3.0, "quantize_once": 0.05}
     timings = {}
     for key, value in seconds.items():
         if skip_trl and key.startswith("trl"):
@@ -182,7 +194,11 @@ def fake_results(skip_trl: bool = False, contended: str | None = None) -> dict:
             "batch": {"prompt_tokens": [10, 12], "completion_tokens": [5, 7], "shape": [2, 19]},
             "timings": {k: v.as_dict() for k, v in timings.items()},
             "tokens_per_s": {k: 8 / timings[k].median
-                             for k in ("gen_plain", "gen_student", "gen_materialised", "gen_fake_quant")},
+                             for k in ("gen_plain", "gen_student", "gen_student_bf16", "gen_materialised",
+                                       "gen_fake_quant")},
+            "hardware": {"read_gb_s": 20.0, "gemm_fp32_gflops": 100.0, "gemm_bf16_gflops": 300.0,
+                         "weights_mb_fp32": 500.0, "decode_fp32_s": 0.1, "decode_fp32_over_read": 4.0,
+                         "weights_mb_bf16": 250.0, "decode_bf16_s": 0.02, "decode_bf16_over_read": 1.6},
             "ratios": report.ratios(timings), "load_average": {"start": (1.0, 1.0, 1.0), "end": (2.0, 1.0, 1.0)},
             "cpu_share_min": min(t.cpu_share for t in timings.values())}
 
@@ -202,6 +218,11 @@ def test_report_has_every_row_with_its_figures():
     assert lines["ours lambda=1 / ours lambda=0"] == ["1.67", "<=", "1.5", "✗"]
     assert lines["TRL lambda=1 / ours lambda=1 (speed-up)"] == ["5.00", ">=", "4.0", "✓"]
     assert lines["plain / our student generation tokens/s"] == ["1.20", "<=", "1.3", "✓"]
+    assert lines["  same, bf16 rollouts (opt-in)"] == ["1.33", "<=", "1.5", "✓"]
+    # The hardware block: each decode step against reading its weights once at the measured bandwidth.
+    assert "(e) the machine: memory read 20.0 GB/s; GEMM 100 GFLOP/s fp32, 300 GFLOP/s bf16" in printed
+    assert lines["decode step, fp32 weights (500 MB)"] == ["0.100", "0.025", "4.00", "<=", "2.0", "✗"]
+    assert lines["decode step, bf16 weights (250 MB)"] == ["0.020", "0.013", "1.60", "<=", "2.0", "✓"]
     assert lines["ours lambda=1 / (plain generation + lambda=1 floor)"] == ["1.18", "-"]
     assert "lowest CPU share of a contender: 50%" in printed
     assert "load average (1/5/15 min) at start 1.00/1.00/1.00 and end 2.00/1.00/1.00" in printed

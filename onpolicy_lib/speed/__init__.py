@@ -54,6 +54,7 @@ from onpolicy_lib.speed.contenders import (
     trl_batch,
     trl_trainer,
 )
+from onpolicy_lib.speed.hardware import ceilings, decode_step, weight_bytes
 from onpolicy_lib.speed.report import format_report, ratios
 from onpolicy_lib.speed.settings import SpeedSettings, parse_args
 from onpolicy_lib.speed.timing import Timing, load_average, release
@@ -94,6 +95,9 @@ def run(s: SpeedSettings) -> dict[str, Any]:
                   "shape": list(ours_batch["input_ids"].shape)},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
+    print("hardware ceilings and a decode step ...", file=sys.stderr, flush=True)
+    results["hardware"] = hardware_figures(teacher, ours_batch, device)
+    release()
     timings: dict[str, Timing] = {}
     with tempfile.TemporaryDirectory() as out:
         # (d) generation through the rollout code path, and the lambda=1-shaped batch it yields.
@@ -109,12 +113,14 @@ def run(s: SpeedSettings) -> dict[str, Any]:
         timings.update(time_floor(student(), teacher, tokenizer, s, device, out, ours_batch, on_policy_batch))
         release()
 
-        # (b) our step at lambda=0 and lambda=1.
-        for lmbda in (0.0, 1.0):
-            print(f"ours lambda={lmbda:g} ...", file=sys.stderr, flush=True)
+        # (b) our step at lambda=0 and lambda=1, and at lambda=1 with the opt-in bf16 rollouts.
+        for key, lmbda, rollout_dtype in (("ours_0", 0.0, "float32"), ("ours_1", 1.0, "float32"),
+                                          ("ours_1_bf16", 1.0, "bfloat16")):
+            label = f"ours lambda={lmbda:g}" + (" bf16 rollouts" if rollout_dtype != "float32" else "")
+            print(f"{label} ...", file=sys.stderr, flush=True)
             trainer = our_trainer(student(), teacher, tokenizer, cfg, device, out, lmbda=lmbda)
-            timings[f"ours_{lmbda:g}"] = run_trainer(trainer, ours_batch, s.steps, s.warmup, device, "rollout",
-                                                     f"ours lambda={lmbda:g}")
+            trainer.args.rollout_dtype = rollout_dtype
+            timings[key] = run_trainer(trainer, ours_batch, s.steps, s.warmup, device, "rollout", label)
             del trainer
             release()
 
@@ -135,12 +141,26 @@ def run(s: SpeedSettings) -> dict[str, Any]:
 
     new_tokens = cfg.per_device_train_batch_size * cfg.max_new_tokens
     results["timings"] = {k: v.as_dict() for k, v in timings.items()}
-    results["tokens_per_s"] = {k: new_tokens / timings[k].median
-                               for k in ("gen_plain", "gen_student", "gen_materialised", "gen_fake_quant")}
+    results["tokens_per_s"] = {k: new_tokens / timings[k].median for k in
+                               ("gen_plain", "gen_student", "gen_student_bf16", "gen_materialised", "gen_fake_quant")}
     results["ratios"] = ratios(timings)
     results["load_average"] = {"start": load_start, "end": load_average()}
     results["cpu_share_min"] = min(t.cpu_share for t in timings.values())
     return results
+
+
+def hardware_figures(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
+    """The machine's ceilings, and one cached decode step of the rollout batch in fp32 and with bf16
+    weights, each over the time to read its weights once at the measured bandwidth."""
+    figures = ceilings(device)
+    args = (batch["prompt_ids"], batch["prompt_attention_mask"], device)
+    for dtype, key in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        with quantization.cast_for_rollout(model, dtype):
+            seconds, size = decode_step(model, *args), weight_bytes(model)
+        figures[f"weights_mb_{key}"] = size / 1e6
+        figures[f"decode_{key}_s"] = seconds
+        figures[f"decode_{key}_over_read"] = seconds / (size / (figures["read_gb_s"] * 1e9))
+    return figures
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

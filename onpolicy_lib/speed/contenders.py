@@ -203,6 +203,11 @@ def time_generation(trainer: DistillTrainer, teacher: torch.nn.Module, batch: di
         with trainer.shared_weights(student):
             timings["gen_student"] = timed(rollout_of(student), s.steps, s.warmup, device,
                                            "student, quantized once per step")
+        trainer.args.rollout_dtype = "bfloat16"  # the opt-in: the same weights cast once per rollout
+        with trainer.shared_weights(student):
+            timings["gen_student_bf16"] = timed(rollout_of(student), s.steps, s.warmup, device,
+                                                "student, quantized once per step, bf16 rollout")
+        trainer.args.rollout_dtype = "float32"
     timings["gen_materialised"] = timed(rollout_of(student), s.steps, s.warmup, device,
                                         "student, materialised for the call")
     trainer.args.fast_rollouts = False  # the plain fake-quantized forward, as stock TRL samples

@@ -34,6 +34,7 @@ TARGET_OURS_VS_FLOOR = Target("<=", 1.3)  # our lambda=0 step over the floor
 TARGET_LAMBDA1_VS_LAMBDA0 = Target("<=", 1.5)  # our lambda=1 step over our lambda=0 step
 TARGET_TRL_SPEEDUP = Target(">=", 4.0)  # TRL's lambda=1 step over ours
 TARGET_GENERATION = Target("<=", 1.3)  # plain-weight tokens/s over our student's
+TARGET_DECODE = Target("<=", 2.0)  # a decode step over reading its weights once at the measured bandwidth
 
 
 def ratios(timings: dict[str, Timing]) -> dict[str, float | None]:
@@ -48,6 +49,8 @@ def ratios(timings: dict[str, Timing]) -> dict[str, float | None]:
         "ours_lambda0_over_floor": ratio("ours_0", "floor"),
         "ours_lambda1_over_lambda1_floor": timings["ours_1"].median / lambda1_floor if "ours_1" in timings else None,
         "ours_lambda1_over_ours_lambda0": ratio("ours_1", "ours_0"),
+        "ours_lambda1_bf16_over_ours_lambda0": ratio("ours_1_bf16", "ours_0"),
+        "trl_lambda1_over_ours_lambda1_bf16": ratio("trl_1", "ours_1_bf16"),
         "trl_lambda1_over_ours_lambda1": ratio("trl_1", "ours_1"),
         "trl_lambda0_over_ours_lambda0": ratio("trl_0", "ours_0"),
         "trl_nockpt_lambda1_over_ours_lambda1": ratio("trl_nockpt_1", "ours_1"),
@@ -66,6 +69,7 @@ STEP_ROWS: tuple[tuple[str, str, bool], ...] = (
     ("    optimizer alone: clip + AdamW + schedule", "optimizer", False),
     ("(b) ours, lambda=0", "ours_0", True),
     ("(b) ours, lambda=1", "ours_1", True),
+    ("    ours, lambda=1, bf16 rollouts (opt-in)", "ours_1_bf16", True),
     ("(c) stock TRL GKDTrainer, lambda=0", "trl_0", True),
     ("(c) stock TRL GKDTrainer, lambda=1", "trl_1", True),
     ("    TRL, gradient_checkpointing=False, lambda=0", "trl_nockpt_0", True),
@@ -75,6 +79,7 @@ STEP_ROWS: tuple[tuple[str, str, bool], ...] = (
 GENERATION_ROWS: tuple[tuple[str, str], ...] = (
     ("plain weights (the teacher)", "gen_plain"),
     ("student, quantized once per step (our rollouts)", "gen_student"),
+    ("  same, bf16 rollout (opt-in rollout_dtype)", "gen_student_bf16"),
     ("student, materialised for the call alone", "gen_materialised"),
     ("student, fake-quant weights (stock TRL's)", "gen_fake_quant"),
     ("quantizing all weights once (once per on-policy step)", "quantize_once"),
@@ -83,8 +88,10 @@ GENERATION_ROWS: tuple[tuple[str, str], ...] = (
 RATIO_ROWS: tuple[tuple[str, str, Target | None], ...] = (
     ("ours lambda=0 / floor", "ours_lambda0_over_floor", TARGET_OURS_VS_FLOOR),
     ("ours lambda=1 / ours lambda=0", "ours_lambda1_over_ours_lambda0", TARGET_LAMBDA1_VS_LAMBDA0),
+    ("  same, bf16 rollouts (opt-in)", "ours_lambda1_bf16_over_ours_lambda0", TARGET_LAMBDA1_VS_LAMBDA0),
     ("ours lambda=1 / (plain generation + lambda=1 floor)", "ours_lambda1_over_lambda1_floor", None),
     ("TRL lambda=1 / ours lambda=1 (speed-up)", "trl_lambda1_over_ours_lambda1", TARGET_TRL_SPEEDUP),
+    ("  same, ours with bf16 rollouts (opt-in)", "trl_lambda1_over_ours_lambda1_bf16", TARGET_TRL_SPEEDUP),
     ("TRL lambda=0 / ours lambda=0 (speed-up)", "trl_lambda0_over_ours_lambda0", None),
     ("  same, TRL without checkpointing, lambda=1", "trl_nockpt_lambda1_over_ours_lambda1", None),
     ("  same, TRL without checkpointing, lambda=0", "trl_nockpt_lambda0_over_ours_lambda0", None),
@@ -150,6 +157,21 @@ def _ratio_rows(q: dict[str, float | None]) -> list[dict[str, Any]]:
     return rows
 
 
+def _hardware_lines(h: dict[str, float]) -> list[str]:
+    def met(value: float) -> str:
+        return "✓" if TARGET_DECODE.met(value) else "✗"
+
+    lines = [f"(e) the machine: memory read {h['read_gb_s']:.1f} GB/s; GEMM {h['gemm_fp32_gflops']:.0f} GFLOP/s fp32, "
+             f"{h['gemm_bf16_gflops']:.0f} GFLOP/s bf16"]
+    rows = [{"label": f"decode step, {key} weights ({h[f'weights_mb_{key}']:.0f} MB)", "median": h[f"decode_{key}_s"],
+             "read": h[f"weights_mb_{key}"] / 1e3 / h["read_gb_s"], "value": h[f"decode_{key}_over_read"],
+             "target": str(TARGET_DECODE), "met": met(h[f"decode_{key}_over_read"])} for key in ("fp32", "bf16")]
+    return lines + format_table([Column("label", "one cached decode step of the batch", 52),
+                                 Column("median", "median s", 10, ".3f"), Column("read", "read s", 10, ".3f"),
+                                 Column("value", "ratio", 8, ".2f"), Column("target", "target", 8),
+                                 Column("met", "met", 5)], rows)
+
+
 def format_report(r: dict[str, Any]) -> str:
     """The results of :func:`onpolicy_lib.speed.run` as text: settings, three tables, load and CPU share."""
     s, t, b = r["settings"], r["timings"], r["batch"]
@@ -180,6 +202,9 @@ def format_report(r: dict[str, Any]) -> str:
                                 _generation_rows(t, r["tokens_per_s"], flag))]
     lines += ["", *format_table([Column("label", "ratio", 52), Column("value", "measured", 10, ".2f"),
                                  Column("target", "target", 11), Column("met", "met", 6)], _ratio_rows(r["ratios"]))]
+
+    if r.get("hardware"):
+        lines += ["", *_hardware_lines(r["hardware"])]
 
     load = r.get("load_average") or {}
     lines.append("")

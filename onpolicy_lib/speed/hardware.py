@@ -1,0 +1,72 @@
+"""The machine's ceilings, and a decode step measured against them.
+
+A step's ratio to our own floor says nothing about how close the floor is to the hardware. These
+measure what the hardware can do (memory read bandwidth, GEMM throughput in float32 and bfloat16)
+and one cached decode step of the rollout batch, whose lower bound is reading every weight it uses
+once at that bandwidth (its arithmetic is a few hundred MFLOP: memory, not compute, bounds it).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from onpolicy_lib.speed.timing import sync
+
+_READ_BYTES = 512 * 2**20  # well past any CPU's last-level cache
+
+
+def _median_seconds(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 2) -> float:
+    times = []
+    for i in range(warmup + repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def ceilings(device: torch.device, gemm_shape: tuple[int, int, int] = (512, 2048, 2048),
+             repeats: int = 5) -> dict[str, float]:
+    """Memory read bandwidth (GB/s, a sum over 512 MiB) and GEMM throughput (GFLOP/s) in fp32 and bf16."""
+    data = torch.ones(_READ_BYTES // 4, device=device)
+    out = {"read_gb_s": _READ_BYTES / _median_seconds(data.sum, device, repeats) / 1e9}
+    m, k, n = gemm_shape
+    for dtype, key in ((torch.float32, "gemm_fp32_gflops"), (torch.bfloat16, "gemm_bf16_gflops")):
+        a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+        out[key] = 2 * m * k * n / _median_seconds(lambda a=a, b=b: a @ b, device, repeats) / 1e9
+    return out
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the distinct parameters a forward reads (tied matrices once)."""
+    seen: dict[int, int] = {}
+    for p in model.parameters():
+        seen[id(p)] = p.numel() * p.element_size()
+    return sum(seen.values())
+
+
+@torch.no_grad()
+def decode_step(model: torch.nn.Module, prompt_ids: torch.Tensor, attention_mask: torch.Tensor,
+                device: torch.device, steps: int = 8) -> float:
+    """Median seconds of one cached decode step (all rows, one new token each) after the prompt's prefill."""
+    out = model(input_ids=prompt_ids, attention_mask=attention_mask, use_cache=True)
+    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    mask = attention_mask
+    times = []
+    for _ in range(steps + 1):
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        sync(device)
+        start = time.perf_counter()
+        out = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
+        sync(device)
+        times.append(time.perf_counter() - start)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return statistics.median(times[1:])  # the first step after prefill is a warm-up
