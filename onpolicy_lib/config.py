@@ -35,6 +35,7 @@ QUANT_TYPES = ("int4", "int8", "int3", "int2")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
 ROLLOUT_DTYPES = ("float32", "bfloat16")
+DIVERGENCES = ("jsd", "cakld")
 ASSETS_PREFIX = "assets:"
 
 
@@ -130,6 +131,11 @@ class TrainConfig(_Params):
     # GKD (Agarwal et al. 2023), with TRL's GKDConfig meanings and defaults.
     lmbda: float = param(0.5, "probability a batch is on-policy (the student's own samples)")
     beta: float = param(0.5, "generalized JSD: 0 is forward KL, 1 is reverse KL")
+    divergence: str = param("jsd", "jsd (GKD's generalized JSD, set by beta) or cakld (BitDistiller's confidence-"
+                            "aware KL: the teacher's mean confidence on training chats weights reverse against "
+                            "forward KL; beta unused)", short="div")
+    cakld_confidence_chats: int = param(128, "training chats the teacher's confidence for cakld is measured on",
+                                        short="cakldn")
     temperature: float = param(0.9, "rollout sampling temperature", short="temp")
     seq_kd: bool = param(False, "off-policy batches use teacher samples instead of dataset completions")
     max_new_tokens: int = param(32, "rollout length", short="newtok")
@@ -210,6 +216,8 @@ class TrainConfig(_Params):
         _check_choice("device", self.device, DEVICES)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("rollout_dtype", self.rollout_dtype, ROLLOUT_DTYPES)
+        _check_choice("divergence", self.divergence, DIVERGENCES)
+        check_int("cakld_confidence_chats", self.cakld_confidence_chats)
         if not isinstance(self.eval_parameters, dict):
             raise ConfigError(f"eval_parameters must be a mapping of EvalConfig parameters, "
                               f"got {self.eval_parameters!r}")

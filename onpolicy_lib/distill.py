@@ -47,7 +47,7 @@ from onpolicy_lib.batches import (
     generate_completions,
 )
 from onpolicy_lib.config import TrainConfig
-from onpolicy_lib.divergence import generalized_jsd
+from onpolicy_lib.divergence import cakld, generalized_jsd
 from onpolicy_lib.quantization import cast_for_rollout, fake_quantized_once, materialized_fake_quant
 
 
@@ -69,6 +69,9 @@ class DistillConfig(TrainingArguments):
     min_new_tokens: int = _gkd_field("min_new_tokens")
     disable_dropout: bool = _gkd_field("disable_dropout")
     rollout_dtype: str = _gkd_field("rollout_dtype")
+    divergence: str = _gkd_field("divergence")
+    cakld_gamma: float | None = field(
+        default=None, metadata={"help": "with divergence='cakld': the teacher's mean confidence (teacher_confidence)"})
     fast_rollouts: bool = field(
         default=True, metadata={"help": "sample from once-per-step materialised quantized weights (same numbers)"})
 
@@ -77,6 +80,32 @@ class DistillConfig(TrainingArguments):
         for name in ("lmbda", "beta"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.divergence == "cakld" and not (self.cakld_gamma is not None and 0.0 <= self.cakld_gamma <= 1.0):
+            raise ValueError(f"divergence 'cakld' needs cakld_gamma in [0, 1] (teacher_confidence), got "
+                             f"{self.cakld_gamma}")
+
+
+@torch.no_grad()
+def teacher_confidence(teacher: torch.nn.Module, dataset: Any, pad_token_id: int, chats: int,
+                       batch_size: int = 4) -> dict[str, float | int]:
+    """The teacher's mean probability of the completion tokens of the first ``chats`` training chats.
+
+    BitDistiller's ``gamma`` for :func:`~onpolicy_lib.divergence.cakld` (a token mean, as its
+    confidence is defined per token): computed once per run from the training split, and recorded.
+    """
+    collate = DistillCollator(pad_token_id)
+    device = next(teacher.parameters()).device
+    rows = [dataset[i] for i in range(min(chats, len(dataset)))]
+    total, tokens = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = {k: v.to(device) for k, v in collate(rows[start:start + batch_size]).items()}
+        logits = teacher(**completion_forward(batch)).logits[:, :-1]
+        targets = batch["labels"][:, batch["prompt_ids"].shape[1]:]
+        mask = targets != IGNORE_INDEX
+        probs = logits.float().log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1).exp()
+        total += float(probs[mask].sum())
+        tokens += int(mask.sum())
+    return {"gamma": total / tokens if tokens else 0.0, "tokens": tokens, "chats": len(rows)}
 
 
 class DistillTrainer(Trainer):
@@ -234,8 +263,11 @@ class DistillTrainer(Trainer):
         # last position predicts nothing): the divergence reads them in place, so neither the
         # [:, :-1] slice nor a masked copy of the logits (nor their backward scatters) is built.
         rows = F.pad(mask, (0, 1)).flatten().nonzero().squeeze(1)
-        return generalized_jsd(student_logits, teacher_logits, self.args.beta, rows=rows).sum() / (
-            normaliser or len(rows))
+        if self.args.divergence == "cakld":
+            values = cakld(student_logits, teacher_logits, self.args.cakld_gamma, rows=rows)
+        else:
+            values = generalized_jsd(student_logits, teacher_logits, self.args.beta, rows=rows)
+        return values.sum() / (normaliser or len(rows))
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:

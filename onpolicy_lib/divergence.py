@@ -1,10 +1,12 @@
-"""The distillation divergence: the generalized Jensen-Shannon divergence of GKD and its gradient.
+"""The distillation divergences and their gradients: GKD's generalized Jensen-Shannon divergence,
+and BitDistiller's confidence-aware KL (CAKLD; Du et al. 2024, arXiv 2402.10631).
 
 A library module apart from the trainer, as torchtune keeps its ``kd_losses``: the fidelity
 metrics use the same function at ``beta=0`` (forward KL) and ``beta=1`` (reverse KL).
-:func:`generalized_jsd_reference` is the straightforward autograd formula; :func:`generalized_jsd`
-computes the same values and gradients in bounded chunks with an analytic backward, so no
-full-vocabulary fp32 copy of the whole batch is ever built.
+:func:`generalized_jsd_reference` and :func:`cakld_reference` are the straightforward autograd
+formulas; :func:`generalized_jsd` and :func:`cakld` compute the same values and gradients in
+bounded chunks with an analytic backward, so no full-vocabulary fp32 copy of the whole batch is
+ever built.
 """
 
 from __future__ import annotations
@@ -68,6 +70,32 @@ def _jsd_chunk(s: torch.Tensor, t: torch.Tensor, beta: float,
     return value, s_minus_m.sub_(kl_s[:, None]).mul_(p_s).mul_(1 - beta)
 
 
+def cakld_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``gamma * KL(student || teacher) + (1 - gamma) * KL(teacher || student)`` per row, by autograd."""
+    return (gamma * generalized_jsd_reference(student_logits, teacher_logits, 1.0)
+            + (1 - gamma) * generalized_jsd_reference(student_logits, teacher_logits, 0.0))
+
+
+def _cakld_chunk(s: torch.Tensor, t: torch.Tensor, gamma: float,
+                 grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row CAKLD of fp32 logit rows and, if ``grad``, its gradient w.r.t. the student logits."""
+    s = F.log_softmax(s, dim=-1)
+    t = F.log_softmax(t, dim=-1)
+    p_s, p_t = s.exp(), t.exp()
+    log_ratio = s - t
+    reverse = (p_s * log_ratio).sum(-1)
+    forward = (p_t * -log_ratio).sum(-1)
+    value = gamma * reverse + (1 - gamma) * forward
+    if not grad:
+        return value, None
+    # gamma * p_s (log p_s - log p_t - KL(s || t)) + (1 - gamma) (p_s - p_t): the two endpoints' gradients.
+    reverse_grad = log_ratio.sub_(reverse[:, None]).mul_(p_s).mul_(gamma)
+    return value, reverse_grad.add_(p_s.sub_(p_t).mul_(1 - gamma))
+
+
+_CHUNKS = {"jsd": _jsd_chunk, "cakld": _cakld_chunk}
+
+
 def _segments(rows: list[int], chunk: int) -> list[tuple[int, int, int]]:
     """``(first_row, stop_row, output_offset)`` slices covering ``rows`` in order, at most ``chunk`` long.
 
@@ -86,8 +114,9 @@ def _segments(rows: list[int], chunk: int) -> list[tuple[int, int, int]]:
     return segments
 
 
-class _ChunkedJSD(torch.autograd.Function):
-    """Generalized JSD of selected rows of ``[R, V]`` logits, slice by slice, with an analytic backward.
+class _ChunkedDivergence(torch.autograd.Function):
+    """A divergence (``"jsd"`` or ``"cakld"`` with its weight) of selected rows of ``[R, V]`` logits,
+    slice by slice, with an analytic backward.
 
     Nothing of size ``[N, V]`` is kept between forward and backward (the backward recomputes
     each slice), and the gradient is written straight into a tensor shaped like the student
@@ -95,17 +124,17 @@ class _ChunkedJSD(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, student: torch.Tensor, teacher: torch.Tensor, beta: float,
+    def forward(ctx: Any, student: torch.Tensor, teacher: torch.Tensor, kind: str, weight: float,
                 segments: list[tuple[int, int, int]], n: int) -> torch.Tensor:
         # Teacher logits produced under torch.inference_mode cannot go through save_for_backward;
         # they are constants here, so keeping a plain reference loses nothing but the version check.
         ctx.inference_teacher = teacher if teacher.is_inference() else None
         ctx.save_for_backward(student, *([] if teacher.is_inference() else [teacher]))
-        ctx.beta, ctx.segments = beta, segments
+        ctx.chunk, ctx.weight, ctx.segments = _CHUNKS[kind], weight, segments
         out = torch.empty(n, dtype=torch.float32, device=student.device)
         for first, stop, offset in segments:
-            out[offset:offset + stop - first] = _jsd_chunk(student[first:stop].float(), teacher[first:stop].float(),
-                                                           beta, grad=False)[0]
+            out[offset:offset + stop - first] = ctx.chunk(student[first:stop].float(), teacher[first:stop].float(),
+                                                          weight, grad=False)[0]
         return out
 
     @staticmethod
@@ -114,10 +143,10 @@ class _ChunkedJSD(torch.autograd.Function):
         teacher = saved[0] if saved else ctx.inference_teacher
         grad = torch.zeros_like(student)
         for first, stop, offset in ctx.segments:
-            _, g = _jsd_chunk(student[first:stop].float(), teacher[first:stop].float(), ctx.beta, grad=True)
+            _, g = ctx.chunk(student[first:stop].float(), teacher[first:stop].float(), ctx.weight, grad=True)
             # add_, not copy_: a row listed twice must receive both contributions.
             grad[first:stop].add_(g.mul_(grad_out[offset:offset + stop - first, None]))
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float,
@@ -135,15 +164,34 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     values and gradients as :func:`generalized_jsd_reference` (up to float rounding), without
     its full-vocabulary fp32 copies. The teacher logits are constants (no gradient).
     """
+    return _chunked("jsd", student_logits, teacher_logits, beta, rows)
+
+
+def cakld(student_logits: torch.Tensor, teacher_logits: torch.Tensor, gamma: float,
+          rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token confidence-aware KL of BitDistiller: ``gamma * KL(student || teacher) +
+    (1 - gamma) * KL(teacher || student)``, ``gamma`` being the teacher's mean confidence (its mean
+    probability of the training completions' tokens, :func:`onpolicy_lib.distill.teacher_confidence`).
+
+    A confident teacher weights the mode-seeking reverse KL, an uncertain one the mode-covering
+    forward KL. Same conventions, chunking and analytic gradient as :func:`generalized_jsd`.
+    """
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    return _chunked("cakld", student_logits, teacher_logits, gamma, rows)
+
+
+def _chunked(kind: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor, weight: float,
+             rows: torch.Tensor | None) -> torch.Tensor:
     if teacher_logits.requires_grad:
-        raise ValueError("generalized_jsd treats the teacher logits as constants; pass them detached")
+        raise ValueError(f"{kind} treats the teacher logits as constants; pass them detached")
     vocab = student_logits.shape[-1]
     student = student_logits.reshape(-1, vocab)
     teacher = teacher_logits.reshape(-1, vocab)
     ids = list(range(student.shape[0])) if rows is None else rows.tolist()
     budget = CHUNK_ELEMENTS if student.device.type == "cpu" else CHUNK_ELEMENTS_ACCELERATOR
     chunk = max(1, budget // vocab)
-    return _ChunkedJSD.apply(student, teacher, float(beta), _segments(ids, chunk), len(ids))
+    return _ChunkedDivergence.apply(student, teacher, kind, float(weight), _segments(ids, chunk), len(ids))
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ import transformers
 
 from onpolicy_lib import data, quantization
 from onpolicy_lib.config import ConfigError, TrainConfig, portable_path
-from onpolicy_lib.distill import DistillConfig, DistillTrainer
+from onpolicy_lib.distill import DistillConfig, DistillTrainer, teacher_confidence
 from onpolicy_lib.metrics import MetricsRecorder, machine_description, summarise
 from onpolicy_lib.models import (
     load_model,
@@ -60,12 +60,12 @@ def versions() -> dict[str, str]:
 
 
 def distill_args(cfg: TrainConfig, run_dir: Path, device: torch.device,
-                 dtype: torch.dtype = torch.float32) -> DistillConfig:
+                 dtype: torch.dtype = torch.float32, cakld_gamma: float | None = None) -> DistillConfig:
     return DistillConfig(
         output_dir=str(run_dir), seed=cfg.seed, data_seed=cfg.seed,
         lmbda=cfg.lmbda, beta=cfg.beta, temperature=cfg.temperature, seq_kd=cfg.seq_kd,
         max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens, disable_dropout=cfg.disable_dropout,
-        rollout_dtype=cfg.rollout_dtype,
+        rollout_dtype=cfg.rollout_dtype, divergence=cfg.divergence, cakld_gamma=cakld_gamma,
         learning_rate=cfg.learning_rate, per_device_train_batch_size=cfg.per_device_train_batch_size,
         per_device_eval_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_steps=cfg.max_steps,
@@ -152,9 +152,10 @@ def train(cfg: TrainConfig) -> Run:
     check_memory(skeleton_parameters, cfg, device, dtype)
     quantization.check_kernels(cfg.quant_type, device, group_size)
     scheme = quantization.describe_scheme(cfg.quant_type, group_size, device, cfg.quantize_head)
+    # What a resumed run resolved before (the record is rewritten below).
+    previous = ((run.record or {}).get("resolved") or {}) if run.state == "resume" else {}
     if run.state == "resume":  # a CPU run must not go on as a GPU run on another grid, or vice versa
-        previous = ((run.record or {}).get("resolved") or {}).get("scheme")
-        quantization.check_same_scheme(previous, scheme, f"resuming {portable_path(run.path)}")
+        quantization.check_same_scheme(previous.get("scheme"), scheme, f"resuming {portable_path(run.path)}")
     record: dict[str, Any] = {"train": record_config(cfg), "versions": versions(), "device": str(device),
                               "machine": machine_description(device),
                               "teacher": teacher_precision(cfg.model_name), "processes": processes.num_processes}
@@ -190,11 +191,21 @@ def train(cfg: TrainConfig) -> Run:
                           "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
                           "quantization": quantization.quantization_summary(student)}
     record["filter_counts"] = {"train": filter_counts, "heldout": heldout_counts}
+    cakld_gamma = None
+    if cfg.divergence == "cakld":  # measured once per run (a resumed run reads what it recorded)
+        confidence = previous.get("cakld_confidence") or teacher_confidence(
+            teacher, train_set, tokenizer.pad_token_id, cfg.cakld_confidence_chats)
+        record["resolved"]["cakld_confidence"] = confidence
+        cakld_gamma = confidence["gamma"]
+        if main:
+            print(f"cakld: the teacher's mean confidence on {confidence['chats']} training chats "
+                  f"({confidence['tokens']} tokens) is {cakld_gamma:.4f}")
     if main:
         run.write_record(record)
 
     recorder = MetricsRecorder(run)
-    trainer = DistillTrainer(student, teacher, distill_args(cfg, run.path, device, dtype), processing_class=tokenizer,
+    trainer = DistillTrainer(student, teacher, distill_args(cfg, run.path, device, dtype, cakld_gamma),
+                             processing_class=tokenizer,
                              train_dataset=train_set, eval_dataset=heldout_set, callbacks=[recorder])
     # The held-out divergence before training is measured once and kept, so a resumed
     # run still reports the untrained starting point.

@@ -257,3 +257,33 @@ def test_bf16_rollouts_sample_the_quantized_student_within_bf16_rounding(tmp_pat
     seen = captured_step(trainer, batch)
     assert trainer.stats["batches_on_policy"] == 1 and seen["input_ids"].shape[1] > batch["prompt_ids"].shape[1]
     assert {p.dtype for p in student.parameters()} == {torch.float32}
+
+
+def test_cakld_loss_is_its_definition_and_gamma_the_teachers_mean_confidence(tmp_path, tokenizer, tiny_model):
+    """divergence='cakld': the loss is gamma * reverse + (1 - gamma) * forward KL on the scored tokens, and
+    gamma is the teacher's mean probability of the training completions' tokens, computed directly here."""
+    from onpolicy_lib.distill import teacher_confidence
+
+    with pytest.raises(ValueError, match="divergence 'cakld' needs cakld_gamma"):
+        make_trainer(tmp_path, tokenizer, tiny_model, divergence="cakld")
+    data = tokenized(tokenizer)
+    confidence = teacher_confidence(tiny_model, data, tokenizer.pad_token_id, chats=5, batch_size=2)
+    probs = []
+    with torch.no_grad():
+        for row in (data[i] for i in range(5)):  # one chat at a time, no padding
+            ids = torch.tensor([row["prompt_ids"] + row["completion_ids"]])
+            logp = tiny_model(input_ids=ids).logits[0, :-1].double().log_softmax(-1)
+            targets = ids[0, 1:]
+            start = len(row["prompt_ids"]) - 1
+            probs += logp[start:].gather(-1, targets[start:, None]).exp().squeeze(-1).tolist()
+    assert confidence["chats"] == 5 and confidence["tokens"] == len(probs)
+    assert confidence["gamma"] == pytest.approx(sum(probs) / len(probs), rel=1e-5)
+
+    gamma = confidence["gamma"]
+    trainer = make_trainer(tmp_path, tokenizer, tiny_model, lmbda=0.0, divergence="cakld", cakld_gamma=gamma)
+    batch = first_batch(trainer)
+    with torch.no_grad():
+        loss = trainer.distillation_loss(trainer.model, batch)
+    expected = gamma * reference_loss(trainer.model, tiny_model, batch, beta=1.0) + \
+        (1 - gamma) * reference_loss(trainer.model, tiny_model, batch, beta=0.0)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=1e-6)

@@ -133,3 +133,28 @@ def test_token_nll_is_cross_entropy_slice_by_slice(monkeypatch):
     logits, targets = torch.randn(2, 7, 50) * 3, torch.randint(0, 50, (2, 7))
     expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 50), targets.reshape(-1), reduction="none")
     torch.testing.assert_close(divergence.token_nll(logits, targets), expected.reshape(2, 7), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.37, 1.0])
+def test_cakld_equals_its_definition_values_and_gradients(gamma, monkeypatch):
+    """BitDistiller's CAKLD: gamma * reverse KL + (1 - gamma) * forward KL, chunked, against float64."""
+    monkeypatch.setattr(divergence, "CHUNK_ELEMENTS", 3 * 37)
+    torch.manual_seed(1)
+    s, t = torch.randn(2, 9, 37) * 3, torch.randn(2, 9, 37) * 3
+    mask = torch.rand(2, 9) < 0.6
+    rows = mask.flatten().nonzero().squeeze(1)
+    weights = torch.rand(rows.numel())
+
+    lean = value_and_grad(lambda a, b: divergence.cakld(a, b, gamma, rows=rows), s, t, weights)
+    ref = value_and_grad(lambda a, b: divergence.cakld_reference(a[mask], b[mask], gamma), s, t, weights)
+    exact = value_and_grad(lambda a, b: gamma * kl(a[mask], b[mask]) + (1 - gamma) * kl(b[mask], a[mask]),
+                           s.double(), t.double(), weights.double())
+    torch.testing.assert_close(lean[0], ref[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lean[1], ref[1], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(lean[0].double(), exact[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lean[1].double(), exact[1], rtol=1e-4, atol=1e-6)
+    # The endpoints are GKD's forward (gamma 0) and reverse (gamma 1) KL.
+    if gamma in (0.0, 1.0):
+        torch.testing.assert_close(lean[0], generalized_jsd(s, t, gamma, rows=rows))
+    with pytest.raises(ValueError, match="gamma must be in"):
+        divergence.cakld(s, t, 1.5)

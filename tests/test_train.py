@@ -179,3 +179,13 @@ def test_resuming_under_another_scheme_is_refused(tmp_path, tiny_model_dir, tiny
                        match=r"resuming .*config: 'IntxWeightOnlyConfig' -> 'Int4WeightOnlyConfig'"
                              r".*mapping: 'symmetric' -> 'asymmetric'"):
         train(cfg)
+
+
+def test_cakld_run_records_the_teachers_confidence(tmp_path, tiny_model_dir, tiny_dataset_dir):
+    result = train(tiny_config(tiny_model_dir, tiny_dataset_dir, tmp_path / "cakld", divergence="cakld",
+                               cakld_confidence_chats=6, max_steps=2))
+    record = json.loads((result.path / "config.json").read_text())
+    confidence = record["resolved"]["cakld_confidence"]
+    assert confidence["chats"] == 6 and confidence["tokens"] > 0 and 0 < confidence["gamma"] < 1
+    assert record["train"]["divergence"] == "cakld"
+    assert all(step["loss"] >= 0 for step in result.metrics["steps"])
