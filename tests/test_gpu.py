@@ -133,3 +133,23 @@ def test_evaluates_on_cuda(qwen_dirs, tmp_path):
     ppl = sliding_window_perplexity(student, make_tokenizer(), "what is 3 + 4? it is 7. " * 20, max_length=64,
                                      stride=32)
     assert ppl["perplexity"] > 1
+
+
+@pytest.mark.parametrize("quant_type", ["int8", "int3", "int2"])
+def test_other_bit_widths_train_and_convert_on_cuda(qwen_dirs, tmp_path, quant_type):
+    """The ladder's other rungs on CUDA: torchao's IntxWeightOnlyConfig (symmetric), as on CPU."""
+    cfg = TrainConfig(model_name=str(qwen_dirs / "model"), dataset_name=str(qwen_dirs / "data"), group_size=GROUP,
+                      quant_type=quant_type, lmbda=1.0, beta=1.0, max_steps=2, max_length=96, max_new_tokens=8,
+                      min_completion_tokens=4, heldout_eval_size=4, output_dir=str(tmp_path / "run"), device="cuda")
+    run = train(cfg)
+    scheme = json.loads((run.path / "config.json").read_text())["resolved"]["scheme"]
+    assert (scheme["config"], scheme["mapping"]) == ("IntxWeightOnlyConfig", "symmetric")
+    fake = load_student(run.path, convert=False, device="cuda", dtype=torch.bfloat16)
+    real = load_student(run.path, convert=True, device="cuda", dtype=torch.bfloat16)
+    ids = torch.randint(4, 40, (2, 24), device="cuda")
+    with torch.no_grad():
+        a, b = fake(ids).logits.float(), real(ids).logits.float()
+    gap = float((a - b).abs().max() / a.abs().max())
+    weight_gap = converted_weight_gap(fake, real)
+    print(f"\nGPU check {quant_type}: converted vs fake-quantized weights {weight_gap:.2e}; logits {gap:.2e}")
+    assert weight_gap < 1e-2 and gap < 0.05
