@@ -8,7 +8,10 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install assets demo test lint
+LLMC_VENV ?= .venv-llmc
+LLMC_STAMP := $(LLMC_VENV)/.installed
+
+.PHONY: install assets baselines-env demo test lint
 
 $(STAMP): pyproject.toml constraints.txt
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -21,6 +24,18 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# llmcompressor (the GPTQ/AWQ baselines) pins transformers/compressed-tensors versions the main
+# environment does not use: it gets its own, which the main one calls (onpolicy_lib.calibrated_ptq).
+$(LLMC_STAMP): constraints-llmc.txt
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
+		$(PYTHON) -m venv --system-site-packages $(LLMC_VENV); else $(PYTHON) -m venv $(LLMC_VENV); fi
+	$(LLMC_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LLMC_VENV)/bin/python -c "import torch" 2>/dev/null || $(LLMC_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(LLMC_VENV)/bin/python -m pip install -q -c constraints-llmc.txt llmcompressor==0.14.0.1
+	touch $(LLMC_STAMP)
+
+baselines-env: $(LLMC_STAMP)
+
 assets: install
 	$(BIN)/python -m onpolicy_lib.assets
 
@@ -28,7 +43,7 @@ demo: assets
 	mkdir -p outputs/cpu-demo
 	$(BIN)/papermill notebooks/train.ipynb outputs/cpu-demo/train.ipynb -p output_dir outputs/cpu-demo
 
-test: assets
+test: assets baselines-env
 	$(BIN)/python -m pytest
 
 lint: install

@@ -36,6 +36,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
 ROLLOUT_DTYPES = ("float32", "bfloat16")
 DIVERGENCES = ("jsd", "cakld")
+CALIBRATED_METHODS = ("gptq", "awq")
 ASSETS_PREFIX = "assets:"
 
 
@@ -288,6 +289,9 @@ class EvalConfig(_Params):
     num_fewshot: int | None = param(None, "None: lm-eval's default for each task (0 for these five)")
     include_teacher: bool = param(True, "evaluate the teacher (cached)")
     include_ptq: bool = param(True, "evaluate the PTQ baseline in the students' scheme (cached)")
+    calibrated: list = param(help="calibrated PTQ baselines on the students' grid: any of gptq, awq (llmcompressor, "
+                             "its own environment: make baselines-env; cached)", default_factory=list)
+    calibration_samples: int = param(64, "training chats GPTQ/AWQ calibrate on (a seeded sample)")
     fidelity_samples: int = param(32, "held-out chats for the fidelity metrics (0: skip)")
     perplexity_source: str = param("lambada-offline", "lambada-offline, or wikitext-2 (needs the hub)")
     perplexity_tokens: int = param(8192, "tokens of perplexity text (0: skip perplexity)")
@@ -321,6 +325,10 @@ class EvalConfig(_Params):
         # papermill's -p passes lists as strings ('["a", "b"]'); accept those and plain "a,b".
         self.run_dirs, self.tasks = _as_list(self.run_dirs), _as_list(self.tasks)
         self.tasks = check_tasks(self.tasks)
+        self.calibrated = _as_list(self.calibrated)
+        for method in self.calibrated:
+            _check_choice("calibrated", method, CALIBRATED_METHODS)
+        check_int("calibration_samples", self.calibration_samples)
         # lm-eval reads a float < 1 as a fraction; we only allow counts so results say what they evaluated.
         check_int("limit", self.limit, allow_none=True)
         if not isinstance(self.task_limits, dict):

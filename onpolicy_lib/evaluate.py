@@ -25,12 +25,12 @@ from typing import Any
 import pandas as pd
 import torch
 
-from onpolicy_lib import benchmarks, data, quantization
+from onpolicy_lib import benchmarks, calibrated_ptq, data, quantization
 from onpolicy_lib.config import PROJECT_ROOT, ConfigError, EvalConfig, TrainConfig, portable_path, resolve_path
 from onpolicy_lib.fidelity import FidelityConfig, measure_fidelity
 from onpolicy_lib.models import load_model, load_tokenizer, resolve_device, teacher_precision
 from onpolicy_lib.perplexity import load_text, sliding_window_perplexity
-from onpolicy_lib.results import model_metrics, ptq_label, teacher_label
+from onpolicy_lib.results import calibrated_label, model_metrics, ptq_label, teacher_label
 from onpolicy_lib.rundir import Run, eval_cache_dir, read_json, write_json
 from onpolicy_lib.student import load_student
 
@@ -135,6 +135,35 @@ def _evaluate_ptq(teacher, tokenizer, cfg: EvalConfig, device, quant_type: str, 
     return evaluate_model(model, tokenizer, cfg, teacher, fidelity, device, parts)
 
 
+def _calibration(cfg: EvalConfig, members: list, scheme_key: tuple[str, int, bool]) -> dict[str, Any]:
+    """What GPTQ/AWQ calibrate on for a scheme: the training chats of its first student (or the defaults)."""
+    defaults = TrainConfig()
+    run_cfg = next((c for _, c, s in members if _scheme_key(s) == scheme_key), {})
+    return {k: run_cfg.get(k, getattr(defaults, k))
+            for k in ("dataset_name", "max_length", "min_completion_tokens", "seed")} | {
+        "samples": cfg.calibration_samples}
+
+
+def _evaluate_calibrated(teacher, tokenizer, cfg: EvalConfig, device, model_name: str, method: str,
+                         scheme_key: tuple[str, int, bool], calibration: dict[str, Any],
+                         fidelity: Fidelity | None = None,
+                         parts: tuple[str, ...] = ("benchmarks", "perplexity")) -> dict[str, Any]:
+    quant_type, group_size, quantize_head = scheme_key
+    # On the students' grid: symmetric on CPU, asymmetric for CUDA int4 (torch's int4 kernels).
+    symmetric = quantization.describe_scheme(quant_type, group_size, device, quantize_head)["mapping"] == "symmetric"
+    path = calibrated_ptq.calibrated_model(
+        _cache_root(cfg), model_name, method, quant_type, group_size, quantize_head, symmetric,
+        calibration["dataset_name"], calibration["max_length"], calibration["min_completion_tokens"],
+        calibration["samples"], calibration["seed"])
+    model = calibrated_ptq.load_calibrated(path, device)
+    result = evaluate_model(model, tokenizer, cfg, teacher, fidelity, device, parts)
+    return {**result, "calibrated": read_json(path / "calibrated.json")}
+
+
+def _cache_root(cfg: EvalConfig) -> Path:
+    return eval_cache_dir(resolve_path(cfg.cache_dir) if cfg.cache_dir else None)
+
+
 def _scheme_key(meta: dict[str, Any]) -> tuple[str, int, bool]:
     """A student's (quant_type, group_size, quantize_head) from its quantization.json."""
     return meta["quant_type"], meta["group_size"], bool(meta.get("quantize_head", False))
@@ -181,6 +210,19 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
             if not members:
                 for scheme, result in ptq.items():
                     rows.append(_row(ptq_label(*scheme), model_name, result))
+        calibrated: dict[tuple[tuple[str, int, bool], str], dict[str, Any]] = {}
+        for scheme_key in sorted(schemes) if cfg.calibrated else []:
+            for method in cfg.calibrated:
+                calibration = _calibration(cfg, members, scheme_key)
+                key = {"model_name": model_name, "method": method, "calibration": calibration,
+                       "scheme": quantization.describe_scheme(*scheme_key[:2], device, scheme_key[2]),
+                       **bench_key, **kernels}
+                calibrated[scheme_key, method] = _cached(cfg, method, key, partial(
+                    _evaluate_calibrated, teacher, tokenizer, cfg, device, model_name, method, scheme_key,
+                    calibration))
+                if not members:
+                    rows.append(_row(calibrated_label(method, *scheme_key), model_name,
+                                     calibrated[scheme_key, method]))
         for run, run_cfg, scheme in members:
             fidelity = fidelity_for(run_cfg, cfg.fidelity_samples, tokenizer, heldout_cache) \
                 if cfg.fidelity_samples else None
@@ -203,6 +245,17 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
                 record["baselines"]["ptq"] = baseline
                 setting = f" ({run.name} setting)" if len(members) > 1 else ""
                 rows.append(_row(ptq_label(*scheme_key) + setting, model_name, baseline))
+            for method in cfg.calibrated:
+                baseline = dict(calibrated[scheme_key, method])
+                if fidelity is not None:
+                    calibration = _calibration(cfg, members, scheme_key)
+                    fid = _cached(cfg, f"{method}-fidelity", {**baseline["key"], **fidelity.key}, partial(
+                        _evaluate_calibrated, teacher, tokenizer, cfg, device, model_name, method, scheme_key,
+                        calibration, fidelity, ("fidelity",)))
+                    baseline["fidelity"] = fid["fidelity"]
+                record["baselines"][method] = baseline
+                setting = f" ({run.name} setting)" if len(members) > 1 else ""
+                rows.append(_row(calibrated_label(method, *scheme_key) + setting, model_name, baseline))
             forms = ["merge", "adapter"] if scheme["format"] == "lora-adapter" else ["merge"]
             for form in forms:
                 student = load_student(run.path, convert=True, device=str(device), lora_mode=form)

@@ -30,6 +30,10 @@ TRAIN_METRICS = ("wall_time_s", "median_step_s", "tokens_generated", "tokens_tra
 ID_COLUMNS = ["sweep", "run", "role", "status", "run_dir"]
 
 
+def calibrated_label(method: str, quant_type: str | None, group_size: int | None, quantize_head: bool = False) -> str:
+    return f"{method.upper()} {quant_type} g{group_size}" + (" +head" if quantize_head else "")
+
+
 def ptq_label(quant_type: str | None, group_size: int | None, quantize_head: bool = False) -> str:
     return f"PTQ {quant_type} g{group_size}" + (" +head" if quantize_head else "")
 
@@ -41,13 +45,14 @@ def teacher_label(result: dict[str, Any]) -> str:
 
 
 def baselines(evaluation: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
-    """(role, label, result) of the teacher and PTQ results an eval.json carries."""
+    """(role, label, result) of the teacher, PTQ and calibrated (gptq, awq) results an eval.json carries."""
     out = []
     for role, result in evaluation.get("baselines", {}).items():
         scheme = result.get("key", {}).get("scheme") or result.get("key", {})  # older caches: flat keys
-        out.append((role, teacher_label(result) if role == "teacher" else
-                    ptq_label(scheme.get("quant_type"), scheme.get("group_size"), scheme.get("head") == "quantized"),
-                    result))
+        args = (scheme.get("quant_type"), scheme.get("group_size"), scheme.get("head") == "quantized")
+        label = (teacher_label(result) if role == "teacher" else ptq_label(*args) if role == "ptq"
+                 else calibrated_label(role, *args))
+        out.append((role, label, result))
     return out
 
 
@@ -134,7 +139,7 @@ def collect(roots: str | Path | Iterable[str | Path] = "outputs") -> pd.DataFram
             baseline = {"sweep": sweep, "run": label, "status": "done", "run_dir": None,
                         **{k: None for k in CONFIG_FIELDS}, "model_name": key.get("model_name"),
                         **({"quant_type": key.get("quant_type"), "group_size": key.get("group_size")}
-                           if role == "ptq" else {})}
+                           if role != "teacher" else {})}
             for metric, value, stderr in model_metrics(result):
                 rows.append({**baseline, "role": role, "metric": metric, "value": value, "stderr": stderr})
     columns = ID_COLUMNS + CONFIG_FIELDS + ["metric", "value", "stderr"]
@@ -177,8 +182,9 @@ def per_example_fidelity(roots: str | Path | Iterable[str | Path] = "outputs") -
             continue
         config = {k: train.get(k) for k in CONFIG_FIELDS}
         models = [("student", run_dir.name, evaluation.get("student", {}))]
-        if "ptq" in evaluation.get("baselines", {}):
-            models.append(("ptq", run_dir.name, evaluation["baselines"]["ptq"]))
+        for role in ("ptq", "gptq", "awq"):
+            if role in evaluation.get("baselines", {}):
+                models.append((role, run_dir.name, evaluation["baselines"][role]))
         for role, run, result in models:
             for example in result.get("fidelity", {}).get("per_example", []):
                 for metric in fidelity.METRICS:

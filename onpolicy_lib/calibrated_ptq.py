@@ -1,0 +1,116 @@
+"""Calibrated post-training baselines: GPTQ and AWQ on the students' own grid.
+
+They run in llmcompressor's own environment (it pins transformers and compressed-tensors versions
+this project does not use): ``make baselines-env`` builds ``.venv-llmc``, and
+:func:`calibrated_model` runs :mod:`onpolicy_lib.calibrated_ptq_runner` there on the teacher with a
+calibration sample of the students' training chats, then this environment loads the plain checkpoint
+it writes (its Linear weights are the quantized values) and evaluates it like the round-to-nearest
+PTQ baseline. The result is cached by everything that determines it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from onpolicy_lib.config import CALIBRATED_METHODS as METHODS
+
+LABELS = {"gptq": "GPTQ", "awq": "AWQ"}
+BITS = {"int8": 8, "int4": 4, "int3": 3, "int2": 2}
+PYTHON_ENV = "ONPOLICY_QUANT_LLMC_PYTHON"
+_ROOT = Path(__file__).resolve().parents[1]
+_RUNNER = Path(__file__).with_name("calibrated_ptq_runner.py")
+
+
+class CalibratedError(RuntimeError):
+    """A calibrated baseline that cannot be built here."""
+
+
+def llmc_python() -> Path:
+    """The Python of llmcompressor's environment (``$ONPOLICY_QUANT_LLMC_PYTHON`` or ``.venv-llmc``)."""
+    path = Path(os.environ.get(PYTHON_ENV) or _ROOT / ".venv-llmc" / "bin" / "python")
+    if not path.exists():
+        raise CalibratedError(f"GPTQ/AWQ baselines need llmcompressor's own environment, not found at {path}: "
+                              f"run `make baselines-env` (or set {PYTHON_ENV})")
+    return path
+
+
+def calibration_set(tokenizer: Any, dataset_name: str, max_length: int, min_completion_tokens: int,
+                    samples: int, seed: int, out: Path) -> int:
+    """A seeded sample of the training split's chats (prompt and completion, as distilled), saved for
+    llmcompressor as ``input_ids``/``attention_mask``; returns its size."""
+    from datasets import Dataset
+
+    from onpolicy_lib.data import prepare_distillation_data
+
+    train = prepare_distillation_data(dataset_name, tokenizer, max_length, min_completion_tokens).train
+    rows = train.shuffle(seed=seed).select(range(min(samples, len(train))))
+    ids = [(r["prompt_ids"] + r["completion_ids"])[:max_length] for r in rows]
+    Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids]}).save_to_disk(str(out))
+    return len(ids)
+
+
+def calibrated_model(cache_root: Path, model_name: str, method: str, quant_type: str, group_size: int,
+                     quantize_head: bool, symmetric: bool, dataset_name: str, max_length: int,
+                     min_completion_tokens: int, samples: int, seed: int) -> Path:
+    """The checkpoint of ``method`` applied to ``model_name`` on the students' grid (``quant_type`` groups
+    of ``group_size``, ``symmetric`` or not, head per ``quantize_head``), built once under a lock."""
+    if method not in METHODS:
+        raise CalibratedError(f"calibrated baseline must be one of {', '.join(METHODS)}; got {method!r}")
+    key = {"model_name": model_name, "method": method, "bits": BITS[quant_type], "group_size": group_size,
+           "symmetric": symmetric, "quantize_head": quantize_head, "dataset_name": dataset_name,
+           "max_length": max_length, "min_completion_tokens": min_completion_tokens, "samples": samples,
+           "seed": seed}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    base = cache_root / "calibrated"
+    out = base / f"{method}-{digest}"
+    base.mkdir(parents=True, exist_ok=True)
+    with open(base / f"{method}-{digest}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / "calibrated.json").exists():
+            return out
+        python = llmc_python()  # checked before any work
+        from onpolicy_lib.models import load_model, load_tokenizer, resolve_model_source
+
+        tokenizer = load_tokenizer(model_name)
+        with tempfile.TemporaryDirectory() as tmp:
+            source, kwargs = resolve_model_source(model_name)
+            if kwargs:  # a GGUF file: hand llmcompressor the teacher as this library dequantizes it
+                source = str(Path(tmp) / "teacher")
+                load_model(model_name).save_pretrained(source)
+                tokenizer.save_pretrained(source)
+            calibration = Path(tmp) / "calibration"
+            n = calibration_set(tokenizer, dataset_name, max_length, min_completion_tokens, samples, seed,
+                                calibration)
+            command = [str(python), str(_RUNNER), "--model", source, "--calibration", str(calibration),
+                       "--method", method, "--bits", str(BITS[quant_type]), "--group-size", str(group_size),
+                       "--max-length", str(max_length), "--out", str(out)]
+            command += ["--quantize-head"] if quantize_head else []
+            command += [] if symmetric else ["--asymmetric"]
+            print(f"{LABELS[method]}: calibrating {model_name} on {n} training chats in llmcompressor's "
+                  "environment ...", file=sys.stderr, flush=True)
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode:
+                tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
+                raise CalibratedError(f"{LABELS[method]} failed in llmcompressor's environment:\n{tail}")
+        meta = json.loads((out / "calibrated.json").read_text())
+        (out / "calibrated.json").write_text(json.dumps({**meta, "key": key}, indent=2))
+    return out
+
+
+def load_calibrated(path: Path, device: Any = "cpu") -> Any:
+    """The calibrated baseline as a plain model (its weights are the quantized values)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from onpolicy_lib.models import default_dtype
+
+    device = torch.device(device)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=default_dtype(device)).to(device).eval()

@@ -1,0 +1,70 @@
+"""GPTQ and AWQ baselines: built in llmcompressor's own environment, on the students' grid, evaluated here.
+
+They need that environment (``make baselines-env``, which ``make test`` builds); on a tiny model each
+calibration takes about a second.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from onpolicy_lib import calibrated_ptq, quantization
+from onpolicy_lib.config import EvalConfig, TrainConfig
+from onpolicy_lib.evaluate import evaluate_runs
+from onpolicy_lib.models import load_model
+from onpolicy_lib.training import train
+
+GROUP = 32
+
+
+@pytest.fixture
+def llmc_env():
+    try:
+        calibrated_ptq.llmc_python()
+    except calibrated_ptq.CalibratedError as err:
+        pytest.skip(str(err))
+
+
+def test_a_missing_environment_is_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv(calibrated_ptq.PYTHON_ENV, str(tmp_path / "nowhere" / "python"))
+    with pytest.raises(calibrated_ptq.CalibratedError, match=r"run `make baselines-env`"):
+        calibrated_ptq.llmc_python()
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_baseline_is_on_the_students_grid_and_cached(llmc_env, tmp_path, tiny_model_dir, tiny_dataset_dir, method):
+    args = (tmp_path, str(tiny_model_dir), method, "int4", GROUP, False, True, str(tiny_dataset_dir), 96, 4, 8, 0)
+    path = calibrated_ptq.calibrated_model(*args)
+    meta = json.loads((path / "calibrated.json").read_text())
+    assert (meta["method"], meta["bits"], meta["group_size"], meta["symmetric"]) == (method, 4, GROUP, True)
+    assert meta["calibration_samples"] == 8 and meta["baked_weights"] > 0
+    model, teacher = calibrated_ptq.load_calibrated(path), load_model(str(tiny_model_dir))
+    layers = dict(quantization._quantizable_layers(teacher))
+    for name, module in model.named_modules():
+        if name in layers:  # each group of 32 takes at most 16 values, and they moved off the teacher's
+            groups = module.weight.detach().reshape(-1, GROUP)
+            assert max(len(torch.unique(g)) for g in groups) <= 16, name
+            assert not torch.equal(module.weight, layers[name].weight), name
+    # The head (not quantized, as the students' default) and the embeddings are the teacher's.
+    assert torch.equal(model.lm_head.weight, teacher.lm_head.weight)
+    assert torch.equal(model.get_input_embeddings().weight, teacher.get_input_embeddings().weight)
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    assert calibrated_ptq.calibrated_model(*args) == path and (path / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_evaluated_beside_the_students(llmc_env, tmp_path, tiny_model_dir, tiny_dataset_dir):
+    run = train(TrainConfig(model_name=str(tiny_model_dir), dataset_name=str(tiny_dataset_dir), group_size=GROUP,
+                            max_steps=2, max_length=96, max_new_tokens=6, min_completion_tokens=4, lmbda=0.0,
+                            heldout_eval_size=2, output_dir=str(tmp_path / "run"), device="cpu")).path
+    table = evaluate_runs(EvalConfig(run_dirs=[str(run)], tasks=[], perplexity_tokens=0, fidelity_samples=3,
+                                     calibrated=["gptq", "awq"], calibration_samples=8,
+                                     cache_dir=str(tmp_path / "cache"), device="cpu"))
+    rows = table.set_index("model")
+    for label in ("GPTQ int4 g32", "AWQ int4 g32"):
+        assert rows.loc[label, "forward_kl"] > 0, label
+    record = json.loads((run / "eval.json").read_text())
+    assert {"teacher", "ptq", "gptq", "awq"} <= set(record["baselines"])
+    assert record["baselines"]["gptq"]["calibrated"]["method"] == "gptq"
