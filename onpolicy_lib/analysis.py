@@ -38,6 +38,10 @@ def with_average(w: pd.DataFrame, metric: str = "acc") -> pd.DataFrame:
     return w
 
 
+# Quantized baselines, in table order: round-to-nearest, then the calibrated ones.
+BASELINE_ROLES = ("ptq", "gptq", "awq")
+
+
 def varying(w: pd.DataFrame) -> list[str]:
     """Config fields that take more than one value among the students of ``w`` (seed excluded)."""
     students = w[w["role"] == "student"]
@@ -47,8 +51,8 @@ def varying(w: pd.DataFrame) -> list[str]:
 def condition_label(row: pd.Series, keys: list[str]) -> str:
     if row["role"] == "teacher":
         return row["run"]  # results.collect names it with its precision: "teacher (Q4_1 GGUF)"
-    if row["role"] == "ptq":
-        return row["run"]  # results.collect names baselines: "PTQ int4 g64"
+    if row["role"] in BASELINE_ROLES:
+        return row["run"]  # results.collect names baselines: "PTQ int4 g64", "GPTQ int4 g64"
     return ", ".join(f"{_symbol(k)}={format_value(row[k])}" for k in keys) or "student"
 
 
@@ -68,12 +72,12 @@ def condition_table(w: pd.DataFrame, keys: list[str] | None = None, columns: lis
     keys = varying(w) if keys is None else keys
     if columns is None:
         columns = [c for c in [*benchmark_columns(w), "average"] if c in w.columns]
-    roles = ["teacher", "ptq", "student"] if baselines else ["student"]
+    roles = ["teacher", *BASELINE_ROLES, "student"] if baselines else ["student"]
     w = w[w["role"].isin(roles)].copy()
     if w.empty or not columns:
         return pd.DataFrame()
     w["condition"] = w.apply(condition_label, axis=1, keys=keys)
-    w["order"] = w["role"].map({"teacher": 0, "ptq": 1, "student": 2})
+    w["order"] = w["role"].map({role: i for i, role in enumerate(roles)})
     sort = ["order", *keys]
     w = w.sort_values(sort, kind="stable")
     grouped = w.groupby("condition", sort=False)[columns]

@@ -53,7 +53,8 @@ def condition_colors(labels: Iterable[str], lmbda: Mapping[str, float] | None = 
     """Colour (hex) of each condition label, the same in every figure.
 
     Labels as :func:`onpolicy_lib.analysis.condition_label` makes them: "teacher (Q4_1 GGUF)" (or
-    "teacher") is dark grey, "PTQ int4 g64" light grey, a student its λ's colour (:func:`lambda_color`,
+    "teacher") is dark grey, "PTQ int4 g64" light grey (GPTQ/AWQ in its shades), a student its λ's
+    colour (:func:`lambda_color`,
     λ read from the label or from ``lmbda``, label -> λ, for labels such as run names that do not
     spell it); "off-policy"/"on-policy" are λ=0/λ=1. Labels with no λ get the remaining colours in
     order. Where several labels share a colour (two PTQ schemes, λ=1 at two learning rates), the
@@ -68,7 +69,7 @@ def condition_colors(labels: Iterable[str], lmbda: Mapping[str, float] | None = 
         value = label_lambda(text) if value is None or pd.isna(value) else float(value)
         if text.lower().startswith("teacher"):
             base[label] = TEACHER_COLOR
-        elif text.lower().startswith("ptq"):
+        elif text.lower().startswith(("ptq", "gptq", "awq")):  # the quantized baselines: shades of one grey
             base[label] = PTQ_COLOR
         elif value is not None:
             base[label] = lambda_color(value)

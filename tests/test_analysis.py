@@ -33,11 +33,14 @@ def _model_result(rng: np.random.Generator, p: float, docs: int = 40) -> dict:
                          "teacher_nll_of_student_greedy": 1 - p / 2, "per_example": per_example}, "seconds": 10.0}
 
 
-def make_outputs(root: Path, sweep: str, grid: list[dict], seed: int = 0) -> None:
+def make_outputs(root: Path, sweep: str, grid: list[dict], seed: int = 0, calibrated: bool = False) -> None:
     """A synthetic evaluated sweep: run directories with config, metrics and eval files as runs write them."""
     rng = np.random.default_rng(seed)
     teacher = {"key": {"model_name": "m"}, **_model_result(rng, 0.6)}
     ptq = {"key": {"model_name": "m", "quant_type": "int4", "group_size": 64}, **_model_result(rng, 0.4)}
+    scheme = {"model_name": "m", "scheme": {"quant_type": "int4", "group_size": 64, "head": "full precision"}}
+    extra = {m: {"key": {**scheme, "method": m}, **_model_result(rng, 0.42)} for m in ("gptq", "awq")} \
+        if calibrated else {}
     manifest = {"name": sweep, "specs": ["x.yaml"], "runs": {}}
     for values in grid:
         cfg = TrainConfig(**values, do_eval=True).to_dict()
@@ -53,7 +56,7 @@ def make_outputs(root: Path, sweep: str, grid: list[dict], seed: int = 0) -> Non
             "heldout_curve": [{"step": s, "loss": 0.1 / (1 + s)} for s in (0, 5, 10)]}))
         p = 0.45 + 0.05 * values.get("lmbda", 0)
         (run / "eval.json").write_text(json.dumps({"student": _model_result(rng, p),
-                                                   "baselines": {"teacher": teacher, "ptq": ptq}}))
+                                                   "baselines": {"teacher": teacher, "ptq": ptq, **extra}}))
         manifest["runs"][name] = {"spec": "x.yaml", "params": cfg, "varying": values}
     (root / sweep / "sweep.json").write_text(json.dumps(manifest))
 
@@ -104,6 +107,21 @@ def test_condition_table_and_collection(tmp_path):
     assert len(pe) == (6 + 2) * 5 * 40  # six students and two baselines, five tasks, forty documents
     gaps = analysis.gap_to_teacher(w)
     assert set(gaps["study"]) == {"this tool (SmolLM2-135M, CPU)", "original (Qwen3-4B, 10k GPU steps)"}
+
+
+def test_calibrated_baselines_take_their_place_in_tables_and_colours(tmp_path):
+    from onpolicy_lib import plots
+
+    make_outputs(tmp_path, "s", [{"lmbda": lm, "seed": sd} for lm in (0, 1) for sd in (1, 2)], calibrated=True)
+    w = analysis.with_average(results.wide(results.collect(tmp_path)))
+    table = analysis.condition_table(w)
+    assert list(table.index) == ["teacher", "PTQ int4 g64", "GPTQ int4 g64", "AWQ int4 g64", "λ=0", "λ=1"]
+    assert table.loc["GPTQ int4 g64", ("average", "n")] == 1  # once per sweep, not once per run
+    colors = plots.condition_colors(table.index)
+    assert colors["PTQ int4 g64"] == plots.PTQ_COLOR
+    assert len({colors[k] for k in ("PTQ int4 g64", "GPTQ int4 g64", "AWQ int4 g64")}) == 3  # shades of it
+    fidelity = results.per_example_fidelity(tmp_path)
+    assert {"student", "ptq", "gptq", "awq"} == set(fidelity["role"])
 
 
 def test_reference_data_is_the_published_table():
