@@ -47,7 +47,7 @@ from onpolicy_lib.batches import (
     generate_completions,
 )
 from onpolicy_lib.config import TrainConfig
-from onpolicy_lib.divergence import cakld, generalized_jsd
+from onpolicy_lib.divergence import cakld, generalized_jsd, token_nll
 from onpolicy_lib.quantization import cast_for_rollout, fake_quantized_once, materialized_fake_quant
 
 
@@ -102,7 +102,7 @@ def teacher_confidence(teacher: torch.nn.Module, dataset: Any, pad_token_id: int
         logits = teacher(**completion_forward(batch)).logits[:, :-1]
         targets = batch["labels"][:, batch["prompt_ids"].shape[1]:]
         mask = targets != IGNORE_INDEX
-        probs = logits.float().log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1).exp()
+        probs = token_nll(logits, targets.clamp(min=0)).neg_().exp_()
         total += float(probs[mask].sum())
         tokens += int(mask.sum())
     return {"gamma": total / tokens if tokens else 0.0, "tokens": tokens, "chats": len(rows)}

@@ -76,8 +76,12 @@ def evaluate_model(model: torch.nn.Module, tokenizer, cfg: EvalConfig, teacher: 
 
 
 # ---------------------------------------------------------------------------- baselines, cached
+def _cache_root(cfg: EvalConfig) -> Path:
+    return eval_cache_dir(resolve_path(cfg.cache_dir) if cfg.cache_dir else None)
+
+
 def _cache_path(cfg: EvalConfig, kind: str, key: dict[str, Any]) -> Path:
-    root = eval_cache_dir(resolve_path(cfg.cache_dir) if cfg.cache_dir else None)
+    root = _cache_root(cfg)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     name = Path(str(key["model_name"])).name
     return root / f"{kind}-{name}-{digest}.json"
@@ -158,10 +162,6 @@ def _evaluate_calibrated(teacher, tokenizer, cfg: EvalConfig, device, model_name
     model = calibrated_ptq.load_calibrated(path, device)
     result = evaluate_model(model, tokenizer, cfg, teacher, fidelity, device, parts)
     return {**result, "calibrated": read_json(path / "calibrated.json")}
-
-
-def _cache_root(cfg: EvalConfig) -> Path:
-    return eval_cache_dir(resolve_path(cfg.cache_dir) if cfg.cache_dir else None)
 
 
 def _scheme_key(meta: dict[str, Any]) -> tuple[str, int, bool]:
@@ -248,10 +248,9 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
             for method in cfg.calibrated:
                 baseline = dict(calibrated[scheme_key, method])
                 if fidelity is not None:
-                    calibration = _calibration(cfg, members, scheme_key)
                     fid = _cached(cfg, f"{method}-fidelity", {**baseline["key"], **fidelity.key}, partial(
                         _evaluate_calibrated, teacher, tokenizer, cfg, device, model_name, method, scheme_key,
-                        calibration, fidelity, ("fidelity",)))
+                        baseline["key"]["calibration"], fidelity, ("fidelity",)))
                     baseline["fidelity"] = fid["fidelity"]
                 record["baselines"][method] = baseline
                 setting = f" ({run.name} setting)" if len(members) > 1 else ""

@@ -25,6 +25,7 @@ bf16 arithmetic); the kernel reads those weights back within one bf16 rounding.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import warnings
@@ -205,21 +206,12 @@ def check_kernels(quant_type: str, device: str | torch.device, group_size: int |
                                 f"be one of {', '.join(map(str, TINYGEMM_GROUP_SIZES))}")
 
 
+@dataclasses.dataclass(frozen=True)
 class TinygemmInt4FakeQuantizeConfig:
     """What :class:`TinygemmInt4FakeQuantizer` computes (compared by value before conversion)."""
 
-    def __init__(self, group_size: int) -> None:
-        self.group_size = group_size
-        self.dtype = torch.uint4
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, TinygemmInt4FakeQuantizeConfig) and other.group_size == self.group_size
-
-    def __hash__(self) -> int:
-        return hash(("tinygemm-int4", self.group_size))
-
-    def __repr__(self) -> str:
-        return f"TinygemmInt4FakeQuantizeConfig(group_size={self.group_size})"
+    group_size: int
+    dtype: torch.dtype = torch.uint4
 
 
 class TinygemmInt4FakeQuantizer(nn.Module):

@@ -10,26 +10,12 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
-from typing import Any
 
 import torch
 
-from onpolicy_lib.speed.timing import sync
+from onpolicy_lib.speed.timing import sync, timed
 
 _READ_BYTES = 512 * 2**20  # well past any CPU's last-level cache
-
-
-def _median_seconds(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 2) -> float:
-    times = []
-    for i in range(warmup + repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 @torch.no_grad()
@@ -37,11 +23,19 @@ def ceilings(device: torch.device, gemm_shape: tuple[int, int, int] = (512, 2048
              repeats: int = 5) -> dict[str, float]:
     """Memory read bandwidth (GB/s, a sum over 512 MiB) and GEMM throughput (GFLOP/s) in fp32 and bf16."""
     data = torch.ones(_READ_BYTES // 4, device=device)
-    out = {"read_gb_s": _READ_BYTES / _median_seconds(data.sum, device, repeats) / 1e9}
+
+    def read() -> None:
+        data.sum()
+
+    out = {"read_gb_s": _READ_BYTES / timed(read, repeats, 2, device).median / 1e9}
     m, k, n = gemm_shape
     for dtype, key in ((torch.float32, "gemm_fp32_gflops"), (torch.bfloat16, "gemm_bf16_gflops")):
         a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
-        out[key] = 2 * m * k * n / _median_seconds(lambda a=a, b=b: a @ b, device, repeats) / 1e9
+
+        def product(a: torch.Tensor = a, b: torch.Tensor = b) -> None:
+            a @ b
+
+        out[key] = 2 * m * k * n / timed(product, repeats, 2, device).median / 1e9
     return out
 
 
