@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from onpolicy_lib import fidelity
-from onpolicy_lib.config import BENCHMARKS, TrainConfig, format_value
+from onpolicy_lib.config import BENCHMARKS, CALIBRATED_METHODS, TrainConfig, format_value
 
 FIDELITY_NAMES = {**fidelity.METRICS, "perplexity": "perplexity"}
 FIDELITY_COLUMNS = list(FIDELITY_NAMES)
@@ -39,7 +39,7 @@ def with_average(w: pd.DataFrame, metric: str = "acc") -> pd.DataFrame:
 
 
 # Quantized baselines, in table order: round-to-nearest, then the calibrated ones.
-BASELINE_ROLES = ("ptq", "gptq", "awq")
+BASELINE_ROLES = ("ptq", *CALIBRATED_METHODS)
 
 
 def varying(w: pd.DataFrame) -> list[str]:

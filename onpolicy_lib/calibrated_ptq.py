@@ -1,4 +1,4 @@
-"""Calibrated post-training baselines: GPTQ and AWQ on the students' own grid.
+"""Calibrated post-training baselines: GPTQ and AWQ, on the students' own grid or in the original's recipes.
 
 They run in llmcompressor's own environment (it pins transformers and compressed-tensors versions
 this project does not use): ``make baselines-env`` builds ``.venv-llmc``, and
@@ -6,6 +6,11 @@ this project does not use): ``make baselines-env`` builds ``.venv-llmc``, and
 calibration sample of the students' training chats, then this environment loads the plain checkpoint
 it writes (its Linear weights are the quantized values) and evaluates it like the round-to-nearest
 PTQ baseline. The result is cached by everything that determines it.
+
+``gptq``/``awq`` quantize onto the students' grid (bit width, symmetry, group size, head policy) so
+they compare with the distilled students; ``gptq-original``/``awq-original`` are the original study's
+own recipes (llmcompressor ``W4A16`` / ``W4A16_ASYM`` presets: INT4 in groups of 128, head kept, AWQ
+with ``duo_scaling="both"``, calibration chats up to 2048 tokens), whatever the students' scheme.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +30,7 @@ from onpolicy_lib.config import CALIBRATED_METHODS as METHODS
 
 LABELS = {"gptq": "GPTQ", "awq": "AWQ"}
 BITS = {"int8": 8, "int4": 4, "int3": 3, "int2": 2}
+ORIGINAL_SUFFIX = "-original"
 PYTHON_ENV = "ONPOLICY_QUANT_LLMC_PYTHON"
 _ROOT = Path(__file__).resolve().parents[1]
 _RUNNER = Path(__file__).with_name("calibrated_ptq_runner.py")
@@ -31,6 +38,58 @@ _RUNNER = Path(__file__).with_name("calibrated_ptq_runner.py")
 
 class CalibratedError(RuntimeError):
     """A calibrated baseline that cannot be built here."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What one calibrated baseline does: the algorithm and the grid it quantizes onto."""
+
+    algorithm: str  # gptq | awq
+    bits: int
+    group_size: int
+    symmetric: bool
+    quantize_head: bool
+    duo_scaling: bool | str = True  # AWQ's scale search: activations and weights (True) or "both" halves
+    calibration_length: int | None = None  # tokens per calibration chat; None: the students' max_length
+    preset: str | None = None  # llmcompressor's scheme name, for the original's recipes
+
+    @property
+    def label(self) -> str:
+        name = LABELS[self.algorithm]
+        if self.preset:
+            return f"{name} {self.preset} g{self.group_size} (original recipe)"
+        return f"{name} int{self.bits} g{self.group_size}" + (" +head" if self.quantize_head else "")
+
+
+# The original study's gptq_awq.py recipes (see ../shared/study/original-settings.md).
+ORIGINAL_RECIPES = {
+    "gptq" + ORIGINAL_SUFFIX: Recipe("gptq", 4, 128, True, False, calibration_length=2048, preset="W4A16"),
+    "awq" + ORIGINAL_SUFFIX: Recipe("awq", 4, 128, False, False, duo_scaling="both", calibration_length=2048,
+                                    preset="W4A16_ASYM"),
+}
+
+
+def recipe(method: str, quant_type: str, group_size: int, quantize_head: bool, symmetric: bool) -> Recipe:
+    """``method``'s recipe beside students of the given scheme (the original's ignore the scheme)."""
+    if method not in METHODS:
+        raise CalibratedError(f"calibrated baseline must be one of {', '.join(METHODS)}; got {method!r}")
+    if method in ORIGINAL_RECIPES:
+        return ORIGINAL_RECIPES[method]
+    return Recipe(method, BITS[quant_type], group_size, symmetric, quantize_head)
+
+
+def check_recipe(model: Any, model_name: str, method: str, recipe: Recipe) -> None:
+    """Refuse, before any calibration, a recipe whose groups do not divide the model's Linear widths."""
+    from onpolicy_lib import quantization
+
+    widths = sorted({mod.in_features for _, mod in quantization._quantizable_layers(model, recipe.quantize_head)})
+    bad = [w for w in widths if w % recipe.group_size]
+    if bad:
+        raise CalibratedError(
+            f"calibrated: {method} quantizes in groups of {recipe.group_size}, which do not divide "
+            f"{model_name}'s Linear input widths {', '.join(map(str, bad))}; "
+            f"use a students'-grid baseline ({', '.join(m for m in METHODS if m not in ORIGINAL_RECIPES)}) "
+            "for this model")
 
 
 def llmc_python() -> Path:
@@ -57,19 +116,16 @@ def calibration_set(tokenizer: Any, dataset_name: str, max_length: int, min_comp
     return len(ids)
 
 
-def calibrated_model(cache_root: Path, model_name: str, method: str, quant_type: str, group_size: int,
-                     quantize_head: bool, symmetric: bool, dataset_name: str, max_length: int,
+def calibrated_model(cache_root: Path, model_name: str, recipe: Recipe, dataset_name: str, max_length: int,
                      min_completion_tokens: int, samples: int, seed: int) -> Path:
-    """The checkpoint of ``method`` applied to ``model_name`` on the students' grid (``quant_type`` groups
-    of ``group_size``, ``symmetric`` or not, head per ``quantize_head``), built once under a lock."""
-    if method not in METHODS:
-        raise CalibratedError(f"calibrated baseline must be one of {', '.join(METHODS)}; got {method!r}")
-    key = {"model_name": model_name, "method": method, "bits": BITS[quant_type], "group_size": group_size,
-           "symmetric": symmetric, "quantize_head": quantize_head, "dataset_name": dataset_name,
-           "max_length": max_length, "min_completion_tokens": min_completion_tokens, "samples": samples,
-           "seed": seed}
+    """The checkpoint of ``recipe`` applied to ``model_name``, calibrated on ``samples`` training chats
+    (up to the recipe's calibration length, else ``max_length`` tokens), built once under a lock."""
+    length = recipe.calibration_length or max_length
+    key = {"model_name": model_name, **asdict(recipe), "dataset_name": dataset_name, "max_length": length,
+           "min_completion_tokens": min_completion_tokens, "samples": samples, "seed": seed}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     base = cache_root / "calibrated"
+    method = recipe.algorithm + (ORIGINAL_SUFFIX if recipe.preset else "")
     out = base / f"{method}-{digest}"
     base.mkdir(parents=True, exist_ok=True)
     with open(base / f"{method}-{digest}.lock", "w") as lock:
@@ -87,19 +143,20 @@ def calibrated_model(cache_root: Path, model_name: str, method: str, quant_type:
                 load_model(model_name).save_pretrained(source)
                 tokenizer.save_pretrained(source)
             calibration = Path(tmp) / "calibration"
-            n = calibration_set(tokenizer, dataset_name, max_length, min_completion_tokens, samples, seed,
-                                calibration)
+            n = calibration_set(tokenizer, dataset_name, length, min_completion_tokens, samples, seed, calibration)
             command = [str(python), str(_RUNNER), "--model", source, "--calibration", str(calibration),
-                       "--method", method, "--bits", str(BITS[quant_type]), "--group-size", str(group_size),
-                       "--max-length", str(max_length), "--out", str(out)]
-            command += ["--quantize-head"] if quantize_head else []
-            command += [] if symmetric else ["--asymmetric"]
-            print(f"{LABELS[method]}: calibrating {model_name} on {n} training chats in llmcompressor's "
+                       "--method", recipe.algorithm, "--bits", str(recipe.bits),
+                       "--group-size", str(recipe.group_size), "--max-length", str(length),
+                       "--duo-scaling", str(recipe.duo_scaling).lower(), "--out", str(out)]
+            command += ["--quantize-head"] if recipe.quantize_head else []
+            command += [] if recipe.symmetric else ["--asymmetric"]
+            command += ["--preset", recipe.preset] if recipe.preset else []
+            print(f"{recipe.label}: calibrating {model_name} on {n} training chats in llmcompressor's "
                   "environment ...", file=sys.stderr, flush=True)
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode:
                 tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
-                raise CalibratedError(f"{LABELS[method]} failed in llmcompressor's environment:\n{tail}")
+                raise CalibratedError(f"{recipe.label} failed in llmcompressor's environment:\n{tail}")
         meta = json.loads((out / "calibrated.json").read_text())
         (out / "calibrated.json").write_text(json.dumps({**meta, "key": key}, indent=2))
     return out

@@ -6,7 +6,7 @@ file imports nothing from ``onpolicy_lib`` and is run by path with that environm
 
 It quantizes ``--model`` with ``--method`` (GPTQ; or AWQ's smoothing followed by round-to-nearest, the
 form llmcompressor 0.14 gives AWQ) onto the student's grid (bits, symmetry, group size, head policy),
-and writes a plain transformers checkpoint whose Linear weights are the quantized values themselves
+or with ``--preset`` onto one of llmcompressor's named schemes as the original study's recipes did, and writes a plain transformers checkpoint whose Linear weights are the quantized values themselves
 (dequantized, on the grid, no ``quantization_config``): any transformers loads it, and it computes
 exactly what the compressed-tensors forward computes.
 """
@@ -23,18 +23,27 @@ from pathlib import Path
 import torch
 
 
-def _recipe(method: str, bits: int, group_size: int, symmetric: bool, quantize_head: bool) -> list:
+def _recipe(method: str, bits: int, group_size: int, symmetric: bool, quantize_head: bool,
+            duo_scaling: bool | str = True, preset: str | None = None) -> list:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
 
-    scheme = {"group_0": QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
-        num_bits=bits, type="int", symmetric=symmetric, strategy="group", group_size=group_size))}
     ignore = [] if quantize_head else ["lm_head"]
+    if preset:  # one of llmcompressor's named schemes, exactly as the original study wrote its recipes
+        grid = {"targets": ["Linear"], "scheme": preset, "ignore": ignore}
+    else:
+        grid = {"config_groups": {"group_0": QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+            num_bits=bits, type="int", symmetric=symmetric, strategy="group", group_size=group_size))},
+            "ignore": ignore}
     if method == "gptq":
-        return [GPTQModifier(config_groups=scheme, ignore=ignore)]
-    return [AWQModifier(), QuantizationModifier(config_groups=scheme, ignore=ignore)]
+        return [GPTQModifier(**grid)]
+    return [AWQModifier(duo_scaling=duo_scaling), QuantizationModifier(**grid)]
+
+
+def _duo_scaling(value: str) -> bool | str:
+    return {"true": True, "false": False, "both": "both"}[value]
 
 
 def _cpu_awq_workaround() -> None:
@@ -89,6 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--asymmetric", action="store_true")
     parser.add_argument("--quantize-head", action="store_true")
     parser.add_argument("--max-length", type=int, required=True)
+    parser.add_argument("--duo-scaling", type=_duo_scaling, default=True, help="AWQ: true, false or both")
+    parser.add_argument("--preset", help="an llmcompressor scheme name (W4A16, W4A16_ASYM) instead of the grid")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
@@ -103,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     calibration = load_from_disk(args.calibration)
     start = time.perf_counter()
     oneshot(model=model, tokenizer=tokenizer, dataset=calibration,
-            recipe=_recipe(args.method, args.bits, args.group_size, not args.asymmetric, args.quantize_head),
+            recipe=_recipe(args.method, args.bits, args.group_size, not args.asymmetric, args.quantize_head,
+                           args.duo_scaling, args.preset),
             num_calibration_samples=len(calibration), max_seq_length=args.max_length)
     seconds = time.perf_counter() - start
     out = Path(args.out)
@@ -116,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     (out / "calibrated.json").write_text(json.dumps({
         "method": args.method, "bits": args.bits, "group_size": args.group_size,
         "symmetric": not args.asymmetric, "quantize_head": args.quantize_head,
+        "duo_scaling": args.duo_scaling if args.method == "awq" else None, "preset": args.preset,
         "calibration_samples": len(calibration), "max_length": args.max_length, "baked_weights": baked,
         "oneshot_seconds": round(seconds, 1), "llmcompressor": llmcompressor.__version__,
         "torch": torch.__version__}, indent=2))

@@ -36,7 +36,8 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
 ROLLOUT_DTYPES = ("float32", "bfloat16")
 DIVERGENCES = ("jsd", "cakld")
-CALIBRATED_METHODS = ("gptq", "awq")
+# On the students' grid, then the original study's own llmcompressor recipes (calibrated_ptq.ORIGINAL_RECIPES).
+CALIBRATED_METHODS = ("gptq", "awq", "gptq-original", "awq-original")
 ASSETS_PREFIX = "assets:"
 
 
@@ -289,8 +290,9 @@ class EvalConfig(_Params):
     num_fewshot: int | None = param(None, "None: lm-eval's default for each task (0 for these five)")
     include_teacher: bool = param(True, "evaluate the teacher (cached)")
     include_ptq: bool = param(True, "evaluate the PTQ baseline in the students' scheme (cached)")
-    calibrated: list = param(help="calibrated PTQ baselines on the students' grid: any of gptq, awq (llmcompressor, "
-                             "its own environment: make baselines-env; cached)", default_factory=list)
+    calibrated: list = param(help="calibrated PTQ baselines: gptq, awq (on the students' grid), gptq-original, "
+                             "awq-original (the original study's W4A16 / W4A16_ASYM g128 recipes); llmcompressor in "
+                             "its own environment (make baselines-env); cached", default_factory=list)
     calibration_samples: int = param(64, "training chats GPTQ/AWQ calibrate on (a seeded sample)")
     fidelity_samples: int = param(32, "held-out chats for the fidelity metrics (0: skip)")
     perplexity_source: str = param("lambada-offline", "lambada-offline, or wikitext-2 (needs the hub)")

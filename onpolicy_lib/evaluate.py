@@ -17,7 +17,7 @@ import fcntl
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,9 +28,9 @@ import torch
 from onpolicy_lib import benchmarks, calibrated_ptq, data, quantization
 from onpolicy_lib.config import PROJECT_ROOT, ConfigError, EvalConfig, TrainConfig, portable_path, resolve_path
 from onpolicy_lib.fidelity import FidelityConfig, measure_fidelity
-from onpolicy_lib.models import load_model, load_tokenizer, resolve_device, teacher_precision
+from onpolicy_lib.models import load_model, load_skeleton, load_tokenizer, resolve_device, teacher_precision
 from onpolicy_lib.perplexity import load_text, sliding_window_perplexity
-from onpolicy_lib.results import calibrated_label, model_metrics, ptq_label, teacher_label
+from onpolicy_lib.results import model_metrics, ptq_label, teacher_label
 from onpolicy_lib.rundir import Run, eval_cache_dir, read_json, write_json
 from onpolicy_lib.student import load_student
 
@@ -152,16 +152,21 @@ def _evaluate_calibrated(teacher, tokenizer, cfg: EvalConfig, device, model_name
                          scheme_key: tuple[str, int, bool], calibration: dict[str, Any],
                          fidelity: Fidelity | None = None,
                          parts: tuple[str, ...] = ("benchmarks", "perplexity")) -> dict[str, Any]:
-    quant_type, group_size, quantize_head = scheme_key
-    # On the students' grid: symmetric on CPU, asymmetric for CUDA int4 (torch's int4 kernels).
-    symmetric = quantization.describe_scheme(quant_type, group_size, device, quantize_head)["mapping"] == "symmetric"
     path = calibrated_ptq.calibrated_model(
-        _cache_root(cfg), model_name, method, quant_type, group_size, quantize_head, symmetric,
-        calibration["dataset_name"], calibration["max_length"], calibration["min_completion_tokens"],
-        calibration["samples"], calibration["seed"])
+        _cache_root(cfg), model_name, _recipe(method, scheme_key, device), calibration["dataset_name"],
+        calibration["max_length"], calibration["min_completion_tokens"], calibration["samples"],
+        calibration["seed"])
     model = calibrated_ptq.load_calibrated(path, device)
     result = evaluate_model(model, tokenizer, cfg, teacher, fidelity, device, parts)
     return {**result, "calibrated": read_json(path / "calibrated.json")}
+
+
+def _recipe(method: str, scheme_key: tuple[str, int, bool], device) -> calibrated_ptq.Recipe:
+    """``method``'s recipe beside students of ``scheme_key``; the students'-grid ones take its symmetry
+    (symmetric on CPU, asymmetric for CUDA int4, torch's int4 kernels)."""
+    quant_type, group_size, quantize_head = scheme_key
+    symmetric = quantization.describe_scheme(quant_type, group_size, device, quantize_head)["mapping"] == "symmetric"
+    return calibrated_ptq.recipe(method, quant_type, group_size, quantize_head, symmetric)
 
 
 def _scheme_key(meta: dict[str, Any]) -> tuple[str, int, bool]:
@@ -185,11 +190,16 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
     rows: list[dict[str, Any]] = []
     heldout_cache: dict[str, Any] = {}
     for model_name in model_names:
+        members = [(r, c, s) for r, c, s in runs if s["model_name"] == model_name]
+        schemes = {_scheme_key(s) for _, _, s in members} or {(cfg.quant_type, cfg.group_size, False)}
+        if cfg.calibrated:  # refused from the layer shapes alone, before the teacher or any baseline
+            skeleton = load_skeleton(model_name)
+            for scheme_key in schemes:
+                for method in cfg.calibrated:
+                    calibrated_ptq.check_recipe(skeleton, model_name, method, _recipe(method, scheme_key, device))
         tokenizer = load_tokenizer(model_name)
         teacher = load_model(model_name, device=device).eval()
         precision = teacher_precision(model_name)
-        members = [(r, c, s) for r, c, s in runs if s["model_name"] == model_name]
-        schemes = {_scheme_key(s) for _, _, s in members} or {(cfg.quant_type, cfg.group_size, False)}
         bench_key = {**cfg.benchmark_settings(), **cfg.perplexity_settings(), **versions}
         # How a quantized model runs on CUDA; CPU has one way, and its cache keys stay as they were.
         kernels = {"cuda_int4_kernels": cfg.cuda_int4_kernels} if device.type == "cuda" else {}
@@ -214,15 +224,14 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
         for scheme_key in sorted(schemes) if cfg.calibrated else []:
             for method in cfg.calibrated:
                 calibration = _calibration(cfg, members, scheme_key)
+                recipe = _recipe(method, scheme_key, device)
                 key = {"model_name": model_name, "method": method, "calibration": calibration,
-                       "scheme": quantization.describe_scheme(*scheme_key[:2], device, scheme_key[2]),
-                       **bench_key, **kernels}
+                       "recipe": asdict(recipe), "label": recipe.label, **bench_key, **kernels}
                 calibrated[scheme_key, method] = _cached(cfg, method, key, partial(
                     _evaluate_calibrated, teacher, tokenizer, cfg, device, model_name, method, scheme_key,
                     calibration))
                 if not members:
-                    rows.append(_row(calibrated_label(method, *scheme_key), model_name,
-                                     calibrated[scheme_key, method]))
+                    rows.append(_row(recipe.label, model_name, calibrated[scheme_key, method]))
         for run, run_cfg, scheme in members:
             fidelity = fidelity_for(run_cfg, cfg.fidelity_samples, tokenizer, heldout_cache) \
                 if cfg.fidelity_samples else None
@@ -254,7 +263,7 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
                     baseline["fidelity"] = fid["fidelity"]
                 record["baselines"][method] = baseline
                 setting = f" ({run.name} setting)" if len(members) > 1 else ""
-                rows.append(_row(calibrated_label(method, *scheme_key) + setting, model_name, baseline))
+                rows.append(_row(baseline["key"]["label"] + setting, model_name, baseline))
             forms = ["merge", "adapter"] if scheme["format"] == "lora-adapter" else ["merge"]
             for form in forms:
                 student = load_student(run.path, convert=True, device=str(device), lora_mode=form)

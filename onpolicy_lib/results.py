@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from onpolicy_lib import fidelity
-from onpolicy_lib.config import TrainConfig, portable_path, resolve_path
+from onpolicy_lib.config import CALIBRATED_METHODS, TrainConfig, portable_path, resolve_path
 from onpolicy_lib.metrics import loss_summary
 from onpolicy_lib.rundir import EVAL_CACHE_DIR, MANIFEST, Run, read_json
 
@@ -30,8 +30,14 @@ TRAIN_METRICS = ("wall_time_s", "median_step_s", "tokens_generated", "tokens_tra
 ID_COLUMNS = ["sweep", "run", "role", "status", "run_dir"]
 
 
-def calibrated_label(method: str, quant_type: str | None, group_size: int | None, quantize_head: bool = False) -> str:
-    return f"{method.upper()} {quant_type} g{group_size}" + (" +head" if quantize_head else "")
+def calibrated_label(method: str, result: dict[str, Any]) -> str:
+    """"GPTQ int4 g64", "AWQ W4A16_ASYM g128 (original recipe)": as its evaluation named it."""
+    key = result.get("key", {})
+    if "label" in key:
+        return key["label"]
+    scheme = key.get("scheme", {})  # evaluations from before recipes were recorded
+    return f"{method.upper()} {scheme.get('quant_type')} g{scheme.get('group_size')}" + (
+        " +head" if scheme.get("head") == "quantized" else "")
 
 
 def ptq_label(quant_type: str | None, group_size: int | None, quantize_head: bool = False) -> str:
@@ -51,7 +57,7 @@ def baselines(evaluation: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]
         scheme = result.get("key", {}).get("scheme") or result.get("key", {})  # older caches: flat keys
         args = (scheme.get("quant_type"), scheme.get("group_size"), scheme.get("head") == "quantized")
         label = (teacher_label(result) if role == "teacher" else ptq_label(*args) if role == "ptq"
-                 else calibrated_label(role, *args))
+                 else calibrated_label(role, result))
         out.append((role, label, result))
     return out
 
@@ -182,7 +188,7 @@ def per_example_fidelity(roots: str | Path | Iterable[str | Path] = "outputs") -
             continue
         config = {k: train.get(k) for k in CONFIG_FIELDS}
         models = [("student", run_dir.name, evaluation.get("student", {}))]
-        for role in ("ptq", "gptq", "awq"):
+        for role in ("ptq", *CALIBRATED_METHODS):
             if role in evaluation.get("baselines", {}):
                 models.append((role, run_dir.name, evaluation["baselines"][role]))
         for role, run, result in models:

@@ -223,7 +223,7 @@ def _mapping(spec: dict[str, Any], key: str, where: str) -> dict[str, Any]:
 
 def _check_group_sizes(sweep: Sweep, where: str) -> None:
     # The one check train.ipynb makes against the model's layer shapes; from the config alone (no weights).
-    from onpolicy_lib import quantization
+    from onpolicy_lib import calibrated_ptq, quantization
     from onpolicy_lib.models import load_skeleton
 
     pairs = {(r.params["model_name"], r.params["group_size"]) for r in sweep.runs}
@@ -238,6 +238,14 @@ def _check_group_sizes(sweep: Sweep, where: str) -> None:
                 quantization.resolve_group_size(skeleton, group_size)
             except ValueError as err:
                 raise SweepError(f"{where}: {err}") from None
+        # The original's GPTQ/AWQ recipes have their own groups: refused now, not after hours of training.
+        methods = {m for r in sweep.runs if r.params["model_name"] == model_name
+                   for m in r.params["eval_parameters"].get("calibrated") or [] if m in calibrated_ptq.ORIGINAL_RECIPES}
+        for method in sorted(methods):
+            try:
+                calibrated_ptq.check_recipe(skeleton, model_name, method, calibrated_ptq.ORIGINAL_RECIPES[method])
+            except calibrated_ptq.CalibratedError as err:
+                raise SweepError(f"{where}: eval_parameters: {err}") from None
 
 
 def _check_conflicts(sweep: Sweep) -> None:

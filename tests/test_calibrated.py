@@ -16,6 +16,7 @@ from onpolicy_lib.config import EvalConfig, TrainConfig
 from onpolicy_lib.evaluate import evaluate_runs
 from onpolicy_lib.models import load_model
 from onpolicy_lib.training import train
+from tests.conftest import make_model
 
 GROUP = 32
 
@@ -36,7 +37,8 @@ def test_a_missing_environment_is_one_clear_error(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_baseline_is_on_the_students_grid_and_cached(llmc_env, tmp_path, tiny_model_dir, tiny_dataset_dir, method):
-    args = (tmp_path, str(tiny_model_dir), method, "int4", GROUP, False, True, str(tiny_dataset_dir), 96, 4, 8, 0)
+    recipe = calibrated_ptq.recipe(method, "int4", GROUP, False, True)
+    args = (tmp_path, str(tiny_model_dir), recipe, str(tiny_dataset_dir), 96, 4, 8, 0)
     path = calibrated_ptq.calibrated_model(*args)
     meta = json.loads((path / "calibrated.json").read_text())
     assert (meta["method"], meta["bits"], meta["group_size"], meta["symmetric"]) == (method, 4, GROUP, True)
@@ -68,3 +70,44 @@ def test_evaluated_beside_the_students(llmc_env, tmp_path, tiny_model_dir, tiny_
     record = json.loads((run / "eval.json").read_text())
     assert {"teacher", "ptq", "gptq", "awq"} <= set(record["baselines"])
     assert record["baselines"]["gptq"]["calibrated"]["method"] == "gptq"
+
+
+def _group_codes(weight: torch.Tensor, group: int) -> int:
+    return max(len(torch.unique(g)) for g in weight.detach().reshape(-1, group))
+
+
+@pytest.mark.parametrize("method,symmetric,preset", [("gptq-original", True, "W4A16"),
+                                                     ("awq-original", False, "W4A16_ASYM")])
+def test_the_original_recipes_use_its_presets(llmc_env, tmp_path, tokenizer, tiny_dataset_dir, method, symmetric,
+                                              preset):
+    model_dir = tmp_path / "wide"  # Linear widths 128 and 256: groups of 128 divide them
+    make_model(len(tokenizer), hidden=128).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    recipe = calibrated_ptq.recipe(method, "int2", 32, True, True)  # the students' scheme does not matter
+    assert (recipe.bits, recipe.group_size, recipe.symmetric, recipe.quantize_head, recipe.preset) == (
+        4, 128, symmetric, False, preset)
+    assert recipe.label.endswith(f"{preset} g128 (original recipe)")
+    path = calibrated_ptq.calibrated_model(tmp_path / "cache", str(model_dir), recipe, str(tiny_dataset_dir), 96,
+                                           4, 8, 0)
+    meta = json.loads((path / "calibrated.json").read_text())
+    assert (meta["preset"], meta["group_size"], meta["max_length"]) == (preset, 128, 2048)
+    assert meta["duo_scaling"] == ("both" if method == "awq-original" else None)
+    model, teacher = calibrated_ptq.load_calibrated(path), load_model(str(model_dir))
+    for name, module in quantization._quantizable_layers(teacher):
+        baked = model.get_submodule(name).weight
+        assert _group_codes(baked, 128) <= 16 and not torch.equal(baked, module.weight), name
+    assert torch.equal(model.lm_head.weight, teacher.lm_head.weight)  # the original ignores the head
+
+
+def test_a_recipe_whose_groups_do_not_divide_the_model_is_refused_before_the_teacher_loads(
+        tmp_path, tiny_model_dir, monkeypatch):
+    import onpolicy_lib.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    cfg = EvalConfig(run_dirs=[], model_name=str(tiny_model_dir), quant_type="int4", group_size=GROUP, tasks=[],
+                     perplexity_tokens=0, fidelity_samples=0, calibrated=["awq-original"],
+                     cache_dir=str(tmp_path / "cache"), device="cpu")
+    with pytest.raises(calibrated_ptq.CalibratedError,
+                       match=r"^calibrated: awq-original quantizes in groups of 128, which do not divide .*"
+                             r"Linear input widths 64; use a students'-grid baseline \(gptq, awq\)"):
+        evaluate_runs(cfg)

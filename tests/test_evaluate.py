@@ -40,7 +40,7 @@ def light(run_dirs, tmp_path, **overrides) -> EvalConfig:
     ({"mmlu_limit": -3}, "limit"),
     ({"batch_size": 0}, "batch_size must be a positive integer"),
     ({"perplexity_source": "c4"}, "perplexity_source must be one of lambada-offline, wikitext-2"),
-    ({"calibrated": ["hqq"]}, r"^calibrated must be one of gptq, awq; got 'hqq'$"),
+    ({"calibrated": ["hqq"]}, r"^calibrated must be one of gptq, awq, gptq-original, awq-original; got 'hqq'$"),
 ])
 def test_bad_eval_input_is_rejected(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):

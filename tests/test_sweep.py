@@ -66,6 +66,9 @@ def test_expansion_crosses_runs_grid_and_seeds(tmp_path, params):
     ({"eval": True, "eval_parameters": {"perplexity_windw": 3}}, "unknown parameter\\(s\\) perplexity_windw"),
     ({"eval": True, "eval_parameters": {"perplexity_window": 1}}, "perplexity_window must be"),
     ({"include": "missing.yaml"}, "include: 'missing.yaml' not found"),
+    # The original's g128 recipes on a model of width 64: refused before any run trains.
+    ({"grid": {"lmbda": [0]}, "eval": True, "eval_parameters": {"calibrated": ["gptq-original"]}},
+     "eval_parameters: calibrated: gptq-original quantizes in groups of 128, which do not divide"),
 ])
 def test_bad_specs_are_refused_at_expansion(tmp_path, params, spec, message):
     spec = write_spec(tmp_path, params={**params, **spec.pop("params", {})}, **spec)
