@@ -271,6 +271,55 @@ def compare_conditions(pe: pd.DataFrame, pef: pd.DataFrame, students: pd.DataFra
     return pd.DataFrame(rows)
 
 
+# ---------------------------------------------------------------------------- the quantization ladder
+RUNG_ORDER = ("int8", "int4", "int3", "int2")  # from the teacher outwards
+LADDER_METRICS = ("forward_kl", "forward_kl_matched", "reverse_kl_on_policy", "teacher_nll_of_student_greedy",
+                  "perplexity", "average")
+
+
+def rungs(frame: pd.DataFrame, rung: str = "quant_type") -> list[str]:
+    """The rungs present among ``frame``'s students, nearest the teacher first."""
+    present = frame.loc[frame["role"] == "student", rung].dropna().unique() if rung in frame else []
+    return sorted(present, key=lambda q: (RUNG_ORDER.index(q) if q in RUNG_ORDER else 99, str(q)))
+
+
+def ladder_effects(pe: pd.DataFrame, pef: pd.DataFrame, students: pd.DataFrame, key: str = "lmbda",
+                   rung: str = "quant_type", n_boot: int = 10_000, seed: int = 0) -> pd.DataFrame:
+    """Per rung, every comparison of ``key`` (:func:`compare_conditions`, intervals over seeds and
+    examples), beside how far that rung's round-to-nearest PTQ model sits from the teacher
+    (``ptq_forward_kl``: its mean forward KL on the same held-out chats).
+
+    The ladder's question: does on-policy's advantage grow as the student is pushed further away?
+    """
+    out = []
+    for q in rungs(students, rung):
+        def at(frame: pd.DataFrame, q: str = q) -> pd.DataFrame:
+            return frame[frame[rung] == q] if not frame.empty else frame
+
+        table = compare_conditions(at(pe), at(pef), at(students), key, n_boot=n_boot, seed=seed)
+        ptq = at(pef)
+        ptq = ptq[(ptq["role"] == "ptq") & (ptq["metric"] == "forward_kl")]["value"] if not ptq.empty else ptq
+        table.insert(0, rung, q)
+        table["ptq_forward_kl"] = float(ptq.mean()) if len(ptq) else np.nan
+        out.append(table)
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
+
+
+def ladder_table(w: pd.DataFrame, columns: list[str] | None = None, key: str = "lmbda",
+                 rung: str = "quant_type") -> pd.DataFrame:
+    """Per rung, side by side: the teacher, every quantized baseline of that bit width (RTN PTQ, GPTQ,
+    AWQ; the original's int4 recipes under int4) and the students by ``key``; mean, sd and seeds."""
+    w = with_average(w)
+    if columns is None:
+        columns = [c for c in LADDER_METRICS if c in w.columns]
+    parts = {}
+    for q in rungs(w, rung):
+        part = condition_table(w[(w["role"] == "teacher") | (w[rung] == q)], [key], columns)
+        if not part.empty:
+            parts[q] = part
+    return pd.concat(parts, names=[rung, "condition"]) if parts else pd.DataFrame()
+
+
 def heldout_curves(roots: Any) -> pd.DataFrame:
     """The held-out divergence during training of every run under ``roots``: run, step, loss, config."""
     from onpolicy_lib import results

@@ -6,7 +6,8 @@ file imports nothing from ``onpolicy_lib`` and is run by path with that environm
 
 It quantizes ``--model`` with ``--method`` (GPTQ; or AWQ's smoothing followed by round-to-nearest, the
 form llmcompressor 0.14 gives AWQ) onto the student's grid (bits, symmetry, group size, head policy),
-or with ``--preset`` onto one of llmcompressor's named schemes as the original study's recipes did, and writes a plain transformers checkpoint whose Linear weights are the quantized values themselves
+or with ``--preset`` onto one of llmcompressor's named schemes as the original study's recipes did, and
+writes a plain transformers checkpoint whose Linear weights are the quantized values themselves
 (dequantized, on the grid, no ``quantization_config``): any transformers loads it, and it computes
 exactly what the compressed-tensors forward computes.
 """

@@ -333,6 +333,44 @@ def plot_comparisons(table: pd.DataFrame, names: Mapping[str, str], title: str =
     return fig
 
 
+def plot_ladder(effects: pd.DataFrame, names: Mapping[str, str], title: str = "", rung: str = "quant_type",
+                x: str = "ptq_forward_kl") -> plt.Figure:
+    """The quantization ladder in one figure (``analysis.ladder_effects``): per metric, each comparison's
+    difference with its 95% interval against how far the rung's PTQ model sits from the teacher.
+
+    A difference that grows with the distance is what "on-policy fixes the mismatch" predicts; a
+    filled marker's interval excludes zero. Each comparison in the colour of its higher-λ condition.
+    """
+    metrics = list(dict.fromkeys(effects["metric"]))
+    cols = min(3, len(metrics))
+    rows = -(-len(metrics) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics, strict=False):
+        part = effects[effects["metric"] == metric]
+        for comparison, rows_ in part.groupby("comparison", sort=False):
+            color = lambda_color(label_lambda(comparison.split("−")[0]) or 0.0)
+            rows_ = rows_.sort_values(x)
+            ax.plot(rows_[x], rows_["delta"], color=color, lw=0.8, alpha=0.6)
+            for _, row in rows_.iterrows():
+                err = [[row["delta"] - row["ci_low"]], [row["ci_high"] - row["delta"]]]
+                ax.errorbar(row[x], row["delta"], yerr=err, fmt="o", color=color,
+                            mfc=color if row["resolved"] else "white", capsize=3)
+                ax.annotate(str(row[rung]), (row[x], row["ci_high"]), textcoords="offset points", xytext=(0, 3),
+                            ha="center", fontsize=7)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_title(names.get(metric, metric), fontsize=9)
+        ax.set_xscale("log")
+        ax.tick_params(labelsize=8)
+    for ax in axes.flat[len(metrics):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("PTQ forward KL to the teacher (log)", fontsize=8)
+    comparisons = ", ".join(dict.fromkeys(effects["comparison"]))
+    fig.suptitle(title or f"{comparisons} by rung, 95% intervals (filled: excludes zero)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def plot_heldout_curves(curves: pd.DataFrame, title: str = "") -> plt.Figure:
     """Held-out divergence against training step, one line per run, coloured by λ."""
     fig, ax = plt.subplots(figsize=(7, 3.8))

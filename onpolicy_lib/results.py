@@ -40,6 +40,16 @@ def calibrated_label(method: str, result: dict[str, Any]) -> str:
         " +head" if scheme.get("head") == "quantized" else "")
 
 
+def baseline_grid(result: dict[str, Any]) -> dict[str, Any]:
+    """The quant_type and group_size a quantized baseline's cache key records (its own, for the
+    original study's recipes: int4 g128 beside every rung)."""
+    key = result.get("key", {})
+    if "recipe" in key:
+        return {"quant_type": f"int{key['recipe']['bits']}", "group_size": key["recipe"]["group_size"]}
+    scheme = key.get("scheme") or key  # older caches: flat keys
+    return {"quant_type": scheme.get("quant_type"), "group_size": scheme.get("group_size")}
+
+
 def ptq_label(quant_type: str | None, group_size: int | None, quantize_head: bool = False) -> str:
     return f"PTQ {quant_type} g{group_size}" + (" +head" if quantize_head else "")
 
@@ -144,8 +154,7 @@ def collect(roots: str | Path | Iterable[str | Path] = "outputs") -> pd.DataFram
             key = result.get("key", {})
             baseline = {"sweep": sweep, "run": label, "status": "done", "run_dir": None,
                         **{k: None for k in CONFIG_FIELDS}, "model_name": key.get("model_name"),
-                        **({"quant_type": key.get("quant_type"), "group_size": key.get("group_size")}
-                           if role != "teacher" else {})}
+                        **(baseline_grid(result) if role != "teacher" else {})}
             for metric, value, stderr in model_metrics(result):
                 rows.append({**baseline, "role": role, "metric": metric, "value": value, "stderr": stderr})
     columns = ID_COLUMNS + CONFIG_FIELDS + ["metric", "value", "stderr"]

@@ -37,12 +37,16 @@ def make_outputs(root: Path, sweep: str, grid: list[dict], seed: int = 0, calibr
     """A synthetic evaluated sweep: run directories with config, metrics and eval files as runs write them."""
     rng = np.random.default_rng(seed)
     teacher = {"key": {"model_name": "m"}, **_model_result(rng, 0.6)}
-    ptq = {"key": {"model_name": "m", "quant_type": "int4", "group_size": 64}, **_model_result(rng, 0.4)}
-    scheme = {"model_name": "m", "scheme": {"quant_type": "int4", "group_size": 64, "head": "full precision"}}
-    extra = {m: {"key": {**scheme, "method": m}, **_model_result(rng, 0.42)} for m in ("gptq", "awq")} \
-        if calibrated else {}
     manifest = {"name": sweep, "specs": ["x.yaml"], "runs": {}}
     for values in grid:
+        # A rung further from the teacher (fewer bits) puts its PTQ model further away too.
+        q = values.get("quant_type", "int4")
+        far = {"int8": 0.0, "int4": 0.05, "int3": 0.1, "int2": 0.2}[q]
+        ptq = {"key": {"model_name": "m", "quant_type": q, "group_size": 64},
+               **_model_result(np.random.default_rng(seed + int(q[3:])), 0.4 - far)}
+        scheme = {"model_name": "m", "scheme": {"quant_type": q, "group_size": 64, "head": "full precision"}}
+        extra = {m: {"key": {**scheme, "method": m}, **_model_result(rng, 0.42)} for m in ("gptq", "awq")} \
+            if calibrated else {}
         cfg = TrainConfig(**values, do_eval=True).to_dict()
         name = "_".join(f"{k}-{v}" for k, v in values.items())
         run = root / sweep / name
@@ -54,7 +58,7 @@ def make_outputs(root: Path, sweep: str, grid: list[dict], seed: int = 0, calibr
             "tokens_generated": 300 * values.get("lmbda", 0), "tokens_trained": 1000, "rollout_seconds": 5.0,
             "peak_memory_mb": 1.0, "heldout_loss_before": 0.1, "heldout_loss_after": 0.05,
             "heldout_curve": [{"step": s, "loss": 0.1 / (1 + s)} for s in (0, 5, 10)]}))
-        p = 0.45 + 0.05 * values.get("lmbda", 0)
+        p = 0.45 + 0.05 * values.get("lmbda", 0) * (1 + 10 * far)  # on-policy's edge grows down the ladder
         (run / "eval.json").write_text(json.dumps({"student": _model_result(rng, p),
                                                    "baselines": {"teacher": teacher, "ptq": ptq, **extra}}))
         manifest["runs"][name] = {"spec": "x.yaml", "params": cfg, "varying": values}
@@ -124,6 +128,38 @@ def test_calibrated_baselines_take_their_place_in_tables_and_colours(tmp_path):
     assert {"student", "ptq", "gptq", "awq"} == set(fidelity["role"])
 
 
+def test_the_ladder_compares_lambda_per_rung_against_the_ptq_distance(tmp_path):
+    from onpolicy_lib import plots
+
+    make_outputs(tmp_path, "ladder", [{"seed": sd, "quant_type": q, "lmbda": lm} for sd in (1, 2)
+                                      for q in ("int8", "int4", "int2") for lm in (0, 1)], calibrated=True)
+    w = analysis.with_average(results.wide(results.collect(tmp_path)))
+    students = w[w["role"] == "student"]
+    pe, pef = results.per_example(tmp_path), results.per_example_fidelity(tmp_path)
+    effects = analysis.ladder_effects(pe, pef, students, n_boot=300)
+    assert list(dict.fromkeys(effects["quant_type"])) == ["int8", "int4", "int2"]  # nearest the teacher first
+    for q in ("int8", "int2"):
+        row = effects[(effects["quant_type"] == q) & (effects["metric"] == "forward_kl")].iloc[0]
+        direct = pef[(pef["quant_type"] == q) & (pef["metric"] == "forward_kl")]
+        by = direct[direct["role"] == "student"].groupby("lmbda")["value"].mean()
+        assert row["delta"] == pytest.approx(by[1] - by[0])
+        assert row["ptq_forward_kl"] == pytest.approx(direct[direct["role"] == "ptq"]["value"].mean())
+    distance = effects.groupby("quant_type")["ptq_forward_kl"].first()
+    assert distance["int8"] < distance["int4"] < distance["int2"]
+    table = analysis.ladder_table(w)
+    assert list(table.loc["int2"].index) == ["teacher", "PTQ int2 g64", "GPTQ int2 g64", "AWQ int2 g64", "λ=0", "λ=1"]
+    assert table.loc[("int4", "λ=1"), ("forward_kl", "n")] == 2
+    fig = plots.plot_ladder(effects, analysis.FIDELITY_NAMES)
+    assert len([ax for ax in fig.axes if ax.get_visible()]) == effects["metric"].nunique()
+
+
+def test_the_original_recipes_sit_under_their_own_bit_width():
+    key = {"recipe": {"algorithm": "awq", "bits": 4, "group_size": 128, "preset": "W4A16_ASYM"},
+           "label": "AWQ W4A16_ASYM g128 (original recipe)"}
+    assert results.baseline_grid({"key": key}) == {"quant_type": "int4", "group_size": 128}
+    assert results.calibrated_label("awq-original", {"key": key}) == "AWQ W4A16_ASYM g128 (original recipe)"
+
+
 def test_reference_data_is_the_published_table():
     ref = analysis.reference_study()
     main = ref[ref["table"] == "main"].set_index("lmbda")
@@ -136,6 +172,8 @@ def test_analysis_notebook_renders_every_section(tmp_path):
     make_outputs(tmp_path, "seeds", [{"lmbda": lm, "seed": sd} for lm in (0, 1) for sd in (1, 2)])
     make_outputs(tmp_path, "lr", [{"lmbda": lm, "learning_rate": lr, "max_steps": st} for lm in (0, 1)
                                   for lr in (1e-5, 1e-4) for st in (10, 20)], seed=1)
+    make_outputs(tmp_path, "ladder", [{"quant_type": q, "lmbda": lm, "seed": sd} for q in ("int4", "int2")
+                                      for lm in (0, 1) for sd in (1, 2)], seed=2)
     out = tmp_path / "analysis.ipynb"
     pm.execute_notebook(str(ROOT / "notebooks" / "analysis.ipynb"), str(out), cwd=str(ROOT), progress_bar=False,
                         parameters={"outputs": [str(tmp_path)], "figures_dir": str(tmp_path / "fig"),
@@ -143,7 +181,7 @@ def test_analysis_notebook_renders_every_section(tmp_path):
     text = out.read_text()
     assert "differences resolved" in text and "varies: lmbda, learning_rate, max_steps" in text
     for name in ("main_comparison", "lr_learning_rate", "lr_extended_training", "compute_cost", "seeds_comparisons",
-                 "heldout_curves", "distribution_mismatch", "gap_to_teacher_vs_original"):
+                 "heldout_curves", "distribution_mismatch", "gap_to_teacher_vs_original", "ladder_ladder"):
         for ext in ("png", "svg"):
             assert (tmp_path / "fig" / f"{name}.{ext}").stat().st_size > 0, name
 
