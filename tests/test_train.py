@@ -167,6 +167,23 @@ def test_full_fine_tuning_that_cannot_fit_is_refused_with_the_arithmetic():
     check_memory({"total": 1000, "embeddings": 100}, cfg, torch.device("cpu"), torch.bfloat16)
 
 
+def test_fsdp_divides_the_students_states_among_the_processes():
+    from onpolicy_lib.training import check_memory, memory_estimate
+
+    counts = {"total": 1000, "embeddings": 0}
+    cfg = TrainConfig(model_name="Qwen/Qwen3-4B-Instruct-2507", fsdp=True)
+    whole, sharded = memory_estimate(counts, cfg, torch.bfloat16), memory_estimate(counts, cfg, torch.bfloat16, 2)
+    assert whole["total"] == 2000 + 4000 + 4000 + 8000
+    assert sharded["teacher"] == 2000 and sharded["total"] == 2000 + 16000 / 2
+    # At least the whole float32 student it is built as before sharding.
+    assert memory_estimate(counts, cfg, torch.bfloat16, 8)["total"] == 2000 + 4000
+    big = {"total": 4_000_000_000 * 100, "embeddings": 0}
+    with pytest.raises(ConfigError, match=r"\(1/8 each\).* use more processes \(fsdp"):
+        check_memory(big, cfg, torch.device("cpu"), torch.bfloat16, shards=8)
+    with pytest.raises(ConfigError, match=r"or fsdp True with several processes"):
+        check_memory(big, cfg, torch.device("cpu"), torch.bfloat16)
+
+
 def test_resuming_under_another_scheme_is_refused(tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch):
     # Same parameters, another device: int4 would mean Int4WeightOnlyConfig's asymmetric grid on CUDA.
     from onpolicy_lib import quantization
