@@ -273,7 +273,7 @@ class DistillTrainer(Trainer):
         """
         self._window_tokens += tokens
         last = self.accelerator.sync_gradients  # the Trainer sets it for the window's last micro-batch
-        normaliser, scale_after = 1.0, None
+        normaliser, divide_after = 1.0, None
         if last:
             # Several processes: the window is every process's micro-batches, and DDP averages the
             # processes' gradients, so each divides its sums by (all tokens / processes).
@@ -286,7 +286,7 @@ class DistillTrainer(Trainer):
                 # FSDP2 keeps the window's earlier gradients unreduced inside itself (param.grad is
                 # unset until the last backward reduce-scatters them): every micro-batch backpropagates
                 # its sum, and the reduced shards are scaled once afterwards. The same arithmetic.
-                normaliser, scale_after = 1.0, 1.0 / normaliser
+                normaliser, divide_after = 1.0, normaliser
             elif self._window_tokens > tokens or self.accelerator.num_processes > 1:
                 with torch.no_grad():
                     for param in model.parameters():
@@ -300,12 +300,12 @@ class DistillTrainer(Trainer):
         self._window_loss += loss * normaliser  # this micro-batch's token sum
         if not last:
             return torch.zeros_like(loss)  # the Trainer sums what steps return: the window's mean comes last
-        if scale_after is not None:
+        if divide_after is not None:
             with torch.no_grad():
                 for param in model.parameters():
                     if param.grad is not None:
-                        param.grad.mul_(scale_after)
-            normaliser = 1.0 / scale_after
+                        param.grad.mul_(1.0 / divide_after)
+            normaliser = divide_after
         mean, self._window_tokens, self._window_loss = self._window_loss / normaliser, 0, 0.0
         return mean
 

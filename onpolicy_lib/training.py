@@ -286,6 +286,22 @@ def train(cfg: TrainConfig) -> Run:
     return run
 
 
+def parameter_value(text: str) -> Any:
+    """A ``-p NAME VALUE`` value as papermill's ``-p`` reads it (``None``/``True``/``False``, numbers,
+    text), and as YAML beyond that (``null``, lists, mappings)."""
+    import yaml
+
+    if text == "None":  # papermill's spelling; YAML would read it as text
+        return None
+    value = yaml.safe_load(text)
+    if isinstance(value, str):  # YAML reads 1e-3 (no dot) as text; papermill's -p reads it as a number
+        try:
+            value = float(text)
+        except ValueError:
+            pass
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m onpolicy_lib.training [-f PRESET.yaml] [-p NAME VALUE]...``: one run from the command line.
 
@@ -295,12 +311,11 @@ def main(argv: list[str] | None = None) -> None:
     """
     import argparse
 
-    import yaml
-
     parser = argparse.ArgumentParser(prog="python -m onpolicy_lib.training", description=main.__doc__.split("\n")[0])
     parser.add_argument("-f", "--parameters-file", action="append", default=[], help="a YAML preset (repeatable)")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                        help="one train.ipynb parameter (value read as YAML, as papermill does)")
+                        help="one train.ipynb parameter (value read as papermill's -p reads it: None, True, "
+                             "numbers; YAML beyond that)")
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}
     for path in args.parameters_file:
@@ -308,13 +323,7 @@ def main(argv: list[str] | None = None) -> None:
 
         values.update(load_preset(path))
     for name, text in args.parameter:
-        value = yaml.safe_load(text)
-        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as text; papermill's -p reads it as a number
-            try:
-                value = float(text)
-            except ValueError:
-                pass
-        values[name] = value
+        values[name] = parameter_value(text)
     cfg = TrainConfig.from_dict(values)
     run = train(cfg)
     from accelerate import PartialState
