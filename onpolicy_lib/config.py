@@ -179,6 +179,9 @@ class TrainConfig(_Params):
                                    "before and after training only", identity=False)
     logging_steps: int = param(1, "optimizer steps between log records", identity=False)
     device: str = param("auto", "auto, cpu or cuda", identity=False)
+    fsdp: bool = param(False, "full fine-tuning sharded across the processes of `accelerate launch` (FSDP2: each "
+                       "decoder layer and the root; the teacher stays whole on every process); one process runs "
+                       "unsharded; LoRA runs use DDP", identity=False)
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> TrainConfig:
@@ -212,12 +215,19 @@ class TrainConfig(_Params):
             check_int("lora_r", self.lora_r)
             check_int("lora_alpha", self.lora_alpha)
             _check_fraction("lora_dropout", self.lora_dropout, upper_open=True)
-        for name in ("seq_kd", "do_eval", "train_embeddings", "disable_dropout", "quantize_head"):
+        for name in ("seq_kd", "do_eval", "train_embeddings", "disable_dropout", "quantize_head", "fsdp"):
             _check_bool(name, getattr(self, name))
+        if self.fsdp and self.lora_r is not None:
+            raise ConfigError(f"fsdp shards full fine-tuning; LoRA (lora_r={self.lora_r}) trains small adapters "
+                              "and uses DDP: set lora_r None or fsdp False")
         check_int("seed", self.seed, minimum=-(2**63))
         _check_choice("device", self.device, DEVICES)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("rollout_dtype", self.rollout_dtype, ROLLOUT_DTYPES)
+        if self.fsdp and self.rollout_dtype != "float32":
+            raise ConfigError(f"rollout_dtype must be float32 with fsdp (sharded weights are gathered layer by "
+                              f"layer inside the forward, so there is no whole weight to cast), got "
+                              f"{self.rollout_dtype!r}")
         _check_choice("divergence", self.divergence, DIVERGENCES)
         check_int("cakld_confidence_chats", self.cakld_confidence_chats)
         if not isinstance(self.eval_parameters, dict):

@@ -136,6 +136,66 @@ class DistillTrainer(Trainer):
         self._micro, self._micro_step = 0, None
         self._weights_shared = False
 
+    # -- sharding (FSDP2 through accelerate)
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if not self.args.fsdp:
+            return
+        from accelerate import PartialState
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        state = self.accelerator.state
+        if state.distributed_type == DistributedType.MULTI_CPU:
+            # accelerate turns FSDP on for accelerator processes only (CPU processes silently stay DDP),
+            # though torch's FSDP2 runs on CPU over gloo: lifted here, with the plugin the Trainer built,
+            # so that the sharded path is the one tested on CPU. GPU processes need no lift. (Set in
+            # both shared states, as accelerate does: every AcceleratorState() re-reads the partial one.)
+            state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+            self.is_fsdp_enabled = True
+        if not self.is_fsdp_enabled:
+            raise RuntimeError(f"fsdp was asked for but accelerate set up {state.distributed_type} instead of FSDP")
+        # Gathered weights stay float32 and bf16 runs compute under autocast, as unsharded runs do: the
+        # fake quantizer then sees the float32 latent weights (FSDP's bf16 parameter policy would round
+        # them first) and gradients are reduced in float32.
+        state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy()
+
+    def autocast_smart_context_manager(self, cache_enabled: bool | None = True) -> Any:
+        # accelerate wraps a DDP model's forward in autocast, but not an FSDP2 model's.
+        return self.accelerator.autocast() if self.is_fsdp_enabled else super().autocast_smart_context_manager()
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        if self.is_fsdp_enabled and not self.accelerator._models:
+            # The held-out evaluation before training would have the Trainer prepare the model alone,
+            # which accelerate refuses under FSDP2 (model and optimizer must be sharded together): shard
+            # both here as train() would; train() then finds them prepared.
+            self.create_optimizer()
+            self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+            self.model_wrapped = self.model
+        return super().evaluate(*args, **kwargs)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The student's whole state dict on the main process (on CPU) when it is sharded, else None.
+
+        A collective: every process must call it. Unsharded students are saved as they are.
+        """
+        if not self.is_fsdp_enabled:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.accelerator.is_main_process:
+            return None
+        # Gathering copies tied parameters (a tied head) apart; tied again, save_pretrained keeps one
+        # of them, as it does for the unsharded model.
+        first: dict[int, str] = {}
+        for name, param in self.model.named_parameters(remove_duplicate=False):
+            if id(param) in first and name in state:
+                state[name] = state[first[id(param)]]
+            first.setdefault(id(param), name)
+        return state
+
     # -- rollouts
     @torch.no_grad()
     def rollout(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -146,11 +206,15 @@ class DistillTrainer(Trainer):
         unwrapped.eval()  # sample from the policy as deployed: no dropout
         # Inside an on-policy step the weights are already quantized once (``fake_quantized_once``);
         # otherwise (a rollout on its own) they are materialised for the rollout's duration.
-        fast = self.args.fast_rollouts and unwrapped is not self.teacher_model and not self._weights_shared
+        # (Sharded students sample through their own forward, which gathers each layer's weights.)
+        fast = (self.args.fast_rollouts and unwrapped is not self.teacher_model and not self._weights_shared
+                and not self.is_fsdp_enabled)
         # Under the training forward's autocast (bf16 runs), so rollouts sample the policy the loss scores.
         autocast = self.compute_loss_context_manager() if self.args.bf16 or self.args.fp16 else nullcontext()
         # Opt-in: the student's (quantized) weights cast once for the whole rollout (teacher rollouts stay as they are).
         cast = self.args.rollout_dtype != "float32" and unwrapped is not self.teacher_model
+        # A sharded student's forward is a collective: every process runs as many as the longest rollout.
+        synced = {"synced_gpus": True} if self.is_fsdp_enabled and unwrapped is not self.teacher_model else {}
         try:
             with (materialized_fake_quant(unwrapped) if fast else nullcontext(),
                   cast_for_rollout(unwrapped, getattr(torch, self.args.rollout_dtype)) if cast else nullcontext(),
@@ -158,7 +222,7 @@ class DistillTrainer(Trainer):
                 batch = generate_completions(
                     unwrapped, inputs, self.processing_class.pad_token_id, self.eos_token_ids,
                     do_sample=True, temperature=self.args.temperature, top_k=0, top_p=1.0,
-                    max_new_tokens=self.args.max_new_tokens, min_new_tokens=self.args.min_new_tokens)
+                    max_new_tokens=self.args.max_new_tokens, min_new_tokens=self.args.min_new_tokens, **synced)
         finally:
             unwrapped.train(was_training)
         width_p = inputs["prompt_ids"].shape[1]
@@ -181,7 +245,9 @@ class DistillTrainer(Trainer):
         self.stats["batches"] += 1
         on_policy = self.on_policy_draw() < self.args.lmbda
         # Checkpointed layers recompute their forward inside backward; keep those to the plain path.
-        share = on_policy and self.args.fast_rollouts and not self.args.gradient_checkpointing
+        # Sharded weights are whole only inside their layer's forward: nothing to share across it.
+        share = (on_policy and self.args.fast_rollouts and not self.args.gradient_checkpointing
+                 and not self.is_fsdp_enabled)
         with self.shared_weights(model) if share else nullcontext():
             if on_policy:
                 inputs = self.rollout(model, inputs)
@@ -207,7 +273,7 @@ class DistillTrainer(Trainer):
         """
         self._window_tokens += tokens
         last = self.accelerator.sync_gradients  # the Trainer sets it for the window's last micro-batch
-        normaliser = 1.0
+        normaliser, divide_after = 1.0, None
         if last:
             # Several processes: the window is every process's micro-batches, and DDP averages the
             # processes' gradients, so each divides its sums by (all tokens / processes).
@@ -216,7 +282,12 @@ class DistillTrainer(Trainer):
                 count = torch.tensor(float(total), dtype=torch.float64, device=self.args.device)
                 total = float(self.accelerator.reduce(count, reduction="sum"))
             normaliser = max(total, 1) / self.accelerator.num_processes
-            if self._window_tokens > tokens or self.accelerator.num_processes > 1:
+            if self.is_fsdp_enabled:
+                # FSDP2 keeps the window's earlier gradients unreduced inside itself (param.grad is
+                # unset until the last backward reduce-scatters them): every micro-batch backpropagates
+                # its sum, and the reduced shards are scaled once afterwards. The same arithmetic.
+                normaliser, divide_after = 1.0, normaliser
+            elif self._window_tokens > tokens or self.accelerator.num_processes > 1:
                 with torch.no_grad():
                     for param in model.parameters():
                         if param.grad is not None:
@@ -229,6 +300,12 @@ class DistillTrainer(Trainer):
         self._window_loss += loss * normaliser  # this micro-batch's token sum
         if not last:
             return torch.zeros_like(loss)  # the Trainer sums what steps return: the window's mean comes last
+        if divide_after is not None:
+            with torch.no_grad():
+                for param in model.parameters():
+                    if param.grad is not None:
+                        param.grad.mul_(1.0 / divide_after)
+            normaliser = divide_after
         mean, self._window_tokens, self._window_loss = self._window_loss / normaliser, 0, 0.0
         return mean
 
@@ -279,7 +356,7 @@ class DistillTrainer(Trainer):
         # Held-out evaluation: the same divergence on the dataset's completions (off-policy),
         # a low-noise signal of how close the student has come to the teacher.
         inputs = self._prepare_inputs(inputs)
-        with torch.no_grad():
+        with torch.no_grad(), self.compute_loss_context_manager():
             return self.distillation_loss(model, inputs).detach(), None, None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -55,15 +55,19 @@ def build_student(teacher: PreTrainedModel, quant_type: str, group_size: int, lo
 
 
 def save_student(student: torch.nn.Module, run_dir: Path, model_name: str, quant_type: str,
-                 group_size: int, tokenizer=None, scheme: dict | None = None) -> Path:
+                 group_size: int, tokenizer=None, scheme: dict | None = None,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """The latent weights (or adapter) and ``quantization.json``: how to quantize them again, and the
-    complete scheme they were trained under (:func:`quantization.describe_scheme`; default: CPU's)."""
+    complete scheme they were trained under (:func:`quantization.describe_scheme`; default: CPU's).
+
+    ``state_dict``: the student's whole weights when ``student`` itself holds only a shard (fsdp).
+    """
     run = Run(Path(run_dir))
     out = run.student_dir
     out.mkdir(parents=True, exist_ok=True)
     # FakeQuantizedLinear keeps the parameter names of nn.Linear, so the latent
     # weights save and load as an ordinary checkpoint of the base architecture.
-    student.save_pretrained(out)
+    student.save_pretrained(out, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     is_lora = hasattr(student, "peft_config")

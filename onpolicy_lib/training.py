@@ -59,8 +59,24 @@ def versions() -> dict[str, str]:
             "transformers": transformers.__version__, "peft": peft.__version__}
 
 
+def fsdp_config(model: torch.nn.Module) -> dict[str, Any]:
+    """TrainingArguments' ``fsdp_config`` for the student: accelerate's FSDP2, one unit per decoder layer
+    (the model's ``_no_split_modules`` classes it contains) plus the root, fully sharded."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = sorted({type(m).__name__ for m in model.modules() if type(m).__name__ in names})
+    if not layers:
+        raise ConfigError(f"fsdp: {type(model).__name__} names no decoder layer class to shard by (_no_split_modules)")
+    # Sharded checkpoints: each process writes its own shard (torch.distributed.checkpoint), so a
+    # checkpoint never needs the whole optimizer state in one place.
+    return {"version": 2, "transformer_layer_cls_to_wrap": layers, "reshard_after_forward": True,
+            "state_dict_type": "SHARDED_STATE_DICT"}
+
+
 def distill_args(cfg: TrainConfig, run_dir: Path, device: torch.device,
-                 dtype: torch.dtype = torch.float32, cakld_gamma: float | None = None) -> DistillConfig:
+                 dtype: torch.dtype = torch.float32, cakld_gamma: float | None = None,
+                 fsdp: dict[str, Any] | None = None) -> DistillConfig:
+    """The Trainer's arguments for ``cfg``; ``fsdp``: an :func:`fsdp_config` to shard the student."""
+    sharding = {"fsdp": True, "fsdp_config": fsdp, "fast_rollouts": False} if fsdp else {}
     return DistillConfig(
         output_dir=str(run_dir), seed=cfg.seed, data_seed=cfg.seed,
         lmbda=cfg.lmbda, beta=cfg.beta, temperature=cfg.temperature, seq_kd=cfg.seq_kd,
@@ -73,7 +89,7 @@ def distill_args(cfg: TrainConfig, run_dir: Path, device: torch.device,
         logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, save_total_limit=1,
         eval_strategy="steps" if cfg.eval_steps else "no", eval_steps=cfg.eval_steps, report_to=[],
         remove_unused_columns=False, dataloader_num_workers=0,
-        use_cpu=device.type == "cpu", bf16=dtype == torch.bfloat16, disable_tqdm=False,
+        use_cpu=device.type == "cpu", bf16=dtype == torch.bfloat16, disable_tqdm=False, **sharding,
     )
 
 
@@ -90,30 +106,43 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
     return {"total": total, "embeddings": sum(embeddings.values())}
 
 
-def memory_estimate(counts: dict[str, int], cfg: TrainConfig, dtype: torch.dtype) -> dict[str, float]:
-    """Bytes a run needs before activations: the teacher in ``dtype``, the student and, for full
-    fine-tuning, float32 master weights, their gradients and AdamW's two moments."""
+def memory_estimate(counts: dict[str, int], cfg: TrainConfig, dtype: torch.dtype, shards: int = 1) -> dict[str, float]:
+    """Bytes a run needs on one device before activations: the teacher in ``dtype``, the student and,
+    for full fine-tuning, float32 master weights, their gradients and AdamW's two moments.
+
+    With ``shards`` > 1 (fsdp) the student's states are divided among that many processes; the
+    teacher stays whole on each. The student is built whole before it is sharded, so the total is at
+    least teacher + whole float32 student.
+    """
     width = torch.finfo(dtype).bits // 8
     total = counts["total"]
     if cfg.lora_r is not None:  # the frozen base in the teacher's dtype; adapters are small
         parts = {"teacher": total * width, "student": total * width}
     else:
         trainable = total - (0 if cfg.train_embeddings else counts["embeddings"])
-        parts = {"teacher": total * width, "student (float32 master weights)": total * 4,
-                 "gradients": trainable * 4, "AdamW moments": trainable * 8}
-    return {**parts, "total": sum(parts.values())}
+        each = f" (1/{shards} each)" if shards > 1 else ""
+        parts = {"teacher": total * width, f"student (float32 master weights){each}": total * 4 / shards,
+                 f"gradients{each}": trainable * 4 / shards, f"AdamW moments{each}": trainable * 8 / shards}
+    return {**parts, "total": max(sum(parts.values()), total * width + (total * 4 if cfg.lora_r is None else 0))}
 
 
-def check_memory(counts: dict[str, int], cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> None:
-    """Refuse, before any weights load, a run whose weights and optimizer state alone exceed the device."""
+def check_memory(counts: dict[str, int], cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
+                 shards: int = 1) -> None:
+    """Refuse, before any weights load, a run whose weights and optimizer state alone exceed the device
+    (the student's states divided among ``shards`` processes under fsdp)."""
     if device.type == "cuda":
         available = torch.cuda.get_device_properties(device).total_memory
     else:
         available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    need = memory_estimate(counts, cfg, dtype)
+    need = memory_estimate(counts, cfg, dtype, shards)
     if need["total"] > available:
         parts = " + ".join(f"{name} {value / 2**30:.1f}" for name, value in need.items() if name != "total")
-        hint = "use LoRA (lora_r) or shard the model across devices" if cfg.lora_r is None else "use a larger device"
+        if cfg.lora_r is not None:
+            hint = "use a larger device"
+        elif shards > 1:
+            hint = "use more processes (fsdp shards the student's states among them) or LoRA (lora_r)"
+        else:
+            hint = "use LoRA (lora_r) or fsdp True with several processes (accelerate launch --num_processes N)"
         raise ConfigError(f"model_name {cfg.model_name!r} does not fit {device.type}: {parts} = "
                           f"{need['total'] / 2**30:.1f} GiB before activations, {available / 2**30:.1f} GiB "
                           f"available; {hint}")
@@ -125,6 +154,8 @@ def train(cfg: TrainConfig) -> Run:
     Under ``accelerate launch --num_processes N`` every process runs this: the HF Trainer makes it
     data-parallel (DDP), each process on its own device, and only the main process writes the run
     directory (records, log, student, metrics); the others wait for it where they read what it wrote.
+    With ``cfg.fsdp`` (full fine-tuning) the student is sharded across the processes instead (FSDP2
+    through accelerate) and gathered whole to be saved; the teacher, inference only, stays whole on each.
     """
     from accelerate import PartialState
 
@@ -149,13 +180,19 @@ def train(cfg: TrainConfig) -> Run:
     if processes.num_processes > 1 and device.type == "cuda":
         device = processes.device  # this process's own GPU
     dtype = resolve_dtype(cfg.dtype, device)
-    check_memory(skeleton_parameters, cfg, device, dtype)
+    sharded = cfg.fsdp and processes.num_processes > 1  # one process: nothing to shard across
+    check_memory(skeleton_parameters, cfg, device, dtype, processes.num_processes if sharded else 1)
     quantization.check_kernels(cfg.quant_type, device, group_size)
     scheme = quantization.describe_scheme(cfg.quant_type, group_size, device, cfg.quantize_head)
     # What a resumed run resolved before (the record is rewritten below).
     previous = ((run.record or {}).get("resolved") or {}) if run.state == "resume" else {}
     if run.state == "resume":  # a CPU run must not go on as a GPU run on another grid, or vice versa
         quantization.check_same_scheme(previous.get("scheme"), scheme, f"resuming {portable_path(run.path)}")
+        if run.checkpoint and any(run.checkpoint.glob("pytorch_model_fsdp*")) != sharded:
+            # The Trainer reads a sharded checkpoint only into a sharded model, and a whole one only into a whole one.
+            raise ConfigError(f"resuming {portable_path(run.path)}: {run.checkpoint.name} was written "
+                              f"{'with' if not sharded else 'without'} the student sharded; run it as it was "
+                              f"(fsdp {not sharded}{' with several processes' if not sharded else ''})")
     record: dict[str, Any] = {"train": record_config(cfg), "versions": versions(), "device": str(device),
                               "machine": machine_description(device),
                               "teacher": teacher_precision(cfg.model_name), "processes": processes.num_processes}
@@ -189,6 +226,7 @@ def train(cfg: TrainConfig) -> Run:
                           "heldout_sources": dict(sorted(Counter(heldout_set["source"]).items()))
                           if "source" in heldout_set.column_names else {},
                           "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
+                          "sharded": sharded,
                           "quantization": quantization.quantization_summary(student)}
     record["filter_counts"] = {"train": filter_counts, "heldout": heldout_counts}
     cakld_gamma = None
@@ -204,7 +242,11 @@ def train(cfg: TrainConfig) -> Run:
         run.write_record(record)
 
     recorder = MetricsRecorder(run)
-    trainer = DistillTrainer(student, teacher, distill_args(cfg, run.path, device, dtype, cakld_gamma),
+    if sharded and main:
+        print(f"fsdp: the student's weights, gradients and optimizer state are sharded across "
+              f"{processes.num_processes} processes; the teacher stays whole on each")
+    trainer = DistillTrainer(student, teacher, distill_args(cfg, run.path, device, dtype, cakld_gamma,
+                                                            fsdp_config(student) if sharded else None),
                              processing_class=tokenizer,
                              train_dataset=train_set, eval_dataset=heldout_set, callbacks=[recorder])
     # The held-out divergence before training is measured once and kept, so a resumed
@@ -215,16 +257,20 @@ def train(cfg: TrainConfig) -> Run:
         if main:
             run.write_eval_before(eval_before)
         # Evaluating marks the (unwrapped) model as prepared by accelerate, and train() would then
-        # not wrap it for DDP: several processes would train unsynchronised copies.
+        # not wrap it for DDP: several processes would train unsynchronised copies. (A sharded
+        # student is sharded by then, in place; train() does not shard it twice.)
         vars(student).pop("_is_accelerate_prepared", None)
     trainer.train(resume_from_checkpoint=str(run.checkpoint) if run.checkpoint else None)
     eval_after = trainer.evaluate(metric_key_prefix="heldout")
     unlogged = trainer.unlogged_stats()  # a collective too
+    whole = trainer.full_state_dict()  # a collective: a sharded student gathered on the main process
+    held = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in trainer.model.parameters())
     if not main:
         processes.wait_for_everyone()
         return run
 
-    save_student(trainer.model, run.path, cfg.model_name, cfg.quant_type, group_size, tokenizer, scheme)
+    save_student(trainer.model, run.path, cfg.model_name, cfg.quant_type, group_size, tokenizer, scheme,
+                 state_dict=whole)
     for checkpoint in run.checkpoints():
         shutil.rmtree(checkpoint)  # optimizer state is only needed to resume; the student is saved
     metrics = summarise(recorder, unlogged, device, {
@@ -232,10 +278,28 @@ def train(cfg: TrainConfig) -> Run:
         "heldout_curve": [{"step": 0, "loss": eval_before["heldout_loss"]}, *run.eval_log()],
         "heldout_examples": len(heldout_set), "train_examples": len(train_set), "group_size": group_size,
         "resumed_from": run.checkpoint.name if run.checkpoint else None,
+        # The student's parameters this process held while training: all of them unless sharded.
+        "student_parameters_held": held,
     })
     run.write_metrics(metrics)  # written last: its presence marks the run complete
     processes.wait_for_everyone()
     return run
+
+
+def parameter_value(text: str) -> Any:
+    """A ``-p NAME VALUE`` value as papermill's ``-p`` reads it (``None``/``True``/``False``, numbers,
+    text), and as YAML beyond that (``null``, lists, mappings)."""
+    import yaml
+
+    if text == "None":  # papermill's spelling; YAML would read it as text
+        return None
+    value = yaml.safe_load(text)
+    if isinstance(value, str):  # YAML reads 1e-3 (no dot) as text; papermill's -p reads it as a number
+        try:
+            value = float(text)
+        except ValueError:
+            pass
+    return value
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -247,12 +311,11 @@ def main(argv: list[str] | None = None) -> None:
     """
     import argparse
 
-    import yaml
-
     parser = argparse.ArgumentParser(prog="python -m onpolicy_lib.training", description=main.__doc__.split("\n")[0])
     parser.add_argument("-f", "--parameters-file", action="append", default=[], help="a YAML preset (repeatable)")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                        help="one train.ipynb parameter (value read as YAML, as papermill does)")
+                        help="one train.ipynb parameter (value read as papermill's -p reads it: None, True, "
+                             "numbers; YAML beyond that)")
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}
     for path in args.parameters_file:
@@ -260,13 +323,7 @@ def main(argv: list[str] | None = None) -> None:
 
         values.update(load_preset(path))
     for name, text in args.parameter:
-        value = yaml.safe_load(text)
-        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as text; papermill's -p reads it as a number
-            try:
-                value = float(text)
-            except ValueError:
-                pass
-        values[name] = value
+        values[name] = parameter_value(text)
     cfg = TrainConfig.from_dict(values)
     run = train(cfg)
     from accelerate import PartialState

@@ -167,6 +167,23 @@ def test_full_fine_tuning_that_cannot_fit_is_refused_with_the_arithmetic():
     check_memory({"total": 1000, "embeddings": 100}, cfg, torch.device("cpu"), torch.bfloat16)
 
 
+def test_fsdp_divides_the_students_states_among_the_processes():
+    from onpolicy_lib.training import check_memory, memory_estimate
+
+    counts = {"total": 1000, "embeddings": 0}
+    cfg = TrainConfig(model_name="Qwen/Qwen3-4B-Instruct-2507", fsdp=True)
+    whole, sharded = memory_estimate(counts, cfg, torch.bfloat16), memory_estimate(counts, cfg, torch.bfloat16, 2)
+    assert whole["total"] == 2000 + 4000 + 4000 + 8000
+    assert sharded["teacher"] == 2000 and sharded["total"] == 2000 + 16000 / 2
+    # At least the whole float32 student it is built as before sharding.
+    assert memory_estimate(counts, cfg, torch.bfloat16, 8)["total"] == 2000 + 4000
+    big = {"total": 4_000_000_000 * 100, "embeddings": 0}
+    with pytest.raises(ConfigError, match=r"\(1/8 each\).* use more processes \(fsdp"):
+        check_memory(big, cfg, torch.device("cpu"), torch.bfloat16, shards=8)
+    with pytest.raises(ConfigError, match=r"or fsdp True with several processes"):
+        check_memory(big, cfg, torch.device("cpu"), torch.bfloat16)
+
+
 def test_resuming_under_another_scheme_is_refused(tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch):
     # Same parameters, another device: int4 would mean Int4WeightOnlyConfig's asymmetric grid on CUDA.
     from onpolicy_lib import quantization
@@ -189,3 +206,28 @@ def test_cakld_run_records_the_teachers_confidence(tmp_path, tiny_model_dir, tin
     assert confidence["chats"] == 6 and confidence["tokens"] > 0 and 0 < confidence["gamma"] < 1
     assert record["train"]["divergence"] == "cakld"
     assert all(step["loss"] >= 0 for step in result.metrics["steps"])
+
+
+def test_command_line_values_read_as_papermill_reads_them():
+    from onpolicy_lib.training import parameter_value
+
+    assert parameter_value("None") is None and parameter_value("null") is None
+    assert parameter_value("True") is True and parameter_value("32") == 32 and parameter_value("1e-3") == 1e-3
+    assert parameter_value("{limit: 20}") == {"limit": 20} and parameter_value("cuda") == "cuda"
+    # What a sweep with --num-processes launches reads back as its parameters (fsdp is one of them).
+    from onpolicy_lib.sweep import training_command
+
+    params = {"fsdp": True, "lora_r": None, "learning_rate": 1e-5, "eval_parameters": {"limit": 20}}
+    line = training_command(params, 8)
+    assert line[1:4] == ["launch", "--num_processes", "8"] and "--multi_gpu" in line
+    given = line[line.index("onpolicy_lib.training") + 1:]
+    assert {given[i + 1]: parameter_value(given[i + 2]) for i in range(0, len(given), 3)} == params
+
+
+def test_a_checkpoint_resumes_only_as_it_was_sharded(tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch):
+    cfg = tiny_config(tiny_model_dir, tiny_dataset_dir, tmp_path / "run", max_steps=3)
+    kill_at_step_3(cfg, monkeypatch)
+    (tmp_path / "run" / "checkpoint-2" / "pytorch_model_fsdp_0").mkdir()  # as a sharded run writes it
+    with pytest.raises(ConfigError, match=r"checkpoint-2 was written with the student sharded; run it as it was "
+                                          r"\(fsdp True with several processes\)"):
+        train(cfg)
