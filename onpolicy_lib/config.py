@@ -35,6 +35,7 @@ QUANT_TYPES = ("int4", "int8", "int3", "int2")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
 ROLLOUT_DTYPES = ("float32", "bfloat16")
+ROLLOUT_MATMULS = ("linear", "weight_major")
 DIVERGENCES = ("jsd", "cakld")
 # On the students' grid, then the original study's own llmcompressor recipes (calibrated_ptq.ORIGINAL_RECIPES).
 CALIBRATED_METHODS = ("gptq", "awq", "gptq-original", "awq-original")
@@ -145,6 +146,10 @@ class TrainConfig(_Params):
     rollout_dtype: str = param("float32", "weights the student samples rollouts with: float32 (exact, the "
                                "default) or bfloat16 (opt-in, faster decoding; the same policy within bf16 "
                                "rounding)", short="rolldt")
+    rollout_matmul: str = param("linear", "how the student's rollout decode steps multiply by its weights: linear "
+                                "(F.linear, exact, the default) or weight_major (opt-in, weight @ x^T: a faster "
+                                "CPU kernel for a decode step's few rows; the same policy within float rounding)",
+                                short="rollmm")
     # Optimisation.
     learning_rate: float = param(1e-4, "peak learning rate (AdamW, linear schedule with warm-up)", short="lr")
     per_device_train_batch_size: int = param(2, "chats per micro-batch", short="bs")
@@ -218,6 +223,7 @@ class TrainConfig(_Params):
         _check_choice("device", self.device, DEVICES)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("rollout_dtype", self.rollout_dtype, ROLLOUT_DTYPES)
+        _check_choice("rollout_matmul", self.rollout_matmul, ROLLOUT_MATMULS)
         _check_choice("divergence", self.divergence, DIVERGENCES)
         check_int("cakld_confidence_chats", self.cakld_confidence_chats)
         if not isinstance(self.eval_parameters, dict):

@@ -37,6 +37,7 @@ def offline(**overrides) -> TrainConfig:
     ({"seq_kd": "yes"}, r"^seq_kd must be True or False"),
     ({"device": "tpu"}, r"^device must be one of auto, cpu, cuda"),
     ({"rollout_dtype": "float16"}, r"^rollout_dtype must be one of float32, bfloat16; got 'float16'$"),
+    ({"rollout_matmul": "fast"}, r"^rollout_matmul must be one of linear, weight_major; got 'fast'$"),
     ({"divergence": "kl"}, r"^divergence must be one of jsd, cakld; got 'kl'$"),
     ({"model_name": "no-such-model"}, r"^model_name must be a packaged alias \(smollm2-135m-instruct, gemma3-270m\)"),
     ({"model_name": "/nowhere/model.gguf"}, r"^model_name: GGUF file '/nowhere/model.gguf' does not exist"),

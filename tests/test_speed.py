@@ -118,10 +118,16 @@ def test_speed_runs_end_to_end(tiny_model_dir, tiny_dataset_dir, tmp_path, capsy
     assert tables(printed) == [STEP_LABELS, GENERATION_LABELS, RATIO_LABELS]
     # The machine's ceilings and the decode step against them, fp32 and bf16 (half the weight bytes).
     hardware = saved["hardware"]
-    assert all(hardware[k] > 0 for k in ("read_gb_s", "gemm_fp32_gflops", "gemm_bf16_gflops", "decode_fp32_s",
-                                         "decode_bf16_s", "decode_fp32_over_read", "decode_bf16_over_read"))
+    # Every rollout form: fp32 and bf16, each also weight-major (the same weights, so the same bytes).
+    forms = ("fp32", "fp32_wm", "bf16", "bf16_wm")
+    assert all(hardware[k] > 0 for k in ("read_gb_s", "gemm_fp32_gflops", "gemm_bf16_gflops"))
+    assert all(hardware[f"decode_{f}_s"] > 0 and hardware[f"decode_{f}_over_read"] > 0 for f in forms)
     assert hardware["weights_mb_bf16"] == pytest.approx(hardware["weights_mb_fp32"] / 2)
-    assert "(e) the machine: memory read" in printed and "decode step, bf16 weights" in printed
+    assert hardware["weights_mb_fp32_wm"] == hardware["weights_mb_fp32"]
+    assert hardware["weights_mb_bf16_wm"] == hardware["weights_mb_bf16"]
+    assert "(e) the machine: memory read" in printed
+    for label in ("fp32 weights (", "fp32 weights, weight-major", "bf16 weights (", "bf16 weights, weight-major"):
+        assert f"decode step, {label}" in printed, label
     for label in ("peak MB", "tokens/s", "median s", "rollout s", "measured", "target"):
         assert label in printed, label
     # The settings recorded are the demo's wherever the command line left them alone.
@@ -198,6 +204,7 @@ def fake_results(skip_trl: bool = False, contended: str | None = None) -> dict:
                                        "gen_fake_quant")},
             "hardware": {"read_gb_s": 20.0, "gemm_fp32_gflops": 100.0, "gemm_bf16_gflops": 300.0,
                          "weights_mb_fp32": 500.0, "decode_fp32_s": 0.1, "decode_fp32_over_read": 4.0,
+                         "weights_mb_fp32_wm": 500.0, "decode_fp32_wm_s": 0.05, "decode_fp32_wm_over_read": 2.0,
                          "weights_mb_bf16": 250.0, "decode_bf16_s": 0.02, "decode_bf16_over_read": 1.6},
             "ratios": report.ratios(timings), "load_average": {"start": (1.0, 1.0, 1.0), "end": (2.0, 1.0, 1.0)},
             "cpu_share_min": min(t.cpu_share for t in timings.values())}
@@ -223,6 +230,8 @@ def test_report_has_every_row_with_its_figures():
     assert "(e) the machine: memory read 20.0 GB/s; GEMM 100 GFLOP/s fp32, 300 GFLOP/s bf16" in printed
     assert lines["decode step, fp32 weights (500 MB)"] == ["0.100", "0.025", "4.00", "<=", "2.0", "✗"]
     assert lines["decode step, bf16 weights (250 MB)"] == ["0.020", "0.013", "1.60", "<=", "2.0", "✓"]
+    assert lines["decode step, fp32 weights, weight-major (500 MB)"] == ["0.050", "0.025", "2.00", "<=", "2.0", "✓"]
+    assert "bf16 weights, weight-major" not in printed  # a form the results do not have is left out
     assert lines["ours lambda=1 / (plain generation + lambda=1 floor)"] == ["1.18", "-"]
     assert "lowest CPU share of a contender: 50%" in printed
     assert "load average (1/5/15 min) at start 1.00/1.00/1.00 and end 2.00/1.00/1.00" in printed
