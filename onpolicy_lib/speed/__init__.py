@@ -12,7 +12,8 @@ copy of the same quantization-aware student for every contender, it times
   cache) and again with ``gradient_checkpointing=False``;
 * **generation** tokens/s through ``DistillTrainer.rollout``: plain weights, our student
   as an on-policy step samples it (weights quantized once per step), the same with the
-  weights materialised for the call alone, and the fake-quantized forward TRL samples from;
+  opt-in bf16 weights and weight-major decode products, the same with the weights
+  materialised for the call alone, and the fake-quantized forward TRL samples from;
 * **peak memory** of each (CPU: the process's resident set; CUDA: ``max_memory_allocated``),
 * the machine's **ceilings** (memory read bandwidth, GEMM throughput) and one cached decode
   step of the batch in each form a rollout can take (fp32, bf16, each also weight-major),
@@ -146,7 +147,8 @@ def run(s: SpeedSettings) -> dict[str, Any]:
     new_tokens = cfg.per_device_train_batch_size * cfg.max_new_tokens
     results["timings"] = {k: v.as_dict() for k, v in timings.items()}
     results["tokens_per_s"] = {k: new_tokens / timings[k].median for k in
-                               ("gen_plain", "gen_student", "gen_student_bf16", "gen_materialised", "gen_fake_quant")}
+                               ("gen_plain", "gen_student", "gen_student_bf16", "gen_student_wm",
+                                "gen_materialised", "gen_fake_quant")}
     results["ratios"] = ratios(timings)
     results["load_average"] = {"start": load_start, "end": load_average()}
     results["cpu_share_min"] = min(t.cpu_share for t in timings.values())

@@ -81,6 +81,7 @@ GENERATION_ROWS: tuple[tuple[str, str], ...] = (
     ("plain weights (the teacher)", "gen_plain"),
     ("student, quantized once per step (our rollouts)", "gen_student"),
     ("  same, bf16 rollout (opt-in rollout_dtype)", "gen_student_bf16"),
+    ("  same, weight-major decode (opt-in rollout_matmul)", "gen_student_wm"),
     ("student, materialised for the call alone", "gen_materialised"),
     ("student, fake-quant weights (stock TRL's)", "gen_fake_quant"),
     ("quantizing all weights once (once per on-policy step)", "quantize_once"),
