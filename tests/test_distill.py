@@ -326,6 +326,31 @@ def test_weight_major_rollouts_sample_the_quantized_student_within_float_roundin
     assert (2, 1) in rows and not any("forward" in m.__dict__ for m in student.modules())
 
 
+def test_weight_major_rollouts_reach_lora_students(tiny_model):
+    """Under a peft LoRA wrapper the base layers and the adapters all take the weight-major product,
+    within float rounding of the plain forward, and get their own forward back on exit."""
+    from onpolicy_lib.quantization import materialized_fake_quant, weight_major_rollout
+    from onpolicy_lib.student import build_student
+
+    student = build_student(tiny_model, "int4", GROUP, lora_r=4).eval()
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if "lora_B" in name:  # non-zero adapters, so they count in the output
+                p.normal_(0, 0.1)
+    ids = torch.randint(4, tiny_model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+    batch = {"prompt_ids": ids, "prompt_attention_mask": torch.ones_like(ids)}
+    tokens = torch.randint(4, tiny_model.config.vocab_size, (2, 4), generator=torch.Generator().manual_seed(2))
+    linears = sum(isinstance(m, torch.nn.Linear) for m in student.modules())
+    with torch.no_grad():
+        exact = torch.cat(decode_logits(student, batch, tokens)[1:])
+        with materialized_fake_quant(student), weight_major_rollout(student):
+            assert sum("forward" in m.__dict__ for m in student.modules()) == linears
+            fast = torch.cat(decode_logits(student, batch, tokens)[1:])
+    assert any("lora_A" in name for name, _ in student.named_modules())
+    assert float((fast - exact).abs().max()) < 1e-4 and float(kl(exact, fast).max()) < 1e-9
+    assert not any("forward" in m.__dict__ for m in student.modules())
+
+
 def test_cakld_loss_is_its_definition_and_gamma_the_teachers_mean_confidence(tmp_path, tokenizer, tiny_model):
     """divergence='cakld': the loss is gamma * reverse + (1 - gamma) * forward KL on the scored tokens, and
     gamma is the teacher's mean probability of the training completions' tokens, computed directly here."""
