@@ -35,6 +35,7 @@ QUANT_TYPES = ("int4", "int8", "int3", "int2")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
 ROLLOUT_DTYPES = ("float32", "bfloat16")
+ROLLOUT_MATMULS = ("linear", "weight_major")
 DIVERGENCES = ("jsd", "cakld")
 # On the students' grid, then the original study's own llmcompressor recipes (calibrated_ptq.ORIGINAL_RECIPES).
 CALIBRATED_METHODS = ("gptq", "awq", "gptq-original", "awq-original")
@@ -145,6 +146,10 @@ class TrainConfig(_Params):
     rollout_dtype: str = param("float32", "weights the student samples rollouts with: float32 (exact, the "
                                "default) or bfloat16 (opt-in, faster decoding; the same policy within bf16 "
                                "rounding)", short="rolldt")
+    rollout_matmul: str = param("linear", "how the student's rollout decode steps multiply by its weights: linear "
+                                "(F.linear, exact, the default) or weight_major (opt-in, weight @ x^T: a faster "
+                                "CPU kernel for a decode step's few rows; the same policy within float rounding)",
+                                short="rollmm")
     # Optimisation.
     learning_rate: float = param(1e-4, "peak learning rate (AdamW, linear schedule with warm-up)", short="lr")
     per_device_train_batch_size: int = param(2, "chats per micro-batch", short="bs")
@@ -224,10 +229,14 @@ class TrainConfig(_Params):
         _check_choice("device", self.device, DEVICES)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("rollout_dtype", self.rollout_dtype, ROLLOUT_DTYPES)
+        _check_choice("rollout_matmul", self.rollout_matmul, ROLLOUT_MATMULS)
         if self.fsdp and self.rollout_dtype != "float32":
             raise ConfigError(f"rollout_dtype must be float32 with fsdp (sharded weights are gathered layer by "
                               f"layer inside the forward, so there is no whole weight to cast), got "
                               f"{self.rollout_dtype!r}")
+        if self.fsdp and self.rollout_matmul != "linear":
+            raise ConfigError(f"rollout_matmul must be linear with fsdp (the weight-major product is untested on "
+                              f"gathered shards), got {self.rollout_matmul!r}")
         _check_choice("divergence", self.divergence, DIVERGENCES)
         check_int("cakld_confidence_chats", self.cakld_confidence_chats)
         if not isinstance(self.eval_parameters, dict):

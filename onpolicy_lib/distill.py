@@ -48,7 +48,12 @@ from onpolicy_lib.batches import (
 )
 from onpolicy_lib.config import TrainConfig
 from onpolicy_lib.divergence import cakld, generalized_jsd, token_nll
-from onpolicy_lib.quantization import cast_for_rollout, fake_quantized_once, materialized_fake_quant
+from onpolicy_lib.quantization import (
+    cast_for_rollout,
+    fake_quantized_once,
+    materialized_fake_quant,
+    weight_major_rollout,
+)
 
 
 def _gkd_field(name: str) -> Any:
@@ -69,6 +74,7 @@ class DistillConfig(TrainingArguments):
     min_new_tokens: int = _gkd_field("min_new_tokens")
     disable_dropout: bool = _gkd_field("disable_dropout")
     rollout_dtype: str = _gkd_field("rollout_dtype")
+    rollout_matmul: str = _gkd_field("rollout_matmul")
     divergence: str = _gkd_field("divergence")
     cakld_gamma: float | None = field(
         default=None, metadata={"help": "with divergence='cakld': the teacher's mean confidence (teacher_confidence)"})
@@ -206,18 +212,21 @@ class DistillTrainer(Trainer):
         unwrapped.eval()  # sample from the policy as deployed: no dropout
         # Inside an on-policy step the weights are already quantized once (``fake_quantized_once``);
         # otherwise (a rollout on its own) they are materialised for the rollout's duration.
+        student = unwrapped is not self.teacher_model
         # (Sharded students sample through their own forward, which gathers each layer's weights.)
-        fast = (self.args.fast_rollouts and unwrapped is not self.teacher_model and not self._weights_shared
-                and not self.is_fsdp_enabled)
+        fast = self.args.fast_rollouts and student and not self._weights_shared and not self.is_fsdp_enabled
         # Under the training forward's autocast (bf16 runs), so rollouts sample the policy the loss scores.
         autocast = self.compute_loss_context_manager() if self.args.bf16 or self.args.fp16 else nullcontext()
-        # Opt-in: the student's (quantized) weights cast once for the whole rollout (teacher rollouts stay as they are).
-        cast = self.args.rollout_dtype != "float32" and unwrapped is not self.teacher_model
+        # Opt-in, the student's alone (teacher rollouts stay as they are): its (quantized) weights cast
+        # once for the whole rollout, and its decode steps' products by another kernel.
+        cast = self.args.rollout_dtype != "float32" and student
+        weight_major = self.args.rollout_matmul == "weight_major" and student
         # A sharded student's forward is a collective: every process runs as many as the longest rollout.
-        synced = {"synced_gpus": True} if self.is_fsdp_enabled and unwrapped is not self.teacher_model else {}
+        synced = {"synced_gpus": True} if self.is_fsdp_enabled and student else {}
         try:
             with (materialized_fake_quant(unwrapped) if fast else nullcontext(),
                   cast_for_rollout(unwrapped, getattr(torch, self.args.rollout_dtype)) if cast else nullcontext(),
+                  weight_major_rollout(unwrapped) if weight_major else nullcontext(),
                   autocast):
                 batch = generate_completions(
                     unwrapped, inputs, self.processing_class.pad_token_id, self.eos_token_ids,

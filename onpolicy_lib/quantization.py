@@ -9,7 +9,10 @@ The student shares its teacher's weights; only its Linear layers are quantized:
 * :func:`materialized_fake_quant` makes rollouts from a fake-quantized student as
   fast as from a plain model, with bit-identical outputs;
 * :func:`fake_quantized_once` quantizes each weight once for a whole on-policy step,
-  shared by its rollout and its training forward (bit-identical samples and gradients).
+  shared by its rollout and its training forward (bit-identical samples and gradients);
+* :func:`cast_for_rollout` and :func:`weight_major_rollout` are the opt-in faster rollout
+  forms (bf16 weights; a decode-step matrix product with another kernel), the same policy
+  within rounding.
 
 On CPU every type goes through ``IntxWeightOnlyConfig`` with a *symmetric* mapping:
 torchao only supports symmetric weights for QAT with that config, and with it the
@@ -496,6 +499,60 @@ def cast_for_rollout(model: nn.Module, dtype: torch.dtype) -> Iterator[nn.Module
             mod._parameters[name] = param
         for quantizer in quantizers:
             quantizer.enabled = True
+
+
+def weight_major_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, computed as ``(weight @ x^T)^T`` for a decode step's input.
+
+    A decode step multiplies a few rows (one position per sequence) by every weight matrix, so
+    it is bound by reading the weights. CPU BLAS reads a row-major ``weight`` as the left operand
+    at close to memory bandwidth, but several times slower as the transposed right operand that
+    ``F.linear`` passes. Same products, another summation order: equal within float rounding.
+    Other inputs (a prefill: many positions per sequence) go through ``F.linear`` unchanged.
+    """
+    if x.dim() != 3 or x.shape[1] != 1:
+        return torch.nn.functional.linear(x, weight, bias)
+    # Contiguous output: the next layer's input then takes the same fast path.
+    out = torch.mm(weight, x.reshape(x.shape[0], x.shape[2]).t()).t().contiguous()
+    if bias is not None:
+        out = out + bias
+    return out.unsqueeze(1)
+
+
+def _weight_major_forward(mod: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
+    quantizer = getattr(mod, "weight_fake_quantizer", None)
+    activation_quantizer = getattr(mod, "activation_fake_quantizer", None)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        # FakeQuantizedLinear.forward's steps, with the weight-major product in place of F.linear.
+        if activation_quantizer is not None:
+            x = activation_quantizer(x)
+        weight = quantizer(mod.weight) if quantizer is not None else mod.weight
+        return weight_major_linear(x, weight, mod.bias)
+
+    return forward
+
+
+@contextlib.contextmanager
+def weight_major_rollout(model: nn.Module) -> Iterator[nn.Module]:
+    """Every plain or fake-quantized Linear of ``model`` computes decode steps with
+    :func:`weight_major_linear` for the context's duration (rollouts only).
+
+    The layers compute the same function of the same weights (whatever form the weights take
+    inside the context: materialised, cast or shared), only the matrix product's kernel
+    changes. A layer that already has its own ``forward`` (a hook library's wrapper) is left
+    alone. On exit (also on exception) each layer's class ``forward`` is back.
+    """
+    patched: list[nn.Module] = []
+    try:
+        for mod in model.modules():
+            if type(mod) in (nn.Linear, FakeQuantizedLinear) and "forward" not in mod.__dict__:
+                mod.forward = _weight_major_forward(mod)
+                patched.append(mod)
+        yield model
+    finally:
+        for mod in patched:
+            del mod.forward
 
 
 def active_fake_quantized(model: nn.Module) -> Iterator[tuple[FakeQuantizedLinear, nn.Module]]:

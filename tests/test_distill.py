@@ -259,6 +259,98 @@ def test_bf16_rollouts_sample_the_quantized_student_within_bf16_rounding(tmp_pat
     assert {p.dtype for p in student.parameters()} == {torch.float32}
 
 
+def decode_logits(model: torch.nn.Module, batch: dict, tokens: torch.Tensor) -> list[torch.Tensor]:
+    """Logits of the prompt's prefill (last position) and of cached decode steps feeding ``tokens``."""
+    mask = batch["prompt_attention_mask"]
+    out = model(input_ids=batch["prompt_ids"], attention_mask=mask, use_cache=True)
+    logits, cache = [out.logits[:, -1]], out.past_key_values
+    for column in tokens.T:
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        out = model(input_ids=column[:, None], attention_mask=mask, past_key_values=cache, use_cache=True)
+        logits.append(out.logits[:, -1])
+        cache = out.past_key_values
+    return logits
+
+
+def test_weight_major_linear_is_f_linear_within_float_rounding():
+    """A decode step's input (one position per row) through weight @ x^T; anything else is F.linear itself."""
+    from onpolicy_lib.quantization import weight_major_linear
+
+    torch.manual_seed(0)
+    weight, bias = torch.randn(48, 32), torch.randn(48)
+    for b in (None, bias):
+        x = torch.randn(3, 1, 32)
+        out = weight_major_linear(x, weight, b)
+        assert out.shape == (3, 1, 48) and out.is_contiguous()
+        torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+        for shape in ((3, 5, 32), (4, 32)):  # a prefill, a 2-D input: untouched
+            x = torch.randn(*shape)
+            assert torch.equal(weight_major_linear(x, weight, b), torch.nn.functional.linear(x, weight, b))
+
+
+def test_weight_major_rollouts_sample_the_quantized_student_within_float_rounding(tmp_path, tokenizer, tiny_model,
+                                                                                   monkeypatch):
+    """rollout_matmul='weight_major' changes only the kernel of the student's decode-step products: over
+    several cached decode steps its next-token distributions are the fake-quant forward's within float
+    rounding (the prefill's are identical), the rollout samples with it, and training state is untouched."""
+    from onpolicy_lib.quantization import materialized_fake_quant, weight_major_rollout
+
+    trainer = make_trainer(tmp_path, tokenizer, tiny_model, lmbda=1.0, beta=1.0, rollout_matmul="weight_major")
+    student = trainer.model.eval()
+    batch = first_batch(trainer)
+    params = {name: (p, p.detach().clone()) for name, p in student.named_parameters()}
+    tokens = torch.randint(4, tiny_model.config.vocab_size, (batch["prompt_ids"].shape[0], 6),
+                           generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exact = decode_logits(student, batch, tokens)  # the plain fake-quant forward
+        with materialized_fake_quant(student), weight_major_rollout(student):
+            patched = [m for m in student.modules() if "forward" in m.__dict__]
+            assert len(patched) == sum(isinstance(m, torch.nn.Linear) for m in student.modules())
+            fast = decode_logits(student, batch, tokens)
+    assert torch.equal(fast[0], exact[0])  # the prefill goes through F.linear
+    steps_exact, steps_fast = torch.cat(exact[1:]), torch.cat(fast[1:])
+    assert float((steps_fast - steps_exact).abs().max()) < 1e-4
+    assert float(kl(steps_exact, steps_fast).max()) < 1e-9
+    # Every parameter is the same object with the same values afterwards, every forward the class's.
+    assert not any("forward" in m.__dict__ for m in student.modules())
+    for name, p in student.named_parameters():
+        assert p is params[name][0] and torch.equal(p, params[name][1]), name
+    # And a whole on-policy step samples through it, decode steps by weight @ x^T, and restores the layers.
+    from onpolicy_lib import quantization
+
+    rows = []
+    product = quantization.weight_major_linear
+    monkeypatch.setattr(quantization, "weight_major_linear", lambda x, *a: rows.append(x.shape[:2]) or product(x, *a))
+    seen = captured_step(trainer, batch)
+    assert trainer.stats["batches_on_policy"] == 1 and seen["input_ids"].shape[1] > batch["prompt_ids"].shape[1]
+    assert (2, 1) in rows and not any("forward" in m.__dict__ for m in student.modules())
+
+
+def test_weight_major_rollouts_reach_lora_students(tiny_model):
+    """Under a peft LoRA wrapper the base layers and the adapters all take the weight-major product,
+    within float rounding of the plain forward, and get their own forward back on exit."""
+    from onpolicy_lib.quantization import materialized_fake_quant, weight_major_rollout
+    from onpolicy_lib.student import build_student
+
+    student = build_student(tiny_model, "int4", GROUP, lora_r=4).eval()
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if "lora_B" in name:  # non-zero adapters, so they count in the output
+                p.normal_(0, 0.1)
+    ids = torch.randint(4, tiny_model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+    batch = {"prompt_ids": ids, "prompt_attention_mask": torch.ones_like(ids)}
+    tokens = torch.randint(4, tiny_model.config.vocab_size, (2, 4), generator=torch.Generator().manual_seed(2))
+    linears = sum(isinstance(m, torch.nn.Linear) for m in student.modules())
+    with torch.no_grad():
+        exact = torch.cat(decode_logits(student, batch, tokens)[1:])
+        with materialized_fake_quant(student), weight_major_rollout(student):
+            assert sum("forward" in m.__dict__ for m in student.modules()) == linears
+            fast = torch.cat(decode_logits(student, batch, tokens)[1:])
+    assert any("lora_A" in name for name, _ in student.named_modules())
+    assert float((fast - exact).abs().max()) < 1e-4 and float(kl(exact, fast).max()) < 1e-9
+    assert not any("forward" in m.__dict__ for m in student.modules())
+
+
 def test_cakld_loss_is_its_definition_and_gamma_the_teachers_mean_confidence(tmp_path, tokenizer, tiny_model):
     """divergence='cakld': the loss is gamma * reverse + (1 - gamma) * forward KL on the scored tokens, and
     gamma is the teacher's mean probability of the training completions' tokens, computed directly here."""

@@ -50,6 +50,7 @@ GENERATION_LABELS = [
     "plain weights (the teacher)",
     "student, quantized once per step (our rollouts)",
     "  same, bf16 rollout (opt-in rollout_dtype)",
+    "  same, weight-major decode (opt-in rollout_matmul)",
     "student, materialised for the call alone",
     "student, fake-quant weights (stock TRL's)",
     "quantizing all weights once (once per on-policy step)",
@@ -70,8 +71,8 @@ RATIO_LABELS = [
     "fake-quant / our student generation time",
 ]
 TIMING_KEYS = {"floor", "floor_lambda1_shape", "optimizer", "ours_0", "ours_1", "ours_1_bf16", "trl_0", "trl_1",
-               "trl_nockpt_0", "trl_nockpt_1", "gen_plain", "gen_student", "gen_student_bf16", "gen_materialised",
-               "gen_fake_quant", "quantize_once"}
+               "trl_nockpt_0", "trl_nockpt_1", "gen_plain", "gen_student", "gen_student_bf16", "gen_student_wm",
+               "gen_materialised", "gen_fake_quant", "quantize_once"}
 
 
 def split_row(line: str) -> tuple[str, list[str]]:
@@ -118,10 +119,16 @@ def test_speed_runs_end_to_end(tiny_model_dir, tiny_dataset_dir, tmp_path, capsy
     assert tables(printed) == [STEP_LABELS, GENERATION_LABELS, RATIO_LABELS]
     # The machine's ceilings and the decode step against them, fp32 and bf16 (half the weight bytes).
     hardware = saved["hardware"]
-    assert all(hardware[k] > 0 for k in ("read_gb_s", "gemm_fp32_gflops", "gemm_bf16_gflops", "decode_fp32_s",
-                                         "decode_bf16_s", "decode_fp32_over_read", "decode_bf16_over_read"))
+    # Every rollout form: fp32 and bf16, each also weight-major (the same weights, so the same bytes).
+    forms = ("fp32", "fp32_wm", "bf16", "bf16_wm")
+    assert all(hardware[k] > 0 for k in ("read_gb_s", "gemm_fp32_gflops", "gemm_bf16_gflops"))
+    assert all(hardware[f"decode_{f}_s"] > 0 and hardware[f"decode_{f}_over_read"] > 0 for f in forms)
     assert hardware["weights_mb_bf16"] == pytest.approx(hardware["weights_mb_fp32"] / 2)
-    assert "(e) the machine: memory read" in printed and "decode step, bf16 weights" in printed
+    assert hardware["weights_mb_fp32_wm"] == hardware["weights_mb_fp32"]
+    assert hardware["weights_mb_bf16_wm"] == hardware["weights_mb_bf16"]
+    assert "(e) the machine: memory read" in printed
+    for label in ("fp32 weights (", "fp32 weights, weight-major", "bf16 weights (", "bf16 weights, weight-major"):
+        assert f"decode step, {label}" in printed, label
     for label in ("peak MB", "tokens/s", "median s", "rollout s", "measured", "target"):
         assert label in printed, label
     # The settings recorded are the demo's wherever the command line left them alone.
@@ -178,7 +185,8 @@ def fake_results(skip_trl: bool = False, contended: str | None = None) -> dict:
     """Results shaped as :func:`speed.run` returns them, from made-up timings (no model)."""
     seconds = {"floor": 1.0, "floor_lambda1_shape": 1.2, "optimizer": 0.1, "ours_0": 1.2, "ours_1": 2.0,
                "ours_1_bf16": 1.6, "trl_0": 3.0, "trl_1": 10.0, "trl_nockpt_0": 2.5, "trl_nockpt_1": 6.0,
-               "gen_plain": 0.5, "gen_student": 0.6, "gen_student_bf16": 0.4, "gen_materialised": 0.9,
+               "gen_plain": 0.5, "gen_student": 0.6, "gen_student_bf16": 0.4, "gen_student_wm": 0.3,
+               "gen_materialised": 0.9,
                "gen_fake_quant": 3.0, "quantize_once": 0.05}
     timings = {}
     for key, value in seconds.items():
@@ -194,10 +202,11 @@ def fake_results(skip_trl: bool = False, contended: str | None = None) -> dict:
             "batch": {"prompt_tokens": [10, 12], "completion_tokens": [5, 7], "shape": [2, 19]},
             "timings": {k: v.as_dict() for k, v in timings.items()},
             "tokens_per_s": {k: 8 / timings[k].median
-                             for k in ("gen_plain", "gen_student", "gen_student_bf16", "gen_materialised",
-                                       "gen_fake_quant")},
+                             for k in ("gen_plain", "gen_student", "gen_student_bf16", "gen_student_wm",
+                                       "gen_materialised", "gen_fake_quant")},
             "hardware": {"read_gb_s": 20.0, "gemm_fp32_gflops": 100.0, "gemm_bf16_gflops": 300.0,
                          "weights_mb_fp32": 500.0, "decode_fp32_s": 0.1, "decode_fp32_over_read": 4.0,
+                         "weights_mb_fp32_wm": 500.0, "decode_fp32_wm_s": 0.05, "decode_fp32_wm_over_read": 2.0,
                          "weights_mb_bf16": 250.0, "decode_bf16_s": 0.02, "decode_bf16_over_read": 1.6},
             "ratios": report.ratios(timings), "load_average": {"start": (1.0, 1.0, 1.0), "end": (2.0, 1.0, 1.0)},
             "cpu_share_min": min(t.cpu_share for t in timings.values())}
@@ -213,6 +222,7 @@ def test_report_has_every_row_with_its_figures():
     assert lines["(c) stock TRL GKDTrainer, lambda=0"] == ["3.00", "0.00", "500", "8"]
     assert lines["plain weights (the teacher)"] == ["0.50", "16.0", "500"]
     assert lines["quantizing all weights once (once per on-policy step)"] == ["0.05", "500"]
+    assert lines["  same, weight-major decode (opt-in rollout_matmul)"] == ["0.30", "26.7", "500"]
     # Ratios against their targets: met, missed, and reported without a target.
     assert lines["ours lambda=0 / floor"] == ["1.20", "<=", "1.3", "✓"]
     assert lines["ours lambda=1 / ours lambda=0"] == ["1.67", "<=", "1.5", "✗"]
@@ -223,6 +233,8 @@ def test_report_has_every_row_with_its_figures():
     assert "(e) the machine: memory read 20.0 GB/s; GEMM 100 GFLOP/s fp32, 300 GFLOP/s bf16" in printed
     assert lines["decode step, fp32 weights (500 MB)"] == ["0.100", "0.025", "4.00", "<=", "2.0", "✗"]
     assert lines["decode step, bf16 weights (250 MB)"] == ["0.020", "0.013", "1.60", "<=", "2.0", "✓"]
+    assert lines["decode step, fp32 weights, weight-major (500 MB)"] == ["0.050", "0.025", "2.00", "<=", "2.0", "✓"]
+    assert "bf16 weights, weight-major" not in printed  # a form the results do not have is left out
     assert lines["ours lambda=1 / (plain generation + lambda=1 floor)"] == ["1.18", "-"]
     assert "lowest CPU share of a contender: 50%" in printed
     assert "load average (1/5/15 min) at start 1.00/1.00/1.00 and end 2.00/1.00/1.00" in printed

@@ -12,8 +12,12 @@ copy of the same quantization-aware student for every contender, it times
   cache) and again with ``gradient_checkpointing=False``;
 * **generation** tokens/s through ``DistillTrainer.rollout``: plain weights, our student
   as an on-policy step samples it (weights quantized once per step), the same with the
-  weights materialised for the call alone, and the fake-quantized forward TRL samples from;
+  opt-in bf16 weights and weight-major decode products, the same with the weights
+  materialised for the call alone, and the fake-quantized forward TRL samples from;
 * **peak memory** of each (CPU: the process's resident set; CUDA: ``max_memory_allocated``),
+* the machine's **ceilings** (memory read bandwidth, GEMM throughput) and one cached decode
+  step of the batch in each form a rollout can take (fp32, bf16, each also weight-major),
+  against reading its weights once at that bandwidth,
 
 and prints medians after warm-up and the ratios the performance targets are stated in.
 At λ=1 every contender generates exactly ``max_new_tokens`` per row (``min_new_tokens`` is
@@ -35,6 +39,7 @@ import json
 import os
 import sys
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +59,7 @@ from onpolicy_lib.speed.contenders import (
     trl_batch,
     trl_trainer,
 )
-from onpolicy_lib.speed.hardware import ceilings, decode_step, weight_bytes
+from onpolicy_lib.speed.hardware import DECODE_FORMS, ceilings, decode_step, weight_bytes
 from onpolicy_lib.speed.report import format_report, ratios
 from onpolicy_lib.speed.settings import SpeedSettings, parse_args
 from onpolicy_lib.speed.timing import Timing, load_average, release
@@ -142,7 +147,8 @@ def run(s: SpeedSettings) -> dict[str, Any]:
     new_tokens = cfg.per_device_train_batch_size * cfg.max_new_tokens
     results["timings"] = {k: v.as_dict() for k, v in timings.items()}
     results["tokens_per_s"] = {k: new_tokens / timings[k].median for k in
-                               ("gen_plain", "gen_student", "gen_student_bf16", "gen_materialised", "gen_fake_quant")}
+                               ("gen_plain", "gen_student", "gen_student_bf16", "gen_student_wm",
+                                "gen_materialised", "gen_fake_quant")}
     results["ratios"] = ratios(timings)
     results["load_average"] = {"start": load_start, "end": load_average()}
     results["cpu_share_min"] = min(t.cpu_share for t in timings.values())
@@ -150,12 +156,14 @@ def run(s: SpeedSettings) -> dict[str, Any]:
 
 
 def hardware_figures(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
-    """The machine's ceilings, and one cached decode step of the rollout batch in fp32 and with bf16
-    weights, each over the time to read its weights once at the measured bandwidth."""
+    """The machine's ceilings, and one cached decode step of the rollout batch in each form a rollout can
+    take (:data:`~onpolicy_lib.speed.hardware.DECODE_FORMS`), each over the time to read its weights once
+    at the measured bandwidth."""
     figures = ceilings(device)
     args = (batch["prompt_ids"], batch["prompt_attention_mask"], device)
-    for dtype, key in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-        with quantization.cast_for_rollout(model, dtype):
+    for key, _, rollout_dtype, rollout_matmul in DECODE_FORMS:
+        with (quantization.cast_for_rollout(model, getattr(torch, rollout_dtype)),
+              quantization.weight_major_rollout(model) if rollout_matmul == "weight_major" else nullcontext()):
             seconds, size = decode_step(model, *args), weight_bytes(model)
         figures[f"weights_mb_{key}"] = size / 1e6
         figures[f"decode_{key}_s"] = seconds

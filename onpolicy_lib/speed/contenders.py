@@ -208,6 +208,11 @@ def time_generation(trainer: DistillTrainer, teacher: torch.nn.Module, batch: di
             timings["gen_student_bf16"] = timed(rollout_of(student), s.steps, s.warmup, device,
                                                 "student, quantized once per step, bf16 rollout")
         trainer.args.rollout_dtype = "float32"
+        trainer.args.rollout_matmul = "weight_major"  # the opt-in: decode steps' products by W @ x^T
+        with trainer.shared_weights(student):
+            timings["gen_student_wm"] = timed(rollout_of(student), s.steps, s.warmup, device,
+                                              "student, quantized once per step, weight-major decode")
+        trainer.args.rollout_matmul = "linear"
     timings["gen_materialised"] = timed(rollout_of(student), s.steps, s.warmup, device,
                                         "student, materialised for the call")
     trainer.args.fast_rollouts = False  # the plain fake-quantized forward, as stock TRL samples

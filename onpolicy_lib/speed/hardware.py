@@ -2,8 +2,9 @@
 
 A step's ratio to our own floor says nothing about how close the floor is to the hardware. These
 measure what the hardware can do (memory read bandwidth, GEMM throughput in float32 and bfloat16)
-and one cached decode step of the rollout batch, whose lower bound is reading every weight it uses
-once at that bandwidth (its arithmetic is a few hundred MFLOP: memory, not compute, bounds it).
+and one cached decode step of the rollout batch in each of its forms (:data:`DECODE_FORMS`), whose
+lower bound is reading every weight it uses once at that bandwidth (its arithmetic is a few hundred
+MFLOP: memory, not compute, bounds it).
 """
 
 from __future__ import annotations
@@ -16,6 +17,14 @@ import torch
 from onpolicy_lib.speed.timing import sync, timed
 
 _READ_BYTES = 512 * 2**20  # well past any CPU's last-level cache
+# The forms a rollout's decode step can take: (key, label, rollout_dtype, rollout_matmul), the
+# last two as TrainConfig names them. The first is the default, exact one.
+DECODE_FORMS: tuple[tuple[str, str, str, str], ...] = (
+    ("fp32", "fp32 weights", "float32", "linear"),
+    ("fp32_wm", "fp32 weights, weight-major", "float32", "weight_major"),
+    ("bf16", "bf16 weights", "bfloat16", "linear"),
+    ("bf16_wm", "bf16 weights, weight-major", "bfloat16", "weight_major"),
+)
 
 
 @torch.no_grad()

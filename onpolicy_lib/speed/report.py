@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from onpolicy_lib.speed.hardware import DECODE_FORMS
 from onpolicy_lib.speed.timing import CONTENDED_CPU_SHARE, Timing
 
 
@@ -80,6 +81,7 @@ GENERATION_ROWS: tuple[tuple[str, str], ...] = (
     ("plain weights (the teacher)", "gen_plain"),
     ("student, quantized once per step (our rollouts)", "gen_student"),
     ("  same, bf16 rollout (opt-in rollout_dtype)", "gen_student_bf16"),
+    ("  same, weight-major decode (opt-in rollout_matmul)", "gen_student_wm"),
     ("student, materialised for the call alone", "gen_materialised"),
     ("student, fake-quant weights (stock TRL's)", "gen_fake_quant"),
     ("quantizing all weights once (once per on-policy step)", "quantize_once"),
@@ -163,9 +165,11 @@ def _hardware_lines(h: dict[str, float]) -> list[str]:
 
     lines = [f"(e) the machine: memory read {h['read_gb_s']:.1f} GB/s; GEMM {h['gemm_fp32_gflops']:.0f} GFLOP/s fp32, "
              f"{h['gemm_bf16_gflops']:.0f} GFLOP/s bf16"]
-    rows = [{"label": f"decode step, {key} weights ({h[f'weights_mb_{key}']:.0f} MB)", "median": h[f"decode_{key}_s"],
+    # Results written before a form existed lack its keys: its row is left out.
+    rows = [{"label": f"decode step, {label} ({h[f'weights_mb_{key}']:.0f} MB)", "median": h[f"decode_{key}_s"],
              "read": h[f"weights_mb_{key}"] / 1e3 / h["read_gb_s"], "value": h[f"decode_{key}_over_read"],
-             "target": str(TARGET_DECODE), "met": met(h[f"decode_{key}_over_read"])} for key in ("fp32", "bf16")]
+             "target": str(TARGET_DECODE), "met": met(h[f"decode_{key}_over_read"])}
+            for key, label, _, _ in DECODE_FORMS if f"decode_{key}_s" in h]
     return lines + format_table([Column("label", "one cached decode step of the batch", 52),
                                  Column("median", "median s", 10, ".3f"), Column("read", "read s", 10, ".3f"),
                                  Column("value", "ratio", 8, ".2f"), Column("target", "target", 8),
