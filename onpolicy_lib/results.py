@@ -81,6 +81,7 @@ def _roots(roots: str | Path | Iterable[str | Path]) -> list[Path]:
 def find_runs(roots: str | Path | Iterable[str | Path]) -> list[tuple[str, Path, dict[str, Any]]]:
     """Every run under ``roots`` as (sweep, run_dir, train config), started or only planned by a sweep."""
     found: dict[Path, tuple[str, Path, dict[str, Any]]] = {}
+    defaults = TrainConfig().to_dict()
     for root in _roots(roots):
         for config_path in sorted(root.rglob(Run.CONFIG)):
             run_dir = config_path.parent
@@ -88,7 +89,9 @@ def find_runs(roots: str | Path | Iterable[str | Path]) -> list[tuple[str, Path,
                 continue
             train = (read_json(config_path) or {}).get("train")
             if isinstance(train, dict):
-                found[run_dir] = (_sweep_name(run_dir), run_dir, train)
+                # A field missing from an older config.json was added later: that run ran with its
+                # default (as rundir.config_diff reads it), not with a value that varies.
+                found[run_dir] = (_sweep_name(run_dir), run_dir, {**defaults, **train})
         for manifest_path in sorted(root.rglob(MANIFEST)):
             manifest = read_json(manifest_path) or {}
             for name, entry in manifest.get("runs", {}).items():

@@ -241,3 +241,14 @@ def test_hierarchical_bootstrap_widens_with_seed_variance():
     assert both.delta == pytest.approx(docs_only.delta) == pytest.approx(0.1)
     assert (both.ci_high - both.ci_low) > 3 * (docs_only.ci_high - docs_only.ci_low)
     assert not both.significant
+
+
+def test_a_parameter_added_after_a_run_reads_as_its_default(tmp_path):
+    make_outputs(tmp_path, "s", [{"lmbda": lm, "seed": sd} for lm in (0, 1) for sd in (1, 2)])
+    older = tmp_path / "s" / "lmbda-0_seed-1" / "config.json"
+    record = json.loads(older.read_text())
+    del record["train"]["rollout_dtype"]  # written before the parameter existed
+    older.write_text(json.dumps(record))
+    w = results.wide(results.collect(tmp_path))
+    assert analysis.varying(w) == ["lmbda"]
+    assert set(w.loc[w["role"] == "student", "rollout_dtype"]) == {"float32"}
