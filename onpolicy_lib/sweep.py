@@ -335,7 +335,8 @@ def execute(run: Run, lock_fd: int, threads: int | None = None, processes: int =
     if threads:  # parallel runs share the cores instead of each taking all of them
         env.setdefault("OMP_NUM_THREADS", str(threads))
     with open(run.file(run.RUNNER_LOG), "a") as log:
-        log.write(f"\n=== {datetime.datetime.now().isoformat()} {shlex.join(args[:5])} ...\n")
+        shown = [portable_path(Path(args[0])), *args[1:5]]  # an absolute interpreter path would not travel
+        log.write(f"\n=== {datetime.datetime.now().isoformat()} {shlex.join(shown)} ...\n")
         log.flush()
         returncode = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=PROJECT_ROOT,
                                     pass_fds=(lock_fd,)).returncode
