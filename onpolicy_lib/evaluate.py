@@ -34,6 +34,11 @@ from onpolicy_lib.results import model_metrics, ptq_label, teacher_label
 from onpolicy_lib.rundir import Run, eval_cache_dir, read_json, write_json
 from onpolicy_lib.student import load_student
 
+# How benchmarks and perplexity compute their scores, in the baselines' cache key: results computed
+# another way differ in the last float digits (and, on a near-tie, a benchmark answer), so a student
+# is never set beside a baseline scored differently. 2: logits at the scored positions only.
+SCORING = 2
+
 
 def plan_evaluation(cfg: EvalConfig) -> list[Run]:
     """Validate ``cfg`` and its run directories (each has a student in the scheme asked for); no heavy work."""
@@ -200,7 +205,7 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
         tokenizer = load_tokenizer(model_name)
         teacher = load_model(model_name, device=device).eval()
         precision = teacher_precision(model_name)
-        bench_key = {**cfg.benchmark_settings(), **cfg.perplexity_settings(), **versions}
+        bench_key = {**cfg.benchmark_settings(), **cfg.perplexity_settings(), **versions, "scoring": SCORING}
         # How a quantized model runs on CUDA; CPU has one way, and its cache keys stay as they were.
         kernels = {"cuda_int4_kernels": cfg.cuda_int4_kernels} if device.type == "cuda" else {}
         teacher_result = None

@@ -56,6 +56,10 @@ class FidelityConfig:
     temperature: float = 0.9  # the run's rollout temperature, for the on-policy samples
     batch_size: int = 4
     seed: int = 0  # sampling seed of the on-policy completions: the same for every model compared
+    # Batches are formed in order of prompt (then completion) length, which wastes little on padding;
+    # "rows" (the held-out order) is how results before this option were measured. Part of the
+    # baselines' cache key: the sampled completions depend on which rows share a batch.
+    batch_order: str = "length"
 
     @classmethod
     def for_run(cls, run_cfg: dict[str, Any], samples: int) -> FidelityConfig:
@@ -122,11 +126,17 @@ def measure_fidelity(teacher: torch.nn.Module, student: torch.nn.Module, tokeniz
     # sums[source][values] and tokens[source][mask], accumulated token by token.
     sums: dict[str, dict[str, float]] = {}
     tokens: dict[str, dict[str, int]] = {}
-    per_example: list[dict[str, Any]] = []
+    if config.batch_order not in ("length", "rows"):
+        raise ValueError(f"batch_order must be 'length' or 'rows'; got {config.batch_order!r}")
+    order = list(range(len(rows)))
+    if config.batch_order == "length":
+        order.sort(key=lambda i: (len(rows[i]["prompt_ids"]), len(rows[i]["completion_ids"])))
+    examples: dict[int, dict[str, Any]] = {}
     # One seed for all models compared, so their sampled completions differ only by the model.
     torch.manual_seed(config.seed)
     for start in range(0, len(rows), config.batch_size):
-        batch_rows = [rows[i] for i in range(start, min(start + config.batch_size, len(rows)))]
+        indices = order[start:start + config.batch_size]
+        batch_rows = [rows[i] for i in indices]
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(batch_rows).items()}
 
         s_logits, mask = completion_logits(student, batch)
@@ -150,18 +160,20 @@ def measure_fidelity(teacher: torch.nn.Module, student: torch.nn.Module, tokeniz
         values = {"fkl": fkl, "agree": agree, "rkl": rkl, "nll": nll}
         masks = {"dataset": mask.float(), "matched": matched.float(), "sampled": s_mask.float(),
                  "greedy": g_mask.float()}
-        for i, row in enumerate(batch_rows):
+        for i, (index, row) in enumerate(zip(indices, batch_rows, strict=True)):
             source = row.get("source", "")
-            example = {"id": row.get("id", start + i), "source": source}
+            example = {"id": row.get("id", index), "source": source}
             for metric, (value, part) in _PARTS.items():
                 example[metric] = _per_example(values[value][i:i + 1], masks[part][i:i + 1])[0]
-            per_example.append(example)
+            examples[index] = example
             for key in ("all", source):
                 acc, count = sums.setdefault(key, {}), tokens.setdefault(key, {})
                 for metric, (value, part) in _PARTS.items():
                     acc[metric] = acc.get(metric, 0.0) + float((values[value][i] * masks[part][i]).sum())
                 for part, part_mask in masks.items():
                     count[part] = count.get(part, 0) + int(part_mask[i].sum())
+
+    per_example = [examples[i] for i in range(len(rows))]  # in the held-out order, whatever the batches
 
     def means(key: str) -> dict[str, float]:
         return {metric: sums[key][metric] / max(tokens[key][part], 1) for metric, (_, part) in _PARTS.items()}

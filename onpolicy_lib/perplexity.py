@@ -72,12 +72,12 @@ def sliding_window_perplexity(model: torch.nn.Module, tokenizer, text: str, max_
         target_len = end - previous_end  # tokens not scored by an earlier window
         window = ids[begin:end].unsqueeze(0).to(device)
         inputs = window if bos is None else F.pad(window, (1, 0), value=bos)
-        logits = model(input_ids=inputs, use_cache=False).logits[0, (0 if bos is None else 1):-1]
-        targets = window[0, 1:]
-        nll = token_nll(logits, targets)
-        # The first token of the text has no context and is never scored.
-        take = min(target_len, nll.shape[0])
-        nll_sum += float(nll[-take:].sum())
+        # The first token of the text has no context and is never scored; tokens an earlier window
+        # scored are context only, so only the last ``take`` positions' logits are computed.
+        take = min(target_len, window.shape[1] - 1)
+        logits = model(input_ids=inputs, use_cache=False, logits_to_keep=take + 1).logits[0, :-1]
+        nll = token_nll(logits, window[0, -take:])
+        nll_sum += float(nll.sum())
         scored += take
         previous_end = end
         if end == len(ids):

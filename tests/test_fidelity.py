@@ -164,3 +164,25 @@ def test_rollouts_stop_on_every_end_of_sequence_id(tiny_model, student, tokenize
     monkeypatch.setattr(fidelity, "generate_completions", spy)
     measure_fidelity(tiny_model, student, tokenizer, heldout, FidelityConfig(samples=2, max_new_tokens=4))
     assert len(seen) == 2 and all(ids == both for ids in seen)  # sampled and greedy rollouts
+
+
+def test_length_ordered_batches_score_every_example_as_held_out_order_does(tiny_model, student, tokenizer):
+    """Batching by length changes which rows share a batch (so the sampled completions), nothing else:
+    the teacher-forced and greedy metrics of each example are the held-out order's, listed in that order."""
+    rows = chat_rows(6)
+    for i, row in enumerate(rows):  # prompts of different lengths, not in length order
+        row["messages"][0]["content"] += " please" * ((i * 5) % 6)
+    heldout, _ = tokenize_for_distillation(Dataset.from_list(rows), tokenizer, max_length=128,
+                                           min_completion_tokens=4)
+    lengths = [len(p) for p in heldout["prompt_ids"]]
+    assert lengths != sorted(lengths)
+    got = {order: measure_fidelity(tiny_model, student, tokenizer, heldout,
+                                   FidelityConfig(samples=6, batch_size=2, batch_order=order))
+           for order in ("length", "rows")}
+    length, rows = got["length"]["per_example"], got["rows"]["per_example"]
+    assert [e["id"] for e in length] == [e["id"] for e in rows] == heldout["id"]
+    for metric in ("forward_kl", "top1_agreement", "teacher_nll_of_student_greedy"):
+        assert [e[metric] for e in length] == pytest.approx([e[metric] for e in rows], rel=1e-4, abs=1e-6), metric
+    assert got["length"]["config"]["batch_order"] == "length"
+    with pytest.raises(ValueError, match="batch_order"):
+        measure_fidelity(tiny_model, student, tokenizer, heldout, FidelityConfig(samples=2, batch_order="random"))

@@ -97,7 +97,7 @@ def test_speed_runs_end_to_end(tiny_model_dir, tiny_dataset_dir, tmp_path, capsy
     results = speed.main(["--model", str(tiny_model_dir), "--dataset", str(tiny_dataset_dir), "--group-size",
                           str(GROUP), "--max-length", "64", "--min-completion-tokens", "4", "--max-new-tokens", "4",
                           "--steps", "1", "--warmup", "0",
-                          "--trl-steps", "1", "--json", str(out)])
+                          "--trl-steps", "1", "--skip-eval", "--json", str(out)])
     printed = capsys.readouterr().out
     saved = json.loads(out.read_text())
     assert saved["ratios"] == pytest.approx(results["ratios"])
@@ -142,7 +142,7 @@ def test_speed_skip_trl(tiny_model_dir, tiny_dataset_dir, capsys):
     results = speed.main(["--model", str(tiny_model_dir), "--dataset", str(tiny_dataset_dir), "--group-size",
                           str(GROUP), "--max-length", "64", "--min-completion-tokens", "4", "--max-new-tokens", "2",
                           "--steps", "1", "--warmup", "0",
-                          "--skip-trl"])
+                          "--skip-trl", "--skip-eval"])
     assert "trl_1" not in results["timings"] and results["ratios"]["trl_lambda1_over_ours_lambda1"] is None
     printed = capsys.readouterr().out
     assert "skipped" in printed
@@ -166,19 +166,21 @@ def test_settings_default_to_the_demo_and_keep_the_flags():
     settings = speed.parse_args(["--model", "m", "--dataset", "d", "--quant-type", "int8", "--group-size", "16",
                                  "--batch-size", "3", "--max-new-tokens", "5", "--max-length", "99", "--beta", "0.2",
                                  "--steps", "2", "--warmup", "0", "--trl-steps", "4", "--device", "cpu",
-                                 "--threads", "1", "--skip-trl", "--seed", "7", "--json", "out.json"])
+                                 "--threads", "1", "--skip-trl", "--seed", "7", "--json", "out.json",
+                                 "--skip-eval", "--eval-limit", "5"])
     assert settings.train == TrainConfig(model_name="m", dataset_name="d", quant_type="int8", group_size=16,
                                          per_device_train_batch_size=3, max_new_tokens=5, max_length=99, beta=0.2,
                                          device="cpu", seed=7)
     assert (settings.steps, settings.warmup, settings.trl_steps, settings.threads, settings.skip_trl,
-            settings.json) == (2, 0, 4, 1, True, "out.json")
+            settings.json, settings.skip_eval, settings.eval_limit) == (2, 0, 4, 1, True, "out.json", True, 5)
     assert set(settings.as_dict()) == {
         "model", "dataset", "quant_type", "group_size", "batch_size", "max_new_tokens", "max_length", "beta",
         "temperature", "learning_rate", "min_completion_tokens",
         "steps", "warmup", "trl_steps", "device", "threads", "skip_trl", "seed",
-        "json"}
-    with pytest.raises(SystemExit):
-        speed.parse_args(["--steps", "0"])
+        "json", "skip_eval", "eval_limit"}
+    for bad in (["--steps", "0"], ["--eval-limit", "0"]):
+        with pytest.raises(SystemExit):
+            speed.parse_args(bad)
 
 
 def fake_results(skip_trl: bool = False, contended: str | None = None) -> dict:
@@ -400,3 +402,39 @@ def test_fake_quantized_once_falls_back_when_the_weight_changes(tiny_model):
         again = layer.weight_fake_quantizer(layer.weight)  # changed in place: computed afresh
         assert again is not first and not torch.equal(again, first)
     assert "forward" not in layer.weight_fake_quantizer.__dict__
+
+
+def test_evaluation_block_sets_each_part_against_its_forward_passes(tiny_model, tokenizer, tiny_dataset_dir,
+                                                                   tmp_path, monkeypatch):
+    """The evaluation block times benchmarks, perplexity and fidelity of a student, counts the real
+    tokens each part scores and the decode steps it takes, and the report prints it (no timing asserted)."""
+    from test_benchmarks import build_fake_tree
+
+    from onpolicy_lib import assets, quantization
+    from onpolicy_lib.config import EvalConfig
+    from onpolicy_lib.evaluate import fidelity_for
+    from onpolicy_lib.speed import evaluation
+
+    build_fake_tree(tmp_path / "cache", n=3)
+    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path / "cache"))
+    student = quantization.quantize_ptq(copy.deepcopy(tiny_model), "int4", GROUP)
+    quantization.dequantize_for_eval(student)
+    run_cfg = TrainConfig(dataset_name=str(tiny_dataset_dir), max_length=64, min_completion_tokens=4,
+                          max_new_tokens=4).to_dict()
+    eval_cfg = EvalConfig(run_dirs=[], tasks=["arc_easy", "winogrande"], limit=2, fidelity_samples=2,
+                          perplexity_tokens=0, include_teacher=False, include_ptq=False)
+    fidelity = fidelity_for(run_cfg, 2, tokenizer, {})
+    figures = evaluation.evaluation_figures(student.eval(), tiny_model, tokenizer, eval_cfg, fidelity,
+                                            torch.device("cpu"))
+    bench, fid = figures["benchmarks"], figures["fidelity"]
+    assert 0 < bench["tokens_scored"] <= bench["tokens_padded"] and bench["forward_calls"] > 0
+    assert bench["needed_s"] > 0 and bench["wall_s"] > 0 and bench["decode_steps"] == 0
+    # Fidelity: dataset completions and the two generations scored by student and teacher, and the
+    # student's sampled and greedy generations (up to max_new_tokens - 1 decode steps each after prefill).
+    assert fid["forward_calls"] == 2 * 3 - 1 and 0 < fid["decode_steps"] <= 2 * 3
+    assert fid["needed_generation_s"] > 0 and fid["generate_s"] > 0
+    assert figures["perplexity"]["needed_s"] == 0 and figures["perplexity"]["wall_over_needed"] is None
+    assert figures["total"]["wall_s"] == pytest.approx(sum(figures[p]["wall_s"] for p in evaluation.PARTS))
+    assert "forward" not in student.__dict__ and "generate" not in student.__dict__  # unwrapped
+    printed = report._evaluation_lines(figures)
+    assert printed[0].startswith("(f) a student's evaluation") and len(printed) == 2 + 4

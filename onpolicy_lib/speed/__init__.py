@@ -18,6 +18,8 @@ copy of the same quantization-aware student for every contender, it times
 * the machine's **ceilings** (memory read bandwidth, GEMM throughput) and one cached decode
   step of the batch in each form a rollout can take (fp32, bf16, each also weight-major),
   against reading its weights once at that bandwidth,
+* a student's **evaluation** (benchmarks, perplexity, fidelity; small samples) against the
+  forward passes and decode steps it needs (:mod:`.evaluation`; ``--skip-eval`` leaves it out),
 
 and prints medians after warm-up and the ratios the performance targets are stated in.
 At λ=1 every contender generates exactly ``max_new_tokens`` per row (``min_new_tokens`` is
@@ -59,6 +61,7 @@ from onpolicy_lib.speed.contenders import (
     trl_batch,
     trl_trainer,
 )
+from onpolicy_lib.speed.evaluation import eval_config, evaluation_figures
 from onpolicy_lib.speed.hardware import DECODE_FORMS, ceilings, decode_step, weight_bytes
 from onpolicy_lib.speed.report import format_report, ratios
 from onpolicy_lib.speed.settings import SpeedSettings, parse_args
@@ -103,6 +106,10 @@ def run(s: SpeedSettings) -> dict[str, Any]:
     print("hardware ceilings and a decode step ...", file=sys.stderr, flush=True)
     results["hardware"] = hardware_figures(teacher, ours_batch, device)
     release()
+    if not s.skip_eval:
+        print("a student's evaluation ...", file=sys.stderr, flush=True)
+        results["evaluation"] = student_evaluation(teacher, tokenizer, cfg, group_size, s.eval_limit, device)
+        release()
     timings: dict[str, Timing] = {}
     with tempfile.TemporaryDirectory() as out:
         # (d) generation through the rollout code path, and the lambda=1-shaped batch it yields.
@@ -169,6 +176,21 @@ def hardware_figures(model: torch.nn.Module, batch: dict[str, torch.Tensor], dev
         figures[f"decode_{key}_s"] = seconds
         figures[f"decode_{key}_over_read"] = seconds / (size / (figures["read_gb_s"] * 1e9))
     return figures
+
+
+def student_evaluation(teacher: torch.nn.Module, tokenizer, cfg, group_size: int, limit: int,
+                       device: torch.device) -> dict[str, Any]:
+    """:func:`~onpolicy_lib.speed.evaluation.evaluation_figures` of a student of ``cfg``'s scheme in the form
+    it is evaluated in (converted, dequantized: the round-to-nearest copy of the teacher costs exactly that)."""
+    import copy
+
+    from onpolicy_lib.evaluate import fidelity_for
+
+    student = quantization.quantize_ptq(copy.deepcopy(teacher), cfg.quant_type, group_size)
+    quantization.dequantize_for_eval(student)
+    eval_cfg = eval_config(limit)
+    fidelity = fidelity_for(cfg.to_dict(), eval_cfg.fidelity_samples, tokenizer, {})
+    return evaluation_figures(student.eval(), teacher, tokenizer, eval_cfg, fidelity, device)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -36,6 +36,7 @@ TARGET_LAMBDA1_VS_LAMBDA0 = Target("<=", 1.5)  # our lambda=1 step over our lamb
 TARGET_TRL_SPEEDUP = Target(">=", 4.0)  # TRL's lambda=1 step over ours
 TARGET_GENERATION = Target("<=", 1.3)  # plain-weight tokens/s over our student's
 TARGET_DECODE = Target("<=", 2.0)  # a decode step over reading its weights once at the measured bandwidth
+TARGET_EVALUATION = Target("<=", 1.5)  # a student's evaluation over the forward passes (and decoding) it needs
 
 
 def ratios(timings: dict[str, Timing]) -> dict[str, float | None]:
@@ -176,6 +177,29 @@ def _hardware_lines(h: dict[str, float]) -> list[str]:
                                  Column("met", "met", 5)], rows)
 
 
+def _evaluation_lines(e: dict[str, Any]) -> list[str]:
+    cfg = e["settings"]
+    lines = [f"(f) a student's evaluation ({cfg['limit']} documents per benchmark, MMLU one per subject; "
+             f"perplexity {cfg['perplexity_tokens']} tokens; fidelity {cfg['fidelity_samples']} held-out chats) "
+             f"against the forward passes it needs: its real tokens at {e['forward_tokens_per_s']:.0f} tokens/s "
+             f"(student) and {e['teacher_forward_tokens_per_s']:.0f} (teacher), its decode steps at the measured "
+             "decode step"]
+    rows = []
+    for part in ("benchmarks", "perplexity", "fidelity", "total"):
+        f = e[part]
+        ratio = f["wall_over_needed"]
+        rows.append({"label": part, "wall": f["wall_s"], "needed": f["needed_s"],
+                     "forward": f.get("forward_s"), "generate": f.get("generate_s"),
+                     "padding": (1 - f["tokens_scored"] / f["tokens_padded"]) if f.get("tokens_padded") else None,
+                     "value": ratio, "target": str(TARGET_EVALUATION) if part == "total" else "",
+                     "met": ("✓" if TARGET_EVALUATION.met(ratio) else "✗") if part == "total" and ratio else None})
+    return lines + format_table([Column("label", "part", 14), Column("wall", "wall s", 9, ".1f"),
+                                 Column("needed", "needed s", 10, ".1f"), Column("forward", "in fwd s", 10, ".1f"),
+                                 Column("generate", "in gen s", 10, ".1f"), Column("padding", "padding", 9, ".0%"),
+                                 Column("value", "ratio", 8, ".2f"), Column("target", "target", 8),
+                                 Column("met", "met", 5)], rows)
+
+
 def format_report(r: dict[str, Any]) -> str:
     """The results of :func:`onpolicy_lib.speed.run` as text: settings, three tables, load and CPU share."""
     s, t, b = r["settings"], r["timings"], r["batch"]
@@ -209,6 +233,8 @@ def format_report(r: dict[str, Any]) -> str:
 
     if r.get("hardware"):
         lines += ["", *_hardware_lines(r["hardware"])]
+    if r.get("evaluation"):
+        lines += ["", *_evaluation_lines(r["evaluation"])]
 
     load = r.get("load_average") or {}
     lines.append("")

@@ -58,6 +58,8 @@ class SpeedSettings:
     trl_steps: int = 3  # timed steps of stock TRL and fake-quant generation (slow; after at most 1 warm-up)
     threads: int | None = None  # CPU threads for torch; None: torch's own choice (one per core)
     skip_trl: bool = False
+    skip_eval: bool = False
+    eval_limit: int = 20  # documents per benchmark in the evaluation block (MMLU: one per subject)
     json: str | None = None  # also write every figure to this JSON file
 
     def as_dict(self) -> dict[str, Any]:
@@ -86,6 +88,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=defaults.threads,
                    help="CPU threads for torch; None: torch's own choice (one per core)")
     p.add_argument("--skip-trl", action="store_true", help="do not time stock TRL")
+    p.add_argument("--skip-eval", action="store_true", help="do not time a student's evaluation")
+    p.add_argument("--eval-limit", type=int, default=defaults.eval_limit,
+                   help="documents per benchmark when timing a student's evaluation (MMLU: one per subject; "
+                        "fidelity on 8 held-out chats, perplexity on 4096 tokens)")
     p.add_argument("--json", default=defaults.json, metavar="OUT", help="also write every figure to this JSON file")
     return p
 
@@ -94,7 +100,7 @@ def parse_args(argv: list[str] | None = None) -> SpeedSettings:
     cli = parser()
     ns = vars(cli.parse_args(argv))
     if (ns["steps"] < 1 or ns["trl_steps"] < 1 or ns["warmup"] < 0 or ns["batch_size"] < 1
-            or (ns["threads"] or 1) < 1):
-        cli.error("--steps, --trl-steps, --batch-size and --threads must be >= 1, --warmup >= 0")
+            or (ns["threads"] or 1) < 1 or ns["eval_limit"] < 1):
+        cli.error("--steps, --trl-steps, --batch-size, --threads and --eval-limit must be >= 1, --warmup >= 0")
     train = TrainConfig(**{param.config_field: ns.pop(param.name) for param in TRAIN_PARAMETERS if param.name in ns})
     return SpeedSettings(train=train, **ns)
