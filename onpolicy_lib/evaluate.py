@@ -28,7 +28,14 @@ import torch
 from onpolicy_lib import benchmarks, calibrated_ptq, data, quantization
 from onpolicy_lib.config import PROJECT_ROOT, ConfigError, EvalConfig, TrainConfig, portable_path, resolve_path
 from onpolicy_lib.fidelity import FidelityConfig, measure_fidelity
-from onpolicy_lib.models import load_model, load_skeleton, load_tokenizer, resolve_device, teacher_precision
+from onpolicy_lib.models import (
+    load_model,
+    load_skeleton,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+    teacher_precision,
+)
 from onpolicy_lib.perplexity import load_text, sliding_window_perplexity
 from onpolicy_lib.results import model_metrics, ptq_label, teacher_label
 from onpolicy_lib.rundir import Run, eval_cache_dir, read_json, write_json
@@ -161,7 +168,7 @@ def _evaluate_calibrated(teacher, tokenizer, cfg: EvalConfig, device, model_name
         _cache_root(cfg), model_name, _recipe(method, scheme_key, device), calibration["dataset_name"],
         calibration["max_length"], calibration["min_completion_tokens"], calibration["samples"],
         calibration["seed"])
-    model = calibrated_ptq.load_calibrated(path, device)
+    model = calibrated_ptq.load_calibrated(path, device, teacher.dtype)
     result = evaluate_model(model, tokenizer, cfg, teacher, fidelity, device, parts)
     return {**result, "calibrated": read_json(path / "calibrated.json")}
 
@@ -189,6 +196,9 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
     """
     runs = [(run, run.train_config, run.student_scheme()) for run in plan_evaluation(cfg)]
     device = resolve_device(cfg.device)
+    # Every model is loaded (teacher, students) or derived from the teacher (PTQ) in this dtype, so
+    # each is quantized from weights in it and computes in it, as training computes with `dtype`.
+    dtype = resolve_dtype(cfg.dtype, device)
     versions = {"lm_eval": benchmarks.lm_eval_version()}
     # Group by teacher so each teacher is loaded once.
     model_names = sorted({s["model_name"] for _, _, s in runs}) or [cfg.model_name]
@@ -203,9 +213,10 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
                 for method in cfg.calibrated:
                     calibrated_ptq.check_recipe(skeleton, model_name, method, _recipe(method, scheme_key, device))
         tokenizer = load_tokenizer(model_name)
-        teacher = load_model(model_name, device=device).eval()
+        teacher = load_model(model_name, device=device, dtype=dtype).eval()
         precision = teacher_precision(model_name)
-        bench_key = {**cfg.benchmark_settings(), **cfg.perplexity_settings(), **versions, "scoring": SCORING}
+        bench_key = {**cfg.benchmark_settings(), **cfg.perplexity_settings(), **versions, "scoring": SCORING,
+                     "dtype": str(dtype)}
         # How a quantized model runs on CUDA; CPU has one way, and its cache keys stay as they were.
         kernels = {"cuda_int4_kernels": cfg.cuda_int4_kernels} if device.type == "cuda" else {}
         teacher_result = None
@@ -252,7 +263,7 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
                 if fidelity is not None:
                     described = quantization.describe_scheme(*scheme_key[:2], device, scheme_key[2])
                     fid = _cached(cfg, "ptq-fidelity", {"model_name": model_name, "scheme": described,
-                                                        **fidelity.key, **kernels},
+                                                        **fidelity.key, **kernels, "dtype": str(dtype)},
                                   partial(_evaluate_ptq, teacher, tokenizer, cfg, device, *scheme_key, fidelity,
                                           ("fidelity",)))
                     baseline["fidelity"] = fid["fidelity"]
@@ -271,7 +282,7 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
                 rows.append(_row(baseline["key"]["label"] + setting, model_name, baseline))
             forms = ["merge", "adapter"] if scheme["format"] == "lora-adapter" else ["merge"]
             for form in forms:
-                student = load_student(run.path, convert=True, device=str(device), lora_mode=form)
+                student = load_student(run.path, convert=True, device=str(device), dtype=dtype, lora_mode=form)
                 quantization.dequantize_for_eval(student, cfg.cuda_int4_kernels)
                 name = "student" if form == "merge" else "student_lora_adapter"
                 record[name] = evaluate_model(student, tokenizer, cfg, teacher, fidelity, device)

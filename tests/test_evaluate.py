@@ -7,6 +7,7 @@ from pathlib import Path
 
 import papermill as pm
 import pytest
+import torch
 
 from onpolicy_lib import evaluate
 from onpolicy_lib.config import ConfigError, TrainConfig
@@ -41,6 +42,7 @@ def light(run_dirs, tmp_path, **overrides) -> EvalConfig:
     ({"batch_size": 0}, "batch_size must be a positive integer"),
     ({"perplexity_source": "c4"}, "perplexity_source must be one of lambada-offline, wikitext-2"),
     ({"calibrated": ["hqq"]}, r"^calibrated must be one of gptq, awq, gptq-original, awq-original; got 'hqq'$"),
+    ({"dtype": "float16"}, "dtype must be one of auto, float32, bfloat16"),
 ])
 def test_bad_eval_input_is_rejected(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -81,6 +83,31 @@ def test_teacher_and_ptq_are_cached_across_calls(tmp_path, run_dir, monkeypatch)
     assert len(calls) == 1, "teacher and PTQ come from the cache; only the student is evaluated"
     assert again.set_index("model").loc["PTQ int4 g32", "forward_kl"] == ptq["forward_kl"]
     assert len(list((tmp_path / "cache").glob("*.json"))) == 3
+
+
+def test_bf16_evaluation_is_explicit_cached_apart_and_close_to_fp32(tmp_path, run_dir, monkeypatch):
+    """dtype=bfloat16 computes teacher, PTQ and student in bf16 on a CPU; their results are cached apart
+    from fp32's, recorded, and close to fp32's (the tiny model's divergences move by bf16 rounding)."""
+    dtypes = []
+    original = evaluate.evaluate_model
+
+    def recording(model, *args, **kwargs):
+        dtypes.append(next(model.parameters()).dtype)
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "evaluate_model", recording)
+    fp32 = evaluate_runs(light([run_dir], tmp_path)).set_index("model")
+    assert set(dtypes) == {torch.float32}
+    dtypes.clear()
+    bf16 = evaluate_runs(light([run_dir], tmp_path, dtype="bfloat16")).set_index("model")
+    assert dtypes == [torch.bfloat16] * 4  # teacher, PTQ, PTQ fidelity, student: none from fp32's cache
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 6
+    record = json.loads((run_dir / "eval.json").read_text())
+    assert record["config"]["dtype"] == "bfloat16"
+    assert record["baselines"]["teacher"]["key"]["dtype"] == "torch.bfloat16"
+    for model in ("PTQ int4 g32", "run"):
+        assert bf16.loc[model, "forward_kl"] != fp32.loc[model, "forward_kl"]
+        assert bf16.loc[model, "forward_kl"] == pytest.approx(fp32.loc[model, "forward_kl"], rel=0.2), model
 
 
 def test_lora_student_is_evaluated_in_both_forms(tmp_path, tiny_model, tiny_model_dir, tiny_dataset_dir):
