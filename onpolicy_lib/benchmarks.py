@@ -108,11 +108,9 @@ def _offline_config(stock_yaml: Path, data_dir: Path, cache_dir: Path) -> dict[s
                   "fewshot_split": eval_split}
     used = {s for s in splits.values() if s}
     data_files = {s: str(data_dir / s / ARROW_FILE) for s in sorted(used)}
-    evaluated = splits["test_split"] or splits["validation_split"]
     # The arrow builder caches a copy; keeping it in the manager's temp dir leaves no stale entries behind.
     return {"include": str(stock_yaml), "dataset_path": "arrow", "dataset_name": None,
-            "dataset_kwargs": {"data_files": data_files, "cache_dir": str(cache_dir)}, **splits,
-            "evaluated_file": data_files[evaluated]}
+            "dataset_kwargs": {"data_files": data_files, "cache_dir": str(cache_dir)}, **splits}
 
 
 class OfflineTaskManager(TaskManager):
@@ -156,12 +154,12 @@ def _write_offline_yamls(data_root: Path, tasks: Sequence[str], out: Path, cache
         # The group tree (mmlu -> 4 categories -> subjects by tag) is the stock one, unchanged.
         for group_yaml in sorted(mmlu_dir.glob("_mmlu*.yaml")):
             configs[group_yaml.name] = {"include": str(group_yaml)}
-    evaluated = {}
     for name, cfg in configs.items():
-        if "evaluated_file" in cfg:
-            evaluated[name.removesuffix(".yaml")] = cfg.pop("evaluated_file")
         (out / name).write_text(yaml.safe_dump(cfg, sort_keys=True))
-    return evaluated
+    # A leaf task evaluates its test split, else its validation split (lm-eval's rule), from its data file.
+    return {name.removesuffix(".yaml"):
+            cfg["dataset_kwargs"]["data_files"][cfg["test_split"] or cfg["validation_split"]]
+            for name, cfg in configs.items() if "dataset_kwargs" in cfg}
 
 
 def offline_task_manager(root: Path | None = None, tasks: Iterable[str] = BENCHMARKS) -> OfflineTaskManager:

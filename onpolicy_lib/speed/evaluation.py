@@ -22,12 +22,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from onpolicy_lib.speed.hardware import decode_step
 from onpolicy_lib.speed.timing import sync, timed
+
+if TYPE_CHECKING:
+    from onpolicy_lib.config import EvalConfig
+    from onpolicy_lib.evaluate import Fidelity
 
 PARTS = ("benchmarks", "perplexity", "fidelity")
 THROUGHPUT_SHAPE = (8, 256)
@@ -44,8 +48,7 @@ class ForwardMeter:
     padded_tokens: int = 0  # the tensors' sizes, padding included
     generate_s: float = 0.0  # inside model.generate, all of it
     prefill_tokens: int = 0
-    decode_steps: int = 0
-    decode_rows: list[int] = field(default_factory=list)
+    decode_rows: list[int] = field(default_factory=list)  # the rows of each decode step
     _generating: bool = False
 
     def record(self, seconds: float, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:
@@ -53,7 +56,6 @@ class ForwardMeter:
             return
         if self._generating:
             if input_ids.shape[1] == 1 and self.prefill_tokens:
-                self.decode_steps += 1
                 self.decode_rows.append(input_ids.shape[0])
             else:
                 self.prefill_tokens += _real_tokens(input_ids, attention_mask)
@@ -105,7 +107,7 @@ def metered(model: torch.nn.Module, meter: ForwardMeter) -> Iterator[ForwardMete
         del model.forward, model.generate  # the instance attributes; the class's methods are back
 
 
-def eval_config(limit: int):
+def eval_config(limit: int) -> EvalConfig:
     """The evaluation the benchmark times: the five benchmarks at ``limit`` documents (MMLU one per subject),
     perplexity on 4096 tokens, fidelity on 8 held-out chats; nothing cached or written."""
     from onpolicy_lib.config import EvalConfig
@@ -122,8 +124,8 @@ def forward_throughput(model: torch.nn.Module, device: torch.device, repeats: in
     return ids.numel() / seconds
 
 
-def evaluation_figures(student: torch.nn.Module, teacher: torch.nn.Module, tokenizer, eval_cfg, fidelity,
-                       device: torch.device) -> dict[str, Any]:
+def evaluation_figures(student: torch.nn.Module, teacher: torch.nn.Module, tokenizer: Any, eval_cfg: EvalConfig,
+                       fidelity: Fidelity, device: torch.device) -> dict[str, Any]:
     """Each part of ``student``'s evaluation timed, beside the forward passes it needs (see the module)."""
     from onpolicy_lib.evaluate import evaluate_model
 
@@ -155,7 +157,7 @@ def evaluation_figures(student: torch.nn.Module, teacher: torch.nn.Module, token
             "tokens_scored": sum(m.score_tokens for m in meters.values()),
             "tokens_padded": sum(m.padded_tokens for m in meters.values()),
             "forward_calls": sum(m.score_calls for m in meters.values()),
-            "decode_steps": sum(m.decode_steps for m in meters.values()),
+            "decode_steps": sum(len(m.decode_rows) for m in meters.values()),
         }
     measured = [figures[p] for p in PARTS]
     wall, needed = sum(f["wall_s"] for f in measured), sum(f["needed_s"] for f in measured)
