@@ -1,3 +1,4 @@
+# As run on 2026-11-27 from scratch directories: /work/probe (copies of the CPU demo run, caches, old_perplexity.py = onpolicy_lib/perplexity.py at ac87917) and /work/demo (a clone at ac87917 holding the demo run). Adjust the paths to rerun.
 import sys, time, json
 from onpolicy_lib.evaluate import EvalConfig, evaluate_runs
 d = sys.argv[1]

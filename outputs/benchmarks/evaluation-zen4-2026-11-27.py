@@ -1,3 +1,4 @@
+# As run on 2026-11-27 from scratch directories: /work/probe (copies of the CPU demo run, caches, old_perplexity.py = onpolicy_lib/perplexity.py at ac87917) and /work/demo (a clone at ac87917 holding the demo run). Adjust the paths to rerun.
 """The speed benchmark's evaluation block, with the code before the evaluation work (stock) or after (new)."""
 import os, sys, json, importlib.util, torch
 from onpolicy_lib import quantization, benchmarks, evaluate, fidelity
