@@ -82,6 +82,12 @@ def generate_completions(model: torch.nn.Module, inputs: dict[str, torch.Tensor]
     sequences = model.generate(input_ids=inputs["prompt_ids"], attention_mask=inputs["prompt_attention_mask"],
                                pad_token_id=pad_token_id, eos_token_id=eos_token_ids, use_cache=True,
                                **generate_kwargs)
+    return completion_batch(inputs, sequences, pad_token_id, eos_token_ids)
+
+
+def completion_batch(inputs: dict[str, torch.Tensor], sequences: torch.Tensor, pad_token_id: int,
+                     eos_token_ids: list[int]) -> dict[str, torch.Tensor]:
+    """The batch rebuilt around ``sequences`` (``generate``'s: the prompt columns, then the completions)."""
     completion_ids = sequences[:, inputs["prompt_ids"].shape[1]:]
     completion_mask = completion_mask_from_generation(completion_ids, eos_token_ids)
     completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_token_id)

@@ -150,6 +150,11 @@ class TrainConfig(_Params):
                                 "(F.linear, exact, the default) or weight_major (opt-in, weight @ x^T: a faster "
                                 "CPU kernel for a decode step's few rows; the same policy within float rounding)",
                                 short="rollmm")
+    rollout_compile: bool = param(False, "compile the student's rollout decode step (opt-in): a static KV cache of one "
+                                  "length and one torch.compile'd step for the whole run, on an in-place copy of "
+                                  "the student's rollout weights; compiles once per run (minutes on a CPU, so it "
+                                  "pays off on long runs or long rollouts); the same policy within float rounding; "
+                                  "composes with rollout_dtype and rollout_matmul", short="rollcomp")
     # Optimisation.
     learning_rate: float = param(1e-4, "peak learning rate (AdamW, linear schedule with warm-up)", short="lr")
     per_device_train_batch_size: int = param(2, "chats per micro-batch", short="bs")
@@ -220,7 +225,8 @@ class TrainConfig(_Params):
             check_int("lora_r", self.lora_r)
             check_int("lora_alpha", self.lora_alpha)
             _check_fraction("lora_dropout", self.lora_dropout, upper_open=True)
-        for name in ("seq_kd", "do_eval", "train_embeddings", "disable_dropout", "quantize_head", "fsdp"):
+        for name in ("seq_kd", "do_eval", "train_embeddings", "disable_dropout", "quantize_head", "fsdp",
+                     "rollout_compile"):
             _check_bool(name, getattr(self, name))
         if self.fsdp and self.lora_r is not None:
             raise ConfigError(f"fsdp shards full fine-tuning; LoRA (lora_r={self.lora_r}) trains small adapters "
@@ -237,6 +243,10 @@ class TrainConfig(_Params):
         if self.fsdp and self.rollout_matmul != "linear":
             raise ConfigError(f"rollout_matmul must be linear with fsdp (the weight-major product is untested on "
                               f"gathered shards), got {self.rollout_matmul!r}")
+        if self.rollout_compile and (self.fsdp or self.lora_r is not None):
+            raise ConfigError("rollout_compile needs a plain quantization-aware student (it samples from a copy of "
+                              "the teacher's architecture holding the student's weights): set fsdp False and "
+                              f"lora_r None, got fsdp={self.fsdp}, lora_r={self.lora_r}")
         _check_choice("divergence", self.divergence, DIVERGENCES)
         check_int("cakld_confidence_chats", self.cakld_confidence_chats)
         if not isinstance(self.eval_parameters, dict):

@@ -42,10 +42,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 from onpolicy_lib.batches import (
     IGNORE_INDEX,
     DistillCollator,
+    completion_batch,
     completion_forward,
     eos_token_ids,
     generate_completions,
 )
+from onpolicy_lib.compiled_rollouts import CompiledSampler
 from onpolicy_lib.config import TrainConfig
 from onpolicy_lib.divergence import cakld, generalized_jsd, token_nll
 from onpolicy_lib.quantization import (
@@ -75,6 +77,10 @@ class DistillConfig(TrainingArguments):
     disable_dropout: bool = _gkd_field("disable_dropout")
     rollout_dtype: str = _gkd_field("rollout_dtype")
     rollout_matmul: str = _gkd_field("rollout_matmul")
+    rollout_compile: bool = _gkd_field("rollout_compile")
+    rollout_cache_len: int | None = field(
+        default=None, metadata={"help": "with rollout_compile: prompt + new tokens its static cache holds (None: "
+                                         "sized from the first rollout)"})
     divergence: str = _gkd_field("divergence")
     cakld_gamma: float | None = field(
         default=None, metadata={"help": "with divergence='cakld': the teacher's mean confidence (teacher_confidence)"})
@@ -141,6 +147,7 @@ class DistillTrainer(Trainer):
         self._log_since = dict(self.stats)
         self._micro, self._micro_step = 0, None
         self._weights_shared = False
+        self._sampler: CompiledSampler | None = None  # built at the first compiled rollout
 
     # -- sharding (FSDP2 through accelerate)
     def create_accelerator_and_postprocess(self) -> None:
@@ -223,21 +230,40 @@ class DistillTrainer(Trainer):
         weight_major = self.args.rollout_matmul == "weight_major" and student
         # A sharded student's forward is a collective: every process runs as many as the longest rollout.
         synced = {"synced_gpus": True} if self.is_fsdp_enabled and student else {}
+        compiled = self.args.rollout_compile and student and not self.is_fsdp_enabled
         try:
-            with (materialized_fake_quant(unwrapped) if fast else nullcontext(),
-                  cast_for_rollout(unwrapped, getattr(torch, self.args.rollout_dtype)) if cast else nullcontext(),
-                  weight_major_rollout(unwrapped) if weight_major else nullcontext(),
-                  autocast):
-                batch = generate_completions(
-                    unwrapped, inputs, self.processing_class.pad_token_id, self.eos_token_ids,
-                    do_sample=True, temperature=self.args.temperature, top_k=0, top_p=1.0,
-                    max_new_tokens=self.args.max_new_tokens, min_new_tokens=self.args.min_new_tokens, **synced)
+            if compiled:
+                with autocast:
+                    batch = self.compiled_rollout(unwrapped, inputs)
+            else:
+                with (materialized_fake_quant(unwrapped) if fast else nullcontext(),
+                      cast_for_rollout(unwrapped, getattr(torch, self.args.rollout_dtype)) if cast else nullcontext(),
+                      weight_major_rollout(unwrapped) if weight_major else nullcontext(),
+                      autocast):
+                    batch = generate_completions(
+                        unwrapped, inputs, self.processing_class.pad_token_id, self.eos_token_ids,
+                        do_sample=True, temperature=self.args.temperature, top_k=0, top_p=1.0,
+                        max_new_tokens=self.args.max_new_tokens, min_new_tokens=self.args.min_new_tokens, **synced)
         finally:
             unwrapped.train(was_training)
         width_p = inputs["prompt_ids"].shape[1]
         self.stats["tokens_generated"] += int(batch["attention_mask"][:, width_p:].sum())
         self.stats["rollout_seconds"] += time.perf_counter() - start
         return batch
+
+    def compiled_rollout(self, student: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """:meth:`rollout` through a :class:`CompiledSampler` (``rollout_compile``): the student's rollout
+        weights copied into its fixed-shape copy, then sampled with ``generate``'s rules."""
+        if self._sampler is None:
+            self._sampler = CompiledSampler(self.teacher_model, getattr(torch, self.args.rollout_dtype),
+                                            self.args.rollout_cache_len,
+                                            weight_major=self.args.rollout_matmul == "weight_major")
+        self._sampler.refresh(student)  # inside an on-policy step: the step's shared quantized weights
+        sequences = self._sampler.sample(
+            inputs["prompt_ids"], inputs["prompt_attention_mask"], eos_token_ids=self.eos_token_ids,
+            pad_token_id=self.processing_class.pad_token_id, temperature=self.args.temperature,
+            max_new_tokens=self.args.max_new_tokens, min_new_tokens=self.args.min_new_tokens)
+        return completion_batch(inputs, sequences, self.processing_class.pad_token_id, self.eos_token_ids)
 
     def on_policy_draw(self) -> float:
         # A draw keyed by (seed, step, micro-batch) rather than a running generator, so the

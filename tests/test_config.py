@@ -43,6 +43,8 @@ def offline(**overrides) -> TrainConfig:
     ({"fsdp": True, "lora_r": 8}, r"^fsdp shards full fine-tuning; LoRA \(lora_r=8\) .* uses DDP"),
     ({"fsdp": True, "rollout_dtype": "bfloat16"}, r"^rollout_dtype must be float32 with fsdp"),
     ({"fsdp": True, "rollout_matmul": "weight_major"}, r"^rollout_matmul must be linear with fsdp"),
+    ({"rollout_compile": "yes"}, r"^rollout_compile must be"),
+    ({"rollout_compile": True, "lora_r": 8}, r"^rollout_compile needs a plain quantization-aware student .*lora_r=8"),
     ({"model_name": "no-such-model"}, r"^model_name must be a packaged alias \(smollm2-135m-instruct, gemma3-270m\)"),
     ({"model_name": "/nowhere/model.gguf"}, r"^model_name: GGUF file '/nowhere/model.gguf' does not exist"),
     ({"dataset_name": "nonsense"}, r"dataset_name"),

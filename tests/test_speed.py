@@ -40,6 +40,9 @@ STEP_LABELS = [
     "(b) ours, lambda=0",
     "(b) ours, lambda=1",
     "    ours, lambda=1, bf16 rollouts (opt-in)",
+    "    ours, lambda=1, compiled rollouts (opt-in)",
+    "    ours, lambda=0, bf16 autocast training (opt-in)",
+    "    ours, lambda=1, bf16 autocast training (opt-in)",
     "(c) stock TRL GKDTrainer, lambda=0",
     "(c) stock TRL GKDTrainer, lambda=1",
     "    TRL, gradient_checkpointing=False, lambda=0",
@@ -51,6 +54,7 @@ GENERATION_LABELS = [
     "student, quantized once per step (our rollouts)",
     "  same, bf16 rollout (opt-in rollout_dtype)",
     "  same, weight-major decode (opt-in rollout_matmul)",
+    "  same, compiled weight-major decode (rollout_compile)",
     "student, materialised for the call alone",
     "student, fake-quant weights (stock TRL's)",
     "quantizing all weights once (once per on-policy step)",
@@ -60,9 +64,14 @@ RATIO_LABELS = [
     "ours lambda=0 / floor",
     "ours lambda=1 / ours lambda=0",
     "  same, bf16 rollouts (opt-in)",
+    "  same, compiled rollouts (opt-in)",
+    "  same, both in bf16 autocast training (opt-in)",
     "ours lambda=1 / (plain generation + lambda=1 floor)",
     "TRL lambda=1 / ours lambda=1 (speed-up)",
     "  same, ours with bf16 rollouts (opt-in)",
+    "  same, ours with compiled rollouts (opt-in)",
+    "fp32 / bf16 autocast training step, lambda=0",
+    "fp32 / bf16 autocast training step, lambda=1",
     "TRL lambda=0 / ours lambda=0 (speed-up)",
     "  same, TRL without checkpointing, lambda=1",
     "  same, TRL without checkpointing, lambda=0",
@@ -70,9 +79,10 @@ RATIO_LABELS = [
     "  same, weights materialised for the call",
     "fake-quant / our student generation time",
 ]
-TIMING_KEYS = {"floor", "floor_lambda1_shape", "optimizer", "ours_0", "ours_1", "ours_1_bf16", "trl_0", "trl_1",
+TIMING_KEYS = {"floor", "floor_lambda1_shape", "optimizer", "ours_0", "ours_1", "ours_1_bf16", "ours_1_compiled",
+               "ours_0_bf16train", "ours_1_bf16train", "trl_0", "trl_1",
                "trl_nockpt_0", "trl_nockpt_1", "gen_plain", "gen_student", "gen_student_bf16", "gen_student_wm",
-               "gen_materialised", "gen_fake_quant", "quantize_once"}
+               "gen_student_compiled", "gen_materialised", "gen_fake_quant", "quantize_once"}
 
 
 def split_row(line: str) -> tuple[str, list[str]]:
@@ -105,29 +115,37 @@ def test_speed_runs_end_to_end(tiny_model_dir, tiny_dataset_dir, tmp_path, capsy
     for name, timing in saved["timings"].items():
         assert len(timing["seconds"]) == 1 and timing["median_s"] > 0, name
         assert timing["peak_mb"] > 0, name
-    for name in ("ours_1", "ours_1_bf16", "trl_1", "trl_nockpt_1"):  # the lambda=1 contenders really generated
+    for name in ("ours_1", "ours_1_bf16", "ours_1_compiled", "ours_1_bf16train", "trl_1",
+                 "trl_nockpt_1"):  # the lambda=1 contenders really generated
         assert saved["timings"][name]["parts_median_s"]["rollout"] > 0, name
     assert saved["timings"]["ours_0"]["parts_median_s"]["rollout"] == 0
     # Equal work: every lambda=1 contender scored exactly batch x max_new_tokens completion tokens,
     # every lambda=0 contender the dataset completions.
     scored = {name: timing["parts_median_s"]["scored_tokens"] for name, timing in saved["timings"].items()
               if "scored_tokens" in timing["parts_median_s"]}
-    assert scored["ours_1"] == scored["ours_1_bf16"] == scored["trl_1"] == scored["trl_nockpt_1"] == 2 * 4
-    assert scored["ours_0"] == scored["trl_0"] == scored["trl_nockpt_0"] == sum(saved["batch"]["completion_tokens"])
+    assert (scored["ours_1"] == scored["ours_1_bf16"] == scored["ours_1_compiled"] == scored["ours_1_bf16train"]
+            == scored["trl_1"] == scored["trl_nockpt_1"] == 2 * 4)
+    assert (scored["ours_0"] == scored["ours_0_bf16train"] == scored["trl_0"] == scored["trl_nockpt_0"]
+            == sum(saved["batch"]["completion_tokens"]))
+    assert saved["timings"]["gen_student_compiled"]["parts_median_s"]["first_rollout_compiling"] > 0
+    assert saved["rollout_compile_s"] > 0 and "compiled rollouts: the first one, compiling" in printed
     assert all(v > 0 for v in saved["tokens_per_s"].values())
     assert all(v is not None and v > 0 for v in saved["ratios"].values())
     assert tables(printed) == [STEP_LABELS, GENERATION_LABELS, RATIO_LABELS]
     # The machine's ceilings and the decode step against them, fp32 and bf16 (half the weight bytes).
     hardware = saved["hardware"]
     # Every rollout form: fp32 and bf16, each also weight-major (the same weights, so the same bytes).
-    forms = ("fp32", "fp32_wm", "bf16", "bf16_wm")
+    forms = ("fp32", "fp32_wm", "bf16", "bf16_wm", "fp32_wm_compiled")
     assert all(hardware[k] > 0 for k in ("read_gb_s", "gemm_fp32_gflops", "gemm_bf16_gflops"))
     assert all(hardware[f"decode_{f}_s"] > 0 and hardware[f"decode_{f}_over_read"] > 0 for f in forms)
     assert hardware["weights_mb_bf16"] == pytest.approx(hardware["weights_mb_fp32"] / 2)
     assert hardware["weights_mb_fp32_wm"] == hardware["weights_mb_fp32"]
     assert hardware["weights_mb_bf16_wm"] == hardware["weights_mb_bf16"]
+    assert hardware["weights_mb_fp32_wm_compiled"] == hardware["weights_mb_fp32"]
+    assert hardware["decode_fp32_wm_compiled_compile_s"] > 0
     assert "(e) the machine: memory read" in printed
-    for label in ("fp32 weights (", "fp32 weights, weight-major", "bf16 weights (", "bf16 weights, weight-major"):
+    for label in ("fp32 weights (", "fp32 weights, weight-major", "bf16 weights (", "bf16 weights, weight-major",
+                  "fp32, weight-major, compiled"):
         assert f"decode step, {label}" in printed, label
     for label in ("peak MB", "tokens/s", "median s", "rollout s", "measured", "target"):
         assert label in printed, label
@@ -186,9 +204,10 @@ def test_settings_default_to_the_demo_and_keep_the_flags():
 def fake_results(skip_trl: bool = False, contended: str | None = None) -> dict:
     """Results shaped as :func:`speed.run` returns them, from made-up timings (no model)."""
     seconds = {"floor": 1.0, "floor_lambda1_shape": 1.2, "optimizer": 0.1, "ours_0": 1.2, "ours_1": 2.0,
-               "ours_1_bf16": 1.6, "trl_0": 3.0, "trl_1": 10.0, "trl_nockpt_0": 2.5, "trl_nockpt_1": 6.0,
+               "ours_1_bf16": 1.6, "ours_1_compiled": 1.5, "ours_0_bf16train": 0.8, "ours_1_bf16train": 1.0,
+               "trl_0": 3.0, "trl_1": 10.0, "trl_nockpt_0": 2.5, "trl_nockpt_1": 6.0,
                "gen_plain": 0.5, "gen_student": 0.6, "gen_student_bf16": 0.4, "gen_student_wm": 0.3,
-               "gen_materialised": 0.9,
+               "gen_student_compiled": 0.2, "gen_materialised": 0.9,
                "gen_fake_quant": 3.0, "quantize_once": 0.05}
     timings = {}
     for key, value in seconds.items():
@@ -205,7 +224,7 @@ def fake_results(skip_trl: bool = False, contended: str | None = None) -> dict:
             "timings": {k: v.as_dict() for k, v in timings.items()},
             "tokens_per_s": {k: 8 / timings[k].median
                              for k in ("gen_plain", "gen_student", "gen_student_bf16", "gen_student_wm",
-                                       "gen_materialised", "gen_fake_quant")},
+                                       "gen_student_compiled", "gen_materialised", "gen_fake_quant")},
             "hardware": {"read_gb_s": 20.0, "gemm_fp32_gflops": 100.0, "gemm_bf16_gflops": 300.0,
                          "weights_mb_fp32": 500.0, "decode_fp32_s": 0.1, "decode_fp32_over_read": 4.0,
                          "weights_mb_fp32_wm": 500.0, "decode_fp32_wm_s": 0.05, "decode_fp32_wm_over_read": 2.0,
@@ -231,6 +250,11 @@ def test_report_has_every_row_with_its_figures():
     assert lines["TRL lambda=1 / ours lambda=1 (speed-up)"] == ["5.00", ">=", "4.0", "✓"]
     assert lines["plain / our student generation tokens/s"] == ["1.20", "<=", "1.3", "✓"]
     assert lines["  same, bf16 rollouts (opt-in)"] == ["1.33", "<=", "1.5", "✓"]
+    assert lines["  same, compiled rollouts (opt-in)"] == ["1.25", "<=", "1.5", "✓"]
+    assert lines["  same, ours with compiled rollouts (opt-in)"] == ["6.67", ">=", "4.0", "✓"]
+    assert lines["fp32 / bf16 autocast training step, lambda=1"] == ["2.00", "-"]
+    assert lines["  same, both in bf16 autocast training (opt-in)"] == ["1.25", "<=", "1.5", "✓"]
+    assert lines["  same, compiled weight-major decode (rollout_compile)"] == ["0.20", "40.0", "500"]
     # The hardware block: each decode step against reading its weights once at the measured bandwidth.
     assert "(e) the machine: memory read 20.0 GB/s; GEMM 100 GFLOP/s fp32, 300 GFLOP/s bf16" in printed
     assert lines["decode step, fp32 weights (500 MB)"] == ["0.100", "0.025", "4.00", "<=", "2.0", "✗"]

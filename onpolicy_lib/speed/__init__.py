@@ -37,10 +37,12 @@ Modules: :mod:`.timing` (how a contender is timed), :mod:`.contenders` (what is 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
 import tempfile
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -62,7 +64,7 @@ from onpolicy_lib.speed.contenders import (
     trl_trainer,
 )
 from onpolicy_lib.speed.evaluation import eval_config, evaluation_figures
-from onpolicy_lib.speed.hardware import DECODE_FORMS, ceilings, decode_step, weight_bytes
+from onpolicy_lib.speed.hardware import DECODE_FORMS, ceilings, compiled_decode_step, decode_step, weight_bytes
 from onpolicy_lib.speed.report import format_report, ratios
 from onpolicy_lib.speed.settings import SpeedSettings, parse_args
 from onpolicy_lib.speed.timing import Timing, load_average, release
@@ -89,6 +91,10 @@ def run(s: SpeedSettings) -> dict[str, Any]:
     features, chats = fixed_batch(tokenizer, cfg.dataset_name, cfg.per_device_train_batch_size, cfg.max_length,
                                   cfg.min_completion_tokens)
     ours_batch = to_device(DistillCollator(tokenizer.pad_token_id)(features), device)
+
+    def teacher_bf16() -> torch.nn.Module:
+        # What a dtype=bfloat16 run's teacher is: its weights in bf16 (the student keeps fp32 masters).
+        return copy.deepcopy(teacher).to(torch.bfloat16)
 
     def student() -> torch.nn.Module:
         torch.manual_seed(cfg.seed)  # the same starting point and sampling stream for every contender
@@ -126,12 +132,24 @@ def run(s: SpeedSettings) -> dict[str, Any]:
         release()
 
         # (b) our step at lambda=0 and lambda=1, and at lambda=1 with the opt-in bf16 rollouts.
-        for key, lmbda, rollout_dtype in (("ours_0", 0.0, "float32"), ("ours_1", 1.0, "float32"),
-                                          ("ours_1_bf16", 1.0, "bfloat16")):
-            label = f"ours lambda={lmbda:g}" + (" bf16 rollouts" if rollout_dtype != "float32" else "")
+        # Then the opt-in forms: bf16 rollouts; compiled weight-major fp32 rollouts (compiled in the
+        # warm-up step, timed apart); bf16 autocast training (dtype bfloat16: a bf16 teacher, fp32
+        # master weights), on CPU only where it is not already the default.
+        variants: list[tuple[str, float, dict[str, Any]]] = [
+            ("ours_0", 0.0, {}), ("ours_1", 1.0, {}), ("ours_1_bf16", 1.0, {"rollout_dtype": "bfloat16"}),
+            ("ours_1_compiled", 1.0, {"rollout_compile": True, "rollout_matmul": "weight_major"})]
+        if device.type == "cpu":
+            variants += [("ours_0_bf16train", 0.0, {"bf16": True}), ("ours_1_bf16train", 1.0, {"bf16": True})]
+        for key, lmbda, opt_in in variants:
+            label = f"ours lambda={lmbda:g}" + "".join(f" {k}={v}" for k, v in opt_in.items())
             print(f"{label} ...", file=sys.stderr, flush=True)
-            trainer = our_trainer(student(), teacher, tokenizer, cfg, device, out, lmbda=lmbda)
-            trainer.args.rollout_dtype = rollout_dtype
+            bf16 = opt_in.get("bf16", False)
+            trainer = our_trainer(student(), teacher_bf16() if bf16 else teacher, tokenizer, cfg, device, out,
+                                  lmbda=lmbda, **opt_in)
+            if opt_in.get("rollout_compile"):
+                compile_start = time.perf_counter()
+                trainer.rollout(trainer.model, ours_batch)
+                results["rollout_compile_s"] = time.perf_counter() - compile_start
             timings[key] = run_trainer(trainer, ours_batch, s.steps, s.warmup, device, "rollout", label)
             del trainer
             release()
@@ -155,7 +173,7 @@ def run(s: SpeedSettings) -> dict[str, Any]:
     results["timings"] = {k: v.as_dict() for k, v in timings.items()}
     results["tokens_per_s"] = {k: new_tokens / timings[k].median for k in
                                ("gen_plain", "gen_student", "gen_student_bf16", "gen_student_wm",
-                                "gen_materialised", "gen_fake_quant")}
+                                "gen_student_compiled", "gen_materialised", "gen_fake_quant")}
     results["ratios"] = ratios(timings)
     results["load_average"] = {"start": load_start, "end": load_average()}
     results["cpu_share_min"] = min(t.cpu_share for t in timings.values())
@@ -168,13 +186,19 @@ def hardware_figures(model: torch.nn.Module, batch: dict[str, torch.Tensor], dev
     at the measured bandwidth."""
     figures = ceilings(device)
     args = (batch["prompt_ids"], batch["prompt_attention_mask"], device)
-    for key, _, rollout_dtype, rollout_matmul in DECODE_FORMS:
-        with (quantization.cast_for_rollout(model, getattr(torch, rollout_dtype)),
-              quantization.weight_major_rollout(model) if rollout_matmul == "weight_major" else nullcontext()):
-            seconds, size = decode_step(model, *args), weight_bytes(model)
-        figures[f"weights_mb_{key}"] = size / 1e6
-        figures[f"decode_{key}_s"] = seconds
-        figures[f"decode_{key}_over_read"] = seconds / (size / (figures["read_gb_s"] * 1e9))
+    for form in DECODE_FORMS:
+        if form.rollout_compile:
+            seconds, figures[f"decode_{form.key}_compile_s"] = compiled_decode_step(
+                model, *args, weight_major=form.rollout_matmul == "weight_major")
+            size = weight_bytes(model)
+        else:
+            with (quantization.cast_for_rollout(model, getattr(torch, form.rollout_dtype)),
+                  quantization.weight_major_rollout(model) if form.rollout_matmul == "weight_major"
+                  else nullcontext()):
+                seconds, size = decode_step(model, *args), weight_bytes(model)
+        figures[f"weights_mb_{form.key}"] = size / 1e6
+        figures[f"decode_{form.key}_s"] = seconds
+        figures[f"decode_{form.key}_over_read"] = seconds / (size / (figures["read_gb_s"] * 1e9))
     return figures
 
 

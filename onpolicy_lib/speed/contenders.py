@@ -108,9 +108,11 @@ def _common_args(cfg: TrainConfig, device: torch.device, out: str, lmbda: float)
 
 
 def our_trainer(student: torch.nn.Module, teacher: torch.nn.Module, tokenizer: Any, cfg: TrainConfig,
-                device: torch.device, out: str, lmbda: float) -> DistillTrainer:
+                device: torch.device, out: str, lmbda: float, **opt_in: Any) -> DistillTrainer:
+    """Our trainer on the benchmark's settings; ``opt_in``: DistillConfig fields set otherwise."""
     # min_new_tokens = max: at lambda=1 every contender generates, and scores, the same number of tokens.
-    args = DistillConfig(**_common_args(cfg, device, out, lmbda), min_new_tokens=cfg.max_new_tokens)
+    args = DistillConfig(**{**_common_args(cfg, device, out, lmbda), "min_new_tokens": cfg.max_new_tokens,
+                            "rollout_cache_len": cfg.max_length + cfg.max_new_tokens, **opt_in})
     trainer = DistillTrainer(student, teacher, args, processing_class=tokenizer)
     _ready(trainer)
     return trainer
@@ -212,6 +214,17 @@ def time_generation(trainer: DistillTrainer, teacher: torch.nn.Module, batch: di
         with trainer.shared_weights(student):
             timings["gen_student_wm"] = timed(rollout_of(student), s.steps, s.warmup, device,
                                               "student, quantized once per step, weight-major decode")
+        # The opt-in compiled decode step (weight-major inside): compiled at the first rollout, timed apart.
+        trainer.args.rollout_compile = True
+        trainer.args.rollout_matmul = "weight_major"
+        with trainer.shared_weights(student):
+            start = time.perf_counter()
+            trainer.rollout(student, batch)
+            compile_s = time.perf_counter() - start
+            timings["gen_student_compiled"] = timed(rollout_of(student), s.steps, s.warmup, device,
+                                                    "student, quantized once per step, compiled decode")
+        timings["gen_student_compiled"].parts["first_rollout_compiling"] = [compile_s]
+        trainer.args.rollout_compile = False
         trainer.args.rollout_matmul = "linear"
     timings["gen_materialised"] = timed(rollout_of(student), s.steps, s.warmup, device,
                                         "student, materialised for the call")

@@ -11,19 +11,33 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import NamedTuple
 
 import torch
 
+from onpolicy_lib.compiled_rollouts import CompiledSampler
 from onpolicy_lib.speed.timing import sync, timed
 
 _READ_BYTES = 512 * 2**20  # well past any CPU's last-level cache
-# The forms a rollout's decode step can take: (key, label, rollout_dtype, rollout_matmul), the
-# last two as TrainConfig names them. The first is the default, exact one.
-DECODE_FORMS: tuple[tuple[str, str, str, str], ...] = (
-    ("fp32", "fp32 weights", "float32", "linear"),
-    ("fp32_wm", "fp32 weights, weight-major", "float32", "weight_major"),
-    ("bf16", "bf16 weights", "bfloat16", "linear"),
-    ("bf16_wm", "bf16 weights, weight-major", "bfloat16", "weight_major"),
+
+
+class DecodeForm(NamedTuple):
+    """A form a rollout's decode step can take, its settings as TrainConfig names them."""
+
+    key: str
+    label: str
+    rollout_dtype: str
+    rollout_matmul: str
+    rollout_compile: bool = False
+
+
+# The first is the default, exact one.
+DECODE_FORMS: tuple[DecodeForm, ...] = (
+    DecodeForm("fp32", "fp32 weights", "float32", "linear"),
+    DecodeForm("fp32_wm", "fp32 weights, weight-major", "float32", "weight_major"),
+    DecodeForm("bf16", "bf16 weights", "bfloat16", "linear"),
+    DecodeForm("bf16_wm", "bf16 weights, weight-major", "bfloat16", "weight_major"),
+    DecodeForm("fp32_wm_compiled", "fp32, weight-major, compiled", "float32", "weight_major", True),
 )
 
 
@@ -73,3 +87,31 @@ def decode_step(model: torch.nn.Module, prompt_ids: torch.Tensor, attention_mask
         times.append(time.perf_counter() - start)
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
     return statistics.median(times[1:])  # the first step after prefill is a warm-up
+
+
+@torch.no_grad()
+def compiled_decode_step(model: torch.nn.Module, prompt_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         device: torch.device, weight_major: bool, steps: int = 8,
+                         repeats: int = 3) -> tuple[float, float]:
+    """Seconds of one compiled decode step (:class:`~onpolicy_lib.compiled_rollouts.CompiledSampler`,
+    sampling included), and the seconds its compilation took.
+
+    A step's time is the difference between sampling ``steps + 1`` tokens and one (the prefill and
+    the first token alone), medians over ``repeats``, divided by ``steps``; no row ends early.
+    """
+    sampler = CompiledSampler(model, max_cache_len=prompt_ids.shape[1] + steps + 1, weight_major=weight_major)
+    sampler.refresh(model)
+
+    def sample(tokens: int) -> float:
+        sync(device)
+        start = time.perf_counter()
+        sampler.sample(prompt_ids, attention_mask, eos_token_ids=[], pad_token_id=0, temperature=1.0,
+                       max_new_tokens=tokens)
+        sync(device)
+        return time.perf_counter() - start
+
+    first = sample(2)  # its decode step compiles
+    compile_s = first - sample(2)
+    long = statistics.median(sample(steps + 1) for _ in range(repeats))
+    short = statistics.median(sample(1) for _ in range(repeats))
+    return (long - short) / steps, compile_s

@@ -53,6 +53,11 @@ def ratios(timings: dict[str, Timing]) -> dict[str, float | None]:
         "ours_lambda1_over_ours_lambda0": ratio("ours_1", "ours_0"),
         "ours_lambda1_bf16_over_ours_lambda0": ratio("ours_1_bf16", "ours_0"),
         "trl_lambda1_over_ours_lambda1_bf16": ratio("trl_1", "ours_1_bf16"),
+        "ours_lambda1_compiled_over_ours_lambda0": ratio("ours_1_compiled", "ours_0"),
+        "trl_lambda1_over_ours_lambda1_compiled": ratio("trl_1", "ours_1_compiled"),
+        "ours_bf16train_lambda1_over_lambda0": ratio("ours_1_bf16train", "ours_0_bf16train"),
+        "ours_lambda0_over_bf16train": ratio("ours_0", "ours_0_bf16train"),
+        "ours_lambda1_over_bf16train": ratio("ours_1", "ours_1_bf16train"),
         "trl_lambda1_over_ours_lambda1": ratio("trl_1", "ours_1"),
         "trl_lambda0_over_ours_lambda0": ratio("trl_0", "ours_0"),
         "trl_nockpt_lambda1_over_ours_lambda1": ratio("trl_nockpt_1", "ours_1"),
@@ -72,6 +77,9 @@ STEP_ROWS: tuple[tuple[str, str, bool], ...] = (
     ("(b) ours, lambda=0", "ours_0", True),
     ("(b) ours, lambda=1", "ours_1", True),
     ("    ours, lambda=1, bf16 rollouts (opt-in)", "ours_1_bf16", True),
+    ("    ours, lambda=1, compiled rollouts (opt-in)", "ours_1_compiled", True),
+    ("    ours, lambda=0, bf16 autocast training (opt-in)", "ours_0_bf16train", True),
+    ("    ours, lambda=1, bf16 autocast training (opt-in)", "ours_1_bf16train", True),
     ("(c) stock TRL GKDTrainer, lambda=0", "trl_0", True),
     ("(c) stock TRL GKDTrainer, lambda=1", "trl_1", True),
     ("    TRL, gradient_checkpointing=False, lambda=0", "trl_nockpt_0", True),
@@ -83,6 +91,7 @@ GENERATION_ROWS: tuple[tuple[str, str], ...] = (
     ("student, quantized once per step (our rollouts)", "gen_student"),
     ("  same, bf16 rollout (opt-in rollout_dtype)", "gen_student_bf16"),
     ("  same, weight-major decode (opt-in rollout_matmul)", "gen_student_wm"),
+    ("  same, compiled weight-major decode (rollout_compile)", "gen_student_compiled"),
     ("student, materialised for the call alone", "gen_materialised"),
     ("student, fake-quant weights (stock TRL's)", "gen_fake_quant"),
     ("quantizing all weights once (once per on-policy step)", "quantize_once"),
@@ -92,9 +101,15 @@ RATIO_ROWS: tuple[tuple[str, str, Target | None], ...] = (
     ("ours lambda=0 / floor", "ours_lambda0_over_floor", TARGET_OURS_VS_FLOOR),
     ("ours lambda=1 / ours lambda=0", "ours_lambda1_over_ours_lambda0", TARGET_LAMBDA1_VS_LAMBDA0),
     ("  same, bf16 rollouts (opt-in)", "ours_lambda1_bf16_over_ours_lambda0", TARGET_LAMBDA1_VS_LAMBDA0),
+    ("  same, compiled rollouts (opt-in)", "ours_lambda1_compiled_over_ours_lambda0", TARGET_LAMBDA1_VS_LAMBDA0),
+    ("  same, both in bf16 autocast training (opt-in)", "ours_bf16train_lambda1_over_lambda0",
+     TARGET_LAMBDA1_VS_LAMBDA0),
     ("ours lambda=1 / (plain generation + lambda=1 floor)", "ours_lambda1_over_lambda1_floor", None),
     ("TRL lambda=1 / ours lambda=1 (speed-up)", "trl_lambda1_over_ours_lambda1", TARGET_TRL_SPEEDUP),
     ("  same, ours with bf16 rollouts (opt-in)", "trl_lambda1_over_ours_lambda1_bf16", TARGET_TRL_SPEEDUP),
+    ("  same, ours with compiled rollouts (opt-in)", "trl_lambda1_over_ours_lambda1_compiled", TARGET_TRL_SPEEDUP),
+    ("fp32 / bf16 autocast training step, lambda=0", "ours_lambda0_over_bf16train", None),
+    ("fp32 / bf16 autocast training step, lambda=1", "ours_lambda1_over_bf16train", None),
     ("TRL lambda=0 / ours lambda=0 (speed-up)", "trl_lambda0_over_ours_lambda0", None),
     ("  same, TRL without checkpointing, lambda=1", "trl_nockpt_lambda1_over_ours_lambda1", None),
     ("  same, TRL without checkpointing, lambda=0", "trl_nockpt_lambda0_over_ours_lambda0", None),
@@ -147,13 +162,13 @@ def _step_rows(t: dict[str, Any], flag: Callable[[str], str]) -> list[dict[str, 
 def _generation_rows(t: dict[str, Any], tokens_per_s: dict[str, float],
                      flag: Callable[[str], str]) -> list[dict[str, Any]]:
     return [{"label": label, "median": t[key]["median_s"], "rate": tokens_per_s.get(key), "peak": t[key]["peak_mb"],
-             "note": flag(key)} for label, key in GENERATION_ROWS]
+             "note": flag(key)} for label, key in GENERATION_ROWS if key in t]  # older results lack new rows
 
 
 def _ratio_rows(q: dict[str, float | None]) -> list[dict[str, Any]]:
     rows = []
     for label, key, target in RATIO_ROWS:
-        value = q[key]
+        value = q.get(key)  # None: not measured (or results written before it existed)
         met = None if value is None or target is None else ("✓" if target.met(value) else "✗")
         rows.append({"label": label, "value": "n/a" if value is None else value,
                      "target": "-" if target is None else str(target), "met": met})
@@ -170,8 +185,10 @@ def _hardware_lines(h: dict[str, float]) -> list[str]:
     rows = [{"label": f"decode step, {label} ({h[f'weights_mb_{key}']:.0f} MB)", "median": h[f"decode_{key}_s"],
              "read": h[f"weights_mb_{key}"] / 1e3 / h["read_gb_s"], "value": h[f"decode_{key}_over_read"],
              "target": str(TARGET_DECODE), "met": met(h[f"decode_{key}_over_read"])}
-            for key, label, _, _ in DECODE_FORMS if f"decode_{key}_s" in h]
-    return lines + format_table([Column("label", "one cached decode step of the batch", 52),
+            for key, label, *_ in DECODE_FORMS if f"decode_{key}_s" in h]
+    compiles = [f"{label}: compiling its step took {h[f'decode_{key}_compile_s']:.0f} s (once per run)"
+                for key, label, *_ in DECODE_FORMS if f"decode_{key}_compile_s" in h]
+    return lines + compiles + format_table([Column("label", "one cached decode step of the batch", 52),
                                  Column("median", "median s", 10, ".3f"), Column("read", "read s", 10, ".3f"),
                                  Column("value", "ratio", 8, ".2f"), Column("target", "target", 8),
                                  Column("met", "met", 5)], rows)
@@ -238,6 +255,10 @@ def format_report(r: dict[str, Any]) -> str:
 
     load = r.get("load_average") or {}
     lines.append("")
+    compiling = (t.get("gen_student_compiled") or {}).get("parts_median_s", {}).get("first_rollout_compiling")
+    if compiling is not None:
+        lines.append(f"compiled rollouts: the first one, compiling the decode step, took {compiling:.0f} s "
+                     f"(once per run; {r.get('rollout_compile_s', float('nan')):.0f} s in the step block)")
     if load.get("start") is not None:
         lines.append("load average (1/5/15 min) at start {} and end {}".format(
             "/".join(f"{x:.2f}" for x in load["start"]), "/".join(f"{x:.2f}" for x in load["end"])))
