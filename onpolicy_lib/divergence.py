@@ -23,6 +23,12 @@ import torch.nn.functional as F
 # each chunk costs a dozen kernel launches (64 MiB per fp32 temporary).
 CHUNK_ELEMENTS = 1 << 20
 CHUNK_ELEMENTS_ACCELERATOR = 1 << 24
+# Where the gradient is computed in the forward pass and kept for backward (one [N, V] tensor, the
+# size of the student logits, held in between), instead of recomputing every slice in backward: on
+# CPU this saves most of the backward's cost (its exp/log passes over the vocabulary: the divergence's
+# forward and backward together about 2x faster), and memory is plentiful; on accelerators compute is
+# cheap and memory is not. Both give the same bits (the same slices, the same products).
+FUSED_GRAD_DEVICES = ("cpu",)
 
 
 def generalized_jsd_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -126,19 +132,38 @@ class _ChunkedDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, student: torch.Tensor, teacher: torch.Tensor, kind: str, weight: float,
                 segments: list[tuple[int, int, int]], n: int) -> torch.Tensor:
+        ctx.chunk, ctx.weight, ctx.segments, ctx.n = _CHUNKS[kind], weight, segments, n
+        ctx.fused = ctx.needs_input_grad[0] and student.device.type in FUSED_GRAD_DEVICES
+        out = torch.empty(n, dtype=torch.float32, device=student.device)
+        grad = torch.zeros_like(student) if ctx.fused else None
+        for first, stop, offset in segments:
+            value, g = ctx.chunk(student[first:stop].float(), teacher[first:stop].float(), weight, grad=ctx.fused)
+            out[offset:offset + stop - first] = value
+            if g is not None:
+                grad[first:stop] = g  # a row listed twice gets the same gradient: weighted in backward
+        if ctx.fused:
+            ctx.grad = grad
+            return out
         # Teacher logits produced under torch.inference_mode cannot go through save_for_backward;
         # they are constants here, so keeping a plain reference loses nothing but the version check.
         ctx.inference_teacher = teacher if teacher.is_inference() else None
         ctx.save_for_backward(student, *([] if teacher.is_inference() else [teacher]))
-        ctx.chunk, ctx.weight, ctx.segments = _CHUNKS[kind], weight, segments
-        out = torch.empty(n, dtype=torch.float32, device=student.device)
-        for first, stop, offset in segments:
-            out[offset:offset + stop - first] = ctx.chunk(student[first:stop].float(), teacher[first:stop].float(),
-                                                          weight, grad=False)[0]
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if ctx.fused:
+            if ctx.grad is None:
+                raise RuntimeError("the divergence's gradient was computed in its forward pass and is used "
+                                   "once; a second backward through it needs retain_graph off")
+            grad, ctx.grad = ctx.grad, None
+            # Each row's weight: the sum of the output gradients of every place it was listed.
+            rows = torch.cat([torch.arange(first, stop, device=grad.device) for first, stop, _ in ctx.segments])
+            places = torch.cat([torch.arange(offset, offset + stop - first, device=grad.device)
+                                for first, stop, offset in ctx.segments])
+            weights = torch.zeros(grad.shape[0], dtype=grad_out.dtype, device=grad.device)
+            weights.index_add_(0, rows, grad_out[places])
+            return grad.mul_(weights[:, None].to(grad.dtype)), None, None, None, None, None
         student, *saved = ctx.saved_tensors
         teacher = saved[0] if saved else ctx.inference_teacher
         grad = torch.zeros_like(student)

@@ -71,8 +71,15 @@ def test_generalized_jsd_agrees_with_trl(beta):
 
 
 # ---------------------------------------------------------------------------- the lean divergence
+@pytest.fixture(params=["fused", "recomputed"])
+def grad_path(request, monkeypatch):
+    """Both ways the gradient is made: in the forward pass and kept (CPU), or recomputed in backward."""
+    monkeypatch.setattr(divergence, "FUSED_GRAD_DEVICES", ("cpu",) if request.param == "fused" else ())
+    return request.param
+
+
 @pytest.mark.parametrize("beta", BETAS)
-def test_lean_divergence_equals_reference_and_float64(beta, monkeypatch):
+def test_lean_divergence_equals_reference_and_float64(beta, monkeypatch, grad_path):
     monkeypatch.setattr(divergence, "CHUNK_ELEMENTS", 3 * 37)  # 3 rows per slice: many slices
     torch.manual_seed(0)
     s, t = torch.randn(2, 9, 37) * 3, torch.randn(2, 9, 37) * 3
@@ -94,7 +101,7 @@ def test_lean_divergence_equals_reference_and_float64(beta, monkeypatch):
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_lean_divergence_any_row_order_duplicates_and_bf16(beta):
+def test_lean_divergence_any_row_order_duplicates_and_bf16(beta, grad_path):
     torch.manual_seed(1)
     s, t = torch.randn(6, 23) * 2, torch.randn(6, 23) * 2
     rows = torch.tensor([4, 1, 2, 2, 5])  # unsorted, one row twice
@@ -110,6 +117,30 @@ def test_lean_divergence_any_row_order_duplicates_and_bf16(beta):
     assert lean[0].dtype == torch.float32 and lean[1].dtype == torch.bfloat16
     torch.testing.assert_close(lean[0], ref[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lean[1].float(), ref[1].float(), rtol=1e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_the_gradient_made_in_the_forward_pass_is_the_recomputed_one_bit_for_bit(beta, monkeypatch):
+    """Keeping the forward's gradient changes no bit of a training step (rows listed once, as they are)."""
+    monkeypatch.setattr(divergence, "CHUNK_ELEMENTS", 3 * 37)
+    torch.manual_seed(2)
+    s, t = torch.randn(2, 9, 37) * 3, torch.randn(2, 9, 37) * 3
+    rows = (torch.rand(2, 9) < 0.6).flatten().nonzero().squeeze(1)
+    weights = torch.rand(rows.numel())
+    results = []
+    for devices in (("cpu",), ()):
+        monkeypatch.setattr(divergence, "FUSED_GRAD_DEVICES", devices)
+        results.append(value_and_grad(lambda a, b: generalized_jsd(a, b, beta, rows=rows), s, t, weights))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_a_gradient_made_in_the_forward_pass_is_used_once(monkeypatch):
+    monkeypatch.setattr(divergence, "FUSED_GRAD_DEVICES", ("cpu",))
+    s = torch.randn(3, 11, requires_grad=True)
+    loss = generalized_jsd(s, torch.randn(3, 11), 0.5).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="used once"):
+        loss.backward()
 
 
 def test_lean_divergence_without_grad_and_refuses_a_trainable_teacher():
@@ -136,7 +167,7 @@ def test_token_nll_is_cross_entropy_slice_by_slice(monkeypatch):
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.37, 1.0])
-def test_cakld_equals_its_definition_values_and_gradients(gamma, monkeypatch):
+def test_cakld_equals_its_definition_values_and_gradients(gamma, monkeypatch, grad_path):
     """BitDistiller's CAKLD: gamma * reverse KL + (1 - gamma) * forward KL, chunked, against float64."""
     monkeypatch.setattr(divergence, "CHUNK_ELEMENTS", 3 * 37)
     torch.manual_seed(1)
