@@ -111,3 +111,22 @@ def test_a_recipe_whose_groups_do_not_divide_the_model_is_refused_before_the_tea
                        match=r"^calibrated: awq-original quantizes in groups of 128, which do not divide .*"
                              r"Linear input widths 64; use a students'-grid baseline \(gptq, awq\)"):
         evaluate_runs(cfg)
+
+
+@pytest.mark.parametrize("method,quant_type", [("gptq", "int2"), ("awq", "int3"), ("gptq", "int8")])
+def test_the_ladders_rungs_on_gemma(llmc_env, tmp_path, tiny_gemma_dir, tiny_dataset_dir, method, quant_type):
+    """The CPU ladder's baselines: Gemma-3 (sliding and full attention, one KV head) at the low and high
+    rungs, each group on its bit width's grid (at most 2**bits values), the head and embedding untouched."""
+    bits = calibrated_ptq.BITS[quant_type]
+    recipe = calibrated_ptq.recipe(method, quant_type, GROUP, False, True)
+    path = calibrated_ptq.calibrated_model(tmp_path, str(tiny_gemma_dir), recipe, str(tiny_dataset_dir), 96, 4, 8, 0)
+    meta = json.loads((path / "calibrated.json").read_text())
+    assert (meta["method"], meta["bits"]) == (method, bits) and meta["baked_weights"] > 0
+    model, teacher = calibrated_ptq.load_calibrated(path), load_model(str(tiny_gemma_dir))
+    layers = dict(quantization._quantizable_layers(teacher))
+    assert layers
+    for name, module in model.named_modules():
+        if name in layers:
+            groups = module.weight.detach().reshape(-1, GROUP)
+            assert max(len(torch.unique(g)) for g in groups) <= 2**bits, name
+    assert torch.equal(model.get_input_embeddings().weight, teacher.get_input_embeddings().weight)
