@@ -28,7 +28,7 @@ from torch import nn
 from transformers import PreTrainedModel, StaticCache
 from transformers.cache_utils import StaticLayer
 
-from onpolicy_lib.quantization import active_fake_quantized, weight_major_linear
+from onpolicy_lib.quantization import active_fake_quantized, weight_major_forward
 
 CACHE_ROUNDING = 64  # a static cache sized from a first batch gets room for longer prompts
 
@@ -51,7 +51,7 @@ class CompiledSampler:
             for mod in self.shadow.modules():
                 if type(mod) is nn.Linear:
                     # Bound once for the run, so the compiled graph's guards hold across rollouts.
-                    mod.forward = _weight_major(mod)
+                    mod.forward = weight_major_forward(mod)
         self.max_cache_len = max_cache_len
         self._step = (torch.compile(self.shadow.forward, dynamic=False, backend=backend) if backend is not None
                       else self.shadow.forward)
@@ -91,7 +91,7 @@ class CompiledSampler:
         """``generate``'s ``sequences`` for left-padded prompts: prompt columns, then the sampled tokens
         (rows padded after their end-of-sequence token; as many columns as the longest row needs)."""
         rows, width = prompt_ids.shape
-        cache = self._cache(rows, width + max_new_tokens, prompt_ids.device)
+        cache = self._cache(rows, width + max_new_tokens)
         cache.reset()
         mask = prompt_mask.new_zeros(rows, self.max_cache_len)
         mask[:, :width] = prompt_mask
@@ -122,7 +122,7 @@ class CompiledSampler:
             position = position + 1
         return torch.cat([prompt_ids, torch.stack(tokens, dim=1)], dim=1)
 
-    def _cache(self, rows: int, length: int, device: torch.device) -> StaticCache:
+    def _cache(self, rows: int, length: int) -> StaticCache:
         if self.max_cache_len is None or length > self.max_cache_len:
             # One length for the whole run where possible: a new length is a new compiled graph.
             self.max_cache_len = CACHE_ROUNDING * math.ceil(max(length, self.max_cache_len or 0) / CACHE_ROUNDING)
@@ -136,10 +136,3 @@ class CompiledSampler:
                             for layer in cache.layers]
             self._caches[rows] = cache
         return self._caches[rows]
-
-
-def _weight_major(mod: nn.Linear) -> Any:
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return weight_major_linear(x, mod.weight, mod.bias)
-    return forward
-

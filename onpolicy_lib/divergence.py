@@ -132,10 +132,11 @@ class _ChunkedDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, student: torch.Tensor, teacher: torch.Tensor, kind: str, weight: float,
                 segments: list[tuple[int, int, int]], n: int) -> torch.Tensor:
-        ctx.chunk, ctx.weight, ctx.segments, ctx.n = _CHUNKS[kind], weight, segments, n
+        ctx.chunk, ctx.weight, ctx.segments, ctx.dtype = _CHUNKS[kind], weight, segments, student.dtype
         ctx.fused = ctx.needs_input_grad[0] and student.device.type in FUSED_GRAD_DEVICES
         out = torch.empty(n, dtype=torch.float32, device=student.device)
-        grad = torch.zeros_like(student) if ctx.fused else None
+        # Kept in fp32 until weighted, so a bf16 gradient is rounded once, as the recomputed one is.
+        grad = torch.zeros_like(student, dtype=torch.float32) if ctx.fused else None
         for first, stop, offset in segments:
             value, g = ctx.chunk(student[first:stop].float(), teacher[first:stop].float(), weight, grad=ctx.fused)
             out[offset:offset + stop - first] = value
@@ -163,7 +164,7 @@ class _ChunkedDivergence(torch.autograd.Function):
                                 for first, stop, offset in ctx.segments])
             weights = torch.zeros(grad.shape[0], dtype=grad_out.dtype, device=grad.device)
             weights.index_add_(0, rows, grad_out[places])
-            return grad.mul_(weights[:, None].to(grad.dtype)), None, None, None, None, None
+            return grad.mul_(weights[:, None]).to(ctx.dtype), None, None, None, None, None
         student, *saved = ctx.saved_tensors
         teacher = saved[0] if saved else ctx.inference_teacher
         grad = torch.zeros_like(student)

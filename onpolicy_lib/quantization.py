@@ -519,7 +519,8 @@ def weight_major_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return out.unsqueeze(1)
 
 
-def _weight_major_forward(mod: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
+def weight_major_forward(mod: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``mod``'s forward (plain or fake-quantized Linear) with :func:`weight_major_linear` as its product."""
     quantizer = getattr(mod, "weight_fake_quantizer", None)
     activation_quantizer = getattr(mod, "activation_fake_quantizer", None)
 
@@ -547,7 +548,7 @@ def weight_major_rollout(model: nn.Module) -> Iterator[nn.Module]:
     try:
         for mod in model.modules():
             if type(mod) in (nn.Linear, FakeQuantizedLinear) and "forward" not in mod.__dict__:
-                mod.forward = _weight_major_forward(mod)
+                mod.forward = weight_major_forward(mod)
                 patched.append(mod)
         yield model
     finally:

@@ -119,12 +119,14 @@ def test_lean_divergence_any_row_order_duplicates_and_bf16(beta, grad_path):
     torch.testing.assert_close(lean[1].float(), ref[1].float(), rtol=1e-2, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("beta", BETAS)
-def test_the_gradient_made_in_the_forward_pass_is_the_recomputed_one_bit_for_bit(beta, monkeypatch):
-    """Keeping the forward's gradient changes no bit of a training step (rows listed once, as they are)."""
+def test_the_gradient_made_in_the_forward_pass_is_the_recomputed_one_bit_for_bit(beta, dtype, monkeypatch):
+    """Keeping the forward's gradient changes no bit of a training step (rows listed once, as they are),
+    in fp32 and in bf16 logits alike."""
     monkeypatch.setattr(divergence, "CHUNK_ELEMENTS", 3 * 37)
     torch.manual_seed(2)
-    s, t = torch.randn(2, 9, 37) * 3, torch.randn(2, 9, 37) * 3
+    s, t = (torch.randn(2, 9, 37) * 3).to(dtype), (torch.randn(2, 9, 37) * 3).to(dtype)
     rows = (torch.rand(2, 9) < 0.6).flatten().nonzero().squeeze(1)
     weights = torch.rand(rows.numel())
     results = []

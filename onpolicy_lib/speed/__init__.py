@@ -189,7 +189,8 @@ def hardware_figures(model: torch.nn.Module, batch: dict[str, torch.Tensor], dev
     for form in DECODE_FORMS:
         if form.rollout_compile:
             seconds, figures[f"decode_{form.key}_compile_s"] = compiled_decode_step(
-                model, *args, weight_major=form.rollout_matmul == "weight_major")
+                model, *args, dtype=getattr(torch, form.rollout_dtype),
+                weight_major=form.rollout_matmul == "weight_major")
             size = weight_bytes(model)
         else:
             with (quantization.cast_for_rollout(model, getattr(torch, form.rollout_dtype)),

@@ -91,7 +91,7 @@ def decode_step(model: torch.nn.Module, prompt_ids: torch.Tensor, attention_mask
 
 @torch.no_grad()
 def compiled_decode_step(model: torch.nn.Module, prompt_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         device: torch.device, weight_major: bool, steps: int = 8,
+                         device: torch.device, dtype: torch.dtype, weight_major: bool, steps: int = 8,
                          repeats: int = 3) -> tuple[float, float]:
     """Seconds of one compiled decode step (:class:`~onpolicy_lib.compiled_rollouts.CompiledSampler`,
     sampling included), and the seconds its compilation took.
@@ -99,7 +99,7 @@ def compiled_decode_step(model: torch.nn.Module, prompt_ids: torch.Tensor, atten
     A step's time is the difference between sampling ``steps + 1`` tokens and one (the prefill and
     the first token alone), medians over ``repeats``, divided by ``steps``; no row ends early.
     """
-    sampler = CompiledSampler(model, max_cache_len=prompt_ids.shape[1] + steps + 1, weight_major=weight_major)
+    sampler = CompiledSampler(model, dtype, prompt_ids.shape[1] + steps + 1, weight_major=weight_major)
     sampler.refresh(model)
 
     def sample(tokens: int) -> float:
