@@ -329,6 +329,8 @@ class EvalConfig(_Params):
                              "awq-original (the original study's W4A16 / W4A16_ASYM g128 recipes); llmcompressor in "
                              "its own environment (make baselines-env); cached", default_factory=list)
     calibration_samples: int = param(64, "training chats GPTQ/AWQ calibrate on (a seeded sample)")
+    calibration_seed: int = param(0, "seed of that sample: one calibration per scheme, whatever the students' "
+                                  "training seeds")
     fidelity_samples: int = param(32, "held-out chats for the fidelity metrics (0: skip)")
     perplexity_source: str = param("lambada-offline", "lambada-offline, or wikitext-2 (needs the hub)")
     perplexity_tokens: int = param(8192, "tokens of perplexity text (0: skip perplexity)")
@@ -369,6 +371,7 @@ class EvalConfig(_Params):
         for method in self.calibrated:
             _check_choice("calibrated", method, CALIBRATED_METHODS)
         check_int("calibration_samples", self.calibration_samples)
+        check_int("calibration_seed", self.calibration_seed, minimum=0)
         _check_choice("dtype", self.dtype, DTYPES)
         # lm-eval reads a float < 1 as a fraction; we only allow counts so results say what they evaluated.
         check_int("limit", self.limit, allow_none=True)

@@ -152,12 +152,14 @@ def _evaluate_ptq(teacher, tokenizer, cfg: EvalConfig, device, quant_type: str, 
 
 
 def _calibration(cfg: EvalConfig, members: list, scheme_key: tuple[str, int, bool]) -> dict[str, Any]:
-    """What GPTQ/AWQ calibrate on for a scheme: the training chats of its first student (or the defaults)."""
+    """What GPTQ/AWQ calibrate on for a scheme: the training chats of its first student (or the defaults),
+    sampled with ``calibration_seed``. Not with the students' training seed: each run evaluates itself,
+    so that would calibrate (and cache) the baseline once per seed instead of once per scheme."""
     defaults = TrainConfig()
     run_cfg = next((c for _, c, s in members if _scheme_key(s) == scheme_key), {})
     return {k: run_cfg.get(k, getattr(defaults, k))
-            for k in ("dataset_name", "max_length", "min_completion_tokens", "seed")} | {
-        "samples": cfg.calibration_samples}
+            for k in ("dataset_name", "max_length", "min_completion_tokens")} | {
+        "seed": cfg.calibration_seed, "samples": cfg.calibration_samples}
 
 
 def _evaluate_calibrated(teacher, tokenizer, cfg: EvalConfig, device, model_name: str, method: str,

@@ -130,3 +130,17 @@ def test_the_ladders_rungs_on_gemma(llmc_env, tmp_path, tiny_gemma_dir, tiny_dat
             groups = module.weight.detach().reshape(-1, GROUP)
             assert max(len(torch.unique(g)) for g in groups) <= 2**bits, name
     assert torch.equal(model.get_input_embeddings().weight, teacher.get_input_embeddings().weight)
+
+
+def test_one_calibration_per_scheme_whatever_the_students_seeds():
+    from onpolicy_lib.evaluate import _calibration
+
+    scheme = {"quant_type": "int4", "group_size": GROUP, "quantize_head": False}
+    members = {seed: [(None, {**TrainConfig(seed=seed).to_dict()}, scheme)] for seed in (1, 2)}
+    key = ("int4", GROUP, False)
+    cfg = EvalConfig(run_dirs=[], calibration_samples=8)
+    assert _calibration(cfg, members[1], key) == _calibration(cfg, members[2], key)
+    assert _calibration(cfg, members[1], key)["seed"] == 0
+    assert _calibration(EvalConfig(run_dirs=[], calibration_seed=3), members[1], key)["seed"] == 3
+    with pytest.raises(Exception, match="calibration_seed must be a non-negative integer"):
+        EvalConfig(run_dirs=[], calibration_seed=-1).validate()
