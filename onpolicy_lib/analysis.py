@@ -320,16 +320,16 @@ def ladder_table(w: pd.DataFrame, columns: list[str] | None = None, key: str = "
     return pd.concat(parts, names=[rung, "condition"]) if parts else pd.DataFrame()
 
 
-def heldout_curves(roots: Any) -> pd.DataFrame:
+def heldout_curves(roots: Any, as_sweep: str = "") -> pd.DataFrame:
     """The held-out divergence during training of every run under ``roots``: run, step, loss, config."""
     from onpolicy_lib import results
     from onpolicy_lib.rundir import Run
 
     rows = []
-    for sweep, run_dir, train in results.find_runs(roots):
+    for sweep, run_dir, train in results.find_runs(roots, as_sweep):
         for point in (Run(run_dir).metrics or {}).get("heldout_curve", []):
-            rows.append({"sweep": sweep, "run": run_dir.name, "lmbda": train.get("lmbda"), "seed": train.get("seed"),
-                         **point})
+            rows.append({"sweep": sweep, "run": f"{run_dir.parent.name}/{run_dir.name}", "lmbda": train.get("lmbda"),
+                         "seed": train.get("seed"), "quant_type": train.get("quant_type"), **point})
     return pd.DataFrame(rows)
 
 

@@ -372,15 +372,21 @@ def plot_ladder(effects: pd.DataFrame, names: Mapping[str, str], title: str = ""
 
 
 def plot_heldout_curves(curves: pd.DataFrame, title: str = "") -> plt.Figure:
-    """Held-out divergence against training step, one line per run, coloured by λ."""
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    for (_run, lmbda), part in curves.groupby(["run", "lmbda"], sort=True):
-        ax.plot(part["step"], part["loss"], color=lambda_color(lmbda), lw=1.2, alpha=0.85, marker=".",
-                label=f"λ={format_value(lmbda)}")
-    handles, labels = ax.get_legend_handles_labels()
-    unique = dict(zip(labels, handles, strict=True))
-    ax.legend(unique.values(), unique.keys(), fontsize=8)
-    ax.set(xlabel="training step", ylabel="held-out divergence (dataset completions)",
-           title=title or "held-out divergence during training")
+    """Held-out divergence against training step, one line per run, coloured by λ; one panel per bit
+    width when the runs have several (a ladder), since each rung starts from its own PTQ distance."""
+    rungs = sorted(curves["quant_type"].dropna().unique(), key=str) if "quant_type" in curves else []
+    panels = rungs if len(rungs) > 1 else [None]
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(7, 3.6 * len(panels)), 3.8), squeeze=False)
+    for ax, rung in zip(axes[0], panels, strict=True):
+        part_curves = curves if rung is None else curves[curves["quant_type"] == rung]
+        for (_run, lmbda), part in part_curves.groupby(["run", "lmbda"], sort=True):
+            ax.plot(part["step"], part["loss"], color=lambda_color(lmbda), lw=1.2, alpha=0.85, marker=".",
+                    label=f"λ={format_value(lmbda)}")
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles, strict=False))
+        ax.legend(unique.values(), unique.keys(), fontsize=8)
+        ax.set(xlabel="training step", title=str(rung) if rung is not None else "")
+    axes[0][0].set_ylabel("held-out divergence (dataset completions)")
+    fig.suptitle(title or "held-out divergence during training")
     fig.tight_layout()
     return fig

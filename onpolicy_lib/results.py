@@ -78,8 +78,9 @@ def _roots(roots: str | Path | Iterable[str | Path]) -> list[Path]:
     return [resolve_path(r) for r in roots]
 
 
-def find_runs(roots: str | Path | Iterable[str | Path]) -> list[tuple[str, Path, dict[str, Any]]]:
-    """Every run under ``roots`` as (sweep, run_dir, train config), started or only planned by a sweep."""
+def find_runs(roots: str | Path | Iterable[str | Path], as_sweep: str = "") -> list[tuple[str, Path, dict[str, Any]]]:
+    """Every run under ``roots`` as (sweep, run_dir, train config), started or only planned by a sweep;
+    with ``as_sweep``, every run counts as that sweep's (a spec's ``analysis_with``)."""
     found: dict[Path, tuple[str, Path, dict[str, Any]]] = {}
     defaults = TrainConfig().to_dict()
     for root in _roots(roots):
@@ -97,7 +98,8 @@ def find_runs(roots: str | Path | Iterable[str | Path]) -> list[tuple[str, Path,
             for name, entry in manifest.get("runs", {}).items():
                 run_dir = manifest_path.parent / name
                 found.setdefault(run_dir, (manifest.get("name", manifest_path.parent.name), run_dir, entry["params"]))
-    return sorted(found.values(), key=lambda t: (t[0], str(t[1])))
+    runs = [(as_sweep or sweep, run_dir, train) for sweep, run_dir, train in found.values()]
+    return sorted(runs, key=lambda t: (t[0], str(t[1])))
 
 
 def _sweep_name(run_dir: Path) -> str:
@@ -122,7 +124,7 @@ def model_metrics(result: dict[str, Any]) -> list[tuple[str, float, float | None
     return out
 
 
-def collect(roots: str | Path | Iterable[str | Path] = "outputs") -> pd.DataFrame:
+def collect(roots: str | Path | Iterable[str | Path] = "outputs", as_sweep: str = "") -> pd.DataFrame:
     """One row per (sweep, run or baseline, metric): ``value``, ``stderr`` and every config field.
 
     Roles: ``student`` (the deployed student), ``student_lora_adapter`` (LoRA runs, adapter on the
@@ -131,7 +133,7 @@ def collect(roots: str | Path | Iterable[str | Path] = "outputs") -> pd.DataFram
     """
     rows: list[dict[str, Any]] = []
     seen_baselines: set[tuple[str, str]] = set()
-    for sweep, run_dir, train in find_runs(roots):
+    for sweep, run_dir, train in find_runs(roots, as_sweep):
         config = {k: train.get(k) for k in CONFIG_FIELDS}
         run = Run(run_dir, params=train)
         base = {"sweep": sweep, "run": run.name, "status": run.status(), "run_dir": portable_path(run_dir), **config}
@@ -164,11 +166,11 @@ def collect(roots: str | Path | Iterable[str | Path] = "outputs") -> pd.DataFram
     return pd.DataFrame(rows, columns=columns)
 
 
-def per_example(roots: str | Path | Iterable[str | Path] = "outputs") -> pd.DataFrame:
+def per_example(roots: str | Path | Iterable[str | Path] = "outputs", as_sweep: str = "") -> pd.DataFrame:
     """One row per (sweep, run or baseline, task, document): ``acc`` (and ``acc_norm``) as 0/1."""
     rows: list[dict[str, Any]] = []
     seen: set[tuple[str, str]] = set()
-    for sweep, run_dir, train in find_runs(roots):
+    for sweep, run_dir, train in find_runs(roots, as_sweep):
         evaluation = Run(run_dir).evaluation
         if not evaluation:
             continue
@@ -187,14 +189,14 @@ def per_example(roots: str | Path | Iterable[str | Path] = "outputs") -> pd.Data
     return pd.DataFrame(rows)
 
 
-def per_example_fidelity(roots: str | Path | Iterable[str | Path] = "outputs") -> pd.DataFrame:
+def per_example_fidelity(roots: str | Path | Iterable[str | Path] = "outputs", as_sweep: str = "") -> pd.DataFrame:
     """One row per (sweep, run or PTQ baseline, fidelity metric, held-out example): ``value``, ``source``.
 
     PTQ baselines appear once per run, labelled by that run: each run's PTQ fidelity is on its own
     held-out examples and generation settings.
     """
     rows: list[dict[str, Any]] = []
-    for sweep, run_dir, train in find_runs(roots):
+    for sweep, run_dir, train in find_runs(roots, as_sweep):
         evaluation = Run(run_dir).evaluation
         if not evaluation:
             continue

@@ -12,6 +12,7 @@ A spec names a base preset, fixed overrides, a grid and/or an explicit list of c
     eval: true                    # render notebooks/eval.ipynb for each run (do_eval)
     eval_parameters: {limit: 100} # EvalConfig overrides (eval.ipynb parameters)
     analysis: true                # render notebooks/analysis.ipynb over the sweep when all runs are done
+    analysis_with: [cpu_gemma]    # other sweeps whose runs its analysis reads as its own (optional)
 
 Every run lands in ``outputs/<name>/<run>/`` (``<run>`` from the values that vary across the
 sweep, e.g. ``lmbda-1_seed-2``) holding its rendered ``train.ipynb``. The whole expansion is
@@ -39,7 +40,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,8 @@ from onpolicy_lib.rundir import (
 TRAIN_NOTEBOOK = PROJECT_ROOT / "notebooks" / Run.TRAIN_NOTEBOOK
 ANALYSIS_SOURCE = PROJECT_ROOT / "notebooks" / ANALYSIS_NOTEBOOK
 SWEEPS_DIR = PROJECT_ROOT / "params" / "sweeps"
-SPEC_KEYS = ("name", "include", "base", "params", "grid", "runs", "seeds", "eval", "eval_parameters", "analysis")
+SPEC_KEYS = ("name", "include", "base", "params", "grid", "runs", "seeds", "eval", "eval_parameters", "analysis",
+             "analysis_with")
 # Set by the runner itself from the spec's eval/eval_parameters and its layout, never as run parameters.
 RUNNER_PARAMETERS = ("output_dir", "do_eval", "eval_parameters")
 
@@ -87,6 +89,9 @@ class Sweep:
     runs: list[Run]
     eval: bool
     analysis: bool
+    # Sweeps that already ran some of this one's grid points with its settings (a ladder's rung
+    # another study trained): the analysis reads their runs as this sweep's, nothing reruns them.
+    analysis_with: list[Sweep] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------- expansion
@@ -184,7 +189,40 @@ def expand(spec_path: str | Path, outputs: str | Path | None = None, check_model
     if check_models:
         _check_group_sizes(sweep, where)
     _check_conflicts(sweep)
+    others = spec.get("analysis_with") or []
+    if not isinstance(others, list) or not all(isinstance(o, str) for o in others):
+        raise SweepError(f"{where}: analysis_with must be a list of sweep names, got {others!r}")
+    expected = {**defaults, **base, **fixed, "do_eval": do_eval, "eval_parameters": eval_parameters}
+    swept = set(varying_keys) | {k for values in configs for k in values}
+    for other_name in others:
+        if other_name == name:
+            raise SweepError(f"{where}: analysis_with names the sweep itself")
+        beside = spec_path.parent / f"{other_name}.yaml"  # a spec next to this one, else a shipped one
+        other = expand(beside if beside.is_file() else other_name, outputs, check_models=False)
+        for run in other.runs:
+            _check_pooled(where, other, run, expected, swept, runs)
+        sweep.analysis_with.append(other)
     return sweep
+
+
+def _check_pooled(where: str, other: Sweep, run: Run, expected: dict[str, Any], swept: set[str],
+                  own: dict[str, Run]) -> None:
+    """A run of an ``analysis_with`` sweep must be one this sweep could have run: its settings equal
+    this sweep's everywhere but the swept parameters, and it must not repeat one of this sweep's runs."""
+    params = {k: v for k, v in run.params.items() if k != "output_dir"}
+    keys = (set(expected) | set(params)) - swept - {"output_dir"}
+    differ = sorted(k for k in keys
+                    if json.dumps(params.get(k), sort_keys=True) != json.dumps(expected.get(k), sort_keys=True))
+    if differ:
+        shown = ", ".join(f"{k} ({params.get(k)!r}, here {expected.get(k)!r})" for k in differ)
+        raise SweepError(f"{where}: analysis_with: {other.name}'s run {run.name} differs from this sweep's "
+                         f"settings in {shown}; only the swept parameters may differ")
+    point = {k: params.get(k) for k in swept}
+    for mine in own.values():
+        if all(json.dumps(mine.params.get(k), sort_keys=True) == json.dumps(v, sort_keys=True)
+               for k, v in point.items()):
+            raise SweepError(f"{where}: analysis_with: {other.name}'s run {run.name} repeats this sweep's run "
+                             f"{mine.name}; drop it from the grid or from analysis_with")
 
 
 def read_spec(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -425,7 +463,12 @@ def run_sweep(sweep: Sweep, parallel: int = 1, retry_failed: bool = False, only:
             bar.update()
     if (sweep.analysis if analysis is None else analysis) and not only \
             and all(r.status() == "done" for r in sweep.runs):
-        print(f"analysis rendered in {portable_path(render_analysis(sweep))}")
+        waiting = [o.name for o in sweep.analysis_with if any(r.status() != "done" for r in o.runs)]
+        if waiting:  # a pooled study still running would make a partial analysis look complete
+            print(f"analysis waits for {', '.join(waiting)} (analysis_with): run "
+                  + " and ".join(f"python -m onpolicy_lib.sweep {n}" for n in waiting))
+        else:
+            print(f"analysis rendered in {portable_path(render_analysis(sweep))}")
     return states
 
 
@@ -434,10 +477,12 @@ def render_analysis(sweep: Sweep) -> Path:
     import papermill as pm
 
     out = sweep.root / ANALYSIS_NOTEBOOK
+    roots = [sweep.root, *(other.root for other in sweep.analysis_with)]
     pm.execute_notebook(str(ANALYSIS_SOURCE), str(out), cwd=str(PROJECT_ROOT), progress_bar=False,
-                        parameters={"outputs": [portable_path(sweep.root)],
+                        parameters={"outputs": [portable_path(r) for r in roots],
                                     "figures_dir": portable_path(sweep.root / FIGURES_DIR),
-                                    "title": f"Sweep {sweep.name}"})
+                                    "title": f"Sweep {sweep.name}",
+                                    "as_sweep": sweep.name if sweep.analysis_with else ""})
     slim_notebook(out)
     return out
 
@@ -475,6 +520,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"sweep {sweep.name} ({portable_path(sweep.spec_path)}): {len(sweep.runs)} runs into "
                       f"{portable_path(sweep.root)}" + (", each evaluated" if sweep.eval else ""))
                 print(table.to_string(index=False))
+                for other in sweep.analysis_with:
+                    done = sum(r.status() == "done" for r in other.runs)
+                    print(f"its analysis also reads {other.name}'s {len(other.runs)} runs ({done} done; "
+                          f"analysis_with)")
             return 0
         if args.emit_commands:
             for run in sweep.runs:

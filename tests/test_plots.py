@@ -226,3 +226,14 @@ def test_figures_save_png_and_svg(tmp_path):
     fig = plots.plot_compute_cost(students(), "average", "benchmark average")
     plots.save_figure(fig, tmp_path, "compute_cost")
     assert (tmp_path / "compute_cost.png").stat().st_size > 0 and (tmp_path / "compute_cost.svg").stat().st_size > 0
+
+
+def test_heldout_curves_of_a_ladder_get_one_panel_per_bit_width():
+    rows = [{"run": f"{q}-{lmbda}", "lmbda": lmbda, "quant_type": q, "step": step, "loss": 0.1 / (1 + step)}
+            for q in ("int2", "int4") for lmbda in (0, 1) for step in (0, 25, 50)]
+    fig = plots.plot_heldout_curves(pd.DataFrame(rows))
+    assert [ax.get_title() for ax in fig.axes] == ["int2", "int4"]
+    assert all(len(ax.get_lines()) == 2 for ax in fig.axes)
+    one_rung = plots.plot_heldout_curves(pd.DataFrame([r for r in rows if r["quant_type"] == "int4"]))
+    assert len(one_rung.axes) == 1 and len(one_rung.axes[0].get_lines()) == 2
+    plt.close("all")

@@ -202,3 +202,47 @@ def test_shipped_specs_expand(monkeypatch):
     for path in specs:
         s = expand(path, check_models=False)
         assert s.runs and s.eval, path.name
+
+
+def test_analysis_with_pools_another_sweeps_runs_with_the_same_settings(tmp_path, params, monkeypatch):
+    # A ladder whose int4 rung another study already trained with its settings reads those runs as its own.
+    write_spec(tmp_path, "rung", params=params, grid={"lmbda": [0, 1]}, eval=True,
+               eval_parameters={"tasks": []})
+    ladder = expand(write_spec(tmp_path, "ladder", params=params, grid={"quant_type": ["int3", "int2"],
+                                                                        "lmbda": [0, 1]},
+                               eval=True, eval_parameters={"tasks": []}, analysis_with=["rung"]), tmp_path / "out")
+    assert [o.name for o in ladder.analysis_with] == ["rung"] and len(ladder.analysis_with[0].runs) == 2
+    rendered = {}
+    monkeypatch.setattr("papermill.execute_notebook", lambda src, out, **kw: rendered.update(kw["parameters"]))
+    monkeypatch.setattr(sweep, "slim_notebook", lambda path: None)
+    sweep.render_analysis(ladder)
+    assert rendered["outputs"] == [sweep.portable_path(tmp_path / "out" / n) for n in ("ladder", "rung")]
+    assert rendered["as_sweep"] == "ladder"
+
+    def ladder_spec(name, **extra):
+        return write_spec(tmp_path, name, params=params, grid={"quant_type": ["int3", "int2"], "lmbda": [0, 1]},
+                          eval=True, eval_parameters={"tasks": []}, **extra)
+
+    write_spec(tmp_path, "other_lr", params={**params, "learning_rate": 1e-5}, grid={"lmbda": [0, 1]}, eval=True,
+               eval_parameters={"tasks": []})
+    with pytest.raises(SweepError, match=r"other_lr's run lmbda-0 differs .* in learning_rate \(1e-05, here 0.0001\)"):
+        expand(ladder_spec("a", analysis_with=["other_lr"]), tmp_path / "out")
+    write_spec(tmp_path, "other_eval", params=params, grid={"lmbda": [0, 1]}, eval=True,
+               eval_parameters={"tasks": [], "limit": 7})
+    with pytest.raises(SweepError, match="differs .* in eval_parameters"):
+        expand(ladder_spec("b", analysis_with=["other_eval"]), tmp_path / "out")
+    write_spec(tmp_path, "dup", params={**params, "quant_type": "int3"}, grid={"lmbda": [0, 1]}, eval=True,
+               eval_parameters={"tasks": []})
+    with pytest.raises(SweepError, match="dup's run lmbda-0 repeats this sweep's run lmbda-0_q-int3"):
+        expand(ladder_spec("c", analysis_with=["dup"]), tmp_path / "out")
+    with pytest.raises(SweepError, match="analysis_with must be a list of sweep names"):
+        expand(ladder_spec("d", analysis_with="rung"), tmp_path / "out")
+
+
+def test_as_sweep_reads_every_run_as_one_sweeps(tmp_path):
+    for name, run in (("rung", "lmbda-0"), ("ladder", "q-int3_lmbda-0")):
+        run_dir = tmp_path / name / run
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.json").write_text(json.dumps({"train": {"lmbda": 0}}))
+    assert {s for s, _, _ in results.find_runs(tmp_path)} == {"rung", "ladder"}
+    assert {s for s, _, _ in results.find_runs([tmp_path / "ladder", tmp_path / "rung"], "ladder")} == {"ladder"}
