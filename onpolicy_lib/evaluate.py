@@ -188,6 +188,19 @@ def _scheme_key(meta: dict[str, Any]) -> tuple[str, int, bool]:
     return meta["quant_type"], meta["group_size"], bool(meta.get("quantize_head", False))
 
 
+def _ptq_fidelity_key(model_name: str, scheme_key: tuple[str, int, bool], fidelity: Fidelity, device,
+                      kernels: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    described = quantization.describe_scheme(*scheme_key[:2], device, scheme_key[2])
+    return {"model_name": model_name, "scheme": described, **fidelity.key, **kernels, "dtype": str(dtype)}
+
+
+def _calibrated_fidelity(cfg: EvalConfig, teacher, tokenizer, device, model_name: str, method: str,
+                         scheme_key: tuple[str, int, bool], baseline: dict[str, Any], fidelity: Fidelity) -> dict:
+    return _cached(cfg, f"{method}-fidelity", {**baseline["key"], **fidelity.key}, partial(
+        _evaluate_calibrated, teacher, tokenizer, cfg, device, model_name, method, scheme_key,
+        baseline["key"]["calibration"], fidelity, ("fidelity",)))["fidelity"]
+
+
 # ---------------------------------------------------------------------------- the whole evaluation
 def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
     """Evaluate every run in ``cfg.run_dirs`` (plus teacher and PTQ); write their eval.json; return the table.
@@ -227,6 +240,10 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
                                      partial(evaluate_model, teacher, tokenizer, cfg, device=device))
             teacher_result = {**teacher_result, "precision": precision}
             rows.append(_row(teacher_label(teacher_result), model_name, teacher_result))
+        # Baselines evaluated without students are judged on the held-out chats and generation
+        # settings a default run of this model would be (the CPU studies change none of those).
+        lone_fidelity = fidelity_for(TrainConfig(model_name=model_name).to_dict(), cfg.fidelity_samples, tokenizer,
+                                     heldout_cache) if cfg.fidelity_samples and not members else None
         ptq: dict[tuple[str, int, bool], dict[str, Any]] = {}
         if cfg.include_ptq:
             for scheme_key in sorted(schemes):
@@ -237,6 +254,12 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
                     _evaluate_ptq, teacher, tokenizer, cfg, device, *scheme_key))
             if not members:
                 for scheme, result in ptq.items():
+                    if lone_fidelity is not None:
+                        result = {**result, "fidelity": _cached(
+                            cfg, "ptq-fidelity", _ptq_fidelity_key(model_name, scheme, lone_fidelity, device, kernels,
+                                                                   dtype),
+                            partial(_evaluate_ptq, teacher, tokenizer, cfg, device, *scheme, lone_fidelity,
+                                    ("fidelity",)))["fidelity"]}
                     rows.append(_row(ptq_label(*scheme), model_name, result))
         calibrated: dict[tuple[tuple[str, int, bool], str], dict[str, Any]] = {}
         for scheme_key in sorted(schemes) if cfg.calibrated else []:
@@ -249,7 +272,12 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
                     _evaluate_calibrated, teacher, tokenizer, cfg, device, model_name, method, scheme_key,
                     calibration))
                 if not members:
-                    rows.append(_row(recipe.label, model_name, calibrated[scheme_key, method]))
+                    result = calibrated[scheme_key, method]
+                    if lone_fidelity is not None:
+                        result = {**result, "fidelity": _calibrated_fidelity(
+                            cfg, teacher, tokenizer, device, model_name, method, scheme_key, result,
+                            lone_fidelity)}
+                    rows.append(_row(recipe.label, model_name, result))
         for run, run_cfg, scheme in members:
             fidelity = fidelity_for(run_cfg, cfg.fidelity_samples, tokenizer, heldout_cache) \
                 if cfg.fidelity_samples else None
@@ -263,9 +291,8 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
             if scheme_key in ptq:
                 baseline = dict(ptq[scheme_key])
                 if fidelity is not None:
-                    described = quantization.describe_scheme(*scheme_key[:2], device, scheme_key[2])
-                    fid = _cached(cfg, "ptq-fidelity", {"model_name": model_name, "scheme": described,
-                                                        **fidelity.key, **kernels, "dtype": str(dtype)},
+                    fid = _cached(cfg, "ptq-fidelity", _ptq_fidelity_key(model_name, scheme_key, fidelity, device,
+                                                                          kernels, dtype),
                                   partial(_evaluate_ptq, teacher, tokenizer, cfg, device, *scheme_key, fidelity,
                                           ("fidelity",)))
                     baseline["fidelity"] = fid["fidelity"]
@@ -275,10 +302,8 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
             for method in cfg.calibrated:
                 baseline = dict(calibrated[scheme_key, method])
                 if fidelity is not None:
-                    fid = _cached(cfg, f"{method}-fidelity", {**baseline["key"], **fidelity.key}, partial(
-                        _evaluate_calibrated, teacher, tokenizer, cfg, device, model_name, method, scheme_key,
-                        baseline["key"]["calibration"], fidelity, ("fidelity",)))
-                    baseline["fidelity"] = fid["fidelity"]
+                    baseline["fidelity"] = _calibrated_fidelity(cfg, teacher, tokenizer, device, model_name, method,
+                                                                scheme_key, baseline, fidelity)
                 record["baselines"][method] = baseline
                 setting = f" ({run.name} setting)" if len(members) > 1 else ""
                 rows.append(_row(baseline["key"]["label"] + setting, model_name, baseline))

@@ -487,6 +487,34 @@ def render_analysis(sweep: Sweep) -> Path:
     return out
 
 
+def render_baselines_only(sweep: Sweep, quant_type: str) -> Path:
+    """Evaluate the teacher and the quantized baselines at ``quant_type`` without students (a PTQ-only
+    rung), with the sweep's model, group size and evaluation settings, into
+    ``outputs/<sweep>/baselines-<quant_type>.ipynb``; cached like every baseline."""
+    import papermill as pm
+
+    from onpolicy_lib.config import QUANT_TYPES
+
+    if quant_type not in QUANT_TYPES:
+        raise SweepError(f"--baselines-only must be one of {', '.join(QUANT_TYPES)}, got {quant_type!r}")
+    settings = {json.dumps([r.params["model_name"], r.params["group_size"], r.params["eval_parameters"]],
+                           sort_keys=True) for r in sweep.runs}
+    if len(settings) != 1:
+        raise SweepError(f"--baselines-only: {sweep.name}'s runs differ in model, group size or evaluation "
+                         "settings, so no one baseline setting is theirs")
+    params = sweep.runs[0].params
+    out = sweep.root / f"baselines-{quant_type}.ipynb"
+    if out.exists():
+        raise SweepError(f"--baselines-only: {portable_path(out)} exists; delete it to evaluate again")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pm.execute_notebook(str(PROJECT_ROOT / "notebooks" / Run.EVAL_NOTEBOOK), str(out), cwd=str(PROJECT_ROOT),
+                        progress_bar=False,
+                        parameters={**params["eval_parameters"], "run_dirs": [], "model_name": params["model_name"],
+                                    "quant_type": quant_type, "group_size": params["group_size"]})
+    slim_notebook(out)
+    return out
+
+
 def _elapsed(start: float) -> str:
     return str(datetime.timedelta(seconds=int(time.perf_counter() - start)))
 
@@ -505,6 +533,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", action="append", help="only this run (repeatable)")
     parser.add_argument("--outputs", help="root of the sweep directory (default: outputs/)")
     parser.add_argument("--no-analysis", action="store_true", help="do not render the analysis notebook at the end")
+    parser.add_argument("--baselines-only", action="append", metavar="QUANT_TYPE",
+                        help="evaluate the teacher and the quantized baselines at this bit width without students, "
+                             "with the sweep's settings (a PTQ-only rung; repeatable), then stop")
     parser.add_argument("--num-processes", type=int, default=1,
                         help="processes per run through accelerate launch (one per GPU; default 1: papermill)")
     args = parser.parse_args(argv)
@@ -524,6 +555,15 @@ def main(argv: list[str] | None = None) -> int:
                     done = sum(r.status() == "done" for r in other.runs)
                     print(f"its analysis also reads {other.name}'s {len(other.runs)} runs ({done} done; "
                           f"analysis_with)")
+            return 0
+        if args.baselines_only:
+            from onpolicy_lib.config import QUANT_TYPES
+
+            bad = [q for q in args.baselines_only if q not in QUANT_TYPES]
+            if bad:  # all refused before the first evaluation starts
+                raise SweepError(f"--baselines-only must be one of {', '.join(QUANT_TYPES)}, got {bad[0]!r}")
+            for quant_type in args.baselines_only:
+                print(f"baselines rendered in {portable_path(render_baselines_only(sweep, quant_type))}")
             return 0
         if args.emit_commands:
             for run in sweep.runs:

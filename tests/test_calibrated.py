@@ -57,7 +57,7 @@ def test_baseline_is_on_the_students_grid_and_cached(llmc_env, tmp_path, tiny_mo
     assert calibrated_ptq.calibrated_model(*args) == path and (path / "model.safetensors").stat().st_mtime_ns == stamp
 
 
-def test_evaluated_beside_the_students(llmc_env, tmp_path, tiny_model_dir, tiny_dataset_dir):
+def test_evaluated_beside_the_students(llmc_env, tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch):
     run = train(TrainConfig(model_name=str(tiny_model_dir), dataset_name=str(tiny_dataset_dir), group_size=GROUP,
                             max_steps=2, max_length=96, max_new_tokens=6, min_completion_tokens=4, lmbda=0.0,
                             heldout_eval_size=2, output_dir=str(tmp_path / "run"), device="cpu")).path
@@ -70,6 +70,16 @@ def test_evaluated_beside_the_students(llmc_env, tmp_path, tiny_model_dir, tiny_
     record = json.loads((run / "eval.json").read_text())
     assert {"teacher", "ptq", "gptq", "awq"} <= set(record["baselines"])
     assert record["baselines"]["gptq"]["calibrated"]["method"] == "gptq"
+    # Without students (a PTQ-only rung), GPTQ is judged on a default run's chats: with those
+    # settings equal to this run's, the cached calibration and fidelity give the same numbers.
+    import onpolicy_lib.evaluate as evaluate
+
+    settings = dict(dataset_name=str(tiny_dataset_dir), max_length=96, max_new_tokens=6, min_completion_tokens=4)
+    monkeypatch.setattr(evaluate, "TrainConfig", lambda **kw: TrainConfig(**{**settings, **kw}))
+    alone = evaluate_runs(EvalConfig(run_dirs=[], model_name=str(tiny_model_dir), quant_type="int4", group_size=GROUP,
+                                     tasks=[], perplexity_tokens=0, fidelity_samples=3, calibrated=["gptq"],
+                                     calibration_samples=8, cache_dir=str(tmp_path / "cache"), device="cpu"))
+    assert alone.set_index("model").loc["GPTQ int4 g32", "forward_kl"] == rows.loc["GPTQ int4 g32", "forward_kl"]
 
 
 def _group_codes(weight: torch.Tensor, group: int) -> int:

@@ -85,6 +85,22 @@ def test_teacher_and_ptq_are_cached_across_calls(tmp_path, run_dir, monkeypatch)
     assert len(list((tmp_path / "cache").glob("*.json"))) == 3
 
 
+def test_baselines_without_students_are_judged_on_a_default_runs_chats(tmp_path, run_dir, tiny_model_dir,
+                                                                        tiny_dataset_dir, monkeypatch):
+    # With a default run's settings equal to this run's, PTQ alone is judged on exactly the chats and
+    # generation settings the run's PTQ baseline was: the same cache entry, the same numbers.
+    with_run = evaluate_runs(light([run_dir], tmp_path)).set_index("model").loc["PTQ int4 g32"]
+    settings = dict(dataset_name=str(tiny_dataset_dir), max_length=96, max_new_tokens=6, min_completion_tokens=4)
+    monkeypatch.setattr(evaluate, "TrainConfig", lambda **kw: TrainConfig(**{**settings, **kw}))
+    calls = []
+    original = evaluate.evaluate_model
+    monkeypatch.setattr(evaluate, "evaluate_model", lambda *a, **k: calls.append(1) or original(*a, **k))
+    alone = evaluate_runs(light([], tmp_path, model_name=str(tiny_model_dir), quant_type="int4", group_size=32))
+    row = alone.set_index("model").loc["PTQ int4 g32"]
+    assert row["forward_kl"] == with_run["forward_kl"] > 0 and row["top1_agreement"] == with_run["top1_agreement"]
+    assert calls == [], "teacher, PTQ and PTQ's fidelity all come from the cache"
+
+
 def test_bf16_evaluation_is_explicit_cached_apart_and_close_to_fp32(tmp_path, run_dir, monkeypatch):
     """dtype=bfloat16 computes teacher, PTQ and student in bf16 on a CPU; their results are cached apart
     from fp32's, recorded, and close to fp32's (the tiny model's divergences move by bf16 rounding)."""

@@ -246,3 +246,18 @@ def test_as_sweep_reads_every_run_as_one_sweeps(tmp_path):
         (run_dir / "config.json").write_text(json.dumps({"train": {"lmbda": 0}}))
     assert {s for s, _, _ in results.find_runs(tmp_path)} == {"rung", "ladder"}
     assert {s for s, _, _ in results.find_runs([tmp_path / "ladder", tmp_path / "rung"], "ladder")} == {"ladder"}
+
+
+def test_baselines_only_renders_a_ptq_only_rung_with_the_sweeps_settings(tmp_path, params, capsys):
+    spec = write_spec(tmp_path, params=params, grid={"lmbda": [0, 1]}, eval=True,
+                      eval_parameters={"tasks": [], "perplexity_tokens": 0, "fidelity_samples": 0})
+    out = tmp_path / "out"
+    assert sweep.main([str(spec), "--outputs", str(out), "--baselines-only", "int9"]) == 2
+    assert "--baselines-only must be one of int4, int8, int3, int2, got 'int9'" in capsys.readouterr().err
+    assert sweep.main([str(spec), "--outputs", str(out), "--baselines-only", "int8"]) == 0
+    rendered = out / "tiny" / "baselines-int8.ipynb"
+    text = rendered.read_text()
+    assert "PTQ int8 g32" in text and "teacher" in text
+    assert sweep.main([str(spec), "--outputs", str(out), "--baselines-only", "int8"]) == 2
+    assert "exists; delete it to evaluate again" in capsys.readouterr().err
+    assert not [r for r in expand(spec, out).runs if r.status() != "pending"], "no run was started"
