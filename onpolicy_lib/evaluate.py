@@ -223,6 +223,7 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
         members = [(r, c, s) for r, c, s in runs if s["model_name"] == model_name]
         schemes = {_scheme_key(s) for _, _, s in members} or {(cfg.quant_type, cfg.group_size, False)}
         if cfg.calibrated:  # refused from the layer shapes alone, before the teacher or any baseline
+            calibrated_ptq.llmc_python()  # its environment exists
             skeleton = load_skeleton(model_name)
             for scheme_key in schemes:
                 for method in cfg.calibrated:

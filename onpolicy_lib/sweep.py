@@ -430,6 +430,13 @@ def run_sweep(sweep: Sweep, parallel: int = 1, retry_failed: bool = False, only:
             raise SweepError(f"--run: no run named {', '.join(unknown)} in {sweep.name}; "
                              f"runs: {', '.join(sorted(names))}")
         selected = [r for r in sweep.runs if r.name in only]
+    if any(r.params.get("do_eval") and r.params["eval_parameters"].get("calibrated") for r in selected):
+        from onpolicy_lib.calibrated_ptq import CalibratedError, llmc_python
+
+        try:  # every run would train first and fail in its evaluation
+            llmc_python()
+        except CalibratedError as err:
+            raise SweepError(f"{sweep.name}: eval_parameters.calibrated: {err}") from None
     record_manifest(sweep)
     states = {r.name: r.status() for r in selected}
     todo = [r for r in selected if states[r.name] in ("pending", "interrupted")

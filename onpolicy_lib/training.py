@@ -171,6 +171,10 @@ def train(cfg: TrainConfig) -> Run:
     if run.state == "complete":
         return run
 
+    if cfg.do_eval and cfg.eval_parameters.get("calibrated"):  # not found only after an hour of training
+        from onpolicy_lib.calibrated_ptq import llmc_python
+
+        llmc_python()
     # Group size against the real layer shapes, from the architecture alone: a bad value
     # fails here, naming the layer and the valid sizes, before data or weights are loaded.
     skeleton = load_skeleton(cfg.model_name)

@@ -154,3 +154,32 @@ def test_one_calibration_per_scheme_whatever_the_students_seeds():
     assert _calibration(EvalConfig(run_dirs=[], calibration_seed=3), members[1], key)["seed"] == 3
     with pytest.raises(Exception, match="calibration_seed must be a non-negative integer"):
         EvalConfig(run_dirs=[], calibration_seed=-1).validate()
+
+
+def test_a_missing_llmcompressor_environment_is_refused_before_training(tmp_path, tiny_model_dir, tiny_dataset_dir,
+                                                                        monkeypatch):
+    import yaml
+
+    from onpolicy_lib import sweep
+
+    monkeypatch.setenv(calibrated_ptq.PYTHON_ENV, str(tmp_path / "missing" / "python"))
+    cfg = TrainConfig(model_name=str(tiny_model_dir), dataset_name=str(tiny_dataset_dir), group_size=GROUP, max_steps=2,
+                      max_length=96, max_new_tokens=6, min_completion_tokens=4, output_dir=str(tmp_path / "run"),
+                      device="cpu", do_eval=True, eval_parameters={"tasks": [], "calibrated": ["gptq"]})
+    with pytest.raises(calibrated_ptq.CalibratedError, match="llmcompressor's own environment, not found"):
+        train(cfg)
+    assert not (tmp_path / "run" / "train_log.jsonl").exists()
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({"params": {k: v for k, v in cfg.to_dict().items()
+                                               if k in ("model_name", "dataset_name", "group_size", "max_steps",
+                                                        "max_length", "device")},
+                                    "eval": True, "eval_parameters": {"tasks": [], "calibrated": ["awq"]}}))
+    with pytest.raises(sweep.SweepError, match=r"s: eval_parameters.calibrated: GPTQ/AWQ baselines need"):
+        sweep.run_sweep(sweep.expand(spec, tmp_path / "out"))
+    assert not (tmp_path / "out" / "s").exists() or not any((tmp_path / "out" / "s").rglob("config.json"))
+    import onpolicy_lib.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    with pytest.raises(calibrated_ptq.CalibratedError, match="llmcompressor's own environment, not found"):
+        evaluate_runs(EvalConfig(run_dirs=[], model_name=str(tiny_model_dir), quant_type="int4", group_size=GROUP,
+                                 tasks=[], calibrated=["gptq"], cache_dir=str(tmp_path / "cache"), device="cpu"))
