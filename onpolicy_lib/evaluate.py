@@ -188,10 +188,12 @@ def _scheme_key(meta: dict[str, Any]) -> tuple[str, int, bool]:
     return meta["quant_type"], meta["group_size"], bool(meta.get("quantize_head", False))
 
 
-def _ptq_fidelity_key(model_name: str, scheme_key: tuple[str, int, bool], fidelity: Fidelity, device,
-                      kernels: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+def _ptq_fidelity(cfg: EvalConfig, teacher, tokenizer, device, model_name: str, scheme_key: tuple[str, int, bool],
+                  fidelity: Fidelity, kernels: dict[str, Any], dtype: torch.dtype) -> dict:
     described = quantization.describe_scheme(*scheme_key[:2], device, scheme_key[2])
-    return {"model_name": model_name, "scheme": described, **fidelity.key, **kernels, "dtype": str(dtype)}
+    key = {"model_name": model_name, "scheme": described, **fidelity.key, **kernels, "dtype": str(dtype)}
+    return _cached(cfg, "ptq-fidelity", key, partial(_evaluate_ptq, teacher, tokenizer, cfg, device, *scheme_key,
+                                                     fidelity, ("fidelity",)))["fidelity"]
 
 
 def _calibrated_fidelity(cfg: EvalConfig, teacher, tokenizer, device, model_name: str, method: str,
@@ -256,11 +258,8 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
             if not members:
                 for scheme, result in ptq.items():
                     if lone_fidelity is not None:
-                        result = {**result, "fidelity": _cached(
-                            cfg, "ptq-fidelity", _ptq_fidelity_key(model_name, scheme, lone_fidelity, device, kernels,
-                                                                   dtype),
-                            partial(_evaluate_ptq, teacher, tokenizer, cfg, device, *scheme, lone_fidelity,
-                                    ("fidelity",)))["fidelity"]}
+                        result = {**result, "fidelity": _ptq_fidelity(cfg, teacher, tokenizer, device, model_name,
+                                                                      scheme, lone_fidelity, kernels, dtype)}
                     rows.append(_row(ptq_label(*scheme), model_name, result))
         calibrated: dict[tuple[tuple[str, int, bool], str], dict[str, Any]] = {}
         for scheme_key in sorted(schemes) if cfg.calibrated else []:
@@ -292,11 +291,8 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
             if scheme_key in ptq:
                 baseline = dict(ptq[scheme_key])
                 if fidelity is not None:
-                    fid = _cached(cfg, "ptq-fidelity", _ptq_fidelity_key(model_name, scheme_key, fidelity, device,
-                                                                          kernels, dtype),
-                                  partial(_evaluate_ptq, teacher, tokenizer, cfg, device, *scheme_key, fidelity,
-                                          ("fidelity",)))
-                    baseline["fidelity"] = fid["fidelity"]
+                    baseline["fidelity"] = _ptq_fidelity(cfg, teacher, tokenizer, device, model_name, scheme_key,
+                                                         fidelity, kernels, dtype)
                 record["baselines"]["ptq"] = baseline
                 setting = f" ({run.name} setting)" if len(members) > 1 else ""
                 rows.append(_row(ptq_label(*scheme_key) + setting, model_name, baseline))

@@ -210,7 +210,7 @@ def _check_pooled(where: str, other: Sweep, run: Run, expected: dict[str, Any], 
     """A run of an ``analysis_with`` sweep must be one this sweep could have run: its settings equal
     this sweep's everywhere but the swept parameters, and it must not repeat one of this sweep's runs."""
     params = {k: v for k, v in run.params.items() if k != "output_dir"}
-    keys = (set(expected) | set(params)) - swept - {"output_dir"}
+    keys = (set(expected) | set(params)) - swept
     differ = sorted(k for k in keys
                     if json.dumps(params.get(k), sort_keys=True) != json.dumps(expected.get(k), sort_keys=True))
     if differ:
@@ -494,16 +494,20 @@ def render_analysis(sweep: Sweep) -> Path:
     return out
 
 
+def _check_baselines_only(quant_type: str) -> None:
+    from onpolicy_lib.config import QUANT_TYPES
+
+    if quant_type not in QUANT_TYPES:
+        raise SweepError(f"--baselines-only must be one of {', '.join(QUANT_TYPES)}, got {quant_type!r}")
+
+
 def render_baselines_only(sweep: Sweep, quant_type: str) -> Path:
     """Evaluate the teacher and the quantized baselines at ``quant_type`` without students (a PTQ-only
     rung), with the sweep's model, group size and evaluation settings, into
     ``outputs/<sweep>/baselines-<quant_type>.ipynb``; cached like every baseline."""
     import papermill as pm
 
-    from onpolicy_lib.config import QUANT_TYPES
-
-    if quant_type not in QUANT_TYPES:
-        raise SweepError(f"--baselines-only must be one of {', '.join(QUANT_TYPES)}, got {quant_type!r}")
+    _check_baselines_only(quant_type)
     settings = {json.dumps([r.params["model_name"], r.params["group_size"], r.params["eval_parameters"]],
                            sort_keys=True) for r in sweep.runs}
     if len(settings) != 1:
@@ -564,11 +568,8 @@ def main(argv: list[str] | None = None) -> int:
                           f"analysis_with)")
             return 0
         if args.baselines_only:
-            from onpolicy_lib.config import QUANT_TYPES
-
-            bad = [q for q in args.baselines_only if q not in QUANT_TYPES]
-            if bad:  # all refused before the first evaluation starts
-                raise SweepError(f"--baselines-only must be one of {', '.join(QUANT_TYPES)}, got {bad[0]!r}")
+            for quant_type in args.baselines_only:  # all checked before the first evaluation starts
+                _check_baselines_only(quant_type)
             for quant_type in args.baselines_only:
                 print(f"baselines rendered in {portable_path(render_baselines_only(sweep, quant_type))}")
             return 0
