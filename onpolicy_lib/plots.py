@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import textwrap
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -315,9 +316,14 @@ def plot_comparisons(table: pd.DataFrame, names: Mapping[str, str], title: str =
     """
     metrics = list(dict.fromkeys(table["metric"]))
     comparisons = list(dict.fromkeys(table["comparison"]))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(2.6 * len(metrics) + 1, 0.5 * len(comparisons) + 1.6),
+    # A grid, not one row: nine long metric names side by side overlap at any readable size.
+    cols = min(3, len(metrics))
+    rows = -(-len(metrics) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols + 1, rows * (0.45 * len(comparisons) + 1.5)),
                              sharey=True, squeeze=False)
-    for ax, metric in zip(axes[0], metrics, strict=True):
+    for ax in axes.flat[len(metrics):]:
+        ax.set_visible(False)
+    for ax, metric in zip(axes.flat, metrics, strict=False):
         part = table[table["metric"] == metric].set_index("comparison").reindex(comparisons)
         for y, (label, row) in enumerate(part.iterrows()):
             if pd.isna(row["delta"]):
@@ -326,7 +332,8 @@ def plot_comparisons(table: pd.DataFrame, names: Mapping[str, str], title: str =
             ax.errorbar(row["delta"], y, xerr=[[row["delta"] - row["ci_low"]], [row["ci_high"] - row["delta"]]],
                         fmt="o", color=color, mfc=color if row["resolved"] else "white", capsize=3)
         ax.axvline(0, color="black", lw=0.8)
-        ax.set(title=names.get(metric, metric), yticks=range(len(comparisons)), yticklabels=comparisons)
+        ax.set(yticks=range(len(comparisons)), yticklabels=comparisons)
+        ax.set_title("\n".join(textwrap.wrap(names.get(metric, metric), 34)), fontsize=9)
         ax.tick_params(axis="x", labelsize=8)
     fig.suptitle(title or "differences with 95% intervals (filled: the interval excludes zero)", fontsize=10)
     fig.tight_layout()

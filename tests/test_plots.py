@@ -237,3 +237,16 @@ def test_heldout_curves_of_a_ladder_get_one_panel_per_bit_width():
     one_rung = plots.plot_heldout_curves(pd.DataFrame([r for r in rows if r["quant_type"] == "int4"]))
     assert len(one_rung.axes) == 1 and len(one_rung.axes[0].get_lines()) == 2
     plt.close("all")
+
+
+def test_comparisons_wrap_into_a_grid_with_readable_titles():
+    metrics = ["average", "forward_kl", "forward_kl_matched", "reverse_kl_on_policy"]
+    table = pd.DataFrame([{"comparison": "λ=1 − λ=0", "metric": m, "delta": 0.02, "ci_low": 0.01, "ci_high": 0.03,
+                           "resolved": True} for m in metrics])
+    names = {**NAMES, **analysis.FIDELITY_NAMES}
+    fig = plots.plot_comparisons(table, names)
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(fig.axes) == 6 and len(visible) == 4  # 2 rows of 3, the spare panels hidden
+    titles = [ax.get_title() for ax in visible]
+    assert titles[0] == "Average" and titles[2].replace("\n", " ") == names["forward_kl_matched"]
+    assert all(len(line) <= 34 for title in titles for line in title.split("\n"))
