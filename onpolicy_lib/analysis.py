@@ -277,9 +277,11 @@ LADDER_METRICS = ("forward_kl", "forward_kl_matched", "reverse_kl_on_policy", "t
                   "perplexity", "average")
 
 
-def rungs(frame: pd.DataFrame, rung: str = "quant_type") -> list[str]:
-    """The rungs present among ``frame``'s students, nearest the teacher first."""
-    present = frame.loc[frame["role"] == "student", rung].dropna().unique() if rung in frame else []
+def rungs(frame: pd.DataFrame, rung: str = "quant_type", students_only: bool = True) -> list[str]:
+    """The rungs present among ``frame``'s students (or, with ``students_only=False``, its quantized
+    models of any role: a baselines-only rung too), nearest the teacher first."""
+    rows = frame["role"] == "student" if students_only else frame["role"] != "teacher"
+    present = frame.loc[rows, rung].dropna().unique() if rung in frame else []
     return sorted(present, key=lambda q: (RUNG_ORDER.index(q) if q in RUNG_ORDER else 99, str(q)))
 
 
@@ -308,12 +310,13 @@ def ladder_effects(pe: pd.DataFrame, pef: pd.DataFrame, students: pd.DataFrame, 
 def ladder_table(w: pd.DataFrame, columns: list[str] | None = None, key: str = "lmbda",
                  rung: str = "quant_type") -> pd.DataFrame:
     """Per rung, side by side: the teacher, every quantized baseline of that bit width (RTN PTQ, GPTQ,
-    AWQ; the original's int4 recipes under int4) and the students by ``key``; mean, sd and seeds."""
+    AWQ; the original's int4 recipes under int4) and the students by ``key``; mean, sd and seeds. A rung
+    evaluated without students (``sweep --baselines-only``) has its baselines alone."""
     w = with_average(w)
     if columns is None:
         columns = [c for c in LADDER_METRICS if c in w.columns]
     parts = {}
-    for q in rungs(w, rung):
+    for q in rungs(w, rung, students_only=False):
         part = condition_table(w[(w["role"] == "teacher") | (w[rung] == q)], [key], columns)
         if not part.empty:
             parts[q] = part

@@ -347,6 +347,9 @@ class EvalConfig(_Params):
     model_name: str | None = param(None, "only when evaluating baselines without run_dirs")
     quant_type: str | None = param(None, "PTQ scheme without run_dirs (else the students')")
     group_size: int | None = param(None, "PTQ group size without run_dirs (else the students')")
+    baselines_record: str | None = param(None, "without run_dirs: also write the baselines' results to this new "
+                                         "JSON file (eval.json's format), where the analysis reads them",
+                                         identity=False)
     cache_dir: str | None = param(None, "teacher/PTQ result cache (None: outputs/eval_cache)", identity=False)
 
     @classmethod
@@ -401,6 +404,15 @@ class EvalConfig(_Params):
                 raise ConfigError("nothing to evaluate: run_dirs is empty and include_teacher/include_ptq are False")
             if self.model_name is None or (self.include_ptq and None in (self.quant_type, self.group_size)):
                 raise ConfigError("without run_dirs, set model_name (and quant_type, group_size for include_ptq)")
+        elif self.baselines_record is not None:
+            raise ConfigError("baselines_record is for an evaluation without run_dirs (a run's baselines are "
+                              "recorded in its eval.json)")
+        if self.baselines_record is not None:
+            if not str(self.baselines_record).endswith(".json"):
+                raise ConfigError(f"baselines_record must be a .json path, got {self.baselines_record!r}")
+            if resolve_path(self.baselines_record).exists():
+                raise ConfigError(f"baselines_record: {self.baselines_record} exists; delete it to evaluate again")
+            self.baselines_record = portable_path(resolve_path(self.baselines_record))
         return self
 
     def benchmark_settings(self) -> dict[str, Any]:

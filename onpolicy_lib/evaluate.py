@@ -221,6 +221,7 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
     model_names = sorted({s["model_name"] for _, _, s in runs}) or [cfg.model_name]
     rows: list[dict[str, Any]] = []
     heldout_cache: dict[str, Any] = {}
+    lone: dict[str, Any] = {}  # baselines evaluated without students, by role (for baselines_record)
     for model_name in model_names:
         members = [(r, c, s) for r, c, s in runs if s["model_name"] == model_name]
         schemes = {_scheme_key(s) for _, _, s in members} or {(cfg.quant_type, cfg.group_size, False)}
@@ -243,6 +244,8 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
                                      partial(evaluate_model, teacher, tokenizer, cfg, device=device))
             teacher_result = {**teacher_result, "precision": precision}
             rows.append(_row(teacher_label(teacher_result), model_name, teacher_result))
+            if not members:
+                lone["teacher"] = teacher_result
         # Baselines evaluated without students are judged on the held-out chats and generation
         # settings a default run of this model would be (the CPU studies change none of those).
         lone_fidelity = fidelity_for(TrainConfig(model_name=model_name).to_dict(), cfg.fidelity_samples, tokenizer,
@@ -261,6 +264,7 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
                         result = {**result, "fidelity": _ptq_fidelity(cfg, teacher, tokenizer, device, model_name,
                                                                       scheme, lone_fidelity, kernels, dtype)}
                     rows.append(_row(ptq_label(*scheme), model_name, result))
+                    lone["ptq"] = result
         calibrated: dict[tuple[tuple[str, int, bool], str], dict[str, Any]] = {}
         for scheme_key in sorted(schemes) if cfg.calibrated else []:
             for method in cfg.calibrated:
@@ -278,6 +282,7 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
                             cfg, teacher, tokenizer, device, model_name, method, scheme_key, result,
                             lone_fidelity)}
                     rows.append(_row(recipe.label, model_name, result))
+                    lone[method] = result
         for run, run_cfg, scheme in members:
             fidelity = fidelity_for(run_cfg, cfg.fidelity_samples, tokenizer, heldout_cache) \
                 if cfg.fidelity_samples else None
@@ -314,6 +319,11 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
                                  run_cfg))
                 del student
             run.write_evaluation(record)
+    if cfg.baselines_record is not None:
+        # A baselines-only rung (no students) is still part of a study: its record lets the analysis
+        # tabulate it beside the rungs that have students.
+        write_json(resolve_path(cfg.baselines_record), {"config": cfg.to_dict(), "versions": versions,
+                                                        "baselines": lone})
     return pd.DataFrame(rows).drop_duplicates("model", keep="first") if rows else pd.DataFrame(rows)
 
 

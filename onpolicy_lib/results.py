@@ -20,7 +20,7 @@ import pandas as pd
 from onpolicy_lib import fidelity
 from onpolicy_lib.config import CALIBRATED_METHODS, TrainConfig, portable_path, resolve_path
 from onpolicy_lib.metrics import loss_summary
-from onpolicy_lib.rundir import EVAL_CACHE_DIR, MANIFEST, Run, read_json
+from onpolicy_lib.rundir import BASELINES_RECORD, EVAL_CACHE_DIR, MANIFEST, Run, read_json
 
 # Every configuration field that describes what a run did (where it was kept is the run_dir column).
 CONFIG_FIELDS = [f for f in TrainConfig.field_names() if f not in ("output_dir", "eval_parameters")]
@@ -102,6 +102,19 @@ def find_runs(roots: str | Path | Iterable[str | Path], as_sweep: str = "") -> l
     return sorted(runs, key=lambda t: (t[0], str(t[1])))
 
 
+def find_baseline_records(roots: str | Path | Iterable[str | Path],
+                          as_sweep: str = "") -> list[tuple[str, dict[str, Any]]]:
+    """Every baselines-only evaluation under ``roots`` (``sweep --baselines-only``: a rung without
+    students) as (sweep, record); the record has eval.json's ``baselines``."""
+    found = {}
+    for root in _roots(roots):
+        for path in sorted(root.rglob(BASELINES_RECORD.format(quant_type="*"))):
+            record = read_json(path)
+            if isinstance(record, dict) and EVAL_CACHE_DIR not in path.parts:
+                found[path] = (as_sweep or _sweep_name(path), record)
+    return [found[p] for p in sorted(found)]
+
+
 def _sweep_name(run_dir: Path) -> str:
     manifest = read_json(run_dir.parent / MANIFEST) or {}
     return manifest.get("name", run_dir.parent.name)
@@ -162,6 +175,16 @@ def collect(roots: str | Path | Iterable[str | Path] = "outputs", as_sweep: str 
                         **(baseline_grid(result) if role != "teacher" else {})}
             for metric, value, stderr in model_metrics(result):
                 rows.append({**baseline, "role": role, "metric": metric, "value": value, "stderr": stderr})
+    read = {(r["sweep"], r["run"]) for r in rows if r["role"] != "student"}
+    for sweep, record in find_baseline_records(roots, as_sweep):
+        for role, label, result in baselines(record):
+            if (sweep, label) in read:
+                continue  # the same model, already read from a run's eval.json (the teacher)
+            baseline = {"sweep": sweep, "run": label, "status": "done", "run_dir": None,
+                        **{k: None for k in CONFIG_FIELDS}, "model_name": result.get("key", {}).get("model_name"),
+                        **(baseline_grid(result) if role != "teacher" else {})}
+            for metric, value, stderr in model_metrics(result):
+                rows.append({**baseline, "role": role, "metric": metric, "value": value, "stderr": stderr})
     columns = ID_COLUMNS + CONFIG_FIELDS + ["metric", "value", "stderr"]
     return pd.DataFrame(rows, columns=columns)
 
@@ -170,6 +193,7 @@ def per_example(roots: str | Path | Iterable[str | Path] = "outputs", as_sweep: 
     """One row per (sweep, run or baseline, task, document): ``acc`` (and ``acc_norm``) as 0/1."""
     rows: list[dict[str, Any]] = []
     seen: set[tuple[str, str]] = set()
+    per_model: list[tuple[str, list]] = []
     for sweep, run_dir, train in find_runs(roots, as_sweep):
         evaluation = Run(run_dir).evaluation
         if not evaluation:
@@ -180,6 +204,13 @@ def per_example(roots: str | Path | Iterable[str | Path] = "outputs", as_sweep: 
             if (sweep, label) not in seen:
                 seen.add((sweep, label))
                 models.append((role, label, {k: None for k in CONFIG_FIELDS}, result))
+        per_model.append((sweep, models))
+    for sweep, record in find_baseline_records(roots, as_sweep):
+        models = [(role, label, {k: None for k in CONFIG_FIELDS}, result) for role, label, result in baselines(record)
+                  if (sweep, label) not in seen]
+        seen.update((sweep, label) for _, label, _, _ in models)
+        per_model.append((sweep, models))
+    for sweep, models in per_model:
         for role, run, cfg, result in models:
             for task, scores in result.get("benchmarks", {}).get("tasks", {}).items():
                 for sample in scores.get("samples", []):
@@ -196,6 +227,7 @@ def per_example_fidelity(roots: str | Path | Iterable[str | Path] = "outputs", a
     held-out examples and generation settings.
     """
     rows: list[dict[str, Any]] = []
+    per_model: list[tuple[str, dict[str, Any], list]] = []
     for sweep, run_dir, train in find_runs(roots, as_sweep):
         evaluation = Run(run_dir).evaluation
         if not evaluation:
@@ -205,6 +237,13 @@ def per_example_fidelity(roots: str | Path | Iterable[str | Path] = "outputs", a
         for role in ("ptq", *CALIBRATED_METHODS):
             if role in evaluation.get("baselines", {}):
                 models.append((role, run_dir.name, evaluation["baselines"][role]))
+        per_model.append((sweep, config, models))
+    for sweep, record in find_baseline_records(roots, as_sweep):
+        for role, label, result in baselines(record):
+            if role != "teacher":  # a baselines-only rung's models, on a default run's held-out chats
+                config = {**{k: None for k in CONFIG_FIELDS}, **baseline_grid(result)}
+                per_model.append((sweep, config, [(role, label, result)]))
+    for sweep, config, models in per_model:
         for role, run, result in models:
             for example in result.get("fidelity", {}).get("per_example", []):
                 for metric in fidelity.METRICS:

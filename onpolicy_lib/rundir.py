@@ -25,6 +25,9 @@ MANIFEST = "sweep.json"
 ANALYSIS_NOTEBOOK = "analysis.ipynb"
 FIGURES_DIR = "figures"
 EVAL_CACHE_DIR = "eval_cache"
+# A baselines-only rung's results (``sweep --baselines-only``), beside the sweep's manifest.
+BASELINES_NOTEBOOK = "baselines-{quant_type}.ipynb"
+BASELINES_RECORD = "baselines-{quant_type}.json"
 STATES = ("done", "failed", "running", "interrupted", "pending")
 
 

@@ -60,6 +60,8 @@ from onpolicy_lib.config import (
 )
 from onpolicy_lib.rundir import (
     ANALYSIS_NOTEBOOK,
+    BASELINES_NOTEBOOK,
+    BASELINES_RECORD,
     FIGURES_DIR,
     Run,
     config_diff,
@@ -514,14 +516,17 @@ def render_baselines_only(sweep: Sweep, quant_type: str) -> Path:
         raise SweepError(f"--baselines-only: {sweep.name}'s runs differ in model, group size or evaluation "
                          "settings, so no one baseline setting is theirs")
     params = sweep.runs[0].params
-    out = sweep.root / f"baselines-{quant_type}.ipynb"
-    if out.exists():
-        raise SweepError(f"--baselines-only: {portable_path(out)} exists; delete it to evaluate again")
+    out = sweep.root / BASELINES_NOTEBOOK.format(quant_type=quant_type)
+    record = sweep.root / BASELINES_RECORD.format(quant_type=quant_type)
+    for path in (out, record):
+        if path.exists():
+            raise SweepError(f"--baselines-only: {portable_path(path)} exists; delete it to evaluate again")
     out.parent.mkdir(parents=True, exist_ok=True)
     pm.execute_notebook(str(PROJECT_ROOT / "notebooks" / Run.EVAL_NOTEBOOK), str(out), cwd=str(PROJECT_ROOT),
                         progress_bar=False,
                         parameters={**params["eval_parameters"], "run_dirs": [], "model_name": params["model_name"],
-                                    "quant_type": quant_type, "group_size": params["group_size"]})
+                                    "quant_type": quant_type, "group_size": params["group_size"],
+                                    "baselines_record": portable_path(record)})
     slim_notebook(out)
     return out
 

@@ -153,6 +153,33 @@ def test_the_ladder_compares_lambda_per_rung_against_the_ptq_distance(tmp_path):
     assert len([ax for ax in fig.axes if ax.get_visible()]) == effects["metric"].nunique()
 
 
+def test_a_baselines_only_rung_is_read_beside_the_rungs_with_students(tmp_path):
+    make_outputs(tmp_path, "ladder", [{"seed": 1, "quant_type": q, "lmbda": lm} for q in ("int4", "int2")
+                                      for lm in (0, 1)], calibrated=True)
+    # What `sweep --baselines-only int8` writes beside the manifest: eval.json's baselines, no student.
+    rng = np.random.default_rng(8)
+    teacher = json.loads(next((tmp_path / "ladder").glob("*/eval.json")).read_text())["baselines"]["teacher"]
+    scheme = {"model_name": "m", "scheme": {"quant_type": "int8", "group_size": 64, "head": "full precision"}}
+    record = {"baselines": {"teacher": teacher, "ptq": {"key": scheme, **_model_result(rng, 0.59)},
+                            "gptq": {"key": {**scheme, "method": "gptq"}, **_model_result(rng, 0.6)}}}
+    (tmp_path / "ladder" / "baselines-int8.json").write_text(json.dumps(record))
+    df = results.collect(tmp_path)
+    assert df[df["role"] == "teacher"]["run"].unique().tolist() == ["teacher"]  # once, not again from the record
+    w = analysis.with_average(results.wide(df))
+    table = analysis.ladder_table(w)
+    assert list(dict.fromkeys(table.index.get_level_values(0))) == ["int8", "int4", "int2"]
+    assert list(table.loc["int8"].index) == ["teacher", "PTQ int8 g64", "GPTQ int8 g64"]
+    assert table.loc[("int8", "PTQ int8 g64"), ("perplexity", "mean")] == pytest.approx(40 / 0.59)
+    pe, pef = results.per_example(tmp_path), results.per_example_fidelity(tmp_path)
+    assert len(pe[pe["run"] == "PTQ int8 g64"]) == 5 * 40 and len(pe[pe["role"] == "teacher"]) == 5 * 40
+    int8 = pef[pef["quant_type"] == "int8"]
+    assert set(int8["role"]) == {"ptq", "gptq"} and len(int8) == 2 * 12 * 5  # 12 chats, 5 metrics each
+    # The rungs with students are compared as before; the int8 rung has no λ to compare.
+    effects = analysis.ladder_effects(pe, pef, w[w["role"] == "student"], n_boot=200)
+    assert list(dict.fromkeys(effects["quant_type"])) == ["int4", "int2"]
+    assert results.find_baseline_records(tmp_path, "other")[0][0] == "other"
+
+
 def test_the_original_recipes_sit_under_their_own_bit_width():
     key = {"recipe": {"algorithm": "awq", "bits": 4, "group_size": 128, "preset": "W4A16_ASYM"},
            "label": "AWQ W4A16_ASYM g128 (original recipe)"}

@@ -49,6 +49,17 @@ def test_bad_eval_input_is_rejected(tmp_path, overrides, message):
         EvalConfig(model_name="x/y", quant_type="int4", group_size=32, **overrides).validate()
 
 
+def test_a_baselines_record_is_new_json_and_only_without_students(tmp_path, run_dir):
+    with pytest.raises(ConfigError, match="baselines_record is for an evaluation without run_dirs"):
+        EvalConfig(run_dirs=[str(run_dir)], baselines_record=str(tmp_path / "b.json")).validate()
+    lone = dict(run_dirs=[], model_name="x/y", quant_type="int8", group_size=32)
+    with pytest.raises(ConfigError, match="baselines_record must be a .json path, got 'b.txt'"):
+        EvalConfig(**lone, baselines_record="b.txt").validate()
+    (tmp_path / "b.json").write_text("{}")
+    with pytest.raises(ConfigError, match="b.json exists; delete it to evaluate again"):
+        EvalConfig(**lone, baselines_record=str(tmp_path / "b.json")).validate()
+
+
 def test_run_without_student_and_scheme_mismatch(tmp_path, run_dir):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="run_dirs: .*no trained student"):

@@ -258,6 +258,9 @@ def test_baselines_only_renders_a_ptq_only_rung_with_the_sweeps_settings(tmp_pat
     rendered = out / "tiny" / "baselines-int8.ipynb"
     text = rendered.read_text()
     assert "PTQ int8 g32" in text and "teacher" in text
+    record = json.loads((out / "tiny" / "baselines-int8.json").read_text())  # what the analysis reads
+    assert set(record["baselines"]) == {"teacher", "ptq"}
+    assert record["baselines"]["ptq"]["key"]["scheme"]["quant_type"] == "int8"
     assert sweep.main([str(spec), "--outputs", str(out), "--baselines-only", "int8"]) == 2
     assert "exists; delete it to evaluate again" in capsys.readouterr().err
     assert not [r for r in expand(spec, out).runs if r.status() != "pending"], "no run was started"
