@@ -404,10 +404,10 @@ class EvalConfig(_Params):
                 raise ConfigError("nothing to evaluate: run_dirs is empty and include_teacher/include_ptq are False")
             if self.model_name is None or (self.include_ptq and None in (self.quant_type, self.group_size)):
                 raise ConfigError("without run_dirs, set model_name (and quant_type, group_size for include_ptq)")
-        elif self.baselines_record is not None:
-            raise ConfigError("baselines_record is for an evaluation without run_dirs (a run's baselines are "
-                              "recorded in its eval.json)")
         if self.baselines_record is not None:
+            if self.run_dirs:
+                raise ConfigError("baselines_record is for an evaluation without run_dirs (a run's baselines are "
+                                  "recorded in its eval.json)")
             if not str(self.baselines_record).endswith(".json"):
                 raise ConfigError(f"baselines_record must be a .json path, got {self.baselines_record!r}")
             if resolve_path(self.baselines_record).exists():

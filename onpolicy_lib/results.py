@@ -146,6 +146,7 @@ def collect(roots: str | Path | Iterable[str | Path] = "outputs", as_sweep: str 
     """
     rows: list[dict[str, Any]] = []
     seen_baselines: set[tuple[str, str]] = set()
+    evaluated: list[tuple[str, dict[str, Any]]] = []
     for sweep, run_dir, train in find_runs(roots, as_sweep):
         config = {k: train.get(k) for k in CONFIG_FIELDS}
         run = Run(run_dir, params=train)
@@ -161,6 +162,9 @@ def collect(roots: str | Path | Iterable[str | Path] = "outputs", as_sweep: str 
                 rows.append({**base, "role": role, "metric": metric, "value": value, "stderr": stderr})
         if not values and not evaluation:
             rows.append({**base, "role": "student", "metric": None, "value": None, "stderr": None})
+        evaluated.append((sweep, evaluation))
+    # A baselines-only rung's record holds its baselines as a run's eval.json does (its teacher too).
+    for sweep, evaluation in [*evaluated, *find_baseline_records(roots, as_sweep)]:
         for role, label, result in baselines(evaluation):
             # PTQ fidelity depends on the run's setting (held-out examples, rollout length), so it is
             # part of what makes a baseline row distinct.
@@ -172,16 +176,6 @@ def collect(roots: str | Path | Iterable[str | Path] = "outputs", as_sweep: str 
             key = result.get("key", {})
             baseline = {"sweep": sweep, "run": label, "status": "done", "run_dir": None,
                         **{k: None for k in CONFIG_FIELDS}, "model_name": key.get("model_name"),
-                        **(baseline_grid(result) if role != "teacher" else {})}
-            for metric, value, stderr in model_metrics(result):
-                rows.append({**baseline, "role": role, "metric": metric, "value": value, "stderr": stderr})
-    read = {(r["sweep"], r["run"]) for r in rows if r["role"] != "student"}
-    for sweep, record in find_baseline_records(roots, as_sweep):
-        for role, label, result in baselines(record):
-            if (sweep, label) in read:
-                continue  # the same model, already read from a run's eval.json (the teacher)
-            baseline = {"sweep": sweep, "run": label, "status": "done", "run_dir": None,
-                        **{k: None for k in CONFIG_FIELDS}, "model_name": result.get("key", {}).get("model_name"),
                         **(baseline_grid(result) if role != "teacher" else {})}
             for metric, value, stderr in model_metrics(result):
                 rows.append({**baseline, "role": role, "metric": metric, "value": value, "stderr": stderr})
