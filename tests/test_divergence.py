@@ -93,7 +93,10 @@ def test_lean_divergence_equals_reference_and_float64(beta, monkeypatch, grad_pa
     exact = value_and_grad(lambda a, b: float64_divergence(a[mask], b[mask], beta), s.double(), t.double(),
                            weights.double())
     torch.testing.assert_close(lean[0], ref[0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(lean[1], ref[1], rtol=1e-5, atol=1e-7)
+    # Two float32 computations in different orders differ by a few ulps of the largest gradient, and
+    # which element shows it depends on the CPU's vector width: bound the difference by that scale.
+    grad_scale = ref[1].abs().max().item()
+    torch.testing.assert_close(lean[1], ref[1], rtol=1e-5, atol=1e-5 * grad_scale)
     # Against float64: as close as float32 arithmetic allows.
     torch.testing.assert_close(lean[0].double(), exact[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lean[1].double(), exact[1], rtol=1e-4, atol=1e-6)
