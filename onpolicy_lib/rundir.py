@@ -218,6 +218,13 @@ class Run:
             raise ConfigError(f"output_dir {portable_path(path)} holds a run with a different config "
                               f"({format_diff(diff)}); choose another output_dir or delete that run")
         if self.file(self.METRICS).is_file():
+            # student/ is not kept in git: a finished run checked out on another machine has its
+            # metrics but nothing to evaluate. Say so now, not after the evaluation notebook starts.
+            if (config.get("do_eval") and not self.file(self.EVAL).is_file()
+                    and not (self.student_dir / self.SCHEME).is_file()):
+                raise ConfigError(f"output_dir {portable_path(path)} holds a finished run's metrics but not its "
+                                  f"student weights ({self.STUDENT}/ is not kept in git), so it cannot be "
+                                  "evaluated; delete that run directory to retrain it")
             self.state = "complete"
         else:
             self.state = "resume"

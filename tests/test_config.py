@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import pytest
@@ -133,6 +134,15 @@ def test_run_directory_states(tmp_path):
     assert state.state == "resume" and state.checkpoint.name == "checkpoint-20"
     (run / "metrics.json").write_text("{}")
     assert Run(run).plan(cfg).state == "complete"
+    # Finished but never evaluated, and its student weights gone (they are not in git): refused up front.
+    with pytest.raises(ConfigError, match="metrics but not its student weights"):
+        Run(run).plan({**cfg, "do_eval": True})
+    (run / "student").mkdir()
+    (run / "student" / "quantization.json").write_text("{}")
+    assert Run(run).plan({**cfg, "do_eval": True}).state == "complete"
+    (run / "eval.json").write_text("{}")
+    shutil.rmtree(run / "student")
+    assert Run(run).plan({**cfg, "do_eval": True}).state == "complete"  # evaluated: nothing left to do
     with pytest.raises(ConfigError, match=r"different config \(max_steps: 60 -> 61\)"):
         Run(run).plan({**cfg, "max_steps": 61})
 

@@ -160,10 +160,11 @@ def test_speed_skip_trl(tiny_model_dir, tiny_dataset_dir, capsys):
     results = speed.main(["--model", str(tiny_model_dir), "--dataset", str(tiny_dataset_dir), "--group-size",
                           str(GROUP), "--max-length", "64", "--min-completion-tokens", "4", "--max-new-tokens", "2",
                           "--steps", "1", "--warmup", "0",
-                          "--skip-trl", "--skip-eval"])
+                          "--skip-trl", "--skip-eval", "--skip-hardware"])
     assert "trl_1" not in results["timings"] and results["ratios"]["trl_lambda1_over_ours_lambda1"] is None
+    assert "hardware" not in results and "evaluation" not in results
     printed = capsys.readouterr().out
-    assert "skipped" in printed
+    assert "skipped" in printed and "hardware ceilings: skipped (--skip-hardware)" in printed
     steps, _, ratios = tables(printed)
     assert steps == STEP_LABELS and ratios == RATIO_LABELS  # the same rows, marked skipped / n/a
 
@@ -185,17 +186,19 @@ def test_settings_default_to_the_demo_and_keep_the_flags():
                                  "--batch-size", "3", "--max-new-tokens", "5", "--max-length", "99", "--beta", "0.2",
                                  "--steps", "2", "--warmup", "0", "--trl-steps", "4", "--device", "cpu",
                                  "--threads", "1", "--skip-trl", "--seed", "7", "--json", "out.json",
-                                 "--skip-eval", "--eval-limit", "5"])
+                                 "--skip-eval", "--eval-limit", "5", "--skip-hardware"])
     assert settings.train == TrainConfig(model_name="m", dataset_name="d", quant_type="int8", group_size=16,
                                          per_device_train_batch_size=3, max_new_tokens=5, max_length=99, beta=0.2,
                                          device="cpu", seed=7)
     assert (settings.steps, settings.warmup, settings.trl_steps, settings.threads, settings.skip_trl,
-            settings.json, settings.skip_eval, settings.eval_limit) == (2, 0, 4, 1, True, "out.json", True, 5)
+            settings.json, settings.skip_eval, settings.eval_limit, settings.skip_hardware) == (
+                2, 0, 4, 1, True, "out.json", True, 5, True)
+    assert not defaults.skip_hardware
     assert set(settings.as_dict()) == {
         "model", "dataset", "quant_type", "group_size", "batch_size", "max_new_tokens", "max_length", "beta",
         "temperature", "learning_rate", "min_completion_tokens",
         "steps", "warmup", "trl_steps", "device", "threads", "skip_trl", "seed",
-        "json", "skip_eval", "eval_limit"}
+        "json", "skip_eval", "eval_limit", "skip_hardware"}
     for bad in (["--steps", "0"], ["--eval-limit", "0"]):
         with pytest.raises(SystemExit):
             speed.parse_args(bad)

@@ -17,7 +17,7 @@ copy of the same quantization-aware student for every contender, it times
 * **peak memory** of each (CPU: the process's resident set; CUDA: ``max_memory_allocated``),
 * the machine's **ceilings** (memory read bandwidth, GEMM throughput) and one cached decode
   step of the batch in each form a rollout can take (fp32, bf16, each also weight-major),
-  against reading its weights once at that bandwidth,
+  against reading its weights once at that bandwidth (``--skip-hardware`` leaves it out),
 * a student's **evaluation** (benchmarks, perplexity, fidelity; small samples) against the
   forward passes and decode steps it needs (:mod:`.evaluation`; ``--skip-eval`` leaves it out),
 
@@ -109,9 +109,10 @@ def run(s: SpeedSettings) -> dict[str, Any]:
                   "shape": list(ours_batch["input_ids"].shape)},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
-    print("hardware ceilings and a decode step ...", file=sys.stderr, flush=True)
-    results["hardware"] = hardware_figures(teacher, ours_batch, device)
-    release()
+    if not s.skip_hardware:
+        print("hardware ceilings and a decode step ...", file=sys.stderr, flush=True)
+        results["hardware"] = hardware_figures(teacher, ours_batch, device)
+        release()
     if not s.skip_eval:
         print("a student's evaluation ...", file=sys.stderr, flush=True)
         results["evaluation"] = student_evaluation(teacher, tokenizer, cfg, group_size, s.eval_limit, device)

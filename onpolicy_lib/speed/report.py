@@ -250,6 +250,8 @@ def format_report(r: dict[str, Any]) -> str:
 
     if r.get("hardware"):
         lines += ["", *_hardware_lines(r["hardware"])]
+    else:
+        lines += ["", "hardware ceilings: skipped (--skip-hardware)"]
     if r.get("evaluation"):
         lines += ["", *_evaluation_lines(r["evaluation"])]
 

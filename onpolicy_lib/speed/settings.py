@@ -59,6 +59,7 @@ class SpeedSettings:
     threads: int | None = None  # CPU threads for torch; None: torch's own choice (one per core)
     skip_trl: bool = False
     skip_eval: bool = False
+    skip_hardware: bool = False  # leave out the machine's ceilings and the decode-step block
     eval_limit: int = 20  # documents per benchmark in the evaluation block (MMLU: one per subject)
     json: str | None = None  # also write every figure to this JSON file
 
@@ -89,6 +90,9 @@ def parser() -> argparse.ArgumentParser:
                    help="CPU threads for torch; None: torch's own choice (one per core)")
     p.add_argument("--skip-trl", action="store_true", help="do not time stock TRL")
     p.add_argument("--skip-eval", action="store_true", help="do not time a student's evaluation")
+    p.add_argument("--skip-hardware", action="store_true",
+                   help="do not measure the machine's ceilings and the decode steps against them "
+                        "(they include a torch.compile of the decode step, the slowest part on a small model)")
     p.add_argument("--eval-limit", type=int, default=defaults.eval_limit,
                    help="documents per benchmark when timing a student's evaluation (MMLU: one per subject; "
                         "fidelity on 8 held-out chats, perplexity on 4096 tokens)")
