@@ -48,6 +48,7 @@ from onpolicy_lib.batches import (
     generate_completions,
 )
 from onpolicy_lib.compiled_rollouts import CompiledSampler
+from onpolicy_lib.compute import Shape, generation_flops, training_flops
 from onpolicy_lib.config import TrainConfig
 from onpolicy_lib.divergence import cakld, generalized_jsd, token_nll
 from onpolicy_lib.quantization import (
@@ -120,6 +121,13 @@ def teacher_confidence(teacher: torch.nn.Module, dataset: Any, pad_token_id: int
     return {"gamma": total / tokens if tokens else 0.0, "tokens": tokens, "chats": len(rows)}
 
 
+def _row_lengths(batch: dict[str, torch.Tensor]) -> tuple[list[int], list[int]]:
+    """Each row's real prompt and completion tokens (the batch layout of ``batches``)."""
+    width_p = batch["prompt_ids"].shape[1]
+    mask = batch["attention_mask"]
+    return mask[:, :width_p].sum(1).tolist(), mask[:, width_p:].sum(1).tolist()
+
+
 class DistillTrainer(Trainer):
     """Distils ``teacher_model`` into ``model`` (the quantization-aware student)."""
 
@@ -143,7 +151,9 @@ class DistillTrainer(Trainer):
         self._window_tokens, self._window_loss, self._normaliser = 0, 0.0, None
         self.eos_token_ids = eos_token_ids(model, processing_class)
         self.stats = {"tokens_generated": 0, "tokens_trained": 0, "batches_on_policy": 0, "batches_seq_kd": 0,
-                      "batches": 0, "rollout_seconds": 0.0}
+                      "batches": 0, "rollout_seconds": 0.0, "flops": 0.0}
+        # Cost counted from shapes and real tokens (onpolicy_lib.compute), comparable across machines.
+        self._shape = Shape.of(model.config)
         self._log_since = dict(self.stats)
         self._micro, self._micro_step = 0, None
         self._weights_shared = False
@@ -248,6 +258,7 @@ class DistillTrainer(Trainer):
             unwrapped.train(was_training)
         width_p = inputs["prompt_ids"].shape[1]
         self.stats["tokens_generated"] += int(batch["attention_mask"][:, width_p:].sum())
+        self.stats["flops"] += generation_flops(self._shape, *_row_lengths(batch))
         self.stats["rollout_seconds"] += time.perf_counter() - start
         return batch
 
@@ -292,6 +303,7 @@ class DistillTrainer(Trainer):
                 self.stats["batches_seq_kd"] += 1
             tokens = int((inputs["labels"] != IGNORE_INDEX).sum())
             self.stats["tokens_trained"] += tokens
+            self.stats["flops"] += training_flops(self._shape, *_row_lengths(inputs))
             return self.accumulate(model, inputs, tokens)
 
     def accumulate(self, model: torch.nn.Module, inputs: dict[str, Any], tokens: int) -> torch.Tensor:

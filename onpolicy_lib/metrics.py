@@ -87,7 +87,7 @@ class MetricsRecorder(TrainerCallback):
 
 
 COUNTERS = ("tokens_generated", "tokens_trained", "rollout_seconds", "batches", "batches_on_policy",
-            "batches_seq_kd")
+            "batches_seq_kd", "flops")
 
 
 def summarise(recorder: MetricsRecorder, unlogged: dict[str, Any], device: torch.device,
