@@ -245,10 +245,18 @@ def _usable(messages: list[Message]) -> bool:
     return bool(messages) and all(m["content"].strip() for m in messages)
 
 
-def _source_rows(root: Path, source: str, heldout: int, cap: int) -> tuple[list[dict], list[dict]]:
+def source_records(root: Path, source: str) -> list[Record]:
+    """Every document of a mixture source as ``(id, messages)``, before de-duplication and the split."""
     records: list[Record] = []
     for task, variant, build in SOURCES[source]:
         records.extend(build(_read_docs(root, task, variant)))
+    return records
+
+
+def ordered_source_rows(root: Path, source: str) -> list[dict]:
+    """Every row a source can contribute at any cap, in split order: the held-out slice is the first
+    ``heldout_per_source`` rows and the train slice the next ``per_source_cap``."""
+    records = source_records(root, source)
     if not records:
         raise AssetsMissingError(
             f"no usable documents for source {source!r} under {task_docs_dir(root)}; "
@@ -267,9 +275,12 @@ def _source_rows(root: Path, source: str, heldout: int, cap: int) -> tuple[list[
         seen_ids.add(rid)
         seen_prompts.add(prompt)
         rows.append({"messages": messages, "source": source, "id": rid})
-        if len(rows) >= heldout + cap:
-            break
-    return rows[heldout:], rows[:heldout]
+    return rows
+
+
+def _source_rows(root: Path, source: str, heldout: int, cap: int) -> tuple[list[dict], list[dict]]:
+    rows = ordered_source_rows(root, source)
+    return rows[heldout : heldout + cap], rows[:heldout]
 
 
 def mixture_cache_path(root: Path, per_source_cap: int, heldout_per_source: int) -> Path:
@@ -278,9 +289,13 @@ def mixture_cache_path(root: Path, per_source_cap: int, heldout_per_source: int)
     return root / "mixtures" / name
 
 
+# Train rows per source of the mixture every training run reads (load_chat_dataset does not vary it).
+PER_SOURCE_CAP = 1000
+
+
 def build_offline_mixture(
     root: Path | None = None,
-    per_source_cap: int = 1000,
+    per_source_cap: int = PER_SOURCE_CAP,
     heldout_per_source: int = HELDOUT_PER_SOURCE,
     *,
     rebuild: bool = False,
