@@ -6,7 +6,7 @@ What a researcher uses in JupyterLab, in one namespace::
 
     run = opq.train(opq.TrainConfig(lmbda=1.0, max_steps=10))
     opq.evaluate_runs(opq.EvalConfig(run_dirs=[run.path], limit=20))
-    df = opq.collect("outputs/cpu_seeds")
+    df = opq.collect("outputs/cpu_protocol")
 
 Names are imported on first use, so ``import onpolicy_lib`` stays instant and validating a
 configuration never loads torch.
@@ -45,7 +45,7 @@ _EXPORTS = {
     # sweeps, results and analysis
     "expand": "sweep", "run_sweep": "sweep",
     "collect": "results", "per_example": "results", "per_example_fidelity": "results", "wide": "results",
-    "condition_table": "analysis", "format_table": "analysis", "paired_bootstrap": "analysis",
+    "condition_table": "analysis", "format_table": "analysis", "seed_level_interval": "analysis",
     "hierarchical_bootstrap": "analysis",
     "compute_table": "analysis", "with_average": "analysis", "varying": "analysis",
     "reference_study": "analysis", "gap_to_teacher": "analysis",

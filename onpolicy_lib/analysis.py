@@ -8,6 +8,7 @@ comparisons at these sample sizes.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,10 +51,17 @@ def varying(w: pd.DataFrame) -> list[str]:
 
 def condition_label(row: pd.Series, keys: list[str]) -> str:
     if row["role"] == "teacher":
-        return row["run"]  # results.collect names it with its precision: "teacher (Q4_1 GGUF)"
+        return results_label(row["run"])  # results.collect names it with its precision: "teacher (Q4_1 GGUF)"
     if row["role"] in BASELINE_ROLES:
-        return row["run"]  # results.collect names baselines: "PTQ int4 g64", "GPTQ int4 g64"
+        # results.collect names baselines ("PTQ int4 g64", "GPTQ int4 g64"); a second evaluation of the
+        # same baseline (another machine, another calibration) is one more replicate of that condition.
+        return results_label(row["run"])
     return ", ".join(f"{_symbol(k)}={format_value(row[k])}" for k in keys) or "student"
+
+
+def results_label(run: str) -> str:
+    """A baseline's condition label without the evaluation number results.collect adds to repeats."""
+    return re.sub(r" \(evaluation \d+\)$", "", str(run))
 
 
 def _symbol(key: str) -> str:
@@ -106,13 +114,59 @@ def _pretty(column: str) -> str:
     return BENCHMARKS.get(task, FIDELITY_NAMES.get(column, column.replace("_", " ")))
 
 
-# ---------------------------------------------------------------------------- paired bootstrap
+# ---------------------------------------------------------------------------- the statistics rule
+# A difference is *resolved* only where two 95% intervals both exclude zero: the hierarchical bootstrap
+# (seeds and examples resampled) and a seed-level Welch–Satterthwaite interval (each seed's mean one
+# observation). With two or three seeds per arm a bootstrap has few distinct seed means to draw, so it
+# understates seed-to-seed variance; the t interval does not. A comparison where either arm has a single
+# run has no seed replication: it shows no interval and is never resolved.
+LEVEL = 0.95
+# How each metric is averaged, stated in every table: benchmarks per document within a task, then the
+# tasks' unweighted mean; fidelity per held-out chat (each chat's per-token mean, then the mean over
+# chats: what the bootstrap resamples); perplexity per token of its text; the held-out divergence per chat.
+WEIGHTING = {"average": "per document, tasks averaged equally", "perplexity": "per token (one number per run)",
+             "heldout_loss_after": "per held-out chat (one number per run)"}
+FIDELITY_WEIGHTING = "per chat (each chat's per-token mean)"
+
+
+def weighting(metric: str) -> str:
+    """How ``metric`` is averaged over its examples (one weighting per metric, in every table)."""
+    if metric in WEIGHTING:
+        return WEIGHTING[metric]
+    if metric in FIDELITY_NAMES and metric != "perplexity":
+        return FIDELITY_WEIGHTING
+    return "per document" if "/" in metric else "one number per run"
+
+
+def seed_level_interval(a: Any, b: Any, level: float = LEVEL) -> tuple[float, float, float, float]:
+    """Mean of ``b`` minus mean of ``a`` with its Welch–Satterthwaite ``level`` interval, each value one
+    seed's mean: (delta, low, high, degrees of freedom). Without seed replication (fewer than two
+    values on either side) the interval is NaN: no interval, never resolved."""
+    from scipy import stats
+
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    delta = float(b.mean() - a.mean()) if len(a) and len(b) else np.nan
+    if len(a) < 2 or len(b) < 2:
+        return delta, np.nan, np.nan, np.nan
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = np.sqrt(va + vb)
+    if se == 0:  # identical seeds on both sides: the interval is the point
+        return delta, delta, delta, np.inf
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    half = float(stats.t.ppf(0.5 + level / 2, df) * se)
+    return delta, delta - half, delta + half, float(df)
+
+
+def excludes_zero(low: float, high: float) -> bool:
+    return bool(not (pd.isna(low) or pd.isna(high)) and (low > 0 or high < 0))
+
+
 @dataclass
 class BootstrapResult:
     a: str
     b: str
-    delta: float  # mean accuracy of b minus a, macro-averaged over tasks (points of accuracy, 0-1 scale)
-    ci_low: float
+    delta: float  # mean of b minus a, macro-averaged over groups (benchmark tasks; a metric's examples)
+    ci_low: float  # hierarchical bootstrap (seeds and units resampled)
     ci_high: float
     p_value: float
     documents: int
@@ -120,39 +174,20 @@ class BootstrapResult:
     seeds_b: int
     per_task: pd.DataFrame
     samples: np.ndarray
+    seed_low: float = np.nan  # seed-level Welch–Satterthwaite interval (NaN without seed replication)
+    seed_high: float = np.nan
+    seed_df: float = np.nan
 
     @property
-    def significant(self) -> bool:
-        return self.ci_low > 0 or self.ci_high < 0
+    def replicated(self) -> bool:
+        """Both conditions have at least two seeds: without them no interval is shown."""
+        return self.seeds_a >= 2 and self.seeds_b >= 2
 
-    def verdict(self) -> str:
-        pts = 100 * self.delta
-        ci = f"95% CI {100 * self.ci_low:+.1f} to {100 * self.ci_high:+.1f} points"
-        head = (f"{self.b} − {self.a}: {pts:+.1f} accuracy points averaged over {len(self.per_task)} benchmarks "
-                f"({ci}, p = {self.p_value:.3f}; {self.documents} paired documents, seeds {self.seeds_b} vs "
-                f"{self.seeds_a}).")
-        if self.significant:
-            better = self.b if self.delta > 0 else self.a
-            return f"{head} Significant at the 5% level: {better} is better on these documents."
-        bound = 100 * max(abs(self.ci_low), abs(self.ci_high))
-        return (f"{head} Not significant: the data cannot tell the two apart; differences larger than about "
-                f"{bound:.1f} points lie outside the 95% interval.")
-
-
-def paired_bootstrap(pe: pd.DataFrame, a: dict[str, Any], b: dict[str, Any], metric: str = "acc",
-                     n_boot: int = 10_000, seed: int = 0, a_name: str | None = None,
-                     b_name: str | None = None) -> BootstrapResult:
-    """Paired bootstrap of condition ``b`` minus ``a`` over benchmark documents.
-
-    ``a``/``b`` select student rows of ``per_example()`` by config values (e.g. ``{"lmbda": 0}``).
-    Each document's correctness is first averaged over the condition's seeds; documents are then
-    resampled with replacement within each task (the same draw for both conditions), and the
-    statistic is the unweighted mean over tasks of the accuracy difference, as the study averages
-    benchmarks. The two-sided p-value is the bootstrap's achieved significance level for zero.
-    This captures evaluation-sample noise; seed-to-seed variance is shown by the per-seed table.
-    """
-    return hierarchical_bootstrap(pe, a, b, metric, n_boot=n_boot, seed=seed, a_name=a_name, b_name=b_name,
-                                  resample_seeds=False)
+    @property
+    def resolved(self) -> bool:
+        """The rule: seed-replicated, and both intervals exclude zero."""
+        return (self.replicated and excludes_zero(self.ci_low, self.ci_high)
+                and excludes_zero(self.seed_low, self.seed_high))
 
 
 def _is_num(value: Any) -> bool:
@@ -187,6 +222,8 @@ def hierarchical_bootstrap(pe: pd.DataFrame, a: dict[str, Any], b: dict[str, Any
     single seed per condition this is the paired document bootstrap; with seeds that disagree, the
     interval widens by the seed-to-seed variance that a document-only bootstrap would ignore.
     ``resample_seeds=False`` keeps every run at equal weight: the document-only bootstrap.
+    The result also carries the seed-level interval (:func:`seed_level_interval` of the runs' means)
+    and ``resolved`` under the rule.
     """
     rng = np.random.default_rng(seed)
     unit = [u for u in unit if u in pe.columns]
@@ -208,7 +245,7 @@ def hierarchical_bootstrap(pe: pd.DataFrame, a: dict[str, Any], b: dict[str, Any
         w_b = rng.multinomial(n_b, np.full(n_b, 1 / n_b), size=n_boot) / n_b
     else:
         w_a, w_b = np.full((n_boot, n_a), 1 / n_a), np.full((n_boot, n_b), 1 / n_b)
-    rows = []
+    rows, seed_a, seed_b = [], [], []
     for g in groups:
         part = joined.xs(g, level=0).to_numpy(dtype=float)
         va, vb = part[:, :n_a], part[:, n_a:]
@@ -221,12 +258,16 @@ def hierarchical_bootstrap(pe: pd.DataFrame, a: dict[str, Any], b: dict[str, Any
         rows.append({"task": BENCHMARKS.get(g, g), "documents": n_units, "a": float(va.mean()), "b": float(vb.mean()),
                      "delta": point, "ci_low": np.quantile(group_boot, 0.025),
                      "ci_high": np.quantile(group_boot, 0.975)})
+        seed_a.append(va.mean(axis=0))
+        seed_b.append(vb.mean(axis=0))
     per_task = pd.DataFrame(rows).set_index("task")
     delta = float(per_task["delta"].mean())
     p = 2 * min((boot <= 0).mean(), (boot >= 0).mean())
+    # Each seed's mean over the shared units, macro-averaged over groups as the statistic is.
+    _, seed_low, seed_high, seed_df = seed_level_interval(np.mean(seed_a, axis=0), np.mean(seed_b, axis=0))
     return BootstrapResult(a_name or _cond_name(a), b_name or _cond_name(b), delta,
                            float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975)), float(min(1.0, p)),
-                           len(joined), n_a, n_b, per_task, boot)
+                           len(joined), n_a, n_b, per_task, boot, seed_low, seed_high, seed_df)
 
 
 # Fidelity metrics: which direction is better, for reading a difference.
@@ -236,12 +277,14 @@ HIGHER_IS_BETTER = {"top1_agreement", "top1_agreement_matched", "average"}
 def compare_conditions(pe: pd.DataFrame, pef: pd.DataFrame, students: pd.DataFrame, key: str = "lmbda",
                        metric: str = "acc", n_boot: int = 10_000, seed: int = 0,
                        run_metrics: tuple[str, ...] = ("perplexity", "heldout_loss_after")) -> pd.DataFrame:
-    """Every pair of values of ``key`` among the students, compared on every metric, with 95% intervals.
+    """Every pair of values of ``key`` among the students, compared on every metric, under the rule.
 
     Benchmarks (macro average over tasks) and each fidelity metric use :func:`hierarchical_bootstrap`
     over seeds and documents / held-out examples; ``run_metrics`` (one number per run, such as
-    perplexity) resample seeds only. ``resolved`` says whether the interval excludes zero.
-    Arguments: ``per_example()``, ``per_example_fidelity()`` and the wide student rows.
+    perplexity) resample seeds only. Columns: ``delta``; the bootstrap's ``ci_low``/``ci_high`` and the
+    seed-level ``seed_low``/``seed_high`` (both NaN without seed replication); ``resolved`` (both
+    exclude zero); ``weighting`` (how the metric is averaged). Arguments: ``per_example()``,
+    ``per_example_fidelity()`` and the wide student rows.
     """
     values = sorted(students[key].dropna().unique()) if key in students else []
     rows = []
@@ -262,13 +305,50 @@ def compare_conditions(pe: pd.DataFrame, pef: pd.DataFrame, students: pd.DataFra
                     found.append((run_metric, hierarchical_bootstrap(frame, a, b, run_metric, group="group",
                                                                      unit=("unit",), n_boot=n_boot, seed=seed)))
             for what, result in found:
-                better = (result.delta > 0) == (what in HIGHER_IS_BETTER)
-                rows.append({"comparison": name, "metric": what, "delta": result.delta, "ci_low": result.ci_low,
-                             "ci_high": result.ci_high, "p": result.p_value, "resolved": result.significant,
-                             "favours": (f"{_symbol(key)}={format_value(high if better else low)}"
-                                         if result.significant else "neither (unresolved)"),
-                             "seeds": f"{result.seeds_b} vs {result.seeds_a}", "units": result.documents})
+                rows.append(_comparison_row(name, what, result, f"{_symbol(key)}={format_value(high)}",
+                                            f"{_symbol(key)}={format_value(low)}"))
     return pd.DataFrame(rows)
+
+
+def _comparison_row(name: str, metric: str, result: BootstrapResult, high: str, low: str) -> dict[str, Any]:
+    """One row of a comparison table under the rule: no interval without seed replication."""
+    shown = result.replicated
+    better = (result.delta > 0) == (metric in HIGHER_IS_BETTER)
+    return {"comparison": name, "metric": metric, "weighting": weighting(metric), "delta": result.delta,
+            "ci_low": result.ci_low if shown else np.nan, "ci_high": result.ci_high if shown else np.nan,
+            "seed_low": result.seed_low, "seed_high": result.seed_high, "resolved": result.resolved,
+            "favours": (high if better else low) if result.resolved else "neither (unresolved)",
+            "seeds": f"{result.seeds_b} vs {result.seeds_a}", "units": result.documents}
+
+
+COMPARISON_COLUMNS = ["comparison", "metric", "weighting", "delta", "ci_low", "ci_high", "seed_low", "seed_high",
+                      "resolved", "favours", "seeds", "units"]
+
+
+def describe_difference(row: Any, name: str, digits: int = 3) -> str:
+    """One generated sentence for a comparison row: the difference, its intervals and the verdict."""
+    delta = f"{row['delta']:+.{digits}f}"
+    if pd.isna(row["ci_low"]) or pd.isna(row["seed_low"]):
+        return (f"{name}: {row['comparison']} = {delta} ({row['seeds']} seeds: no seed replication, so no "
+                f"interval; not resolved).")
+    intervals = (f"bootstrap [{row['ci_low']:+.{digits}f}, {row['ci_high']:+.{digits}f}], seed-level "
+                 f"[{row['seed_low']:+.{digits}f}, {row['seed_high']:+.{digits}f}]")
+    boot, seed = excludes_zero(row["ci_low"], row["ci_high"]), excludes_zero(row["seed_low"], row["seed_high"])
+    reason = ("both intervals include zero" if not (boot or seed) else
+              "the seed-level interval includes zero" if boot else "the bootstrap interval includes zero")
+    verdict = f"resolved, favouring {row['favours']}" if row["resolved"] else f"not resolved ({reason})"
+    return f"{name}: {row['comparison']} = {delta}, 95% {intervals}; {verdict}."
+
+
+def summarize_comparisons(table: pd.DataFrame, names: dict[str, str], digits: int = 3) -> str:
+    """Generated markdown: a count of resolved differences and one sentence per metric."""
+    if table.empty:
+        return ""
+    lines = [f"**{int(table['resolved'].sum())} of {len(table)} differences resolved** (both 95% intervals "
+             f"exclude zero)."]
+    for _, row in table.iterrows():
+        lines.append(f"- {describe_difference(row, names.get(row['metric'], row['metric']), digits)}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------- the quantization ladder
@@ -336,6 +416,65 @@ def heldout_curves(roots: Any, as_sweep: str = "") -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# ---------------------------------------------------------------------------- generated sentences
+def _fmt(value: float, digits: int = 3) -> str:
+    return f"{value:.{digits}g}" if abs(value) >= 1000 or (value and abs(value) < 0.001) else f"{value:.{digits}f}"
+
+
+def describe_conditions(table: pd.DataFrame, column: str, name: str, higher_is_better: bool = True) -> str:
+    """One generated sentence: each condition's mean (± sd over seeds or evaluations) of ``column``."""
+    if table.empty or (column, "mean") not in table:
+        return ""
+    parts = []
+    for condition, row in table.iterrows():
+        mean, sd, n = row[(column, "mean")], row[(column, "sd")], row[(column, "n")]
+        if pd.isna(mean):
+            continue
+        spread = f" ± {_fmt(sd)} ({int(n)})" if n > 1 else ""
+        parts.append(f"{condition} {_fmt(mean)}{spread}")
+    direction = "higher" if higher_is_better else "lower"
+    return (f"{name[0].upper() + name[1:]}, {weighting(column)}, {direction} is better (± sd over n seeds or "
+            f"evaluations): " + "; ".join(parts) + ". Differences between λ values, with their intervals, are "
+            "in the comparisons.")
+
+
+def describe_cost(students: pd.DataFrame) -> str:
+    """Generated sentences: each condition's median step and training wall time, relative to λ=0's."""
+    keys = [k for k in ("quant_type", "lmbda") if k in students and students[k].nunique() > 1] or ["lmbda"]
+    if "median_step_s" not in students:
+        return ""
+    groups = students.groupby(keys)[["median_step_s", "wall_time_s"]].mean()
+    lines = []
+    for index, row in groups.iterrows():
+        index = index if isinstance(index, tuple) else (index,)
+        label = ", ".join(f"{_symbol(k)}={format_value(v)}" for k, v in zip(keys, index, strict=True))
+        key0 = (*index[:-1], 0.0) if len(keys) > 1 else 0.0
+        ref = groups.loc[key0] if keys[-1] == "lmbda" and key0 in groups.index else None
+        ratio = (f" ({row['median_step_s'] / ref['median_step_s']:.2f}× λ=0's)"
+                 if ref is not None and index[-1] != 0 else "")
+        lines.append(f"{label}: median step {row['median_step_s']:.2f} s{ratio}, training wall time "
+                     f"{row['wall_time_s']:.0f} s")
+    return ("Mean over seeds (wall times include any pauses; the median step is the cleaner measure): "
+            + "; ".join(lines) + ".")
+
+
+def describe_curves(curves: pd.DataFrame) -> str:
+    """Generated sentences: how much each condition's held-out divergence still fell over its last interval."""
+    keys = [k for k in ("quant_type", "lmbda") if k in curves and curves[k].nunique() > 1] or ["lmbda"]
+    lines = []
+    for index, part in curves.groupby(keys):
+        index = index if isinstance(index, tuple) else (index,)
+        mean = part.groupby("step")["loss"].mean()
+        if len(mean) < 2:
+            continue
+        before, after = mean.iloc[-2], mean.iloc[-1]
+        label = ", ".join(f"{_symbol(k)}={format_value(v)}" for k, v in zip(keys, index, strict=True))
+        lines.append(f"{label} {before:.4f} → {after:.4f} ({100 * (after - before) / before:+.1f}%, steps "
+                     f"{mean.index[-2]}–{mean.index[-1]})")
+    return ("Over the last evaluation interval (mean over seeds), the held-out divergence went: "
+            + "; ".join(lines) + ".") if lines else ""
+
+
 # ---------------------------------------------------------------------------- compute cost
 COMPUTE_COLUMNS = {"wall_time_s": "train wall time (s)", "rollout_seconds": "rollout time (s)",
                    "tokens_generated": "tokens generated", "tokens_trained": "tokens trained on",
@@ -367,11 +506,12 @@ def gap_to_teacher(w: pd.DataFrame) -> pd.DataFrame:
     teacher = ours[ours["role"] == "teacher"]
     if not teacher.empty:
         t = teacher.iloc[0]
+        model = t.get("model_name") or "this model"
         for lmbda, group in ours[ours["role"] == "student"].groupby("lmbda"):
             for task, name in BENCHMARKS.items():
                 col = f"{task}/acc"
                 if col in group:
-                    rows.append({"study": "this tool (SmolLM2-135M, CPU)", "lmbda": lmbda, "benchmark": name,
+                    rows.append({"study": f"this tool ({model}, CPU)", "lmbda": lmbda, "benchmark": name,
                                  "gap": group[col].mean() - t[col]})
     ref = reference_study()
     ref_teacher = ref[ref["model"] == "teacher"].iloc[0]

@@ -24,6 +24,10 @@ from onpolicy_lib.config import format_value
 # to on-policy (λ=1) vermillion; λ between anchors is interpolated, so any λ always gets one colour.
 TEACHER_COLOR = "#3b3b3b"
 PTQ_COLOR = "#a0a0a0"
+# Each quantized baseline family its own colour (greys alone were indistinguishable side by side).
+GPTQ_COLOR = "#7b4ea3"
+AWQ_COLOR = "#808000"
+BASELINE_COLORS = {"ptq": PTQ_COLOR, "gptq": GPTQ_COLOR, "awq": AWQ_COLOR}
 LAMBDA_COLORS = {0.0: "#0173b2", 0.25: "#56b4e9", 0.5: "#029e73", 0.75: "#de8f05", 1.0: "#d55e00"}
 # Conditions without a λ (a sweep over another parameter alone), in order of appearance.
 OTHER_COLORS = ("#cc78bc", "#ca9161", "#fbafe4", "#ece133", "#949494")
@@ -54,7 +58,7 @@ def condition_colors(labels: Iterable[str], lmbda: Mapping[str, float] | None = 
     """Colour (hex) of each condition label, the same in every figure.
 
     Labels as :func:`onpolicy_lib.analysis.condition_label` makes them: "teacher (Q4_1 GGUF)" (or
-    "teacher") is dark grey, "PTQ int4 g64" light grey (GPTQ/AWQ in its shades), a student its λ's
+    "teacher") is dark grey, "PTQ int4 g64" light grey, GPTQ purple, AWQ olive, a student its λ's
     colour (:func:`lambda_color`,
     λ read from the label or from ``lmbda``, label -> λ, for labels such as run names that do not
     spell it); "off-policy"/"on-policy" are λ=0/λ=1. Labels with no λ get the remaining colours in
@@ -70,8 +74,8 @@ def condition_colors(labels: Iterable[str], lmbda: Mapping[str, float] | None = 
         value = label_lambda(text) if value is None or pd.isna(value) else float(value)
         if text.lower().startswith("teacher"):
             base[label] = TEACHER_COLOR
-        elif text.lower().startswith(("ptq", "gptq", "awq")):  # the quantized baselines: shades of one grey
-            base[label] = PTQ_COLOR
+        elif text.lower().startswith(("ptq", "gptq", "awq")):  # the quantized baselines: one colour a family
+            base[label] = BASELINE_COLORS[text.split()[0].lower()]
         elif value is not None:
             base[label] = lambda_color(value)
         else:
@@ -136,7 +140,7 @@ def plot_training(metrics: dict[str, Any], title: str = "", save_to: Path | None
             ax.axhline(metrics[key], color="black", ls=style, lw=1.2,
                        label=f"held-out {key.split('_')[-1]}: {metrics[key]:.4f}")
     ax.set(ylabel="generalized JSD per token", title=title or "distillation loss")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncols=3)  # below the data
     ax_lr.set(title="learning rate", ylabel="")
     fig.tight_layout()
     if save_to is not None:
@@ -153,7 +157,7 @@ def plot_eval(table: pd.DataFrame, tasks: list[str], save_to: Path | None = None
     sns.barplot(long, x="task", y="accuracy", hue="model", ax=ax, palette=condition_colors(table["model"], lmbda),
                 saturation=1)
     ax.set(title="benchmark accuracy (acc)", xlabel="", ylim=(0, 1))
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the data, not over it
     fig.tight_layout()
     if save_to is not None:
         fig.savefig(save_to, dpi=120)
@@ -183,25 +187,55 @@ def _long(table: pd.DataFrame, names: dict[str, str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def plot_conditions(table: pd.DataFrame, names: dict[str, str], title: str, ylabel: str,
-                    ylim: tuple[float, float] | None = None) -> plt.Figure:
-    """Grouped bars (one group per column, one bar per condition), ± one sd over seeds where n > 1."""
-    long = _long(table, names)
-    conditions = list(dict.fromkeys(long["condition"]))
-    columns = list(dict.fromkeys(long["column"]))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.5 * len(columns) + 2), 3.8))
-    width = 0.8 / max(1, len(conditions))
-    colors = condition_colors(conditions)
-    for i, condition in enumerate(conditions):
-        sub = long[long["condition"] == condition].set_index("column").reindex(columns)
-        x = [j + (i - (len(conditions) - 1) / 2) * width for j in range(len(columns))]
-        err = sub["sd"].where(sub["n"] > 1)
-        ax.bar(x, sub["mean"], width, yerr=err, capsize=2, label=condition, color=colors[condition])
-    ax.set_xticks(range(len(columns)), columns)
-    ax.set(title=title, ylabel=ylabel)
-    if ylim:
-        ax.set_ylim(*ylim)
-    ax.legend(fontsize=8, ncols=2)
+def _log_scale(values: pd.Series) -> bool:
+    """A log axis where positive values span more than two orders of magnitude."""
+    values = values.dropna()
+    return bool(len(values) and (values > 0).all() and values.max() / values.min() > 100)
+
+
+def plot_conditions(table: pd.DataFrame, names: Mapping[str, str], title: str = "", xlabel: str = "") -> plt.Figure:
+    """Faceted horizontal bars: one panel per column (each on its own scale; log where the values span
+    orders of magnitude), one bar per condition, ± one sd where n > 1. A table indexed by (facet,
+    condition), such as ``analysis.ladder_table`` by rung, gets one row of panels per facet, so many
+    conditions never crowd one bar group; conditions are named on the axis, so there is no legend."""
+    faceted = isinstance(table.index, pd.MultiIndex)
+    columns = list(dict.fromkeys(table.columns.get_level_values(0)))
+    if faceted:
+        facets = list(dict.fromkeys(table.index.get_level_values(0)))
+        parts = [(facet, table.loc[facet], columns) for facet in facets]
+    else:  # one facet, its panels wrapped four to a row
+        parts = [(None, table, columns[i:i + 4]) for i in range(0, len(columns), 4)]
+    ncols = max(len(cols) for _, _, cols in parts)
+    heights = [len(part) for _, part, _ in parts]
+    fig, axes = plt.subplots(len(parts), ncols, squeeze=False, sharey="row",
+                             figsize=(2.9 * ncols + 1.8, sum(0.28 * h + 0.9 for h in heights) + 0.6),
+                             gridspec_kw={"height_ratios": heights})
+    for i, (facet, part, cols) in enumerate(parts):
+        conditions = list(part.index)
+        colors = condition_colors(conditions)  # per facet: each baseline family keeps its own colour
+        y = np.arange(len(conditions))
+        for j in range(ncols):
+            ax = axes[i][j]
+            if j >= len(cols):
+                ax.set_visible(False)
+                continue
+            column = cols[j]
+            mean, sd, n = part[(column, "mean")], part[(column, "sd")], part[(column, "n")]
+            ax.barh(y, mean.fillna(0), xerr=sd.where(n > 1), capsize=2, color=[colors[c] for c in conditions],
+                    height=0.75)
+            ax.set_yticks(y, conditions, fontsize=8)
+            ax.set_ylim(len(conditions) - 0.5, -0.5)  # the first condition on top (set, not toggled: shared axes)
+            if _log_scale(table[(column, "mean")]):
+                ax.set_xscale("log")
+            ax.tick_params(axis="x", labelsize=7)
+            if i == 0 or not faceted:
+                ax.set_title("\n".join(textwrap.wrap(names.get(column, column), 28)), fontsize=9)
+            if j == 0 and faceted:
+                ax.set_ylabel(str(facet), fontsize=10, fontweight="bold")
+            if xlabel and i == len(parts) - 1:
+                ax.set_xlabel(xlabel, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -220,6 +254,10 @@ def plot_against(w: pd.DataFrame, x: str, ys: dict[str, str], hue: str = "lmbda"
         if logx:
             ax.set_xscale("log")
         ax.set(ylabel=label, xlabel=x)
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+    handles, labels = next((ax.get_legend_handles_labels() for ax in axes[0] if ax.get_visible()), ([], []))
+    fig.legend(handles, labels, title=hue, loc="upper left", bbox_to_anchor=(1.0, 0.9), fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
@@ -237,20 +275,7 @@ def plot_loss_vs_quality(w: pd.DataFrame, quality: str, label: str, hue: str = "
                     xytext=(3, 3), textcoords="offset points")
     ax.set(xlabel="final training loss (mean of last 10% of steps)", ylabel=label,
            title=f"training loss vs {label} (labels: {annotate})")
-    fig.tight_layout()
-    return fig
-
-
-def plot_bootstrap(result, title: str = "") -> plt.Figure:  # result: analysis.BootstrapResult
-    """The bootstrap distribution of the paired difference, its 95% interval and zero."""
-    fig, ax = plt.subplots(figsize=(6, 3.4))
-    # Neutral colours: the difference of two conditions is neither's (blue would read as λ=0).
-    sns.histplot(100 * result.samples, bins=60, ax=ax, color="0.7")
-    for value, style in ((result.ci_low, "--"), (result.ci_high, "--"), (result.delta, "-")):
-        ax.axvline(100 * value, color="black", ls=style, lw=1.2)
-    ax.axvline(0, color="0.45", lw=1)
-    ax.set(xlabel=f"{result.b} − {result.a} (accuracy points, benchmark average)", ylabel="bootstrap draws",
-           title=title or f"paired bootstrap: p = {result.p_value:.3f}")
+    sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -270,22 +295,9 @@ def plot_gap_to_teacher(gaps: pd.DataFrame) -> plt.Figure:
     return grid.figure
 
 
-def plot_metric_panels(table: pd.DataFrame, names: dict[str, str], title: str = "") -> plt.Figure:
+def plot_metric_panels(table: pd.DataFrame, names: Mapping[str, str], title: str = "") -> plt.Figure:
     """One panel per metric (each on its own scale), one bar per condition, ± one sd over seeds."""
-    long = _long(table, names)
-    columns = list(dict.fromkeys(long["column"]))
-    conditions = list(dict.fromkeys(long["condition"]))
-    colors = condition_colors(conditions)
-    fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 3.6), squeeze=False)
-    for ax, column in zip(axes[0], columns, strict=True):
-        sub = long[(long["column"] == column) & long["mean"].notna()]
-        ax.bar(range(len(sub)), sub["mean"], yerr=sub["sd"].where(sub["n"] > 1), capsize=2,
-               color=[colors[c] for c in sub["condition"]])
-        ax.set_xticks(range(len(sub)), sub["condition"], rotation=30, ha="right", fontsize=8)
-        ax.set_title(column, fontsize=9)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    return plot_conditions(table, names, title)
 
 
 def plot_compute_cost(w: pd.DataFrame, quality: str, quality_label: str) -> plt.Figure:
@@ -304,15 +316,55 @@ def plot_compute_cost(w: pd.DataFrame, quality: str, quality_label: str) -> plt.
     sns.scatterplot(data, x="wall_time_s", y=quality, hue=hue, style=hue, hue_order=order, style_order=order,
                     palette=palette, s=70, ax=axes[1])
     axes[1].set(xlabel="training wall time (s)", ylabel=quality_label, title="quality vs compute")
+    sns.move_legend(axes[1], "upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     fig.tight_layout()
     return fig
 
 
-def plot_comparisons(table: pd.DataFrame, names: Mapping[str, str], title: str = "") -> plt.Figure:
-    """Each comparison's difference per metric with its 95% interval (``analysis.compare_conditions``).
+def _interval(ax, pos: float, row: pd.Series, color: str, vertical: bool) -> None:
+    """A difference with its two intervals: the bootstrap's (thick) and the seed-level one (thin, capped);
+    a filled marker where the difference is resolved; the marker alone where there is no interval."""
+    def draw(low: float, high: float, **style: Any) -> None:
+        if pd.isna(low) or pd.isna(high):
+            return
+        err = [[row["delta"] - low], [high - row["delta"]]]
+        if vertical:
+            ax.errorbar(pos, row["delta"], yerr=err, fmt="none", color=color, **style)
+        else:
+            ax.errorbar(row["delta"], pos, xerr=err, fmt="none", color=color, **style)
 
-    One panel per metric (their scales differ); a zero line; a filled marker where the interval
-    excludes zero. Each comparison is drawn in the colour of its higher-λ condition.
+    draw(row.get("seed_low", np.nan), row.get("seed_high", np.nan), lw=0.9, capsize=4)
+    draw(row["ci_low"], row["ci_high"], lw=3, capsize=0, alpha=0.7)
+    xy = (pos, row["delta"]) if vertical else (row["delta"], pos)
+    ax.plot(*xy, "o", color=color, mfc=color if row["resolved"] else "white", ms=6, zorder=3)
+
+
+def _interval_legend(fig: plt.Figure) -> None:
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color="0.3", lw=3, alpha=0.7), Line2D([], [], color="0.3", lw=0.9, marker="|", ms=8),
+               Line2D([], [], color="0.3", marker="o", ls="none"),
+               Line2D([], [], color="0.3", marker="o", ls="none", mfc="white")]
+    fig.legend(handles, ["bootstrap 95% (seeds × examples)", "seed-level 95% (Welch)", "resolved (both exclude 0)",
+                         "not resolved / no seed replication"], loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncols=2, fontsize=8, frameon=False)
+
+
+def _symlog_if_wide(ax: plt.Axes, values: pd.Series, axis: str) -> None:
+    """A symmetric-log axis where signed values span more than two orders of magnitude (linear near 0)."""
+    values = values.dropna().abs()
+    values = values[values > 0]
+    if len(values) and values.max() / values.min() > 100:
+        threshold = 10 ** np.floor(np.log10(values.min()))
+        (ax.set_yscale if axis == "y" else ax.set_xscale)("symlog", linthresh=threshold)
+
+
+def plot_comparisons(table: pd.DataFrame, names: Mapping[str, str], title: str = "") -> plt.Figure:
+    """Each comparison's difference per metric with its intervals (``analysis.compare_conditions``).
+
+    One panel per metric (their scales differ); a zero line; the bootstrap interval thick, the seed-level
+    interval thin; a filled marker where the difference is resolved. Each comparison in the colour of
+    its higher-λ condition.
     """
     metrics = list(dict.fromkeys(table["metric"]))
     comparisons = list(dict.fromkeys(table["comparison"]))
@@ -328,30 +380,30 @@ def plot_comparisons(table: pd.DataFrame, names: Mapping[str, str], title: str =
         for y, (label, row) in enumerate(part.iterrows()):
             if pd.isna(row["delta"]):
                 continue
-            color = lambda_color(label_lambda(label.split("−")[0]) or 0.0)
-            ax.errorbar(row["delta"], y, xerr=[[row["delta"] - row["ci_low"]], [row["ci_high"] - row["delta"]]],
-                        fmt="o", color=color, mfc=color if row["resolved"] else "white", capsize=3)
+            _interval(ax, y, row, lambda_color(label_lambda(label.split("−")[0]) or 0.0), vertical=False)
         ax.axvline(0, color="black", lw=0.8)
-        ax.set(yticks=range(len(comparisons)), yticklabels=comparisons)
+        ax.set(yticks=range(len(comparisons)), yticklabels=comparisons, ylim=(len(comparisons) - 0.5, -0.5))
         ax.set_title("\n".join(textwrap.wrap(names.get(metric, metric), 34)), fontsize=9)
         ax.tick_params(axis="x", labelsize=8)
-    fig.suptitle(title or "differences with 95% intervals (filled: the interval excludes zero)", fontsize=10)
+    fig.suptitle(title or "differences with 95% intervals", fontsize=10)
     fig.tight_layout()
+    _interval_legend(fig)
     return fig
 
 
 def plot_ladder(effects: pd.DataFrame, names: Mapping[str, str], title: str = "", rung: str = "quant_type",
                 x: str = "ptq_forward_kl") -> plt.Figure:
     """The quantization ladder in one figure (``analysis.ladder_effects``): per metric, each comparison's
-    difference with its 95% interval against how far the rung's PTQ model sits from the teacher.
+    difference with its intervals against how far the rung's PTQ model sits from the teacher.
 
     A difference that grows with the distance is what "on-policy fixes the mismatch" predicts; a
-    filled marker's interval excludes zero. Each comparison in the colour of its higher-λ condition.
+    filled marker is resolved. A panel whose differences span orders of magnitude (perplexity) is on a
+    symmetric-log axis, so the near rungs do not sit flat on zero.
     """
     metrics = list(dict.fromkeys(effects["metric"]))
     cols = min(3, len(metrics))
     rows = -(-len(metrics) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.0 * rows), squeeze=False)
     for ax, metric in zip(axes.flat, metrics, strict=False):
         part = effects[effects["metric"] == metric]
         for comparison, rows_ in part.groupby("comparison", sort=False):
@@ -359,13 +411,14 @@ def plot_ladder(effects: pd.DataFrame, names: Mapping[str, str], title: str = ""
             rows_ = rows_.sort_values(x)
             ax.plot(rows_[x], rows_["delta"], color=color, lw=0.8, alpha=0.6)
             for _, row in rows_.iterrows():
-                err = [[row["delta"] - row["ci_low"]], [row["ci_high"] - row["delta"]]]
-                ax.errorbar(row[x], row["delta"], yerr=err, fmt="o", color=color,
-                            mfc=color if row["resolved"] else "white", capsize=3)
-                ax.annotate(str(row[rung]), (row[x], row["ci_high"]), textcoords="offset points", xytext=(0, 3),
+                _interval(ax, row[x], row, color, vertical=True)
+                top = max(v for v in (row["delta"], row["ci_high"], row.get("seed_high", np.nan)) if not pd.isna(v))
+                ax.annotate(str(row[rung]), (row[x], top), textcoords="offset points", xytext=(0, 3),
                             ha="center", fontsize=7)
         ax.axhline(0, color="black", lw=0.8)
-        ax.set_title(names.get(metric, metric), fontsize=9)
+        _symlog_if_wide(ax, part["delta"], "y")
+        scale = " (symlog)" if ax.get_yscale() == "symlog" else ""
+        ax.set_title(names.get(metric, metric) + scale, fontsize=9)
         ax.set_xscale("log")
         ax.tick_params(labelsize=8)
     for ax in axes.flat[len(metrics):]:
@@ -373,8 +426,9 @@ def plot_ladder(effects: pd.DataFrame, names: Mapping[str, str], title: str = ""
     for ax in axes[-1]:
         ax.set_xlabel("PTQ forward KL to the teacher (log)", fontsize=8)
     comparisons = ", ".join(dict.fromkeys(effects["comparison"]))
-    fig.suptitle(title or f"{comparisons} by rung, 95% intervals (filled: excludes zero)", fontsize=10)
+    fig.suptitle(title or f"{comparisons} by rung, 95% intervals", fontsize=10)
     fig.tight_layout()
+    _interval_legend(fig)
     return fig
 
 
@@ -389,11 +443,15 @@ def plot_heldout_curves(curves: pd.DataFrame, title: str = "") -> plt.Figure:
         for (_run, lmbda), part in part_curves.groupby(["run", "lmbda"], sort=True):
             ax.plot(part["step"], part["loss"], color=lambda_color(lmbda), lw=1.2, alpha=0.85, marker=".",
                     label=f"λ={format_value(lmbda)}")
-        handles, labels = ax.get_legend_handles_labels()
-        unique = dict(zip(labels, handles, strict=False))
-        ax.legend(unique.values(), unique.keys(), fontsize=8)
         ax.set(xlabel="training step", title=str(rung) if rung is not None else "")
+    handles, labels = [], []
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
     axes[0][0].set_ylabel("held-out divergence (dataset completions)")
     fig.suptitle(title or "held-out divergence during training")
     fig.tight_layout()
+    fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 0.9), fontsize=8)  # beside the panels
     return fig

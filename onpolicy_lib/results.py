@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from onpolicy_lib import fidelity
+from onpolicy_lib import fidelity, rollouts
 from onpolicy_lib.config import CALIBRATED_METHODS, TrainConfig, portable_path, resolve_path
 from onpolicy_lib.metrics import loss_summary
 from onpolicy_lib.rundir import BASELINES_RECORD, EVAL_CACHE_DIR, MANIFEST, Run, read_json
@@ -91,8 +91,9 @@ def find_runs(roots: str | Path | Iterable[str | Path], as_sweep: str = "") -> l
             train = (read_json(config_path) or {}).get("train")
             if isinstance(train, dict):
                 # A field missing from an older config.json was added later: that run ran with its
-                # default (as rundir.config_diff reads it), not with a value that varies.
-                found[run_dir] = (_sweep_name(run_dir), run_dir, {**defaults, **train})
+                # default (as rundir.config_diff reads it; the rollout options' exact form), not with a
+                # value that varies.
+                found[run_dir] = (_sweep_name(run_dir), run_dir, {**defaults, **rollouts.EXACT_SETTINGS, **train})
         for manifest_path in sorted(root.rglob(MANIFEST)):
             manifest = read_json(manifest_path) or {}
             for name, entry in manifest.get("runs", {}).items():
@@ -129,9 +130,16 @@ def model_metrics(result: dict[str, Any]) -> list[tuple[str, float, float | None
                 out.append((f"{task}/{metric}", scores[metric], scores.get(f"{metric}_stderr")))
     if "perplexity" in result:
         out.append(("perplexity", result["perplexity"]["perplexity"], None))
+    fid = result.get("fidelity", {})
+    per_chat = fid.get("per_example") or []
     for metric in fidelity.METRICS:
-        if metric in result.get("fidelity", {}):
-            out.append((metric, result["fidelity"][metric], None))
+        # One weighting per metric: the mean over held-out chats of each chat's per-token value, as the
+        # comparisons resample them (the record's aggregate weights chats by their token counts).
+        values = [example[metric] for example in per_chat if example.get(metric) is not None]
+        if values:
+            out.append((metric, sum(values) / len(values), None))
+        elif metric in fid:
+            out.append((metric, fid[metric], None))
     if "seconds" in result:
         out.append(("eval_seconds", result["seconds"], None))
     return out
@@ -145,7 +153,7 @@ def collect(roots: str | Path | Iterable[str | Path] = "outputs", as_sweep: str 
     ``status`` is the run's state (done, failed, running, interrupted, pending).
     """
     rows: list[dict[str, Any]] = []
-    seen_baselines: set[tuple[str, str]] = set()
+    seen_baselines: set[tuple[str, str, str]] = set()
     evaluated: list[tuple[str, dict[str, Any]]] = []
     for sweep, run_dir, train in find_runs(roots, as_sweep):
         config = {k: train.get(k) for k in CONFIG_FIELDS}
@@ -170,10 +178,16 @@ def collect(roots: str | Path | Iterable[str | Path] = "outputs", as_sweep: str 
             # part of what makes a baseline row distinct.
             identity = {"key": result.get("key"), "fidelity": result.get("fidelity", {}).get("config")}
             digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
-            if (sweep, digest) in seen_baselines:
+            # The same baseline evaluated again (another machine, another calibration) with other results
+            # is a second evaluation: kept as "LABEL (evaluation 2)", not dropped.
+            scores = [m for m in model_metrics(result) if m[0] != "eval_seconds"]  # the time is not an outcome
+            outcome = hashlib.sha256(json.dumps(scores, default=str).encode()).hexdigest()[:12]
+            if (sweep, digest, outcome) in seen_baselines:
                 continue
-            seen_baselines.add((sweep, digest))
+            repeat = sum(seen[:2] == (sweep, digest) for seen in seen_baselines)
+            seen_baselines.add((sweep, digest, outcome))
             key = result.get("key", {})
+            label = f"{label} (evaluation {repeat + 1})" if repeat else label
             baseline = {"sweep": sweep, "run": label, "status": "done", "run_dir": None,
                         **{k: None for k in CONFIG_FIELDS}, "model_name": key.get("model_name"),
                         **(baseline_grid(result) if role != "teacher" else {})}

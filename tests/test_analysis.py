@@ -38,6 +38,7 @@ def make_outputs(root: Path, sweep: str, grid: list[dict], seed: int = 0, calibr
     rng = np.random.default_rng(seed)
     teacher = {"key": {"model_name": "m"}, **_model_result(rng, 0.6)}
     manifest = {"name": sweep, "specs": ["x.yaml"], "runs": {}}
+    calibrations: dict[str, dict] = {}
     for values in grid:
         # A rung further from the teacher (fewer bits) puts its PTQ model further away too.
         q = values.get("quant_type", "int4")
@@ -45,8 +46,9 @@ def make_outputs(root: Path, sweep: str, grid: list[dict], seed: int = 0, calibr
         ptq = {"key": {"model_name": "m", "quant_type": q, "group_size": 64},
                **_model_result(np.random.default_rng(seed + int(q[3:])), 0.4 - far)}
         scheme = {"model_name": "m", "scheme": {"quant_type": q, "group_size": 64, "head": "full precision"}}
-        extra = {m: {"key": {**scheme, "method": m}, **_model_result(rng, 0.42)} for m in ("gptq", "awq")} \
-            if calibrated else {}
+        # A baseline is evaluated once and cached: every run of a rung carries the same result.
+        extra = calibrations.setdefault(q, {m: {"key": {**scheme, "method": m}, **_model_result(rng, 0.42)}
+                                            for m in ("gptq", "awq")}) if calibrated else {}
         cfg = TrainConfig(**values, do_eval=True).to_dict()
         name = "_".join(f"{k}-{v}" for k, v in values.items())
         run = root / sweep / name
@@ -65,7 +67,7 @@ def make_outputs(root: Path, sweep: str, grid: list[dict], seed: int = 0, calibr
     (root / sweep / "sweep.json").write_text(json.dumps(manifest))
 
 
-def test_paired_bootstrap_matches_an_independent_computation():
+def test_document_bootstrap_matches_an_independent_computation():
     rng = np.random.default_rng(0)
     rows = []
     for task, n in (("hellaswag", 50), ("mmlu", 30)):
@@ -75,7 +77,7 @@ def test_paired_bootstrap_matches_an_independent_computation():
                     rows.append({"role": "student", "run": f"l{lmbda}s{seed}", "lmbda": lmbda, "seed": seed,
                                  "task": task, "subject": None, "doc_id": doc, "acc": float(rng.random() < p)})
     pe = pd.DataFrame(rows)
-    res = analysis.paired_bootstrap(pe, {"lmbda": 0}, {"lmbda": 1}, n_boot=4000, seed=1)
+    res = analysis.hierarchical_bootstrap(pe, {"lmbda": 0}, {"lmbda": 1}, n_boot=4000, seed=1, resample_seeds=False)
     # Independent: per task, mean over seeds and documents, then the unweighted mean over tasks.
     acc = pe.groupby(["task", "lmbda"])["acc"].mean().unstack()
     assert res.delta == pytest.approx((acc[1] - acc[0]).mean())
@@ -85,11 +87,11 @@ def test_paired_bootstrap_matches_an_independent_computation():
     diff = (per_doc[1] - per_doc[0]).groupby("task")
     se = np.sqrt((diff.var(ddof=0) / diff.count()).sum()) / 2
     assert (res.ci_high - res.ci_low) / 2 == pytest.approx(1.96 * se, rel=0.15)
-    assert res.significant and res.p_value < 0.05 and "Significant" in res.verdict()
-    same = analysis.paired_bootstrap(pe, {"lmbda": 0}, {"lmbda": 0}, n_boot=500)
-    assert same.delta == 0 and same.p_value == 1.0 and "Not significant" in same.verdict()
+    assert analysis.excludes_zero(res.ci_low, res.ci_high) and res.p_value < 0.05
+    same = analysis.hierarchical_bootstrap(pe, {"lmbda": 0}, {"lmbda": 0}, n_boot=500, resample_seeds=False)
+    assert same.delta == 0 and same.p_value == 1.0 and not same.resolved
     with pytest.raises(ValueError, match="no per-example results"):
-        analysis.paired_bootstrap(pe, {"lmbda": 0}, {"lmbda": 0.5})
+        analysis.hierarchical_bootstrap(pe, {"lmbda": 0}, {"lmbda": 0.5})
 
 
 def test_condition_table_and_collection(tmp_path):
@@ -110,7 +112,7 @@ def test_condition_table_and_collection(tmp_path):
     pe = results.per_example(tmp_path)
     assert len(pe) == (6 + 2) * 5 * 40  # six students and two baselines, five tasks, forty documents
     gaps = analysis.gap_to_teacher(w)
-    assert set(gaps["study"]) == {"this tool (SmolLM2-135M, CPU)", "original (Qwen3-4B, 10k GPU steps)"}
+    assert set(gaps["study"]) == {"this tool (m, CPU)", "original (Qwen3-4B, 10k GPU steps)"}
 
 
 def test_calibrated_baselines_take_their_place_in_tables_and_colours(tmp_path):
@@ -263,11 +265,77 @@ def test_hierarchical_bootstrap_widens_with_seed_variance():
                 rows.append({"run": f"{lmbda}-{k}", "role": "student", "lmbda": lmbda, "task": "arc_easy",
                              "subject": None, "doc_id": doc, "acc": float(doc < 200 * p)})
     pe = pd.DataFrame(rows)
-    docs_only = analysis.paired_bootstrap(pe, {"lmbda": 0}, {"lmbda": 1}, n_boot=2000)
+    docs_only = analysis.hierarchical_bootstrap(pe, {"lmbda": 0}, {"lmbda": 1}, n_boot=2000, resample_seeds=False)
     both = analysis.hierarchical_bootstrap(pe, {"lmbda": 0}, {"lmbda": 1}, n_boot=2000)
     assert both.delta == pytest.approx(docs_only.delta) == pytest.approx(0.1)
     assert (both.ci_high - both.ci_low) > 3 * (docs_only.ci_high - docs_only.ci_low)
-    assert not both.significant
+    assert not both.resolved and not analysis.excludes_zero(both.ci_low, both.ci_high)
+
+
+def test_seed_level_interval_equals_scipys_welch_interval():
+    from scipy import stats
+
+    a, b = [0.31, 0.35, 0.30, 0.36], [0.40, 0.47, 0.43]
+    delta, low, high, df = analysis.seed_level_interval(a, b)
+    want = stats.ttest_ind(b, a, equal_var=False).confidence_interval(0.95)
+    assert delta == pytest.approx(np.mean(b) - np.mean(a))
+    assert (low, high) == (pytest.approx(want.low), pytest.approx(want.high))
+    assert df == pytest.approx(stats.ttest_ind(b, a, equal_var=False).df)
+
+
+def test_the_seed_level_interval_of_a_comparison_is_over_each_seeds_mean():
+    from scipy import stats
+
+    rng = np.random.default_rng(4)
+    rows = [{"run": f"{lmbda}-{k}", "role": "student", "lmbda": lmbda, "task": task, "subject": None, "doc_id": doc,
+             "acc": float(rng.random() < 0.4 + 0.2 * lmbda)}
+            for lmbda in (0, 1) for k in range(3) for task in ("arc_easy", "mmlu") for doc in range(30)]
+    pe = pd.DataFrame(rows)
+    got = analysis.hierarchical_bootstrap(pe, {"lmbda": 0}, {"lmbda": 1}, n_boot=200)
+    seed_means = pe.groupby(["lmbda", "run", "task"])["acc"].mean().groupby(["lmbda", "run"]).mean()
+    want = stats.ttest_ind(seed_means[1], seed_means[0], equal_var=False).confidence_interval(0.95)
+    assert (got.seed_low, got.seed_high) == (pytest.approx(want.low), pytest.approx(want.high))
+    assert got.resolved == (analysis.excludes_zero(got.ci_low, got.ci_high) and want.low > 0)
+
+
+def test_no_interval_without_seed_replication(tmp_path):
+    assert np.isnan(analysis.seed_level_interval([0.3], [0.4, 0.5])[1])
+    make_outputs(tmp_path, "one", [{"lmbda": lm, "seed": 1} for lm in (0, 1)])
+    w = results.wide(results.collect(tmp_path))
+    table = analysis.compare_conditions(results.per_example(tmp_path), results.per_example_fidelity(tmp_path),
+                                        w[w["role"] == "student"], n_boot=100)
+    assert len(table) > 3 and set(table["seeds"]) == {"1 vs 1"}
+    assert table[["ci_low", "ci_high", "seed_low", "seed_high"]].isna().all().all()
+    assert not table["resolved"].any() and set(table["favours"]) == {"neither (unresolved)"}
+    text = analysis.summarize_comparisons(table, {})
+    assert "no seed replication, so no interval; not resolved" in text and "[" not in text
+
+
+def test_every_comparison_states_its_weighting(tmp_path):
+    make_outputs(tmp_path, "s", [{"lmbda": lm, "seed": sd} for lm in (0, 1) for sd in (1, 2)])
+    w = results.wide(results.collect(tmp_path))
+    table = analysis.compare_conditions(results.per_example(tmp_path), results.per_example_fidelity(tmp_path),
+                                        w[w["role"] == "student"], n_boot=100)
+    assert table["weighting"].notna().all()
+    assert table.set_index("metric").loc["forward_kl", "weighting"] == analysis.FIDELITY_WEIGHTING
+    # The tables average fidelity the same way: per chat, not the record's token-weighted aggregate.
+    pef = results.per_example_fidelity(tmp_path)
+    one = pef[(pef["run"] == "lmbda-0_seed-1") & (pef["role"] == "student") & (pef["metric"] == "forward_kl")]
+    row = w[(w["run"] == "lmbda-0_seed-1") & (w["role"] == "student")].iloc[0]
+    assert row["forward_kl"] == pytest.approx(one["value"].mean())
+
+
+def test_a_baseline_evaluated_twice_with_different_results_is_kept(tmp_path):
+    make_outputs(tmp_path, "s", [{"lmbda": lm, "seed": sd} for lm in (0, 1) for sd in (1, 2)], calibrated=True)
+    record = tmp_path / "s" / "lmbda-1_seed-2" / "eval.json"
+    evaluation = json.loads(record.read_text())
+    evaluation["baselines"]["gptq"]["perplexity"]["perplexity"] += 1.0  # a second calibration, same key
+    record.write_text(json.dumps(evaluation))
+    w = results.wide(results.collect(tmp_path))
+    gptq = w[w["role"] == "gptq"]
+    assert len(gptq) == 2 and {analysis.condition_label(r, []) for _, r in gptq.iterrows()} == {"GPTQ int4 g64"}
+    table = analysis.condition_table(w, ["lmbda"], ["perplexity"])
+    assert table.loc["GPTQ int4 g64", ("perplexity", "n")] == 2
 
 
 def test_a_parameter_added_after_a_run_reads_as_its_default(tmp_path):

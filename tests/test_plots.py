@@ -12,7 +12,6 @@ import pandas as pd
 import pytest
 from matplotlib.collections import Collection
 from matplotlib.colors import to_hex, to_rgb
-from matplotlib.container import BarContainer
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
@@ -108,31 +107,31 @@ def eval_table() -> pd.DataFrame:
     ])
 
 
+def bar_colors(fig: plt.Figure) -> dict[str, str]:
+    """condition -> colour of the horizontal bars of a faceted figure, one colour per condition."""
+    colors: dict[str, str] = {}
+    for ax in fig.axes:
+        row = [a for a in fig.axes if a.get_subplotspec().rowspan == ax.get_subplotspec().rowspan]
+        labels = [t.get_text() for t in row[0].get_yticklabels()]  # panels of a row share the first's labels
+        for label, patch in zip(labels, ax.patches, strict=True):
+            assert colors.setdefault(label, rgb(patch.get_facecolor())) == rgb(patch.get_facecolor()), label
+    return colors
+
+
 # ---------------------------------------------------------------------------- per figure
 def figure_colors() -> dict[str, dict[str, str]]:
     """figure name -> condition -> colour, read off the artists of each figure."""
     out: dict[str, dict[str, str]] = {}
-    conditions = ["teacher (fp32)", "PTQ int4 g64", "λ=0", "λ=0.5", "λ=1"]
+    conditions = ["teacher (Q4_1 GGUF)", "PTQ int4 g64", "λ=0", "λ=0.5", "λ=1"]
 
-    fig = plots.plot_conditions(condition_table(conditions), NAMES, "main", "accuracy")
-    bars = {c.get_label(): {rgb(p.get_facecolor()) for p in c.patches}
-            for c in fig.axes[0].containers if isinstance(c, BarContainer)}
-    assert all(len(colors) == 1 for colors in bars.values()), bars
-    out["conditions"] = {label: colors.pop() for label, colors in bars.items()}
-    assert legend_colors(fig) == out["conditions"]
-
-    fig = plots.plot_metric_panels(condition_table(conditions), NAMES, "fidelity")
-    panels = {}
-    for ax in fig.axes:
-        labels = [t.get_text() for t in ax.get_xticklabels()]
-        for label, patch in zip(labels, ax.patches, strict=True):
-            assert panels.setdefault(label, rgb(patch.get_facecolor())) == rgb(patch.get_facecolor())
-    out["metric_panels"] = panels
+    for name, fig in (("conditions", plots.plot_conditions(condition_table(conditions), NAMES, "main")),
+                      ("metric_panels", plots.plot_metric_panels(condition_table(conditions), NAMES, "fidelity"))):
+        out[name] = bar_colors(fig)
 
     fig = plots.plot_gap_to_teacher(gaps())
     out["gap"] = legend_colors(fig)
-    bar_colors = {rgb(p.get_facecolor()) for ax in fig.axes for p in ax.patches if p.get_height() != 0}
-    assert bar_colors == set(out["gap"].values())
+    gap_bars = {rgb(p.get_facecolor()) for ax in fig.axes for p in ax.patches if p.get_height() != 0}
+    assert gap_bars == set(out["gap"].values())
 
     fig = plots.plot_training(training_metrics())
     out["training"] = {k: v for k, v in legend_colors(fig).items() if k in plots.BATCH_LAMBDA}
@@ -165,8 +164,8 @@ def figure_colors() -> dict[str, dict[str, str]]:
 
 
 def test_condition_colors_fixed_mapping():
-    colors = plots.condition_colors(["teacher (fp32)", "PTQ int4 g64", "λ=0", "λ=0.5", "λ=1"])
-    assert colors == {"teacher (fp32)": plots.TEACHER_COLOR, "PTQ int4 g64": plots.PTQ_COLOR,
+    colors = plots.condition_colors(["teacher (Q4_1 GGUF)", "PTQ int4 g64", "λ=0", "λ=0.5", "λ=1"])
+    assert colors == {"teacher (Q4_1 GGUF)": plots.TEACHER_COLOR, "PTQ int4 g64": plots.PTQ_COLOR,
                       "λ=0": plots.LAMBDA_COLORS[0.0], "λ=0.5": plots.LAMBDA_COLORS[0.5],
                       "λ=1": plots.LAMBDA_COLORS[1.0]}
     # A λ's colour depends on nothing else: not on the order, nor on which other conditions are shown.
@@ -185,7 +184,8 @@ def test_condition_colors_fixed_mapping():
 
 
 def test_conditions_sharing_a_colour_get_distinct_shades():
-    labels = ["PTQ int4 g64", "PTQ int8 g64", "λ=1, lr=1e-05", "λ=1, lr=0.0001", "λ=1, lr=0.001", "lr=1", "lr=2"]
+    labels = ["PTQ int4 g64", "PTQ int8 g64", "GPTQ int4 g64", "AWQ int4 g64", "λ=1, lr=1e-05", "λ=1, lr=0.0001",
+              "λ=1, lr=0.001", "lr=1", "lr=2"]
     colors = plots.condition_colors(labels)
     assert len(set(colors.values())) == len(labels)
     assert colors["PTQ int4 g64"] == plots.PTQ_COLOR and colors["λ=1, lr=1e-05"] == plots.LAMBDA_COLORS[1.0]
@@ -197,7 +197,7 @@ def test_a_condition_has_one_colour_in_every_figure():
     figures = figure_colors()
     lambda_0, lambda_1 = expected("λ=0"), expected("λ=1")
     names = {"off-policy": "λ=0", "on-policy": "λ=1", "mixed": "λ=0.5", "lmbda-0_seed-1": "λ=0",
-             "lmbda-1_seed-1": "λ=1", "teacher": "teacher (fp32)"}
+             "lmbda-1_seed-1": "λ=1", "teacher": "teacher (Q4_1 GGUF)"}
     seen: dict[str, dict[str, str]] = {}
     for figure, colors in figures.items():
         assert colors, figure
@@ -210,16 +210,7 @@ def test_a_condition_has_one_colour_in_every_figure():
     for figure in figures:
         assert seen["λ=0"][figure] == lambda_0 and seen["λ=1"][figure] == lambda_1, figure
     assert lambda_0 == plots.LAMBDA_COLORS[0.0] and lambda_1 == plots.LAMBDA_COLORS[1.0]
-    assert seen["teacher (fp32)"].keys() == {"conditions", "metric_panels", "eval"}
-
-
-def test_bootstrap_figure_uses_no_condition_colour():
-    samples = np.random.default_rng(0).normal(0.01, 0.01, 500)
-    result = analysis.BootstrapResult("λ=0", "λ=1", 0.01, -0.01, 0.03, 0.3, 100, 3, 3, pd.DataFrame(), samples)
-    fig = plots.plot_bootstrap(result)
-    ax = fig.axes[0]
-    used = {rgb(p.get_facecolor()) for p in ax.patches} | {rgb(line.get_color()) for line in ax.get_lines()}
-    assert not used & {rgb(c) for c in plots.LAMBDA_COLORS.values()}
+    assert seen["teacher (Q4_1 GGUF)"].keys() == {"conditions", "metric_panels", "eval"}
 
 
 def test_figures_save_png_and_svg(tmp_path):
@@ -250,3 +241,49 @@ def test_comparisons_wrap_into_a_grid_with_readable_titles():
     titles = [ax.get_title() for ax in visible]
     assert titles[0] == "Average" and titles[2].replace("\n", " ") == names["forward_kl_matched"]
     assert all(len(line) <= 34 for title in titles for line in title.split("\n"))
+
+
+def test_baseline_families_have_their_own_colours():
+    colors = plots.condition_colors(["PTQ int2 g64", "GPTQ int2 g64", "AWQ int2 g64", "teacher (Q5_0 GGUF)"])
+    assert list(colors.values()) == [plots.PTQ_COLOR, plots.GPTQ_COLOR, plots.AWQ_COLOR, plots.TEACHER_COLOR]
+
+
+def test_many_conditions_are_faceted_by_rung_on_log_scales_where_they_span_orders():
+    rungs = {"int4": ("teacher", "PTQ int4 g64", "GPTQ int4 g64", "λ=0", "λ=1"),
+             "int2": ("teacher", "PTQ int2 g64", "GPTQ int2 g64", "λ=0", "λ=1")}
+    parts = {}
+    for q, conditions in rungs.items():
+        table = condition_table(list(conditions))
+        table[("average", "mean")] = [36.0, 5e9, 2e5, 1e4, 1e7] if q == "int2" else [36, 56, 47, 49, 48]
+        parts[q] = table
+    table = pd.concat(parts, names=["quant_type", "condition"])
+    fig = plots.plot_conditions(table, NAMES)
+    assert len(fig.axes) == 2 * 3  # a row of panels per rung, a panel per column
+    assert [ax.get_ylabel() for ax in fig.axes[::3]] == ["int4", "int2"]
+    assert fig.axes[2].get_xscale() == "log" and fig.axes[0].get_xscale() == "linear"
+    assert bar_colors(fig)["GPTQ int2 g64"] == plots.GPTQ_COLOR  # each facet's baselines keep their colour
+
+
+def test_the_ladders_wide_panel_is_symmetric_log_and_legends_sit_outside_the_data():
+    rows = []
+    for q, kl, ppl in (("int4", 0.5, -0.95), ("int3", 3.1, -8.4), ("int2", 29.0, -1.7e8)):
+        for metric, delta in (("perplexity", ppl), ("forward_kl", 0.1 * kl)):
+            rows.append({"quant_type": q, "ptq_forward_kl": kl, "comparison": "λ=1 − λ=0", "metric": metric,
+                         "delta": delta, "ci_low": delta - abs(delta) / 2, "ci_high": delta + abs(delta) / 2,
+                         "seed_low": delta - abs(delta), "seed_high": delta + abs(delta) * 0.9, "resolved": True})
+    fig = plots.plot_ladder(pd.DataFrame(rows), {"perplexity": "perplexity"})
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert panels[0].get_yscale() == "symlog" and panels[1].get_yscale() == "linear"
+    fig.canvas.draw()
+    legend = fig.legends[0].get_window_extent()
+    assert not any(legend.overlaps(ax.get_window_extent()) for ax in panels)
+
+
+def test_a_comparison_without_seed_replication_draws_no_interval():
+    table = pd.DataFrame([{"comparison": "λ=1 − λ=0", "metric": "forward_kl", "delta": 0.05, "ci_low": np.nan,
+                           "ci_high": np.nan, "seed_low": np.nan, "seed_high": np.nan, "resolved": False}])
+    fig = plots.plot_comparisons(table, {})
+    ax = fig.axes[0]
+    assert not ax.collections and not ax.containers  # no error bars
+    markers = [line for line in ax.get_lines() if line.get_marker() == "o"]
+    assert len(markers) == 1 and markers[0].get_markerfacecolor() == "white"
