@@ -13,6 +13,7 @@ import os
 import platform
 import shutil
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -150,27 +151,27 @@ def check_memory(counts: dict[str, int], cfg: TrainConfig, device: torch.device,
                           f"available; {hint}")
 
 
-def train(cfg: TrainConfig) -> Run:
-    """Run (or resume, or reuse) the distillation run that ``cfg`` describes; returns its :class:`Run`.
+@dataclass
+class Setup:
+    """What a run settles before any data or weights load: its processes, device and quantization grid."""
 
-    Under ``accelerate launch --num_processes N`` every process runs this: the HF Trainer makes it
-    data-parallel (DDP), each process on its own device, and only the main process writes the run
-    directory (records, log, student, metrics); the others wait for it where they read what it wrote.
-    With ``cfg.fsdp`` (full fine-tuning) the student is sharded across the processes instead (FSDP2
-    through accelerate) and gathered whole to be saved; the teacher, inference only, stays whole on each.
-    """
-    from accelerate import PartialState
+    processes: Any  # accelerate's PartialState
+    device: torch.device
+    dtype: torch.dtype
+    group_size: int
+    scheme: dict[str, Any]
+    sharded: bool  # the student's states divided among the processes (fsdp with several of them)
+    previous: dict[str, Any]  # what a resumed run resolved before (its record is rewritten)
 
-    # Sets up the process group when launched by accelerate (gloo for CPU processes).
-    processes = PartialState(cpu=resolve_device(cfg.device).type == "cpu")
-    main = processes.is_main_process
-    run = plan(cfg)
-    processes.wait_for_everyone()  # every process decided new/resume/complete before anything is written
-    if main:
-        print(run.describe())
-    if run.state == "complete":
-        return run
+    @property
+    def main(self) -> bool:
+        """Only the main process writes the run directory."""
+        return self.processes.is_main_process
 
+
+def settle(cfg: TrainConfig, run: Run, processes: Any) -> Setup:
+    """Every check that can refuse the run, before data or weights load: the baselines' environment,
+    the group size against the real layer shapes, memory, kernels, and a resume's scheme and sharding."""
     if cfg.do_eval and cfg.eval_parameters.get("calibrated"):  # not found only after an hour of training
         from onpolicy_lib.calibrated_ptq import llmc_python
 
@@ -190,7 +191,6 @@ def train(cfg: TrainConfig) -> Run:
     check_memory(skeleton_parameters, cfg, device, dtype, processes.num_processes if sharded else 1)
     quantization.check_kernels(cfg.quant_type, device, group_size)
     scheme = quantization.describe_scheme(cfg.quant_type, group_size, device, cfg.quantize_head)
-    # What a resumed run resolved before (the record is rewritten below).
     previous = ((run.record or {}).get("resolved") or {}) if run.state == "resume" else {}
     if run.state == "resume":  # a CPU run must not go on as a GPU run on another grid, or vice versa
         quantization.check_same_scheme(previous.get("scheme"), scheme, f"resuming {portable_path(run.path)}")
@@ -199,73 +199,122 @@ def train(cfg: TrainConfig) -> Run:
             raise ConfigError(f"resuming {portable_path(run.path)}: {run.checkpoint.name} was written "
                               f"{'with' if not sharded else 'without'} the student sharded; run it as it was "
                               f"(fsdp {not sharded}{' with several processes' if not sharded else ''})")
-    record: dict[str, Any] = {"train": record_config(cfg), "versions": versions(), "device": str(device),
-                              "machine": machine_description(device),
+    return Setup(processes, device, dtype, group_size, scheme, sharded, previous)
+
+
+def training_data(cfg: TrainConfig, tokenizer: Any, main: bool) -> tuple[data.PreparedData, datasets.Dataset]:
+    """The prepared (filtered, tokenized) chats and the held-out sample scored before and after training."""
+    datasets.disable_progress_bars()  # seconds of work; the bars would flood rendered notebooks
+    prepared = data.prepare_distillation_data(cfg.dataset_name, tokenizer, cfg.max_length, cfg.min_completion_tokens)
+    if main:
+        print(prepared.describe(portable_path(prepared.path)))
+    if len(prepared.train) == 0:
+        raise ValueError(f"dataset_name {cfg.dataset_name!r}: no example survives filtering at "
+                         f"max_length={cfg.max_length}, min_completion_tokens={cfg.min_completion_tokens}: "
+                         f"{prepared.counts['train']}")
+    return prepared, data.stratified_sample(prepared.heldout, cfg.heldout_eval_size)
+
+
+def resolved_record(setup: Setup, tokenizer: Any, prepared: data.PreparedData, heldout_set: datasets.Dataset,
+                    student: torch.nn.Module, error: float) -> dict[str, Any]:
+    """config.json's ``resolved`` part: what the run's parameters came to on this machine and data."""
+    return {"group_size": setup.group_size, "dtype": str(setup.dtype), "scheme": setup.scheme,
+            "prompt_format": prompt_format(tokenizer),
+            "prepared_data": portable_path(prepared.path),
+            "weight_error_vs_teacher": round(error, 6),
+            "train_examples": len(prepared.train), "heldout_eval_examples": len(heldout_set),
+            "heldout_sources": dict(sorted(Counter(heldout_set["source"]).items()))
+            if "source" in heldout_set.column_names else {},
+            "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
+            "sharded": setup.sharded,
+            "quantization": quantization.quantization_summary(student)}
+
+
+def cakld_confidence(cfg: TrainConfig, setup: Setup, teacher: torch.nn.Module, train_set: datasets.Dataset,
+                     pad_token_id: int) -> dict[str, Any]:
+    """The teacher's mean confidence that weights cakld's two KLs: measured once per run (a resumed run
+    reads what it recorded)."""
+    confidence = setup.previous.get("cakld_confidence") or teacher_confidence(
+        teacher, train_set, pad_token_id, cfg.cakld_confidence_chats)
+    if setup.main:
+        print(f"cakld: the teacher's mean confidence on {confidence['chats']} training chats "
+              f"({confidence['tokens']} tokens) is {confidence['gamma']:.4f}")
+    return confidence
+
+
+def heldout_before(trainer: DistillTrainer, run: Run, student: torch.nn.Module, main: bool) -> dict[str, float]:
+    """The held-out divergence before training: measured once and kept, so a resumed run still
+    reports the untrained starting point."""
+    if run.eval_before is not None:
+        return run.eval_before
+    eval_before = trainer.evaluate(metric_key_prefix="heldout")  # every process: a collective
+    if main:
+        run.write_eval_before(eval_before)
+    # Evaluating marks the (unwrapped) model as prepared by accelerate, and train() would then
+    # not wrap it for DDP: several processes would train unsynchronised copies. (A sharded
+    # student is sharded by then, in place; train() does not shard it twice.)
+    vars(student).pop("_is_accelerate_prepared", None)
+    return eval_before
+
+
+def train(cfg: TrainConfig) -> Run:
+    """Run (or resume, or reuse) the distillation run that ``cfg`` describes; returns its :class:`Run`.
+
+    Stages: plan the run directory, settle the setup (every check that can refuse), record, data,
+    teacher and student, trainer, train, save. Under ``accelerate launch --num_processes N`` every
+    process runs this: the HF Trainer makes it data-parallel (DDP), each process on its own device,
+    and only the main process writes the run directory (records, log, student, metrics); the others
+    wait for it where they read what it wrote. With ``cfg.fsdp`` (full fine-tuning) the student is
+    sharded across the processes instead (FSDP2 through accelerate) and gathered whole to be saved;
+    the teacher, inference only, stays whole on each.
+    """
+    from accelerate import PartialState
+
+    # Sets up the process group when launched by accelerate (gloo for CPU processes).
+    processes = PartialState(cpu=resolve_device(cfg.device).type == "cpu")
+    run = plan(cfg)
+    processes.wait_for_everyone()  # every process decided new/resume/complete before anything is written
+    if processes.is_main_process:
+        print(run.describe())
+    if run.state == "complete":
+        return run
+
+    setup = settle(cfg, run, processes)
+    main = setup.main
+    record: dict[str, Any] = {"train": record_config(cfg), "versions": versions(), "device": str(setup.device),
+                              "machine": machine_description(setup.device),
                               "teacher": teacher_precision(cfg.model_name), "processes": processes.num_processes}
     if main:
         run.write_record(record)  # claims the directory before the slow part
 
     tokenizer = load_tokenizer(cfg.model_name)
-    datasets.disable_progress_bars()  # seconds of work; the bars would flood rendered notebooks
-    prepared = data.prepare_distillation_data(cfg.dataset_name, tokenizer, cfg.max_length, cfg.min_completion_tokens)
-    if main:
-        print(prepared.describe(portable_path(prepared.path)))
-    train_set, heldout_all = prepared.train, prepared.heldout
-    filter_counts, heldout_counts = prepared.counts["train"], prepared.counts["heldout"]
-    heldout_set = data.stratified_sample(heldout_all, cfg.heldout_eval_size)
-    if len(train_set) == 0:
-        raise ValueError(f"dataset_name {cfg.dataset_name!r}: no example survives filtering at "
-                         f"max_length={cfg.max_length}, min_completion_tokens={cfg.min_completion_tokens}: "
-                         f"{filter_counts}")
+    prepared, heldout_set = training_data(cfg, tokenizer, main)
+    train_set = prepared.train
 
     transformers.set_seed(cfg.seed)  # LoRA initialisation and everything after it
-    teacher = load_model(cfg.model_name, device=device, dtype=dtype)
-    error = quantization.check_distinct_from_teacher(teacher, cfg.quant_type, group_size, cfg.quantize_head)
-    student = build_student(teacher, cfg.quant_type, group_size, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
-                            quantize_head=cfg.quantize_head,
-                            train_embeddings=cfg.train_embeddings)
-    record["resolved"] = {"group_size": group_size, "dtype": str(dtype), "scheme": scheme,
-                          "prompt_format": prompt_format(tokenizer),
-                          "prepared_data": portable_path(prepared.path),
-                          "weight_error_vs_teacher": round(error, 6),
-                          "train_examples": len(train_set), "heldout_eval_examples": len(heldout_set),
-                          "heldout_sources": dict(sorted(Counter(heldout_set["source"]).items()))
-                          if "source" in heldout_set.column_names else {},
-                          "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
-                          "sharded": sharded,
-                          "quantization": quantization.quantization_summary(student)}
-    record["filter_counts"] = {"train": filter_counts, "heldout": heldout_counts}
+    teacher = load_model(cfg.model_name, device=setup.device, dtype=setup.dtype)
+    error = quantization.check_distinct_from_teacher(teacher, cfg.quant_type, setup.group_size, cfg.quantize_head)
+    student = build_student(teacher, cfg.quant_type, setup.group_size, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                            quantize_head=cfg.quantize_head, train_embeddings=cfg.train_embeddings)
+    record["resolved"] = resolved_record(setup, tokenizer, prepared, heldout_set, student, error)
+    record["filter_counts"] = {"train": prepared.counts["train"], "heldout": prepared.counts["heldout"]}
     cakld_gamma = None
-    if cfg.divergence == "cakld":  # measured once per run (a resumed run reads what it recorded)
-        confidence = previous.get("cakld_confidence") or teacher_confidence(
-            teacher, train_set, tokenizer.pad_token_id, cfg.cakld_confidence_chats)
-        record["resolved"]["cakld_confidence"] = confidence
+    if cfg.divergence == "cakld":
+        record["resolved"]["cakld_confidence"] = confidence = cakld_confidence(
+            cfg, setup, teacher, train_set, tokenizer.pad_token_id)
         cakld_gamma = confidence["gamma"]
-        if main:
-            print(f"cakld: the teacher's mean confidence on {confidence['chats']} training chats "
-                  f"({confidence['tokens']} tokens) is {cakld_gamma:.4f}")
     if main:
         run.write_record(record)
 
     recorder = MetricsRecorder(run)
-    if sharded and main:
+    if setup.sharded and main:
         print(f"fsdp: the student's weights, gradients and optimizer state are sharded across "
               f"{processes.num_processes} processes; the teacher stays whole on each")
-    trainer = DistillTrainer(student, teacher, distill_args(cfg, run.path, device, dtype, cakld_gamma,
-                                                            fsdp_config(student) if sharded else None),
-                             processing_class=tokenizer,
+    args = distill_args(cfg, run.path, setup.device, setup.dtype, cakld_gamma,
+                        fsdp_config(student) if setup.sharded else None)
+    trainer = DistillTrainer(student, teacher, args, processing_class=tokenizer,
                              train_dataset=train_set, eval_dataset=heldout_set, callbacks=[recorder])
-    # The held-out divergence before training is measured once and kept, so a resumed
-    # run still reports the untrained starting point.
-    eval_before = run.eval_before
-    if eval_before is None:
-        eval_before = trainer.evaluate(metric_key_prefix="heldout")  # every process: a collective
-        if main:
-            run.write_eval_before(eval_before)
-        # Evaluating marks the (unwrapped) model as prepared by accelerate, and train() would then
-        # not wrap it for DDP: several processes would train unsynchronised copies. (A sharded
-        # student is sharded by then, in place; train() does not shard it twice.)
-        vars(student).pop("_is_accelerate_prepared", None)
+    eval_before = heldout_before(trainer, run, student, main)
     trainer.train(resume_from_checkpoint=str(run.checkpoint) if run.checkpoint else None)
     eval_after = trainer.evaluate(metric_key_prefix="heldout")
     unlogged = trainer.unlogged_stats()  # a collective too
@@ -275,14 +324,14 @@ def train(cfg: TrainConfig) -> Run:
         processes.wait_for_everyone()
         return run
 
-    save_student(trainer.model, run.path, cfg.model_name, cfg.quant_type, group_size, tokenizer, scheme,
+    save_student(trainer.model, run.path, cfg.model_name, cfg.quant_type, setup.group_size, tokenizer, setup.scheme,
                  state_dict=whole)
     for checkpoint in run.checkpoints():
         shutil.rmtree(checkpoint)  # optimizer state is only needed to resume; the student is saved
-    metrics = summarise(recorder, unlogged, device, {
+    metrics = summarise(recorder, unlogged, setup.device, {
         "heldout_loss_before": eval_before["heldout_loss"], "heldout_loss_after": eval_after["heldout_loss"],
         "heldout_curve": [{"step": 0, "loss": eval_before["heldout_loss"]}, *run.eval_log()],
-        "heldout_examples": len(heldout_set), "train_examples": len(train_set), "group_size": group_size,
+        "heldout_examples": len(heldout_set), "train_examples": len(train_set), "group_size": setup.group_size,
         "resumed_from": run.checkpoint.name if run.checkpoint else None,
         # The student's parameters this process held while training: all of them unless sharded.
         "student_parameters_held": held,
