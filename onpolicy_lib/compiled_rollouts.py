@@ -8,8 +8,12 @@ width, and the student's weights are new tensors at every step (swapped, cast or
 quantization contexts). So the compiled step runs on a *shadow*: a plain copy of the student's
 architecture whose parameters are the same tensors for the whole run, refreshed in place from
 the student's rollout weights (its fake-quantized weights, as the rollout would sample them)
-before each rollout, with a static KV cache of one length for the whole run. Every decode step
-then has the same shapes and the same guards, and compiles once per run (and per batch size).
+before each rollout, with a static KV cache sized to what the batch needs (prompt width plus new
+tokens), rounded up to a few lengths (:func:`cache_bucket`). Every decode step then has the same
+shapes and guards as an earlier one of its length, and compiles once per cache length and batch
+size in a run (a handful of graphs, not one per batch). A static cache's attention reads all of its
+slots at every step, so a cache sized to the longest possible prompt would make every short
+batch's steps read up to several times the KV bytes they need.
 
 Sampling is ``model.generate``'s for our settings (temperature, no top-k / top-p, ``min_new_tokens``
 by masking the end-of-sequence ids, rows padded after their end), drawing from the same random
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from typing import Any
 
 import torch
@@ -28,9 +33,18 @@ from torch import nn
 from transformers import PreTrainedModel, StaticCache
 from transformers.cache_utils import StaticLayer
 
-from onpolicy_lib.quantization import active_fake_quantized, weight_major_forward
+from onpolicy_lib.quantization import active_fake_quantized
+from onpolicy_lib.rollouts import weight_major_forward
 
-CACHE_ROUNDING = 64  # a static cache sized from a first batch gets room for longer prompts
+CACHE_ROUNDING = 64  # the smallest cache length step
+
+
+def cache_bucket(length: int) -> int:
+    """The static cache length for a batch needing ``length`` positions: the next of 64, 96, 128, 192, 256,
+    384, ... (powers of two and 1.5 times them, multiples of 64): at most 1.5x the positions needed, and
+    few distinct lengths (graphs) over a run's batches."""
+    full = CACHE_ROUNDING * 2 ** max(0, math.ceil(math.log2(length / CACHE_ROUNDING)))
+    return full * 3 // 4 if full >= 4 * CACHE_ROUNDING and full * 3 // 4 >= length else full
 
 
 class CompiledSampler:
@@ -38,9 +52,9 @@ class CompiledSampler:
 
     ``template``: a plain model of the student's architecture (the teacher: the student is its
     quantized copy); copied once, in ``dtype``. ``max_cache_len``: prompt width plus new tokens
-    the static cache holds (None: sized from the first batch, rounded up; a longer batch later
-    grows it and compiles once more). ``weight_major``: decode products as ``W @ x^T``
-    (:func:`~onpolicy_lib.quantization.weight_major_linear`). ``backend``: ``torch.compile``'s (None
+    the static cache holds, fixed for the run (None: each batch's prompt width plus new tokens, rounded up
+    by :func:`cache_bucket`). ``weight_major``: decode products as ``W @ x^T``
+    (:func:`~onpolicy_lib.rollouts.weight_major_linear`). ``backend``: ``torch.compile``'s (None
     runs the same static-cache loop eagerly: a reference).
     """
 
@@ -55,7 +69,7 @@ class CompiledSampler:
         self.max_cache_len = max_cache_len
         self._step = (torch.compile(self.shadow.forward, dynamic=False, backend=backend) if backend is not None
                       else self.shadow.forward)
-        self._caches: dict[int, StaticCache] = {}
+        self._caches: dict[tuple[int, int], StaticCache] = {}
         self._modules = dict(self.shadow.named_modules())
         self._params = dict(self.shadow.named_parameters(remove_duplicate=False))
 
@@ -91,16 +105,7 @@ class CompiledSampler:
         """``generate``'s ``sequences`` for left-padded prompts: prompt columns, then the sampled tokens
         (rows padded after their end-of-sequence token; as many columns as the longest row needs)."""
         rows, width = prompt_ids.shape
-        cache = self._cache(rows, width + max_new_tokens)
-        cache.reset()
-        mask = prompt_mask.new_zeros(rows, self.max_cache_len)
-        mask[:, :width] = prompt_mask
-        positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
-        # The prefill (a new width every batch) runs eagerly; only the decode steps are compiled.
-        logits = self.shadow(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, cache=cache,
-                             cache_position=torch.arange(width, device=prompt_ids.device), use_cache=True,
-                             logits_to_keep=1).logits[:, -1].float()
-        position = positions[:, -1:] + 1
+        cache, mask, position, logits = self._prefill(prompt_ids, prompt_mask, width + max_new_tokens)
         eos = torch.tensor(eos_token_ids, dtype=torch.long, device=prompt_ids.device)
         unfinished = torch.ones(rows, dtype=torch.bool, device=prompt_ids.device)
         tokens = []
@@ -114,25 +119,56 @@ class CompiledSampler:
             unfinished &= ~torch.isin(token, eos)
             if t == max_new_tokens - 1 or not unfinished.any():
                 break
-            slot = width + t
-            mask[:, slot] = 1
-            logits = self._step(input_ids=token[:, None], attention_mask=mask, position_ids=position, cache=cache,
-                                cache_position=torch.tensor([slot], device=prompt_ids.device),
-                                use_cache=True).logits[:, -1].float()
+            logits = self._decode(cache, mask, token, position, width + t)
             position = position + 1
         return torch.cat([prompt_ids, torch.stack(tokens, dim=1)], dim=1)
 
-    def _cache(self, rows: int, length: int) -> StaticCache:
-        if self.max_cache_len is None or length > self.max_cache_len:
-            # One length for the whole run where possible: a new length is a new compiled graph.
-            self.max_cache_len = CACHE_ROUNDING * math.ceil(max(length, self.max_cache_len or 0) / CACHE_ROUNDING)
-            self._caches.clear()
-        if rows not in self._caches:
-            cache = StaticCache(config=self.shadow.config, max_cache_len=self.max_cache_len)
+    @torch.no_grad()
+    def forced_decode(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                      forced: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+        """Feed ``forced``'s tokens after the prompt, one compiled decode step each: the next-token logits of
+        every step ``[steps, rows, vocab]`` and each step's seconds (what ``auto`` and the benchmark time)."""
+        width, steps = prompt_ids.shape[1], forced.shape[1]
+        cache, mask, position, _ = self._prefill(prompt_ids, prompt_mask, width + steps)
+        seen, seconds = [], []
+        for t in range(steps):
+            start = time.perf_counter()
+            seen.append(self._decode(cache, mask, forced[:, t], position, width + t))
+            seconds.append(time.perf_counter() - start)
+            position = position + 1
+        return torch.stack(seen), seconds
+
+    def _prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                 length: int) -> tuple[StaticCache, torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows, width = prompt_ids.shape
+        cache, cache_len = self._cache(rows, length)
+        cache.reset()
+        mask = prompt_mask.new_zeros(rows, cache_len)
+        mask[:, :width] = prompt_mask
+        positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+        # The prefill (a new width every batch) runs eagerly; only the decode steps are compiled.
+        logits = self.shadow(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, cache=cache,
+                             cache_position=torch.arange(width, device=prompt_ids.device), use_cache=True,
+                             logits_to_keep=1).logits[:, -1].float()
+        return cache, mask, positions[:, -1:] + 1, logits
+
+    def _decode(self, cache: StaticCache, mask: torch.Tensor, token: torch.Tensor, position: torch.Tensor,
+                slot: int) -> torch.Tensor:
+        mask[:, slot] = 1
+        return self._step(input_ids=token[:, None], attention_mask=mask, position_ids=position, cache=cache,
+                          cache_position=torch.tensor([slot], device=token.device),
+                          use_cache=True).logits[:, -1].float()
+
+    def _cache(self, rows: int, length: int) -> tuple[StaticCache, int]:
+        if self.max_cache_len is not None and length > self.max_cache_len:
+            raise ValueError(f"a rollout of {length} positions does not fit the fixed cache of {self.max_cache_len}")
+        cache_len = self.max_cache_len or cache_bucket(length)
+        if (rows, cache_len) not in self._caches:
+            cache = StaticCache(config=self.shadow.config, max_cache_len=cache_len)
             # Sliding-window layers' static cache keeps a Python int of its length, which the compiled
             # step would be specialised on (a new graph every token): keep every position instead, in
             # plain static layers; the model's sliding-window masks still restrict what they attend to.
-            cache.layers = [StaticLayer(max_cache_len=self.max_cache_len) if layer.is_sliding else layer
+            cache.layers = [StaticLayer(max_cache_len=cache_len) if layer.is_sliding else layer
                             for layer in cache.layers]
-            self._caches[rows] = cache
-        return self._caches[rows]
+            self._caches[rows, cache_len] = cache
+        return self._caches[rows, cache_len], cache_len

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from onpolicy_lib import rollouts
 from onpolicy_lib.assets import PACKAGED_MODEL, PACKAGED_MODELS, cache_dir, require_assets
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -34,8 +35,8 @@ NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
 QUANT_TYPES = ("int4", "int8", "int3", "int2")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
-ROLLOUT_DTYPES = ("float32", "bfloat16")
-ROLLOUT_MATMULS = ("linear", "weight_major")
+ROLLOUT_DTYPES = rollouts.DTYPES  # the rollout options' values and rules live in onpolicy_lib.rollouts
+ROLLOUT_MATMULS = rollouts.MATMULS
 DIVERGENCES = ("jsd", "cakld")
 # On the students' grid, then the original study's own llmcompressor recipes (calibrated_ptq.ORIGINAL_RECIPES).
 CALIBRATED_METHODS = ("gptq", "awq", "gptq-original", "awq-original")
@@ -143,18 +144,18 @@ class TrainConfig(_Params):
     seq_kd: bool = param(False, "off-policy batches use teacher samples instead of dataset completions")
     max_new_tokens: int = param(32, "rollout length", short="newtok")
     min_new_tokens: int = param(0, "minimum rollout length", short="minnew")
-    rollout_dtype: str = param("float32", "weights the student samples rollouts with: float32 (exact, the "
-                               "default) or bfloat16 (opt-in, faster decoding; the same policy within bf16 "
-                               "rounding)", short="rolldt")
-    rollout_matmul: str = param("linear", "how the student's rollout decode steps multiply by its weights: linear "
-                                "(F.linear, exact, the default) or weight_major (opt-in, weight @ x^T: a faster "
-                                "CPU kernel for a decode step's few rows; the same policy within float rounding)",
-                                short="rollmm")
-    rollout_compile: bool = param(False, "compile the student's rollout decode step (opt-in): a static KV cache of one "
-                                  "length and one torch.compile'd step for the whole run, on an in-place copy of "
-                                  "the student's rollout weights; compiles once per run (minutes on a CPU, so it "
-                                  "pays off on long runs or long rollouts); the same policy within float rounding; "
-                                  "composes with rollout_dtype and rollout_matmul", short="rollcomp")
+    rollout_dtype: str = param("auto", "weights the student samples rollouts with: auto (float32, the default), "
+                               "float32 (exact) or bfloat16 (opt-in, another policy within bf16 rounding; never "
+                               "chosen by auto)", short="rolldt")
+    rollout_matmul: str = param("auto", "how the student's rollout decode steps multiply by its weights: auto (the "
+                                "faster of the two on this machine, measured once and cached), linear (F.linear, "
+                                "exact) or weight_major (weight @ x^T, another CPU kernel; the same policy within "
+                                "float rounding)", short="rollmm")
+    rollout_compile: bool | str = param("auto", "compile the student's rollout decode step: auto (only where the "
+                                        "run's rollouts earn back the compile, measured), True or False. A static "
+                                        "KV cache per batch and one torch.compile'd step on an in-place copy of the "
+                                        "student's rollout weights; the same policy within float rounding",
+                                        short="rollcomp")
     # Optimisation.
     learning_rate: float = param(1e-4, "peak learning rate (AdamW, linear schedule with warm-up)", short="lr")
     per_device_train_batch_size: int = param(2, "chats per micro-batch", short="bs")
@@ -225,8 +226,7 @@ class TrainConfig(_Params):
             check_int("lora_r", self.lora_r)
             check_int("lora_alpha", self.lora_alpha)
             _check_fraction("lora_dropout", self.lora_dropout, upper_open=True)
-        for name in ("seq_kd", "do_eval", "train_embeddings", "disable_dropout", "quantize_head", "fsdp",
-                     "rollout_compile"):
+        for name in ("seq_kd", "do_eval", "train_embeddings", "disable_dropout", "quantize_head", "fsdp"):
             _check_bool(name, getattr(self, name))
         if self.fsdp and self.lora_r is not None:
             raise ConfigError(f"fsdp shards full fine-tuning; LoRA (lora_r={self.lora_r}) trains small adapters "
@@ -234,19 +234,11 @@ class TrainConfig(_Params):
         check_int("seed", self.seed, minimum=-(2**63))
         _check_choice("device", self.device, DEVICES)
         _check_choice("dtype", self.dtype, DTYPES)
-        _check_choice("rollout_dtype", self.rollout_dtype, ROLLOUT_DTYPES)
-        _check_choice("rollout_matmul", self.rollout_matmul, ROLLOUT_MATMULS)
-        if self.fsdp and self.rollout_dtype != "float32":
-            raise ConfigError(f"rollout_dtype must be float32 with fsdp (sharded weights are gathered layer by "
-                              f"layer inside the forward, so there is no whole weight to cast), got "
-                              f"{self.rollout_dtype!r}")
-        if self.fsdp and self.rollout_matmul != "linear":
-            raise ConfigError(f"rollout_matmul must be linear with fsdp (the weight-major product is untested on "
-                              f"gathered shards), got {self.rollout_matmul!r}")
-        if self.rollout_compile and (self.fsdp or self.lora_r is not None):
-            raise ConfigError("rollout_compile needs a plain quantization-aware student (it samples from a copy of "
-                              "the teacher's architecture holding the student's weights): set fsdp False and "
-                              f"lora_r None, got fsdp={self.fsdp}, lora_r={self.lora_r}")
+        try:
+            rollouts.check_options(self.rollout_dtype, self.rollout_matmul, self.rollout_compile, fsdp=self.fsdp,
+                                   lora_r=self.lora_r)
+        except rollouts.RolloutOptionError as err:
+            raise ConfigError(str(err)) from None
         _check_choice("divergence", self.divergence, DIVERGENCES)
         check_int("cakld_confidence_chats", self.cakld_confidence_chats)
         if not isinstance(self.eval_parameters, dict):
@@ -543,11 +535,11 @@ def parameters_cell(cls: type[_Params]) -> str:
     for f in dataclasses.fields(cls):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         type_name = str(f.type)
-        optional = type_name.endswith("| None")
+        optional = "|" in type_name  # a union (``int | None``, ``bool | str``): papermill reads no unions
         target = f.name if optional else f"{f.name}: {type_name}"
         help_text = f.metadata.get("help", "")
         if optional:
-            help_text = f"{type_name.replace(' | None', '')} or None; {help_text}"
+            help_text = f"{type_name.replace(' | ', ' or ')}; {help_text}"
         line = f"{target} = {default!r}"
         if len(line) + len(help_text) + 4 <= _LINE:
             lines.append(f"{line}  # {help_text}")

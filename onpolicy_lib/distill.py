@@ -51,12 +51,8 @@ from onpolicy_lib.compiled_rollouts import CompiledSampler
 from onpolicy_lib.compute import Shape, generation_flops, training_flops
 from onpolicy_lib.config import TrainConfig
 from onpolicy_lib.divergence import cakld, generalized_jsd, token_nll
-from onpolicy_lib.quantization import (
-    cast_for_rollout,
-    fake_quantized_once,
-    materialized_fake_quant,
-    weight_major_rollout,
-)
+from onpolicy_lib.quantization import fake_quantized_once
+from onpolicy_lib.rollouts import EXACT_SETTINGS, RolloutForm, eager_form
 
 
 def _gkd_field(name: str) -> Any:
@@ -76,12 +72,17 @@ class DistillConfig(TrainingArguments):
     max_new_tokens: int = _gkd_field("max_new_tokens")
     min_new_tokens: int = _gkd_field("min_new_tokens")
     disable_dropout: bool = _gkd_field("disable_dropout")
-    rollout_dtype: str = _gkd_field("rollout_dtype")
-    rollout_matmul: str = _gkd_field("rollout_matmul")
-    rollout_compile: bool = _gkd_field("rollout_compile")
+    # The trainer samples in the form these name and measures nothing: ``auto`` (settled by
+    # training.train before the trainer is built, :func:`onpolicy_lib.rollouts.resolve`) reads as exact.
+    rollout_dtype: str = field(default=EXACT_SETTINGS["rollout_dtype"],
+                               metadata={"help": TrainConfig.help("rollout_dtype")})
+    rollout_matmul: str = field(default=EXACT_SETTINGS["rollout_matmul"],
+                                metadata={"help": TrainConfig.help("rollout_matmul")})
+    rollout_compile: bool = field(default=EXACT_SETTINGS["rollout_compile"],
+                                  metadata={"help": TrainConfig.help("rollout_compile")})
     rollout_cache_len: int | None = field(
-        default=None, metadata={"help": "with rollout_compile: prompt + new tokens its static cache holds (None: "
-                                         "sized from the first rollout)"})
+        default=None, metadata={"help": "with rollout_compile: prompt + new tokens its static cache holds, fixed "
+                                         "for the run (None: each batch's own need, rounded to a few lengths)"})
     divergence: str = _gkd_field("divergence")
     cakld_gamma: float | None = field(
         default=None, metadata={"help": "with divergence='cakld': the teacher's mean confidence (teacher_confidence)"})
@@ -93,6 +94,9 @@ class DistillConfig(TrainingArguments):
         for name in ("lmbda", "beta"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        from onpolicy_lib.rollouts import check_options
+
+        check_options(self.rollout_dtype, self.rollout_matmul, self.rollout_compile)
         if self.divergence == "cakld" and not (self.cakld_gamma is not None and 0.0 <= self.cakld_gamma <= 1.0):
             raise ValueError(f"divergence 'cakld' needs cakld_gamma in [0, 1] (teacher_confidence), got "
                              f"{self.cakld_gamma}")
@@ -220,6 +224,11 @@ class DistillTrainer(Trainer):
         return state
 
     # -- rollouts
+    @property
+    def rollout_form(self) -> RolloutForm:
+        """The form the student's rollouts take (:mod:`onpolicy_lib.rollouts`; ``auto`` reads as exact)."""
+        return RolloutForm.from_settings({k: getattr(self.args, k) for k in EXACT_SETTINGS})
+
     @torch.no_grad()
     def rollout(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Sample completions for the batch's prompts from ``model`` and rebuild the batch around them."""
@@ -234,22 +243,16 @@ class DistillTrainer(Trainer):
         fast = self.args.fast_rollouts and student and not self._weights_shared and not self.is_fsdp_enabled
         # Under the training forward's autocast (bf16 runs), so rollouts sample the policy the loss scores.
         autocast = self.compute_loss_context_manager() if self.args.bf16 or self.args.fp16 else nullcontext()
-        # Opt-in, the student's alone (teacher rollouts stay as they are): its (quantized) weights cast
-        # once for the whole rollout, and its decode steps' products by another kernel.
-        cast = self.args.rollout_dtype != "float32" and student
-        weight_major = self.args.rollout_matmul == "weight_major" and student
+        # The student's form (teacher rollouts stay exact): its weights' dtype, its decode products, compiled.
+        form = self.rollout_form if student else RolloutForm()
         # A sharded student's forward is a collective: every process runs as many as the longest rollout.
         synced = {"synced_gpus": True} if self.is_fsdp_enabled and student else {}
-        compiled = self.args.rollout_compile and student and not self.is_fsdp_enabled
         try:
-            if compiled:
+            if form.compiled and not self.is_fsdp_enabled:
                 with autocast:
                     batch = self.compiled_rollout(unwrapped, inputs)
             else:
-                with (materialized_fake_quant(unwrapped) if fast else nullcontext(),
-                      cast_for_rollout(unwrapped, getattr(torch, self.args.rollout_dtype)) if cast else nullcontext(),
-                      weight_major_rollout(unwrapped) if weight_major else nullcontext(),
-                      autocast):
+                with eager_form(unwrapped, RolloutForm(form.dtype, form.matmul), materialise=fast), autocast:
                     batch = generate_completions(
                         unwrapped, inputs, self.processing_class.pad_token_id, self.eos_token_ids,
                         do_sample=True, temperature=self.args.temperature, top_k=0, top_p=1.0,
@@ -266,9 +269,9 @@ class DistillTrainer(Trainer):
         """:meth:`rollout` through a :class:`CompiledSampler` (``rollout_compile``): the student's rollout
         weights copied into its fixed-shape copy, then sampled with ``generate``'s rules."""
         if self._sampler is None:
-            self._sampler = CompiledSampler(self.teacher_model, getattr(torch, self.args.rollout_dtype),
-                                            self.args.rollout_cache_len,
-                                            weight_major=self.args.rollout_matmul == "weight_major")
+            form = self.rollout_form
+            self._sampler = CompiledSampler(self.teacher_model, getattr(torch, form.dtype),
+                                            self.args.rollout_cache_len, weight_major=form.matmul == "weight_major")
         self._sampler.refresh(student)  # inside an on-policy step: the step's shared quantized weights
         sequences = self._sampler.sample(
             inputs["prompt_ids"], inputs["prompt_attention_mask"], eos_token_ids=self.eos_token_ids,

@@ -10,9 +10,8 @@ The student shares its teacher's weights; only its Linear layers are quantized:
   fast as from a plain model, with bit-identical outputs;
 * :func:`fake_quantized_once` quantizes each weight once for a whole on-policy step,
   shared by its rollout and its training forward (bit-identical samples and gradients);
-* :func:`cast_for_rollout` and :func:`weight_major_rollout` are the opt-in faster rollout
-  forms (bf16 weights; a decode-step matrix product with another kernel), the same policy
-  within rounding.
+* the other forms a rollout can take (bf16 weights, weight-major products, a compiled decode
+  step) live in :mod:`onpolicy_lib.rollouts`.
 
 On CPU every type goes through ``IntxWeightOnlyConfig`` with a *symmetric* mapping:
 torchao only supports symmetric weights for QAT with that config, and with it the
@@ -459,101 +458,6 @@ def materialized_fake_quant(model: nn.Module) -> Iterator[nn.Module]:
         for mod, latent in reversed(saved):
             mod.weight = latent
             mod.weight_fake_quantizer.enabled = True
-
-
-@contextlib.contextmanager
-def cast_for_rollout(model: nn.Module, dtype: torch.dtype) -> Iterator[nn.Module]:
-    """Every parameter of ``model`` as a ``dtype`` copy for the context's duration (rollouts only).
-
-    A fake-quantized layer gets its fake-quantized weight cast (its quantizer is off meanwhile),
-    so the rollout samples the quantized student, computed in ``dtype``. Casting once per rollout
-    rather than under autocast (which would recast every weight at every generated token) is what
-    makes it faster than float32. Tied parameters stay tied. On exit (also on exception) the
-    original Parameter objects are put back: optimizer state and values are untouched.
-    """
-    saved: list[tuple[nn.Module, str, nn.Parameter]] = []
-    quantizers: list[nn.Module] = []
-    casts: dict[int, nn.Parameter] = {}
-    try:
-        with torch.no_grad():
-            for mod, quantizer in list(active_fake_quantized(model)):
-                weight = mod.weight
-                # quantizer(weight), not of a detached copy: inside an on-policy step it returns the
-                # step's shared quantized weight instead of recomputing it.
-                fq = nn.Parameter(quantizer(weight).to(dtype), requires_grad=False)
-                saved.append((mod, "weight", weight))
-                quantizers.append(quantizer)
-                quantizer.enabled = False
-                mod._parameters["weight"] = fq
-            for mod in model.modules():
-                for name, param in list(mod._parameters.items()):
-                    if param is None or param.dtype == dtype:  # the quantized weights cast above included
-                        continue
-                    if id(param) not in casts:
-                        casts[id(param)] = nn.Parameter(param.detach().to(dtype), requires_grad=False)
-                    saved.append((mod, name, param))
-                    mod._parameters[name] = casts[id(param)]
-        yield model
-    finally:
-        for mod, name, param in reversed(saved):
-            mod._parameters[name] = param
-        for quantizer in quantizers:
-            quantizer.enabled = True
-
-
-def weight_major_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, computed as ``(weight @ x^T)^T`` for a decode step's input.
-
-    A decode step multiplies a few rows (one position per sequence) by every weight matrix, so
-    it is bound by reading the weights. CPU BLAS reads a row-major ``weight`` as the left operand
-    at close to memory bandwidth, but several times slower as the transposed right operand that
-    ``F.linear`` passes. Same products, another summation order: equal within float rounding.
-    Other inputs (a prefill: many positions per sequence) go through ``F.linear`` unchanged.
-    """
-    if x.dim() != 3 or x.shape[1] != 1:
-        return torch.nn.functional.linear(x, weight, bias)
-    # Contiguous output: the next layer's input then takes the same fast path.
-    out = torch.mm(weight, x.reshape(x.shape[0], x.shape[2]).t()).t().contiguous()
-    if bias is not None:
-        out = out + bias
-    return out.unsqueeze(1)
-
-
-def weight_major_forward(mod: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``mod``'s forward (plain or fake-quantized Linear) with :func:`weight_major_linear` as its product."""
-    quantizer = getattr(mod, "weight_fake_quantizer", None)
-    activation_quantizer = getattr(mod, "activation_fake_quantizer", None)
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        # FakeQuantizedLinear.forward's steps, with the weight-major product in place of F.linear.
-        if activation_quantizer is not None:
-            x = activation_quantizer(x)
-        weight = quantizer(mod.weight) if quantizer is not None else mod.weight
-        return weight_major_linear(x, weight, mod.bias)
-
-    return forward
-
-
-@contextlib.contextmanager
-def weight_major_rollout(model: nn.Module) -> Iterator[nn.Module]:
-    """Every plain or fake-quantized Linear of ``model`` computes decode steps with
-    :func:`weight_major_linear` for the context's duration (rollouts only).
-
-    The layers compute the same function of the same weights (whatever form the weights take
-    inside the context: materialised, cast or shared), only the matrix product's kernel
-    changes. A layer that already has its own ``forward`` (a hook library's wrapper) is left
-    alone. On exit (also on exception) each layer's class ``forward`` is back.
-    """
-    patched: list[nn.Module] = []
-    try:
-        for mod in model.modules():
-            if type(mod) in (nn.Linear, FakeQuantizedLinear) and "forward" not in mod.__dict__:
-                mod.forward = weight_major_forward(mod)
-                patched.append(mod)
-        yield model
-    finally:
-        for mod in patched:
-            del mod.forward
 
 
 def active_fake_quantized(model: nn.Module) -> Iterator[tuple[FakeQuantizedLinear, nn.Module]]:

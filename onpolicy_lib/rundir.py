@@ -54,12 +54,20 @@ def config_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any
     """Identity fields whose values differ between two training configurations.
 
     A field missing from a configuration was added after it was written: that run ran with the
-    field's default (a new parameter's default keeps the old behaviour), so it compares as such.
+    field's default (a new parameter's default keeps the old behaviour), so it compares as such; the
+    rollout options, whose default became ``auto``, ran in their exact form. ``auto`` matches any
+    fp32 rollout form (:func:`onpolicy_lib.rollouts.same_setting`): a resumed run keeps the form it chose.
     """
-    defaults = TrainConfig().to_dict()
+    from onpolicy_lib import rollouts
+
+    defaults = {**TrainConfig().to_dict(), **rollouts.EXACT_SETTINGS}
     keys = TrainConfig.identity_fields()
+
+    def same(k: str, a: Any, b: Any) -> bool:
+        return rollouts.same_setting(k, a, b) if k in rollouts.OPTIONS else a == b
+
     return {k: (old.get(k, defaults[k]), new.get(k, defaults[k])) for k in keys
-            if old.get(k, defaults[k]) != new.get(k, defaults[k])}
+            if not same(k, old.get(k, defaults[k]), new.get(k, defaults[k]))}
 
 
 def format_diff(diff: dict[str, tuple[Any, Any]]) -> str:

@@ -234,7 +234,7 @@ def test_accumulation_2_x_batch_1_equals_batch_2_on_the_same_examples(tmp_path, 
 def test_bf16_rollouts_sample_the_quantized_student_within_bf16_rounding(tmp_path, tokenizer, tiny_model):
     """rollout_dtype='bfloat16' casts the student's quantized weights for the rollout alone: the policy it
     samples is the fake-quant forward's within bf16 rounding, and training state is untouched."""
-    from onpolicy_lib.quantization import cast_for_rollout
+    from onpolicy_lib.rollouts import cast_for_rollout
 
     trainer = make_trainer(tmp_path, tokenizer, tiny_model, lmbda=1.0, beta=1.0, rollout_dtype="bfloat16")
     student = trainer.model
@@ -274,7 +274,7 @@ def decode_logits(model: torch.nn.Module, batch: dict, tokens: torch.Tensor) -> 
 
 def test_weight_major_linear_is_f_linear_within_float_rounding():
     """A decode step's input (one position per row) through weight @ x^T; anything else is F.linear itself."""
-    from onpolicy_lib.quantization import weight_major_linear
+    from onpolicy_lib.rollouts import weight_major_linear
 
     torch.manual_seed(0)
     weight, bias = torch.randn(48, 32), torch.randn(48)
@@ -293,7 +293,8 @@ def test_weight_major_rollouts_sample_the_quantized_student_within_float_roundin
     """rollout_matmul='weight_major' changes only the kernel of the student's decode-step products: over
     several cached decode steps its next-token distributions are the fake-quant forward's within float
     rounding (the prefill's are identical), the rollout samples with it, and training state is untouched."""
-    from onpolicy_lib.quantization import materialized_fake_quant, weight_major_rollout
+    from onpolicy_lib.quantization import materialized_fake_quant
+    from onpolicy_lib.rollouts import weight_major_rollout
 
     trainer = make_trainer(tmp_path, tokenizer, tiny_model, lmbda=1.0, beta=1.0, rollout_matmul="weight_major")
     student = trainer.model.eval()
@@ -316,11 +317,11 @@ def test_weight_major_rollouts_sample_the_quantized_student_within_float_roundin
     for name, p in student.named_parameters():
         assert p is params[name][0] and torch.equal(p, params[name][1]), name
     # And a whole on-policy step samples through it, decode steps by weight @ x^T, and restores the layers.
-    from onpolicy_lib import quantization
+    from onpolicy_lib import rollouts
 
     rows = []
-    product = quantization.weight_major_linear
-    monkeypatch.setattr(quantization, "weight_major_linear", lambda x, *a: rows.append(x.shape[:2]) or product(x, *a))
+    product = rollouts.weight_major_linear
+    monkeypatch.setattr(rollouts, "weight_major_linear", lambda x, *a: rows.append(x.shape[:2]) or product(x, *a))
     seen = captured_step(trainer, batch)
     assert trainer.stats["batches_on_policy"] == 1 and seen["input_ids"].shape[1] > batch["prompt_ids"].shape[1]
     assert (2, 1) in rows and not any("forward" in m.__dict__ for m in student.modules())
@@ -329,7 +330,8 @@ def test_weight_major_rollouts_sample_the_quantized_student_within_float_roundin
 def test_weight_major_rollouts_reach_lora_students(tiny_model):
     """Under a peft LoRA wrapper the base layers and the adapters all take the weight-major product,
     within float rounding of the plain forward, and get their own forward back on exit."""
-    from onpolicy_lib.quantization import materialized_fake_quant, weight_major_rollout
+    from onpolicy_lib.quantization import materialized_fake_quant
+    from onpolicy_lib.rollouts import weight_major_rollout
     from onpolicy_lib.student import build_student
 
     student = build_student(tiny_model, "int4", GROUP, lora_r=4).eval()

@@ -43,7 +43,6 @@ import os
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +52,7 @@ from onpolicy_lib import quantization
 from onpolicy_lib.batches import DistillCollator
 from onpolicy_lib.metrics import machine_description
 from onpolicy_lib.models import load_model, load_tokenizer, resolve_device
+from onpolicy_lib.rollouts import RolloutForm, eager_form
 from onpolicy_lib.speed.contenders import (
     fixed_batch,
     our_trainer,
@@ -194,9 +194,7 @@ def hardware_figures(model: torch.nn.Module, batch: dict[str, torch.Tensor], dev
                 weight_major=form.rollout_matmul == "weight_major")
             size = weight_bytes(model)
         else:
-            with (quantization.cast_for_rollout(model, getattr(torch, form.rollout_dtype)),
-                  quantization.weight_major_rollout(model) if form.rollout_matmul == "weight_major"
-                  else nullcontext()):
+            with eager_form(model, RolloutForm(form.rollout_dtype, form.rollout_matmul)):
                 seconds, size = decode_step(model, *args), weight_bytes(model)
         figures[f"weights_mb_{form.key}"] = size / 1e6
         figures[f"decode_{form.key}_s"] = seconds
