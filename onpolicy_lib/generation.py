@@ -67,7 +67,8 @@ class GenerationStats:
     prefill_padded: int = 0  # the prefill tensors' sizes, padding included
     steps: list[tuple[int, int]] = field(default_factory=list)  # (rows, key/value positions) per decode step
     generated_tokens: int = 0  # tokens kept in the outputs (what finished rows decode is not counted)
-    batches: int = 0
+    # Per batch, each row's (prompt tokens, generated tokens): the work an ideal schedule of the batch does.
+    batch_rows: list[list[tuple[int, int]]] = field(default_factory=list)
 
 
 def row_seed(seed: int, index: int) -> int:
@@ -257,7 +258,6 @@ def _generate_batch(model: torch.nn.Module, prompts: list[Sequence[int]], indice
         stats.prefill_s += time.perf_counter() - start
         stats.prefill_tokens += sum(map(len, prompts))
         stats.prefill_padded += rows * width
-        stats.batches += 1
         start = time.perf_counter()
     for step in range(max_new_tokens):
         if generators is None:
@@ -297,4 +297,5 @@ def _generate_batch(model: torch.nn.Module, prompts: list[Sequence[int]], indice
     if stats is not None:
         stats.decode_s += time.perf_counter() - start
         stats.generated_tokens += sum(map(len, outputs))
+        stats.batch_rows.append([(len(p), len(o)) for p, o in zip(prompts, outputs, strict=True)])
     return [(tokens, not (tokens and tokens[-1] in eos)) for tokens in outputs]
