@@ -9,7 +9,8 @@
   Both use ``SIGALRM`` timeouts: call from the main thread.
 * HumanEval / MBPP: pass@1 of one completion. The code is the first fenced block (lm-eval's MBPP
   ``extract_code_blocks`` pattern; an unclosed fence, as a length cap leaves it, runs to the end; no
-  fence: the whole completion), run with the task's tests in :mod:`onpolicy_lib.sandbox`, never here.
+  fence: the whole completion), run with the task's tests in :mod:`onpolicy_lib.sandbox`, never here
+  (where the machine cannot confine it, it is not run and ``correct`` is None).
   lm-eval's own code metric (``evaluate``'s ``code_eval``) fetches its script from the hub and runs
   code in a child of our process, so it is not used.
 * Basic skills: the answer line (first non-empty line, a restated question and "The answer is" removed)
@@ -26,7 +27,7 @@ import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from onpolicy_lib.sandbox import SandboxLimits, run_python
+from onpolicy_lib.sandbox import SandboxLimits, SandboxUnavailable, run_python
 
 if TYPE_CHECKING:
     from onpolicy_lib.gen_tasks import GenItem
@@ -158,6 +159,19 @@ def _run_tests(program: str, timeout: float) -> tuple[bool, str]:
     return False, f"tests failed: {last[:200]}"
 
 
+def _sandboxed(check_code):
+    # Where the machine cannot confine code, the sample is not run and the task has no checker (None).
+    @functools.wraps(check_code)
+    def run(item: GenItem, completion: str, timeout: float) -> CheckResult:
+        try:
+            return check_code(item, completion, timeout)
+        except SandboxUnavailable as e:
+            return CheckResult(None, extract_code(completion), f"not run: {e}")
+
+    return run
+
+
+@_sandboxed
 def _check_humaneval(item: GenItem, completion: str, timeout: float) -> CheckResult:
     code = extract_code(completion)
     prompt, entry = item.check["prompt"], item.check["entry_point"]
@@ -171,6 +185,7 @@ def _check_humaneval(item: GenItem, completion: str, timeout: float) -> CheckRes
     return CheckResult(ok, code, detail)
 
 
+@_sandboxed
 def _check_mbpp(item: GenItem, completion: str, timeout: float) -> CheckResult:
     code = extract_code(completion)
     tests = "\n".join(item.check["tests"])

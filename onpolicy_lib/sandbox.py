@@ -22,9 +22,10 @@ layers, each chosen because it works where the previous one does not:
   processes outside the sandbox are denied. This is what protects files when we are not root.
 
 seccomp is not used (no maintained binding in the environment). Which layers are active on this
-machine is reported by :func:`isolation`; :func:`run_python` refuses to run unless a layer that
-stops writes outside the directory is active (``require_confinement``). Callers use it
-sequentially or from a few threads; every call has its own uid and directory.
+machine is reported by :func:`isolation`; :func:`run_python` raises :class:`SandboxUnavailable` unless
+a layer that keeps writes inside the directory and one that cuts the network are active
+(``require_confinement``). Callers use it sequentially or from a few threads; every call has its own uid
+and directory.
 """
 
 from __future__ import annotations
@@ -86,6 +87,10 @@ exec(code, {"__name__": "__main__", "__file__": "main.py", "__builtins__": __bui
 _UNSHARE = ("--user", "--map-root-user", "--net", "--pid", "--fork", "--kill-child")
 # Unused uids for sandboxed processes (far above any distribution's allocated ranges).
 _UID_RANGE = (1 << 24, 1 << 30)
+
+
+class SandboxUnavailable(RuntimeError):
+    """The machine cannot confine generated code (see :func:`isolation`)."""
 
 
 @dataclass(frozen=True)
@@ -181,7 +186,7 @@ def isolation() -> Isolation:
                   shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin") or ""]
     python = next((c for c in dict.fromkeys(candidates) if c and _try([c, "-I", "-c", "pass"], uid)), None)
     if python is None:
-        raise RuntimeError("sandbox: no Python interpreter this machine's sandbox uid can run")
+        raise SandboxUnavailable("sandbox: no Python interpreter this machine's sandbox uid can run")
     unshare = shutil.which("unshare", path="/usr/bin:/bin:/usr/sbin:/sbin")
     namespaces = bool(unshare) and _try([unshare, *_UNSHARE, python, "-I", "-c", "pass"], uid)
     return Isolation(as_other_uid, namespaces, _landlock_abi(), python)
@@ -216,16 +221,17 @@ def run_python(code: str, limits: SandboxLimits | None = None, *, require_confin
 
     Returns the exit status, whether the wall limit killed it, and the first ``output_chars`` of
     stdout/stderr. Nothing is raised for a failing, crashing or hostile sample: it scores as not
-    :attr:`RunResult.passed`. ``require_confinement`` (default) refuses to run where neither a fresh
-    uid nor Landlock can keep writes inside the directory.
+    :attr:`RunResult.passed`. ``require_confinement`` (default) raises :class:`SandboxUnavailable` where
+    neither a fresh uid (root) nor Landlock keeps writes inside the directory, or neither a network
+    namespace nor Landlock ABI >= 4 cuts the network.
     """
     if not isinstance(code, str):
         raise TypeError(f"code must be a str, got {type(code).__name__}")
     limits = limits or SandboxLimits()
     iso = isolation()
-    if require_confinement and not iso.confines_writes:
-        raise RuntimeError("sandbox: neither a fresh uid (needs root) nor Landlock is available here, so generated "
-                           "code could write outside its directory; pass require_confinement=False to run anyway")
+    if require_confinement and not (iso.confines_writes and iso.cuts_network):
+        raise SandboxUnavailable(f"sandbox: this machine offers only {', '.join(iso.layers)}, which cannot keep "
+                                 "generated code's writes inside its directory and off the network")
     uid = _fresh_uid() if iso.as_other_uid else None
     cpu = int(max(1, round(limits.cpu_s if limits.cpu_s is not None else limits.wall_s)))
     mb = 1 << 20

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from onpolicy_lib import checkers
 from onpolicy_lib.checkers import check, extract_code, math_gold_answer
 from onpolicy_lib.gen_tasks import GenItem
-from onpolicy_lib.sandbox import isolation
+from onpolicy_lib.sandbox import SandboxUnavailable, isolation
 
 
 def _item(task: str, check_: dict, reference: str = "") -> GenItem:
@@ -76,8 +77,8 @@ MBPP = _item("mbpp", {"tests": ["assert add(1, 2) == 3", "assert add(0, 0) == 0"
 
 @pytest.fixture(scope="module")
 def sandbox():
-    if not isolation().confines_writes:
-        pytest.skip("the sandbox cannot confine writes here")
+    if not (isolation().confines_writes and isolation().cuts_network):
+        pytest.skip("the sandbox cannot confine code here")
 
 
 @pytest.mark.parametrize("completion, correct", [
@@ -132,6 +133,15 @@ def _skill(skill: str, question: str, answer: str, choices: list[str]) -> GenIte
 ])
 def test_basic_skills(item, completion, correct):
     assert check(item, completion).correct is correct
+
+
+def test_code_is_not_run_without_a_sandbox(monkeypatch):
+    def unavailable(*args, **kwargs):
+        raise SandboxUnavailable("sandbox: none here")
+
+    monkeypatch.setattr(checkers, "run_python", unavailable)
+    result = check(MBPP, "```python\ndef add(a, b):\n    return a + b\n```")
+    assert result.correct is None and "not run" in result.detail
 
 
 def test_unknown_task_has_no_checker_and_bad_input_is_rejected():

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from onpolicy_lib.sandbox import SandboxLimits, isolation, run_python
+from onpolicy_lib import sandbox
+from onpolicy_lib.sandbox import Isolation, SandboxLimits, SandboxUnavailable, isolation, run_python
 
 # Short limits keep the hostile samples fast.
 LIMITS = SandboxLimits(wall_s=2.0, memory_mb=256, max_processes=8, file_size_mb=1)
@@ -18,8 +19,8 @@ LIMITS = SandboxLimits(wall_s=2.0, memory_mb=256, max_processes=8, file_size_mb=
 @pytest.fixture(scope="module")
 def iso():
     found = isolation()
-    if not found.confines_writes:
-        pytest.skip("neither root (fresh uid) nor Landlock here: the sandbox refuses to run")
+    if not (found.confines_writes and found.cuts_network):
+        pytest.skip(f"only {found.layers} here: the sandbox refuses to run")
     return found
 
 
@@ -94,12 +95,17 @@ def test_cannot_overwrite_or_delete_outside(iso, tmp_path):
 
 
 def test_no_network(iso):
-    if not iso.cuts_network:
-        pytest.skip("no network namespace or Landlock ABI >= 4 here")
     code = "import socket\ns = socket.socket()\ns.settimeout(1)\ns.connect(('1.1.1.1', 53))"
     assert not run_python(code, LIMITS).passed
     assert not run_python("import socket\nsocket.socket().bind(('127.0.0.1', 0))", LIMITS).passed \
         or iso.namespaces  # in a fresh network namespace a local bind is harmless
+
+
+def test_refuses_to_run_unconfined(monkeypatch):
+    bare = Isolation(as_other_uid=False, namespaces=False, landlock_abi=0, python="python3")
+    monkeypatch.setattr(sandbox, "isolation", lambda: bare)
+    with pytest.raises(SandboxUnavailable, match="cannot keep"):
+        run_python("print(1)", LIMITS)
 
 
 def test_bad_limits_are_rejected():
