@@ -53,6 +53,7 @@ FP32_LOGIT_TOLERANCE = 1e-3
 # minutes on a CPU, and a compiled step saves at most a few tens of milliseconds, so shorter runs
 # cannot earn the compile back (measuring it would itself cost more than the run could save).
 COMPILE_MIN_DECODE_STEPS = 4000
+SPEED_CACHE_ENV = "ONPOLICY_QUANT_SPEED"  # where auto's measurements are kept, if not the asset cache's speed/
 
 
 class RolloutOptionError(ValueError):
@@ -347,11 +348,15 @@ def cache_key(machine: str, shape: dict[str, Any], rows: int, prompt_width: int,
 
 
 def cache_file(key: dict[str, Any], root: Path | None = None) -> Path:
-    """Where a measurement with ``key`` is kept: ``<asset cache>/speed/rollout-<hash>.json``."""
+    """Where a measurement with ``key`` is kept: ``<asset cache>/speed/rollout-<hash>.json`` (``root``, or
+    ``$ONPOLICY_QUANT_SPEED``, instead of ``<asset cache>/speed``)."""
+    import os
+
     from onpolicy_lib.assets import cache_dir
 
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return (root or cache_dir() / "speed") / f"rollout-{digest}.json"
+    root = root or Path(os.environ.get(SPEED_CACHE_ENV) or cache_dir() / "speed")
+    return root / f"rollout-{digest}.json"
 
 
 def _read_cache(path: Path, key: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -435,32 +440,45 @@ def measure_forms(forms: list[RolloutForm], student: nn.Module, template: nn.Mod
     forms on a :class:`~onpolicy_lib.compiled_rollouts.CompiledSampler` of ``template``, their compile time
     apart), and its largest next-token logit difference from ``forms[0]``'s on the same forced tokens.
     ``backend``: the compiled forms' ``torch.compile`` backend (None: their static-cache loop, eager)."""
-    import torch
 
     prompt, mask, forced = probe.tokens(device)
     logits: dict[str, torch.Tensor] = {}
     out: dict[str, dict[str, Any]] = {}
-    for form in forms:
-        if form.compiled:
-            from onpolicy_lib.compiled_rollouts import CompiledSampler
+    was_training = student.training
+    student.eval()  # sampled as deployed, as a rollout samples it
+    try:
+        for form in forms:
+            out[form.key] = _measure_form(form, student, template, probe, prompt, mask, forced, backend, logits)
+            out[form.key]["max_logit_diff"] = float((logits[form.key] - logits[forms[0].key]).abs().max())
+    finally:
+        student.train(was_training)
+    return out
 
-            start = time.perf_counter()
-            sampler = CompiledSampler(template, getattr(torch, form.dtype), weight_major=form.matmul == "weight_major",
-                                      backend=backend)
-            sampler.refresh(student)
-            seen, seconds = sampler.forced_decode(prompt, mask, forced)
-            # The first decode step compiles: its time beyond a compiled step's is the compile.
-            compile_s = time.perf_counter() - start - sum(seconds[1:]) - statistics.median(seconds[probe.warmup:])
-            out[form.key] = {"compile_s": round(max(compile_s, 0.0), 3)}
-            del sampler
-        else:
-            with eager_form(student, form, materialise=True):
-                seen, seconds = forced_decode(student, prompt, mask, forced)
-            out[form.key] = {}
-        out[form.key]["decode_step_s"] = statistics.median(seconds[probe.warmup:])
-        logits[form.key] = seen
-        reference = logits[forms[0].key]
-        out[form.key]["max_logit_diff"] = float((seen.float() - reference.float()).abs().max())
+
+def _measure_form(form: RolloutForm, student: nn.Module, template: nn.Module, probe: DecodeProbe,
+                  prompt: torch.Tensor, mask: torch.Tensor, forced: torch.Tensor, backend: Any,
+                  logits: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """One form's figures (:func:`measure_forms`); its next-token logits go into ``logits``."""
+    import torch
+
+    out: dict[str, Any] = {}
+    if form.compiled:
+        from onpolicy_lib.compiled_rollouts import CompiledSampler
+
+        start = time.perf_counter()
+        sampler = CompiledSampler(template, getattr(torch, form.dtype), weight_major=form.matmul == "weight_major",
+                                  backend=backend)
+        sampler.refresh(student)
+        seen, seconds = sampler.forced_decode(prompt, mask, forced)
+        # The first decode step compiles: the whole call's time beyond its compiled steps is the compile
+        # (the shadow copy and the prefill are included: a run pays them too).
+        out["compile_s"] = round(max(time.perf_counter() - start - sum(seconds[1:])
+                                     - statistics.median(seconds[probe.warmup:]), 0.0), 3)
+    else:
+        with eager_form(student, form, materialise=True):
+            seen, seconds = forced_decode(student, prompt, mask, forced)
+    out["decode_step_s"] = statistics.median(seconds[probe.warmup:])
+    logits[form.key] = seen.float()
     return out
 
 

@@ -21,7 +21,7 @@ import datasets
 import torch
 import transformers
 
-from onpolicy_lib import data, quantization
+from onpolicy_lib import cpu_threads, data, quantization, rollouts
 from onpolicy_lib.config import ConfigError, TrainConfig, portable_path
 from onpolicy_lib.distill import DistillConfig, DistillTrainer, teacher_confidence
 from onpolicy_lib.metrics import MetricsRecorder, machine_description, summarise
@@ -75,16 +75,16 @@ def fsdp_config(model: torch.nn.Module) -> dict[str, Any]:
 
 def distill_args(cfg: TrainConfig, run_dir: Path, device: torch.device,
                  dtype: torch.dtype = torch.float32, cakld_gamma: float | None = None,
-                 fsdp: dict[str, Any] | None = None) -> DistillConfig:
-    """The Trainer's arguments for ``cfg``; ``fsdp``: an :func:`fsdp_config` to shard the student."""
+                 fsdp: dict[str, Any] | None = None, rollout: dict[str, Any] | None = None) -> DistillConfig:
+    """The Trainer's arguments for ``cfg``; ``fsdp``: an :func:`fsdp_config` to shard the student;
+    ``rollout``: the form :func:`rollout_form` settled (else ``cfg``'s rollout options, ``auto`` read as exact)."""
     sharding = {"fsdp": True, "fsdp_config": fsdp, "fast_rollouts": False} if fsdp else {}
+    form = {k: (rollout or {}).get(k, getattr(cfg, k)) for k in rollouts.OPTIONS}
     return DistillConfig(
         output_dir=str(run_dir), seed=cfg.seed, data_seed=cfg.seed,
         lmbda=cfg.lmbda, beta=cfg.beta, temperature=cfg.temperature, seq_kd=cfg.seq_kd,
         max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens, disable_dropout=cfg.disable_dropout,
-        rollout_dtype=cfg.rollout_dtype,
-        rollout_matmul=cfg.rollout_matmul, rollout_compile=cfg.rollout_compile,
-        rollout_cache_len=cfg.rollout_cache_len, divergence=cfg.divergence, cakld_gamma=cakld_gamma,
+        **form, divergence=cfg.divergence, cakld_gamma=cakld_gamma,
         learning_rate=cfg.learning_rate, per_device_train_batch_size=cfg.per_device_train_batch_size,
         per_device_eval_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_steps=cfg.max_steps,
@@ -242,6 +242,32 @@ def cakld_confidence(cfg: TrainConfig, setup: Setup, teacher: torch.nn.Module, t
     return confidence
 
 
+def rollout_form(cfg: TrainConfig, setup: Setup, teacher: torch.nn.Module, student: torch.nn.Module,
+                 train_set: datasets.Dataset, run: Run) -> dict[str, Any]:
+    """How the student samples its rollouts (config.json's ``resolved.rollout``): a resumed run's recorded
+    form; else :func:`onpolicy_lib.rollouts.settle`'s (``auto`` measured on this machine at the run's batch
+    and a typical batch's prompt width, cached; explicit values forced). Several processes take the main one's."""
+    if setup.previous.get("rollout"):
+        return setup.previous["rollout"]
+    if setup.previous:  # resuming a run recorded before auto: the form its options named (exact when absent)
+        form = rollouts.RolloutForm.from_settings({**rollouts.EXACT_SETTINGS, **(run.train_config or {})})
+        return {**form.settings(), "form": form.key, "why": "resumed a run recorded before auto"}
+    chosen = None
+    if setup.main:
+        lengths = sorted(len(ids) for ids in train_set["prompt_ids"]) or [1]
+        # A left-padded batch is as wide as its longest prompt: about this quantile of the prompts.
+        rows = cfg.per_device_train_batch_size
+        width = lengths[min(len(lengths) - 1, len(lengths) * rows // (rows + 1))]
+        chosen = rollouts.settle(cfg, student, teacher, width, setup.device)
+        measured = ", ".join(f"{k} {v['decode_step_s'] * 1e3:.0f} ms" for k, v in chosen.get("measured", {}).items())
+        print(f"rollouts: {chosen['form']} ({chosen['why']}{'; decode step ' + measured if measured else ''})")
+    if setup.processes.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        chosen = broadcast_object_list([chosen])[0]
+    return chosen
+
+
 def heldout_before(trainer: DistillTrainer, run: Run, student: torch.nn.Module, main: bool) -> dict[str, float]:
     """The held-out divergence before training: measured once and kept, so a resumed run still
     reports the untrained starting point."""
@@ -272,6 +298,8 @@ def train(cfg: TrainConfig) -> Run:
 
     # Sets up the process group when launched by accelerate (gloo for CPU processes).
     processes = PartialState(cpu=resolve_device(cfg.device).type == "cpu")
+    if resolve_device(cfg.device).type == "cpu":
+        cpu_threads.configure_threads()  # the cores this process can use now (recorded in config.json's machine)
     run = plan(cfg)
     processes.wait_for_everyone()  # every process decided new/resume/complete before anything is written
     if processes.is_main_process:
@@ -303,6 +331,7 @@ def train(cfg: TrainConfig) -> Run:
         record["resolved"]["cakld_confidence"] = confidence = cakld_confidence(
             cfg, setup, teacher, train_set, tokenizer.pad_token_id)
         cakld_gamma = confidence["gamma"]
+    record["resolved"]["rollout"] = rollout = rollout_form(cfg, setup, teacher, student, train_set, run)
     if main:
         run.write_record(record)
 
@@ -311,7 +340,7 @@ def train(cfg: TrainConfig) -> Run:
         print(f"fsdp: the student's weights, gradients and optimizer state are sharded across "
               f"{processes.num_processes} processes; the teacher stays whole on each")
     args = distill_args(cfg, run.path, setup.device, setup.dtype, cakld_gamma,
-                        fsdp_config(student) if setup.sharded else None)
+                        fsdp_config(student) if setup.sharded else None, rollout)
     trainer = DistillTrainer(student, teacher, args, processing_class=tokenizer,
                              train_dataset=train_set, eval_dataset=heldout_set, callbacks=[recorder])
     eval_before = heldout_before(trainer, run, student, main)

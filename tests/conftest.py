@@ -15,8 +15,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def _prepared_data_in_a_temporary_directory(tmp_path_factory):
     # Tests prepare many small datasets; they must not accumulate in the user's asset cache.
     os.environ["ONPOLICY_QUANT_PREPARED"] = str(tmp_path_factory.mktemp("prepared"))
+    os.environ["ONPOLICY_QUANT_SPEED"] = str(tmp_path_factory.mktemp("speed"))  # rollouts' auto measurements too
     yield
-    del os.environ["ONPOLICY_QUANT_PREPARED"]
+    del os.environ["ONPOLICY_QUANT_PREPARED"], os.environ["ONPOLICY_QUANT_SPEED"]
 
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"

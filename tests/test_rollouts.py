@@ -152,3 +152,28 @@ def test_settle_measures_a_run_once_per_machine(tmp_path, tokenizer):
     assert record["form"] in ("fp32", "fp32_wm") and record["candidates"] == ["fp32", "fp32_wm"]
     assert set(record["measured"]) == {"fp32", "fp32_wm"} and not record["cached"]
     assert rollouts.settle(cfg, student, teacher, prompt_width=25, cache_root=tmp_path)["cached"]
+
+
+def test_a_run_records_its_form_and_a_resumed_run_keeps_it(tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch):
+    import json
+
+    from onpolicy_lib.training import train
+
+    cfg = TrainConfig(model_name=str(tiny_model_dir), dataset_name=str(tiny_dataset_dir), group_size=32, max_steps=2,
+                      max_length=96, max_new_tokens=6, min_completion_tokens=4, lmbda=1.0, save_steps=1,
+                      heldout_eval_size=4, output_dir=str(tmp_path / "run"), device="cpu")
+    measured = FakeMeasure(timings(wm=0.01))  # weight-major measured faster: chosen
+    monkeypatch.setattr(rollouts, "measure_forms", lambda forms, *a, **k: measured(forms))
+    train(cfg)
+    record = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert record["train"]["rollout_matmul"] == AUTO  # the run's parameters stay as asked (its name too)
+    chosen = record["resolved"]["rollout"]
+    assert chosen["form"] == "fp32_wm" and chosen["rollout_matmul"] == "weight_major"
+    assert chosen["measured"]["fp32"]["decode_step_s"] == 0.10 and measured.calls == [["fp32", "fp32_wm"]]
+    # Resumed (here: its metrics removed), the run keeps its recorded form without measuring, even where a
+    # new measurement would now choose otherwise.
+    (tmp_path / "run" / "metrics.json").unlink()
+    measured.measured = timings(wm=1.0)
+    train(cfg)
+    record = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert record["resolved"]["rollout"]["form"] == "fp32_wm" and len(measured.calls) == 1
