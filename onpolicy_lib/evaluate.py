@@ -17,7 +17,8 @@ import fcntl
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -188,28 +189,80 @@ def _scheme_key(meta: dict[str, Any]) -> tuple[str, int, bool]:
     return meta["quant_type"], meta["group_size"], bool(meta.get("quantize_head", False))
 
 
-def _ptq_fidelity(cfg: EvalConfig, teacher, tokenizer, device, model_name: str, scheme_key: tuple[str, int, bool],
-                  fidelity: Fidelity, kernels: dict[str, Any], dtype: torch.dtype) -> dict:
-    described = quantization.describe_scheme(*scheme_key[:2], device, scheme_key[2])
-    key = {"model_name": model_name, "scheme": described, **fidelity.key, **kernels, "dtype": str(dtype)}
-    return _cached(cfg, "ptq-fidelity", key, partial(_evaluate_ptq, teacher, tokenizer, cfg, device, *scheme_key,
-                                                     fidelity, ("fidelity",)))["fidelity"]
+@dataclass
+class Baseline:
+    """A model a student is set beside: the teacher, the PTQ baseline or one calibrated method, in one scheme.
+
+    Its benchmarks and perplexity are cached under ``key``; its fidelity (not for the teacher, the
+    reference fidelity is measured against) is cached per run setting as well, since each student is
+    compared on its own held-out examples and generation settings.
+    """
+
+    role: str  # its name in eval.json's baselines and in the cache: teacher, ptq or a calibrated method
+    scheme: tuple[str, int, bool] | None  # the students' scheme it stands beside; None: the teacher, beside all
+    key: dict[str, Any]
+    evaluate: Callable[..., dict[str, Any]]  # evaluate(fidelity=..., parts=...) -> results
+    fidelity_key: dict[str, Any] | None = None  # its fidelity's cache key, less the run setting; None: no fidelity
+    label: str | None = None  # None: from its results (the teacher's precision)
+    extra: dict[str, Any] = field(default_factory=dict)  # added to the results, not cached
+
+    def results(self, cfg: EvalConfig) -> dict[str, Any]:
+        """Benchmarks and perplexity (cached)."""
+        compute = partial(self.evaluate, fidelity=None, parts=("benchmarks", "perplexity"))
+        return {**_cached(cfg, self.role, self.key, compute), **self.extra}
+
+    def with_fidelity(self, cfg: EvalConfig, results: dict[str, Any], fidelity: Fidelity | None) -> dict[str, Any]:
+        """``results`` plus the fidelity metrics on ``fidelity``'s setting (cached), where it has them."""
+        if fidelity is None or self.fidelity_key is None:
+            return dict(results)
+        measured = _cached(cfg, f"{self.role}-fidelity", {**self.fidelity_key, **fidelity.key},
+                           partial(self.evaluate, fidelity=fidelity, parts=("fidelity",)))
+        return {**results, "fidelity": measured["fidelity"]}
+
+    def row_label(self, results: dict[str, Any]) -> str:
+        return self.label if self.label is not None else teacher_label(results)
 
 
-def _calibrated_fidelity(cfg: EvalConfig, teacher, tokenizer, device, model_name: str, method: str,
-                         scheme_key: tuple[str, int, bool], baseline: dict[str, Any], fidelity: Fidelity) -> dict:
-    return _cached(cfg, f"{method}-fidelity", {**baseline["key"], **fidelity.key}, partial(
-        _evaluate_calibrated, teacher, tokenizer, cfg, device, model_name, method, scheme_key,
-        baseline["key"]["calibration"], fidelity, ("fidelity",)))["fidelity"]
+def baselines(cfg: EvalConfig, model_name: str, teacher: torch.nn.Module, tokenizer, device: torch.device,
+              dtype: torch.dtype, schemes: set[tuple[str, int, bool]], members: list) -> list[Baseline]:
+    """The baselines ``cfg`` asks for beside students of ``schemes``: the teacher, then PTQ and each
+    calibrated method per scheme."""
+    versions = {"lm_eval": benchmarks.lm_eval_version()}
+    bench_key = {**cfg.benchmark_settings(), **cfg.perplexity_settings(), **versions, "scoring": SCORING,
+                 "dtype": str(dtype)}
+    # How a quantized model runs on CUDA; CPU has one way, and its cache keys stay as they were.
+    kernels = {"cuda_int4_kernels": cfg.cuda_int4_kernels} if device.type == "cuda" else {}
+    out: list[Baseline] = []
+    if cfg.include_teacher:
+        out.append(Baseline("teacher", None, {"model_name": model_name, **bench_key},
+                            partial(evaluate_model, teacher, tokenizer, cfg, device=device),
+                            extra={"precision": teacher_precision(model_name)}))
+    for scheme_key in sorted(schemes) if cfg.include_ptq else []:
+        described = quantization.describe_scheme(*scheme_key[:2], device, scheme_key[2])
+        out.append(Baseline("ptq", scheme_key, {"model_name": model_name, "scheme": described, **bench_key, **kernels},
+                            partial(_evaluate_ptq, teacher, tokenizer, cfg, device, *scheme_key),
+                            {"model_name": model_name, "scheme": described, **kernels, "dtype": str(dtype)},
+                            ptq_label(*scheme_key)))
+    for scheme_key in sorted(schemes) if cfg.calibrated else []:
+        for method in cfg.calibrated:
+            calibration = _calibration(cfg, members, scheme_key)
+            recipe = _recipe(method, scheme_key, device)
+            key = {"model_name": model_name, "method": method, "calibration": calibration,
+                   "recipe": asdict(recipe), "label": recipe.label, **bench_key, **kernels}
+            out.append(Baseline(method, scheme_key, key, partial(
+                _evaluate_calibrated, teacher, tokenizer, cfg, device, model_name, method, scheme_key, calibration),
+                key, recipe.label))
+    return out
 
 
 # ---------------------------------------------------------------------------- the whole evaluation
 def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
-    """Evaluate every run in ``cfg.run_dirs`` (plus teacher and PTQ); write their eval.json; return the table.
+    """Evaluate every run in ``cfg.run_dirs`` beside its baselines; write their eval.json; return the table.
 
-    The PTQ baseline's benchmarks and perplexity are cached per scheme; its fidelity per scheme
-    *and* per run setting, so each student is compared with PTQ on its own held-out examples and
-    generation settings.
+    The baselines' benchmarks and perplexity are cached per scheme; their fidelity per scheme *and*
+    per run setting, so each student is compared with each baseline on its own held-out examples and
+    generation settings. Without run directories the baselines alone are evaluated (and, with
+    ``baselines_record``, recorded).
     """
     runs = [(run, run.train_config, run.student_scheme()) for run in plan_evaluation(cfg)]
     device = resolve_device(cfg.device)
@@ -233,56 +286,18 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
                     calibrated_ptq.check_recipe(skeleton, model_name, method, _recipe(method, scheme_key, device))
         tokenizer = load_tokenizer(model_name)
         teacher = load_model(model_name, device=device, dtype=dtype).eval()
-        precision = teacher_precision(model_name)
-        bench_key = {**cfg.benchmark_settings(), **cfg.perplexity_settings(), **versions, "scoring": SCORING,
-                     "dtype": str(dtype)}
-        # How a quantized model runs on CUDA; CPU has one way, and its cache keys stay as they were.
-        kernels = {"cuda_int4_kernels": cfg.cuda_int4_kernels} if device.type == "cuda" else {}
-        teacher_result = None
-        if cfg.include_teacher:
-            teacher_result = _cached(cfg, "teacher", {"model_name": model_name, **bench_key},
-                                     partial(evaluate_model, teacher, tokenizer, cfg, device=device))
-            teacher_result = {**teacher_result, "precision": precision}
-            rows.append(_row(teacher_label(teacher_result), model_name, teacher_result))
-            if not members:
-                lone["teacher"] = teacher_result
-        # Baselines evaluated without students are judged on the held-out chats and generation
-        # settings a default run of this model would be (the CPU studies change none of those).
-        lone_fidelity = fidelity_for(TrainConfig(model_name=model_name).to_dict(), cfg.fidelity_samples, tokenizer,
-                                     heldout_cache) if cfg.fidelity_samples and not members else None
-        ptq: dict[tuple[str, int, bool], dict[str, Any]] = {}
-        if cfg.include_ptq:
-            for scheme_key in sorted(schemes):
-                key = {"model_name": model_name, "scheme": quantization.describe_scheme(*scheme_key[:2], device,
-                                                                                        scheme_key[2]), **bench_key,
-                       **kernels}
-                ptq[scheme_key] = _cached(cfg, "ptq", key, partial(
-                    _evaluate_ptq, teacher, tokenizer, cfg, device, *scheme_key))
-            if not members:
-                for scheme, result in ptq.items():
-                    if lone_fidelity is not None:
-                        result = {**result, "fidelity": _ptq_fidelity(cfg, teacher, tokenizer, device, model_name,
-                                                                      scheme, lone_fidelity, kernels, dtype)}
-                    rows.append(_row(ptq_label(*scheme), model_name, result))
-                    lone["ptq"] = result
-        calibrated: dict[tuple[tuple[str, int, bool], str], dict[str, Any]] = {}
-        for scheme_key in sorted(schemes) if cfg.calibrated else []:
-            for method in cfg.calibrated:
-                calibration = _calibration(cfg, members, scheme_key)
-                recipe = _recipe(method, scheme_key, device)
-                key = {"model_name": model_name, "method": method, "calibration": calibration,
-                       "recipe": asdict(recipe), "label": recipe.label, **bench_key, **kernels}
-                calibrated[scheme_key, method] = _cached(cfg, method, key, partial(
-                    _evaluate_calibrated, teacher, tokenizer, cfg, device, model_name, method, scheme_key,
-                    calibration))
-                if not members:
-                    result = calibrated[scheme_key, method]
-                    if lone_fidelity is not None:
-                        result = {**result, "fidelity": _calibrated_fidelity(
-                            cfg, teacher, tokenizer, device, model_name, method, scheme_key, result,
-                            lone_fidelity)}
-                    rows.append(_row(recipe.label, model_name, result))
-                    lone[method] = result
+        references = baselines(cfg, model_name, teacher, tokenizer, device, dtype, schemes, members)
+        results = [(baseline, baseline.results(cfg)) for baseline in references]
+
+        if not members:
+            # Judged on the held-out chats and generation settings a default run of this model would
+            # be (the CPU studies change none of those).
+            fidelity = fidelity_for(TrainConfig(model_name=model_name).to_dict(), cfg.fidelity_samples, tokenizer,
+                                    heldout_cache) if cfg.fidelity_samples else None
+            for baseline, result in results:
+                result = baseline.with_fidelity(cfg, result, fidelity)
+                rows.append(_row(baseline.row_label(result), model_name, result))
+                lone[baseline.role] = result
         for run, run_cfg, scheme in members:
             fidelity = fidelity_for(run_cfg, cfg.fidelity_samples, tokenizer, heldout_cache) \
                 if cfg.fidelity_samples else None
@@ -290,25 +305,15 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
             # The baselines this student is compared with travel in its eval.json, so a run
             # directory (or a committed study without the cache) is self-contained for analysis.
             record["baselines"] = {}
-            if teacher_result is not None:
-                record["baselines"]["teacher"] = teacher_result
-            scheme_key = _scheme_key(scheme)
-            if scheme_key in ptq:
-                baseline = dict(ptq[scheme_key])
-                if fidelity is not None:
-                    baseline["fidelity"] = _ptq_fidelity(cfg, teacher, tokenizer, device, model_name, scheme_key,
-                                                         fidelity, kernels, dtype)
-                record["baselines"]["ptq"] = baseline
-                setting = f" ({run.name} setting)" if len(members) > 1 else ""
-                rows.append(_row(ptq_label(*scheme_key) + setting, model_name, baseline))
-            for method in cfg.calibrated:
-                baseline = dict(calibrated[scheme_key, method])
-                if fidelity is not None:
-                    baseline["fidelity"] = _calibrated_fidelity(cfg, teacher, tokenizer, device, model_name, method,
-                                                                scheme_key, baseline, fidelity)
-                record["baselines"][method] = baseline
-                setting = f" ({run.name} setting)" if len(members) > 1 else ""
-                rows.append(_row(baseline["key"]["label"] + setting, model_name, baseline))
+            setting = f" ({run.name} setting)" if len(members) > 1 else ""
+            for baseline, result in results:
+                if baseline.scheme not in (None, _scheme_key(scheme)):
+                    continue
+                result = baseline.with_fidelity(cfg, result, fidelity)
+                record["baselines"][baseline.role] = result
+                # The teacher's row is the same for every run (the table keeps each label once).
+                rows.append(_row(baseline.row_label(result) + (setting if baseline.scheme else ""), model_name,
+                                 result))
             forms = ["merge", "adapter"] if scheme["format"] == "lora-adapter" else ["merge"]
             for form in forms:
                 student = load_student(run.path, convert=True, device=str(device), dtype=dtype, lora_mode=form)
@@ -325,7 +330,6 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
         write_json(resolve_path(cfg.baselines_record), {"config": cfg.to_dict(), "versions": versions,
                                                         "baselines": lone})
     return pd.DataFrame(rows).drop_duplicates("model", keep="first") if rows else pd.DataFrame(rows)
-
 
 ROW_CONFIG = ("lmbda", "beta", "learning_rate", "max_steps", "seed", "lora_r")
 
