@@ -447,7 +447,8 @@ def describe_cost(students: pd.DataFrame) -> str:
     lines = []
     for index, row in groups.iterrows():
         index = index if isinstance(index, tuple) else (index,)
-        label = ", ".join(f"{_symbol(k)}={format_value(v)}" for k, v in zip(keys, index, strict=True))
+        label = ", ".join(str(v) if k == "quant_type" else f"{_symbol(k)}={format_value(v)}"
+                          for k, v in zip(keys, index, strict=True))
         key0 = (*index[:-1], 0.0) if len(keys) > 1 else 0.0
         ref = groups.loc[key0] if keys[-1] == "lmbda" and key0 in groups.index else None
         ratio = (f" ({row['median_step_s'] / ref['median_step_s']:.2f}× λ=0's)"
@@ -468,7 +469,8 @@ def describe_curves(curves: pd.DataFrame) -> str:
         if len(mean) < 2:
             continue
         before, after = mean.iloc[-2], mean.iloc[-1]
-        label = ", ".join(f"{_symbol(k)}={format_value(v)}" for k, v in zip(keys, index, strict=True))
+        label = ", ".join(str(v) if k == "quant_type" else f"{_symbol(k)}={format_value(v)}"
+                          for k, v in zip(keys, index, strict=True))
         lines.append(f"{label} {before:.4f} → {after:.4f} ({100 * (after - before) / before:+.1f}%, steps "
                      f"{mean.index[-2]}–{mean.index[-1]})")
     return ("Over the last evaluation interval (mean over seeds), the held-out divergence went: "

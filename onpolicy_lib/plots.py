@@ -207,7 +207,8 @@ def plot_conditions(table: pd.DataFrame, names: Mapping[str, str], title: str = 
         parts = [(None, table, columns[i:i + 4]) for i in range(0, len(columns), 4)]
     ncols = max(len(cols) for _, _, cols in parts)
     heights = [len(part) for _, part, _ in parts]
-    fig, axes = plt.subplots(len(parts), ncols, squeeze=False, sharey="row",
+    # Facets (rungs) share each column's axis, so a bar reads the same across rungs.
+    fig, axes = plt.subplots(len(parts), ncols, squeeze=False, sharey="row", sharex="col" if faceted else False,
                              figsize=(2.9 * ncols + 1.8, sum(0.28 * h + 0.9 for h in heights) + 0.6),
                              gridspec_kw={"height_ratios": heights})
     for i, (facet, part, cols) in enumerate(parts):
@@ -327,14 +328,14 @@ def _interval(ax, pos: float, row: pd.Series, color: str, vertical: bool) -> Non
     def draw(low: float, high: float, **style: Any) -> None:
         if pd.isna(low) or pd.isna(high):
             return
-        err = [[row["delta"] - low], [high - row["delta"]]]
-        if vertical:
-            ax.errorbar(pos, row["delta"], yerr=err, fmt="none", color=color, **style)
-        else:
-            ax.errorbar(row["delta"], pos, xerr=err, fmt="none", color=color, **style)
+        # Drawn from its ends, not as errors around the point: a percentile interval may exclude it.
+        (ax.vlines if vertical else ax.hlines)(pos, low, high, color=color, **style)
+        if style.get("lw", 1) < 2:  # caps on the seed-level interval
+            ends = ([pos, pos], [low, high]) if vertical else ([low, high], [pos, pos])
+            ax.plot(*ends, ls="none", marker="_" if vertical else "|", color=color, ms=8)
 
-    draw(row.get("seed_low", np.nan), row.get("seed_high", np.nan), lw=0.9, capsize=4)
-    draw(row["ci_low"], row["ci_high"], lw=3, capsize=0, alpha=0.7)
+    draw(row.get("seed_low", np.nan), row.get("seed_high", np.nan), lw=0.9)
+    draw(row["ci_low"], row["ci_high"], lw=3, alpha=0.7)
     xy = (pos, row["delta"]) if vertical else (row["delta"], pos)
     ax.plot(*xy, "o", color=color, mfc=color if row["resolved"] else "white", ms=6, zorder=3)
 
@@ -350,13 +351,23 @@ def _interval_legend(fig: plt.Figure) -> None:
                ncols=2, fontsize=8, frameon=False)
 
 
-def _symlog_if_wide(ax: plt.Axes, values: pd.Series, axis: str) -> None:
-    """A symmetric-log axis where signed values span more than two orders of magnitude (linear near 0)."""
+def _symlog_if_wide(ax: plt.Axes, values: pd.Series, axis: str, bounds: pd.Series | None = None) -> None:
+    """A symmetric-log axis where signed values span more than about 1.5 orders of magnitude (linear near 0)."""
+    signed = (values if bounds is None else bounds).dropna()  # what the panel draws, intervals included
     values = values.dropna().abs()
     values = values[values > 0]
-    if len(values) and values.max() / values.min() > 100:
-        threshold = 10 ** np.floor(np.log10(values.min()))
-        (ax.set_yscale if axis == "y" else ax.set_xscale)("symlog", linthresh=threshold)
+    if len(values) and values.max() / values.min() > 30:
+        low, high = int(np.floor(np.log10(values.min()))), int(np.ceil(np.log10(values.max())))
+        (ax.set_yscale if axis == "y" else ax.set_xscale)("symlog", linthresh=10.0**low)
+        # At most about four decades labelled each side of zero: a tick per decade crowds a wide panel.
+        step = max(1, -(-(high - low) // 4))
+        decades = [10.0**k for k in range(low, high + 1, step)]
+        ticks = sorted([0.0, *decades, *(-d for d in decades)])
+        (ax.set_yticks if axis == "y" else ax.set_xticks)(ticks)
+        if (signed >= 0).all() or (signed <= 0).all():  # one-sided: no empty decades on the other side of zero
+            pad = 10.0**low
+            limits = (-pad, None) if (signed >= 0).all() else (None, pad)
+            (ax.set_ylim if axis == "y" else ax.set_xlim)(*limits)
 
 
 def plot_comparisons(table: pd.DataFrame, names: Mapping[str, str], title: str = "") -> plt.Figure:
@@ -416,9 +427,10 @@ def plot_ladder(effects: pd.DataFrame, names: Mapping[str, str], title: str = ""
                 ax.annotate(str(row[rung]), (row[x], top), textcoords="offset points", xytext=(0, 3),
                             ha="center", fontsize=7)
         ax.axhline(0, color="black", lw=0.8)
-        _symlog_if_wide(ax, part["delta"], "y")
+        bounds = [part[c] for c in ("delta", "ci_low", "ci_high", "seed_low", "seed_high") if c in part]
+        _symlog_if_wide(ax, part["delta"], "y", pd.concat(bounds))
         scale = " (symlog)" if ax.get_yscale() == "symlog" else ""
-        ax.set_title(names.get(metric, metric) + scale, fontsize=9)
+        ax.set_title("\n".join(textwrap.wrap(names.get(metric, metric) + scale, 40)), fontsize=9)
         ax.set_xscale("log")
         ax.tick_params(labelsize=8)
     for ax in axes.flat[len(metrics):]:

@@ -57,7 +57,8 @@ def ptq_label(quant_type: str | None, group_size: int | None, quantize_head: boo
 def teacher_label(result: dict[str, Any]) -> str:
     """"teacher (Q4_1 GGUF)": the teacher with its effective precision, wherever it is named."""
     precision = result.get("precision", {}).get("label")
-    return f"teacher ({precision})" if precision else "teacher"
+    # Evaluations from before the precision was recorded: say so rather than imply full precision.
+    return f"teacher ({precision})" if precision else "teacher (precision not recorded)"
 
 
 def baselines(evaluation: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
