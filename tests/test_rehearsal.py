@@ -66,11 +66,12 @@ def test_the_cost_of_a_sweep_is_its_runs_steps_and_evaluations():
     heldout = (10000 // 250 + 2) * (256 / 4) * (1.0 / 3)  # 42 held-out passes of 64 batches at 1/3 micro-step
     documents = sum(rehearsal.FULL_SPLITS.values()) / 10.0
     fidelity = 2 * 256 * 128 / 100.0
-    runs = sum(10000 * (16 * micro + 0.1) + heldout + documents + fidelity for micro in (3.0, 1.0))
+    forms = 2  # a LoRA student is evaluated merged and in its adapter form
+    runs = sum(10000 * (16 * micro + 0.1) + heldout + forms * (documents + fidelity) for micro in (3.0, 1.0))
     baselines = 2 * documents  # the teacher and one PTQ scheme, once per sweep
     assert tuned["gpu_h"] == pytest.approx((runs + baselines) / 3600)
     # 8 GPUs: 2 micro-steps each per optimizer step; GPU-hours are 8 x the wall-clock of training
-    eight = sum(8 * (10000 * (2 * micro + 0.1) + heldout) + documents + fidelity for micro in (3.0, 1.0))
+    eight = sum(8 * (10000 * (2 * micro + 0.1) + heldout) + forms * (documents + fidelity) for micro in (3.0, 1.0))
     assert tuned["gpu_h_original_layout"] == pytest.approx((eight + baselines) / 3600)
     # 512 new tokens: the rollout scales with them, the rest of the step with the batch's length
     rollout = cost["sweeps"]["qwen_rollout"]

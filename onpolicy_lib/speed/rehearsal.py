@@ -687,7 +687,7 @@ class CostAssumptions:
 
     gpus_original: int = 8  # the original's layout: DDP over 8 GPUs, 4 x 2 per GPU (global batch 64)
     heldout_forward_share: float = 1 / 3  # a held-out batch (teacher + student forward) / a λ=0 micro-step
-    eval_student_forms: int = 1  # evaluations per trained student (LoRA students: 2 forms, merged + adapter)
+    lora_forms: int = 2  # a LoRA student is evaluated in both deployed forms (merged; int4 base + adapter)
 
     def stated(self) -> list[str]:
         return [
@@ -700,10 +700,14 @@ class CostAssumptions:
             "another fake quantizer of the same arithmetic)",
             f"held-out divergence every eval_steps on heldout_eval_size chats (and before and after training): "
             f"each batch costs {self.heldout_forward_share:.2f} of a λ=0 micro-step",
-            f"evaluation of each student ({self.eval_student_forms} form(s)): the five benchmarks' full splits at "
+            f"evaluation of each student (a LoRA student in {self.lora_forms} forms, merged and adapter): the five "
+            "benchmarks' full splits at "
             "the converted student's documents/s, fidelity's generation (sampled and greedy) at its "
             "tokens/s; the teacher and one PTQ baseline per scheme once per sweep at their own rates; "
             "wikitext-2 perplexity and GPTQ/AWQ calibration are not included",
+            f"benchmark documents: synthetic, at the mean request lengths of {PROFILE_FILE} (measured with the "
+            "packaged SmolLM2 tokenizer, which splits text into more tokens than Qwen's: evaluation is "
+            "overstated rather than understated)",
             f"the original's layout: {self.gpus_original} GPUs in data parallel, each taking "
             f"accumulation / {self.gpus_original} micro-steps per optimizer step (at least 1), gradients' "
             "all-reduce (LoRA adapters only) and start-up not counted; evaluation on one GPU; GPU-hours are "
@@ -742,8 +746,9 @@ def run_cost(params: dict[str, Any], report: dict[str, Any], a: CostAssumptions 
     evaluation = 0.0
     if params.get("do_eval"):
         fidelity_samples = int((params.get("eval_parameters") or {}).get("fidelity_samples") or 0)
-        evaluation = a.eval_student_forms * _evaluation_s(report["evaluation"]["student"], fidelity_samples,
-                                                          int(params["max_new_tokens"]))
+        forms = a.lora_forms if params.get("lora_r") else 1
+        evaluation = forms * _evaluation_s(report["evaluation"]["student"], fidelity_samples,
+                                           int(params["max_new_tokens"]))
     train_h, heldout_h, eval_h = max_steps * per_step / 3600, heldout / 3600, evaluation / 3600
     wall_8 = (max_steps * per_step_8 + heldout) / 3600
     return {"train_h": train_h, "heldout_h": heldout_h, "eval_h": eval_h, "gpu_h": train_h + heldout_h + eval_h,
@@ -886,7 +891,7 @@ def write_report(report: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
 
 
 # ---------------------------------------------------------------------------- command line
-def parse_args(argv: list[str] | None = None) -> tuple[RehearsalSettings, str | None]:
+def parse_args(argv: list[str] | None = None) -> tuple[RehearsalSettings, dict[str, str]]:
     d = RehearsalSettings()
     p = argparse.ArgumentParser(prog="python -m onpolicy_lib.speed.rehearsal", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -895,6 +900,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[RehearsalSettings, str | 
     p.add_argument("--out", default=d.out, help="directory of the text and JSON reports")
     p.add_argument("--bundle", default=d.bundle, help="tokenizer + chats from --make-bundle (default: offline assets)")
     p.add_argument("--make-bundle", default=None, metavar="DIR", help="write the bundle to DIR and exit")
+    p.add_argument("--cost-from", default=None, metavar="JSON",
+                   help="print the study's estimated cost from an existing report (with the sweeps as they are now) "
+                        "and exit")
     p.add_argument("--write-benchmark-profile", default=None, metavar="JSON",
                    help="measure the benchmarks' request lengths on the offline assets, write them, and exit")
     p.add_argument("--budget-s", type=float, default=d.budget_s, help="stop starting sections after this")
@@ -906,29 +914,34 @@ def parse_args(argv: list[str] | None = None) -> tuple[RehearsalSettings, str | 
     p.add_argument("--generation-rows", type=int, default=d.generation_rows, help="rows of the generation batch")
     p.add_argument("--skip", nargs="*", default=[], choices=list(SECTIONS), help="sections not to run")
     ns = vars(p.parse_args(argv))
-    bundle_out, profile_out = ns.pop("make_bundle"), ns.pop("write_benchmark_profile")
-    if profile_out:
-        bundle_out = f"profile:{profile_out}"
+    # The one-off actions: each runs instead of the rehearsal.
+    actions = {name: ns.pop(name) for name in ("make_bundle", "cost_from", "write_benchmark_profile")}
     try:
-        return RehearsalSettings(**ns), bundle_out
+        return RehearsalSettings(**ns), {k: v for k, v in actions.items() if v}
     except ValueError as err:
         p.error(str(err))
         raise  # unreachable: p.error exits
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
-    settings, bundle_out = parse_args(argv)
-    if bundle_out and bundle_out.startswith("profile:"):
+    settings, actions = parse_args(argv)
+    if "make_bundle" in actions:
+        print(f"bundle written to {make_bundle(actions['make_bundle'])}")
+        return None
+    if "cost_from" in actions:
+        report = json.loads(Path(actions["cost_from"]).read_text())
+        report["cost"] = study_cost(report)
+        text = format_report(report)
+        print(text[text.index("estimated cost"):])
+        return report
+    if "write_benchmark_profile" in actions:
         from onpolicy_lib.assets import PACKAGED_MODEL
         from onpolicy_lib.models import load_tokenizer
 
-        path = Path(bundle_out.removeprefix("profile:"))
+        path = Path(actions["write_benchmark_profile"])
         profile = benchmark_request_lengths(load_tokenizer(PACKAGED_MODEL), PACKAGED_MODEL)
         path.write_text(json.dumps(profile, indent=2) + "\n")
         print(f"benchmark request lengths written to {path}")
-        return None
-    if bundle_out:
-        print(f"bundle written to {make_bundle(bundle_out)}")
         return None
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     report = run(settings)
