@@ -24,6 +24,7 @@ import ast
 import functools
 import re
 import secrets
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -111,6 +112,10 @@ def math_gold_answer(solution: str) -> str:
 
 
 def _check_math(item: GenItem, completion: str) -> CheckResult:
+    if threading.current_thread() is not threading.main_thread():
+        # Elsewhere is_equiv's SIGALRM timeout fails and it silently returns False.
+        raise RuntimeError("check: MATH items must be checked in the main thread (lm-eval's is_equiv and "
+                           "math-verify time out with SIGALRM)")
     gold = item.check["answer"]
     if not gold:
         return CheckResult(None, None, "reference solution has no boxed answer")
@@ -189,7 +194,8 @@ def _check_humaneval(item: GenItem, completion: str, timeout: float) -> CheckRes
 def _check_mbpp(item: GenItem, completion: str, timeout: float) -> CheckResult:
     code = extract_code(completion)
     tests = "\n".join(item.check["tests"])
-    ok, detail = _run_tests(f"{item.check.get('setup', '')}\n{code}\n\n{tests}", timeout)
+    # MBPP's setup code builds test inputs from the solution's own classes (task 367: Node), so it follows the code.
+    ok, detail = _run_tests(f"{code}\n\n{item.check.get('setup', '')}\n{tests}", timeout)
     return CheckResult(ok, code, detail)
 
 

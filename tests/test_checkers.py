@@ -60,6 +60,15 @@ def test_math_intervals_and_tuples():
     assert not check(gold, "The domain is $\\boxed{[2,5]}$.").correct
 
 
+def test_math_refuses_other_threads():
+    import concurrent.futures
+
+    item = _item("math", {"answer": "2"})
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        with pytest.raises(RuntimeError, match="main thread"):
+            pool.submit(check, item, "$\\boxed{2}$").result()
+
+
 def test_extract_code():
     assert extract_code("Here:\n```python\ndef f():\n    return 1\n```\nDone") == "def f():\n    return 1"
     assert extract_code("```python\ndef f():\n    return 1") == "def f():\n    return 1"  # cut at the cap
