@@ -205,8 +205,10 @@ def _user(text: str) -> list[dict]:
     return [{"role": "user", "content": text.strip()}]
 
 
-def _from_mixture(task: str, file_task: str, variant: str, builder: Any, question_key: str,
+def _from_mixture(task: str, file_task: str, builder: Any, question_key: str,
                   docs: list[tuple[str, dict]]) -> list[_Candidate]:
+    # The mixture's own builders: the prompt and reference are exactly what a training chat of the same
+    # document would hold.
     out = []
     by_id = {f"{file_task}:{nid}": doc for nid, doc in docs}
     for rid, messages in builder(docs):
@@ -227,16 +229,16 @@ def _mixture_check(task: str, doc: dict) -> dict:
 
 def _candidates(root: Path, task: str) -> list[_Candidate]:
     if task == "gsm8k":
-        return _from_mixture(task, "gsm8k", "gold_bpb_5shot", data._gsm8k, "question",
+        return _from_mixture(task, "gsm8k", data._gsm8k, "question",
                              _docs(root, "gsm8k", "gold_bpb_5shot"))
     if task == "math":
         out = []
         for file_task in data.MINERVA_TASKS:
-            out += _from_mixture(task, file_task, "gold_bpb_0shot", data._minerva(file_task), "problem",
+            out += _from_mixture(task, file_task, data._minerva(file_task), "problem",
                                  _docs(root, file_task, "gold_bpb_0shot"))
         return out
     if task == "mbpp":
-        return _from_mixture(task, "codex_mbpp", "gold_bpb_0shot", data._mbpp, "text",
+        return _from_mixture(task, "codex_mbpp", data._mbpp, "text",
                              _docs(root, "codex_mbpp", "gold_bpb_0shot"))
     if task == "humaneval":
         out = []

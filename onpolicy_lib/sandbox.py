@@ -151,6 +151,7 @@ class Isolation:
 
     @property
     def cuts_network(self) -> bool:
+        # Without a network namespace, Landlock (ABI >= 4) denies TCP; UDP stays open.
         return self.namespaces or self.landlock_abi >= 4
 
 
