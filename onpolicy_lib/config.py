@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import math
 import re
 import sys
@@ -38,6 +39,9 @@ DTYPES = ("auto", "float32", "bfloat16")
 ROLLOUT_DTYPES = rollouts.DTYPES  # the rollout options' values and rules live in onpolicy_lib.rollouts
 ROLLOUT_MATMULS = rollouts.MATMULS
 DIVERGENCES = ("jsd", "cakld")
+# Live trackers the Trainer can report to, each with the packages that provide it (any one will do); the
+# extra of its name installs it.
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "trackio": ("trackio",)}
 # On the students' grid, then the original study's own llmcompressor recipes (calibrated_ptq.ORIGINAL_RECIPES).
 CALIBRATED_METHODS = ("gptq", "awq", "gptq-original", "awq-original")
 ASSETS_PREFIX = "assets:"
@@ -193,6 +197,10 @@ class TrainConfig(_Params):
     fsdp: bool = param(False, "full fine-tuning sharded across the processes of `accelerate launch` (FSDP2: each "
                        "decoder layer and the root; the teacher stays whole on every process); one process runs "
                        "unsharded; LoRA runs use DDP", identity=False)
+    report_to: str | list = param("none", "live training curves: none, tensorboard (event files under the run "
+                                  "directory's runs/), wandb or trackio, or a list of them; each gets the run's "
+                                  "parameters and reads its own environment variables (WANDB_PROJECT, ...)",
+                                  identity=False)
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> TrainConfig:
@@ -234,6 +242,7 @@ class TrainConfig(_Params):
         check_int("seed", self.seed, minimum=-(2**63))
         _check_choice("device", self.device, DEVICES)
         _check_choice("dtype", self.dtype, DTYPES)
+        self.trackers()
         try:
             rollouts.check_options(self.rollout_dtype, self.rollout_matmul, self.rollout_compile, fsdp=self.fsdp,
                                    lora_r=self.lora_r)
@@ -256,6 +265,21 @@ class TrainConfig(_Params):
         if self.model_name == PACKAGED_MODEL or self.dataset_name == OFFLINE_MIXTURE:
             require_assets()  # fails naming the setup command
         return self
+
+    def trackers(self) -> list[str]:
+        """``report_to`` as a list of tracker names ([] for none), each checked to be known and installed."""
+        value = self.report_to
+        names = _as_list(value) if isinstance(value, str | list | tuple) else None
+        if names is None or not all(isinstance(n, str) for n in names) or (names != ["none"] and "none" in names):
+            raise ConfigError(f"report_to must be none, one of {', '.join(TRACKERS)} or a list of them; "
+                              f"got {value!r}")
+        names = [] if names == ["none"] else list(dict.fromkeys(names))
+        for name in names:
+            _check_choice("report_to", name, ("none", *TRACKERS))
+            if not any(importlib.util.find_spec(package) for package in TRACKERS[name]):
+                raise ConfigError(f"report_to {name!r} needs the {TRACKERS[name][0]} package, which is not "
+                                  f"installed: pip install -e '.[{name}]'")
+        return names
 
     # ---------------------------------------------------------------- naming
     def non_default(self) -> dict[str, Any]:
@@ -506,6 +530,18 @@ def outputs_root() -> Path:
 
 
 # ---------------------------------------------------------------------------- presets
+def read_yaml(path: Path, error: type[ConfigError] = ConfigError) -> Any:
+    """A YAML file's contents; a file that does not parse raises ``error`` in one line naming the file
+    and the line and column where the parser stopped, not the parser's traceback."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = portable_path(path) + (f", line {mark.line + 1}, column {mark.column + 1}" if mark else "")
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise error(f"{where}: not valid YAML ({problem})") from None
+
+
 def load_preset(name_or_path: str) -> dict[str, Any]:
     """Parameters from a YAML preset in ``params/`` (by stem) or at a path.
 
@@ -519,7 +555,9 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
     if not path.is_file():
         available = ", ".join(sorted(p.stem for p in PARAMS_DIR.glob("*.yaml")))
         raise ConfigError(f"preset {name_or_path!r} not found; available presets: {available}")
-    values = yaml.safe_load(path.read_text()) or {}
+    values = read_yaml(path) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{portable_path(path)}: a preset is a mapping of train.ipynb parameters, got {values!r}")
     base = values.pop("base", None)
     merged = load_preset(base) if base else {}
     merged.update(values)

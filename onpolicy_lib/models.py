@@ -40,8 +40,6 @@ PLAIN_CHAT_TEMPLATE = (  # text only inside {{ }}: chat templates render with tr
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
-PROMPT_FORMATS = {"model": "the model's own chat template",
-                  "plain": "plain-text 'User: ... / Assistant: ...' dialogue (the model has no chat template)"}
 
 
 RANDOM_PREFIX = "random:"

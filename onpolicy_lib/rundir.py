@@ -28,7 +28,6 @@ EVAL_CACHE_DIR = "eval_cache"
 # A baselines-only rung's results (``sweep --baselines-only``), beside the sweep's manifest.
 BASELINES_NOTEBOOK = "baselines-{quant_type}.ipynb"
 BASELINES_RECORD = "baselines-{quant_type}.json"
-STATES = ("done", "failed", "running", "interrupted", "pending")
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -197,6 +196,25 @@ class Run:
         with open(self.file(self.LOG), "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def saved_config(self) -> dict[str, Any]:
+        """The TrainConfig recorded in ``config.json``; a ConfigError naming the file if it is missing or
+        corrupted (:attr:`train_config` reads a missing or unreadable file as None)."""
+        path = self.file(self.CONFIG)
+        if not path.is_file():
+            raise ConfigError(f"output_dir {portable_path(self.path)} is not empty and holds no {self.CONFIG}; "
+                              "refusing to write into it (choose another output_dir)")
+        try:
+            record = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            problem = f"not valid JSON: {err}"
+        else:
+            saved = record.get("train", record) if isinstance(record, dict) else None
+            if isinstance(saved, dict):
+                return saved
+            problem = "not a run's configuration"
+        raise ConfigError(f"output_dir {portable_path(self.path)}: its {self.CONFIG} is corrupted ({problem}); "
+                          "refusing to write into it (restore that file, or choose another output_dir)")
+
     # ---------------------------------------------------------------- planning
     @staticmethod
     def is_runner_file(path: Path) -> bool:
@@ -217,10 +235,7 @@ class Run:
         # nothing worth keeping; it can be claimed by any configuration.
         if {p.name for p in path.iterdir() if not self.is_runner_file(p)} <= self.UNSTARTED:
             return self
-        saved = self.train_config
-        if saved is None:
-            raise ConfigError(f"output_dir {portable_path(path)} is not empty and holds no {self.CONFIG}; "
-                              "refusing to write into it (choose another output_dir)")
+        saved = self.saved_config()
         diff = config_diff(saved, config)
         if diff:
             raise ConfigError(f"output_dir {portable_path(path)} holds a run with a different config "

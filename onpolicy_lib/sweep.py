@@ -55,6 +55,7 @@ from onpolicy_lib.config import (
     outputs_root,
     portable_path,
     portable_text,
+    read_yaml,
     resolve_path,
     short_name,
 )
@@ -233,7 +234,7 @@ def read_spec(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     where = path.name
     if path.resolve() in seen:
         raise SweepError(f"{where}: include cycle through {', '.join(p.name for p in seen)}")
-    spec = yaml.safe_load(path.read_text()) or {}
+    spec = read_yaml(path, SweepError) or {}
     if not isinstance(spec, dict):
         raise SweepError(f"{where}: a sweep spec is a mapping with keys {', '.join(SPEC_KEYS)}")
     unknown = sorted(set(spec) - set(SPEC_KEYS))

@@ -36,6 +36,7 @@ from onpolicy_lib.models import (
 )
 from onpolicy_lib.rundir import Run
 from onpolicy_lib.student import build_student, save_student
+from onpolicy_lib.tracking import report_parameters
 
 
 def record_config(cfg: TrainConfig) -> dict[str, Any]:
@@ -90,7 +91,8 @@ def distill_args(cfg: TrainConfig, run_dir: Path, device: torch.device,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_steps=cfg.max_steps,
         warmup_steps=int(cfg.warmup_ratio * cfg.max_steps), weight_decay=cfg.weight_decay,
         logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, save_total_limit=1,
-        eval_strategy="steps" if cfg.eval_steps else "no", eval_steps=cfg.eval_steps, report_to=[],
+        eval_strategy="steps" if cfg.eval_steps else "no", eval_steps=cfg.eval_steps,
+        report_to=cfg.trackers() or "none", run_name=run_dir.name,
         remove_unused_columns=False, dataloader_num_workers=0,
         use_cpu=device.type == "cpu", bf16=dtype == torch.bfloat16, disable_tqdm=False, **sharding,
     )
@@ -217,7 +219,7 @@ def training_data(cfg: TrainConfig, tokenizer: Any, main: bool) -> tuple[data.Pr
 
 def resolved_record(setup: Setup, tokenizer: Any, prepared: data.PreparedData, heldout_set: datasets.Dataset,
                     student: torch.nn.Module, error: float) -> dict[str, Any]:
-    """config.json's ``resolved`` part: what the run's parameters came to on this machine and data."""
+    """The run record's ``resolved`` part: what the run's parameters came to on this machine and data."""
     return {"group_size": setup.group_size, "dtype": str(setup.dtype), "scheme": setup.scheme,
             "prompt_format": prompt_format(tokenizer),
             "prepared_data": portable_path(prepared.path),
@@ -343,6 +345,7 @@ def train(cfg: TrainConfig) -> Run:
                         fsdp_config(student) if setup.sharded else None, rollout)
     trainer = DistillTrainer(student, teacher, args, processing_class=tokenizer,
                              train_dataset=train_set, eval_dataset=heldout_set, callbacks=[recorder])
+    report_parameters(trainer, record["train"])  # the run's parameters on report_to's live trackers
     eval_before = heldout_before(trainer, run, student, main)
     trainer.train(resume_from_checkpoint=str(run.checkpoint) if run.checkpoint else None)
     eval_after = trainer.evaluate(metric_key_prefix="heldout")

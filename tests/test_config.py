@@ -113,6 +113,28 @@ def test_preset_with_unknown_key_is_refused(tmp_path):
     assert load_preset(str(good))["lmbda"] == 1
 
 
+def test_a_malformed_preset_names_its_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lmbda: 1\nlearning_rate: [1e-4\nseed: 2\n")
+    with pytest.raises(ConfigError, match=r"^\S*bad.yaml, line 3, column 5: not valid YAML \(.*\)$"):
+        load_preset(str(bad))
+    bad.write_text("- lmbda\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: a preset is a mapping of train.ipynb parameters"):
+        load_preset(str(bad))
+
+
+def test_a_corrupted_config_json_is_named_as_corrupted_and_nothing_is_touched(tmp_path):
+    cfg = offline().to_dict()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train_log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    for text, problem in (('{"train": {"lmbda": 0.5', "not valid JSON"), ("[1, 2]", "not a run's configuration")):
+        (run / "config.json").write_text(text)
+        with pytest.raises(ConfigError, match=rf"^output_dir \S+: its config.json is corrupted \({problem}"):
+            Run(run).plan(cfg)
+        assert (run / "config.json").read_text() == text
+
+
 def test_run_directory_states(tmp_path):
     cfg = offline().to_dict()
     assert Run(tmp_path / "fresh").plan(cfg).state == "new"

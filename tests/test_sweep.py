@@ -77,6 +77,13 @@ def test_bad_specs_are_refused_at_expansion(tmp_path, params, spec, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_malformed_spec_names_its_file_and_line(tmp_path):
+    spec = tmp_path / "broken.yaml"
+    spec.write_text("name: broken\nparams:\n  lmbda: [0, 1\n  seed: 1\n")
+    with pytest.raises(SweepError, match=r"^\S*broken.yaml, line 4, column 7: not valid YAML \(.*\)$"):
+        sweep.read_spec(spec)
+
+
 def test_include_extends_a_fragment(tmp_path, params):
     (tmp_path / "_shared.yaml").write_text(yaml.safe_dump(
         {"params": params, "eval": True, "eval_parameters": {"tasks": [], "limit": 5}}))

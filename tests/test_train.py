@@ -231,3 +231,32 @@ def test_a_checkpoint_resumes_only_as_it_was_sharded(tmp_path, tiny_model_dir, t
     with pytest.raises(ConfigError, match=r"checkpoint-2 was written with the student sharded; run it as it was "
                                           r"\(fsdp True with several processes\)"):
         train(cfg)
+
+
+def test_report_to_tensorboard_writes_the_curves_and_the_runs_parameters(tmp_path, tiny_model_dir, tiny_dataset_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_config(tiny_model_dir, tiny_dataset_dir, tmp_path / "run", max_steps=2, report_to="tensorboard")
+    run = train(cfg).path
+    logs = {p.parent for p in run.glob("runs/*/events.out.tfevents.*")}
+    assert len(logs) == 1, "one TensorBoard run, under the run directory"
+    log = EventAccumulator(str(logs.pop()), size_guidance={"tensors": 0, "scalars": 0}).Reload()
+    assert [e.step for e in log.Scalars("train/loss")] == [1, 2]
+    text = log.Tensors("train_config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert json.loads(text.strip("`\n")) == json.loads((run / "config.json").read_text())["train"]
+    assert json.loads((run / "config.json").read_text())["train"]["report_to"] == "tensorboard"
+
+
+def test_report_to_is_checked_up_front(tmp_path, monkeypatch):
+    from onpolicy_lib import config
+
+    with pytest.raises(ConfigError, match=r"^report_to must be one of none, tensorboard, wandb, trackio; got 'mlf"):
+        TrainConfig(report_to=["tensorboard", "mlflow"]).trackers()
+    with pytest.raises(ConfigError, match=r"^report_to must be none, one of tensorboard, wandb, trackio or a list"):
+        TrainConfig(report_to=["none", "wandb"]).trackers()
+    assert TrainConfig().trackers() == [] and TrainConfig(report_to="tensorboard,tensorboard").trackers() == [
+        "tensorboard"]
+    monkeypatch.setitem(config.TRACKERS, "tensorboard", ("no_such_package_here",))
+    with pytest.raises(ConfigError, match=r"^report_to 'tensorboard' needs the no_such_package_here package, which "
+                                          r"is not installed: pip install -e '\.\[tensorboard\]'$"):
+        TrainConfig(report_to="tensorboard").trackers()
