@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 LLMC_VENV ?= .venv-llmc
 LLMC_STAMP := $(LLMC_VENV)/.installed
 
-.PHONY: install assets baselines-env demo test lint
+.PHONY: install kernel assets baselines-env demo test lint
 
 $(STAMP): pyproject.toml constraints.txt
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -20,7 +20,18 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	$(MAKE) --no-print-directory kernel
 	touch $(STAMP)
+
+# The kernel papermill starts (python3, this environment's): ipykernel warns at every start that its
+# local TCP sockets are unencrypted, and papermill cannot ask its kernel manager for keys, so the
+# kernel's own log shows errors only (cell output, warnings included, is recorded as before).
+kernel:
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 > /dev/null
+	$(BIN)/python -c "import json, pathlib, sys; \
+		p = pathlib.Path(sys.prefix, 'share/jupyter/kernels/python3/kernel.json'); k = json.loads(p.read_text()); \
+		k['argv'] = [a for a in k['argv'] if not a.startswith('--IPKernelApp.log_level')]; \
+		k['argv'].append('--IPKernelApp.log_level=ERROR'); p.write_text(json.dumps(k, indent=1))"
 
 install: $(STAMP)
 

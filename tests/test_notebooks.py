@@ -32,6 +32,26 @@ def test_parameters_cell_is_generated_from_its_dataclass(name):
     assert cls.from_namespace(namespace) == cls()
 
 
+def test_papermill_prints_nothing_a_user_must_ignore(tmp_path):
+    """The kernel papermill starts (`make install` sets it up) does not warn about its local sockets."""
+    import subprocess
+
+    import nbformat
+
+    cell = nbformat.v4.new_code_cell("a = 0")
+    cell.metadata["tags"] = ["parameters"]
+    nb = nbformat.v4.new_notebook(cells=[cell, nbformat.v4.new_code_cell("print(a)")])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "tiny.ipynb")
+    papermill = Path(sys.executable).parent / "papermill"
+    done = subprocess.run([str(papermill), str(tmp_path / "tiny.ipynb"), str(tmp_path / "out.ipynb"), "-p", "a", "1",
+                           "--no-progress-bar"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == ["Input Notebook:  " + str(tmp_path / "tiny.ipynb"),
+                                        "Output Notebook: " + str(tmp_path / "out.ipynb"),
+                                        "Executing notebook with kernel: python3"], done.stderr
+
+
 def test_papermill_knows_every_parameter_of_the_readme_commands():
     """`-p output_dir ...` (make demo), `-p lmbda 1 -p do_eval True`, `-f` a preset: papermill warns
     "Passed unknown parameter" for any name its own inference misses (it missed `int | None` ones)."""
