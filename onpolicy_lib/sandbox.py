@@ -21,6 +21,8 @@ layers, each chosen because it works where the previous one does not:
   whatever the uid and file modes; from ABI 4, TCP bind/connect are denied; from ABI 6, signals to
   processes outside the sandbox are denied. This is what protects files when we are not root.
 
+The interpreter is ours where the fresh uid can run it, else the system ``python3`` (a private home such
+as pyenv's under ``/root`` is closed to other uids); samples need only the standard library.
 seccomp is not used (no maintained binding in the environment). Which layers are active on this
 machine is reported by :func:`isolation`; :func:`run_python` raises :class:`SandboxUnavailable` unless
 a layer that keeps writes inside the directory and one that cuts the network are active
