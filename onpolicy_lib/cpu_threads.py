@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 THREADS_ENV = "ONPOLICY_QUANT_THREADS"
+WAIT_ENV = "ONPOLICY_QUANT_WAIT"  # "runtime": leave the OpenMP runtime's own wait policy (spinning) in place
 # Set before the OpenMP runtime loads (with torch): threads that wait at a barrier sleep instead of spinning.
 PASSIVE_WAIT = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
 # A core another process keeps this busy (share of its time) while we sample is counted as taken.
@@ -36,8 +37,11 @@ TAKEN_SHARE = 0.8
 
 
 def set_wait_policy(environ: dict[str, str] | None = None) -> None:
-    """The passive wait policy in ``environ`` (default ``os.environ``), where the user set none."""
+    """The passive wait policy in ``environ`` (default ``os.environ``), where the user set none (and did not
+    ask for the runtime's own with ``ONPOLICY_QUANT_WAIT=runtime``)."""
     env = os.environ if environ is None else environ
+    if env.get(WAIT_ENV) == "runtime":
+        return
     for key, value in PASSIVE_WAIT.items():
         env.setdefault(key, value)
 

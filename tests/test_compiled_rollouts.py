@@ -117,3 +117,20 @@ def test_an_on_policy_step_samples_through_the_compiled_rollout(tmp_path, tokeni
     assert trainer._sampler.max_cache_len == 64
     assert all(type(m) is torch.nn.Linear for m in trainer._sampler.shadow.modules()
                if isinstance(m, torch.nn.Linear))
+
+
+def test_static_caches_are_sized_to_the_batch_in_a_few_lengths(tokenizer):
+    """Without a fixed length, each batch gets a cache of its prompt width plus new tokens, rounded up to
+    64, 128, 192, 256, 384, ...: short batches do not attend over the longest possible cache, and a run's
+    batches share a handful of lengths (graphs)."""
+    from onpolicy_lib.compiled_rollouts import cache_bucket
+
+    assert [cache_bucket(n) for n in (1, 64, 65, 129, 193, 257, 385, 1000)] == [64, 64, 128, 192, 256, 384, 512, 1024]
+    assert all(n <= cache_bucket(n) <= max(64, 2 * n) for n in range(1, 2000))
+    model = make_model(len(tokenizer))
+    sampler = CompiledSampler(model, backend=None)
+    sampler.refresh(model)
+    for width in (11, 40, 70):
+        prompts, mask = left_padded_prompts(len(tokenizer), width=width)
+        sampler.sample(prompts, mask, eos_token_ids=[], pad_token_id=0, temperature=1.0, max_new_tokens=8)
+    assert sorted(sampler._caches) == [(3, 64), (3, 128)]

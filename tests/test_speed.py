@@ -102,12 +102,69 @@ def rows(printed: str) -> dict[str, list[str]]:
 
 
 # ---------------------------------------------------------------------------- end to end
+def test_the_long_rollout_block_alone_and_the_report_named_for_the_cpu(tiny_model_dir, tiny_dataset_dir, tmp_path,
+                                                                      capsys):
+    """--skip-steps with the long-rollout block: λ=0 and λ=1 steps at its setting, the decode steps against
+    their roofline at the run's batch and larger ones; the report is written under the CPU's name."""
+    results = speed.main(["--model", str(tiny_model_dir), "--dataset", str(tiny_dataset_dir), "--group-size",
+                          str(GROUP), "--max-length", "64", "--min-completion-tokens", "4", "--skip-steps",
+                          "--skip-trl", "--skip-eval", "--skip-hardware", "--long-new-tokens", "6",
+                          "--long-max-length", "64", "--report-dir", str(tmp_path / "reports")])
+    printed = capsys.readouterr().out
+    long = results["long_rollouts"]
+    assert long["new_tokens"] == 6 and long["lambda1_over_lambda0"] > 0
+    assert long["timings"]["ours_1"]["parts_median_s"]["rollout"] > 0
+    assert [d["rows"] for d in long["decode"]] == [2, 4, 8]
+    assert all(d["decode_step_s"] > 0 and d["roofline_s"] > 0 and d["over_roofline"] > 0 for d in long["decode"])
+    assert "(g) long rollouts: 6 new tokens" in printed and "steps, floor and generation: skipped" in printed
+    written = sorted(p.name for p in (tmp_path / "reports").iterdir())
+    stem = report.report_stem(results["machine"])
+    assert written == [f"{stem}.json", f"{stem}.txt"] and report.cpu_slug(results["machine"]) in stem
+    assert report.free_stem(tmp_path / "reports", stem).name == f"{stem}-2"  # never overwritten
+
+
+def test_the_roofline_counts_weights_kv_cache_and_arithmetic(tiny_model):
+    from onpolicy_lib.speed import long_rollouts
+    from onpolicy_lib.speed.hardware import weight_bytes
+
+    weights, kv = weight_bytes(tiny_model), long_rollouts.kv_bytes_per_position(tiny_model)
+    # Memory-bound (fast arithmetic): one step reads the weights and the cache so far.
+    assert long_rollouts.roofline_s(tiny_model, 2, 10, 10, 1.0, 1e9) == pytest.approx((weights + 2 * kv * 10) / 1e9)
+    # Compute-bound (slow arithmetic): its FLOPs over the rate.
+    assert long_rollouts.roofline_s(tiny_model, 2, 10, 11, 1e9, 1e-3) == pytest.approx(
+        (long_rollouts.decode_flops(tiny_model, 2, 10) + long_rollouts.decode_flops(tiny_model, 2, 11)) / 1e6)
+
+
+def test_the_busy_core_block(tiny_model_dir, tiny_dataset_dir, monkeypatch):
+    """A variant's process times the λ=0 step; the block reports each variant alone and beside the busy core."""
+    from onpolicy_lib.speed import contention
+
+    train = TrainConfig(model_name=str(tiny_model_dir), dataset_name=str(tiny_dataset_dir), group_size=GROUP,
+                        max_length=64, min_completion_tokens=4)
+    figures = contention.child({"train": train.to_dict(), "steps": 1})
+    assert figures["median_s"] > 0 and figures["threads"] >= 1
+    fake = iter([{"median_s": 1.0, "threads": 2}, {"median_s": 20.0, "threads": 2}, {"median_s": 1.0, "threads": 2},
+                 {"median_s": 2.2, "threads": 2}, {"median_s": 1.1, "threads": 2}, {"error": "over 900 s"}])
+    monkeypatch.setattr(contention, "run_child", lambda *a: next(fake))
+    block = contention.busy_core_figures(train.to_dict(), 1)
+    assert [v["busy_over_alone"] for v in block["variants"].values()] == [20.0, 2.2, None]
+    lines = contention.format_busy(block)
+    assert "✗" in lines[2] and "✓" in lines[3] and "busy: over 900 s" in lines[-1]
+
+
+def test_help_shows_the_new_options(capsys):
+    with pytest.raises(SystemExit):
+        speed.parse_args(["--help"])
+    shown = capsys.readouterr().out
+    assert all(flag in shown for flag in ("--long-new-tokens", "--busy-core", "--report-dir", "--skip-steps"))
+
+
 def test_speed_runs_end_to_end(tiny_model_dir, tiny_dataset_dir, tmp_path, capsys):
     out = tmp_path / "speed.json"
     results = speed.main(["--model", str(tiny_model_dir), "--dataset", str(tiny_dataset_dir), "--group-size",
                           str(GROUP), "--max-length", "64", "--min-completion-tokens", "4", "--max-new-tokens", "4",
                           "--steps", "1", "--warmup", "0",
-                          "--trl-steps", "1", "--skip-eval", "--json", str(out)])
+                          "--trl-steps", "1", "--skip-eval", "--long-new-tokens", "0", "--json", str(out)])
     printed = capsys.readouterr().out
     saved = json.loads(out.read_text())
     assert saved["ratios"] == pytest.approx(results["ratios"])
@@ -160,7 +217,7 @@ def test_speed_skip_trl(tiny_model_dir, tiny_dataset_dir, capsys):
     results = speed.main(["--model", str(tiny_model_dir), "--dataset", str(tiny_dataset_dir), "--group-size",
                           str(GROUP), "--max-length", "64", "--min-completion-tokens", "4", "--max-new-tokens", "2",
                           "--steps", "1", "--warmup", "0",
-                          "--skip-trl", "--skip-eval", "--skip-hardware"])
+                          "--skip-trl", "--skip-eval", "--skip-hardware", "--long-new-tokens", "0"])
     assert "trl_1" not in results["timings"] and results["ratios"]["trl_lambda1_over_ours_lambda1"] is None
     assert "hardware" not in results and "evaluation" not in results
     printed = capsys.readouterr().out
@@ -198,8 +255,10 @@ def test_settings_default_to_the_demo_and_keep_the_flags():
         "model", "dataset", "quant_type", "group_size", "batch_size", "max_new_tokens", "max_length", "beta",
         "temperature", "learning_rate", "min_completion_tokens",
         "steps", "warmup", "trl_steps", "device", "threads", "skip_trl", "seed",
-        "json", "skip_eval", "eval_limit", "skip_hardware"}
-    for bad in (["--steps", "0"], ["--eval-limit", "0"]):
+        "json", "skip_eval", "eval_limit", "skip_hardware", "skip_steps", "long_new_tokens", "long_max_length",
+        "long_steps", "busy_core", "busy_steps", "report_dir"}
+    assert (defaults.long_new_tokens, defaults.long_max_length) == (256, 768)  # the generation study's setting
+    for bad in (["--steps", "0"], ["--eval-limit", "0"], ["--long-new-tokens", "800"], ["--busy-steps", "0"]):
         with pytest.raises(SystemExit):
             speed.parse_args(bad)
 

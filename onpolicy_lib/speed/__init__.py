@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from onpolicy_lib import quantization
+from onpolicy_lib import cpu_threads, quantization
 from onpolicy_lib.batches import DistillCollator
 from onpolicy_lib.metrics import machine_description
 from onpolicy_lib.models import load_model, load_tokenizer, resolve_device
@@ -63,9 +63,11 @@ from onpolicy_lib.speed.contenders import (
     trl_batch,
     trl_trainer,
 )
+from onpolicy_lib.speed.contention import busy_core_figures
 from onpolicy_lib.speed.evaluation import eval_config, evaluation_figures
 from onpolicy_lib.speed.hardware import DECODE_FORMS, ceilings, compiled_decode_step, decode_step, weight_bytes
-from onpolicy_lib.speed.report import format_report, ratios
+from onpolicy_lib.speed.long_rollouts import long_rollout_figures
+from onpolicy_lib.speed.report import format_report, free_stem, ratios, report_stem
 from onpolicy_lib.speed.settings import SpeedSettings, parse_args
 from onpolicy_lib.speed.timing import Timing, load_average, release
 from onpolicy_lib.student import build_student
@@ -84,7 +86,14 @@ def run(s: SpeedSettings) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     if s.threads:
         torch.set_num_threads(s.threads)
+    elif device.type == "cpu":
+        cpu_threads.configure_threads()  # as a training run sets them
     load_start = load_average()
+    if s.busy_core:  # its variants run in fresh processes: nothing is loaded here
+        return {"settings": {**s.as_dict(), "device": str(device)}, "machine": machine_description(device),
+                "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+                "busy_core": busy_core_figures(cfg.to_dict(), s.busy_steps),
+                "load_average": {"start": load_start, "end": load_average()}}
     tokenizer = load_tokenizer(cfg.model_name)
     teacher = load_model(cfg.model_name, device=device).eval().requires_grad_(False)
     group_size = quantization.resolve_group_size(teacher, cfg.group_size)
@@ -117,7 +126,17 @@ def run(s: SpeedSettings) -> dict[str, Any]:
         print("a student's evaluation ...", file=sys.stderr, flush=True)
         results["evaluation"] = student_evaluation(teacher, tokenizer, cfg, group_size, s.eval_limit, device)
         release()
+    if s.long_new_tokens:
+        print(f"long rollouts ({s.long_new_tokens} new tokens) ...", file=sys.stderr, flush=True)
+        results["long_rollouts"] = long_rollout_figures(
+            teacher, tokenizer, cfg, s.long_new_tokens, s.long_max_length, s.long_steps, device,
+            results.get("hardware") or ceilings(device), student)
+        release()
     timings: dict[str, Timing] = {}
+    if s.skip_steps:
+        results.update(timings={}, tokens_per_s={}, ratios={},
+                       load_average={"start": load_start, "end": load_average()})
+        return results
     with tempfile.TemporaryDirectory() as out:
         # (d) generation through the rollout code path, and the lambda=1-shaped batch it yields.
         trainer = our_trainer(student(), teacher, tokenizer, cfg, device, out, lmbda=1.0)
@@ -222,9 +241,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = parse_args(argv)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     results = run(settings)
-    print(format_report(results), flush=True)
+    text = format_report(results)
+    print(text, flush=True)
     if settings.json:
         path = Path(settings.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=2))
+    if settings.report_dir:
+        stem = free_stem(Path(settings.report_dir), report_stem(results["machine"]))
+        stem.with_suffix(".json").write_text(json.dumps(results, indent=2))
+        stem.with_suffix(".txt").write_text(text + "\n")
+        print(f"written: {stem}.txt and .json", flush=True)
     return results

@@ -112,7 +112,7 @@ def our_trainer(student: torch.nn.Module, teacher: torch.nn.Module, tokenizer: A
     """Our trainer on the benchmark's settings; ``opt_in``: DistillConfig fields set otherwise."""
     # min_new_tokens = max: at lambda=1 every contender generates, and scores, the same number of tokens.
     args = DistillConfig(**{**_common_args(cfg, device, out, lmbda), "min_new_tokens": cfg.max_new_tokens,
-                            "rollout_cache_len": cfg.rollout_cache_len, **opt_in})
+                            **opt_in})
     trainer = DistillTrainer(student, teacher, args, processing_class=tokenizer)
     _ready(trainer)
     return trainer

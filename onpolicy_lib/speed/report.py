@@ -6,13 +6,45 @@ rendered by one small table formatter, :func:`format_table`.
 
 from __future__ import annotations
 
+import datetime
 import operator
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from onpolicy_lib.speed.contention import format_busy
 from onpolicy_lib.speed.hardware import DECODE_FORMS
+from onpolicy_lib.speed.long_rollouts import format_long
 from onpolicy_lib.speed.timing import CONTENDED_CPU_SHARE, Timing
+
+
+# ---------------------------------------------------------------------------- the report's name
+def cpu_slug(machine: str) -> str:
+    """A file-name form of the machine a report ran on: the CPU's vendor and line with its family and
+    model numbers (``intel-xeon-f6m167``, ``amd-epyc-f25m17``), or the accelerator's name."""
+    name = machine.split(",")[0]
+    numbers = re.search(r"family (\d+), model (\d+)", machine)
+    words = [w for w in re.sub(r"\(r\)|\(tm\)|processor|cpu|@.*|\(.*", " ", name.lower()).split()
+             if w not in ("core",)][:2]
+    slug = "-".join(re.sub(r"[^a-z0-9]+", "", w) for w in words if re.sub(r"[^a-z0-9]+", "", w))
+    return (slug or "cpu") + (f"-f{numbers.group(1)}m{numbers.group(2)}" if numbers else "")
+
+
+def report_stem(machine: str, date: datetime.date | None = None) -> str:
+    """``speed-<cpu>-<date>``: benchmark reports carry the machine in their names."""
+    return f"speed-{cpu_slug(machine)}-{(date or datetime.date.today()).isoformat()}"
+
+
+def free_stem(directory: Path, stem: str) -> Path:
+    """``directory/stem``, or ``stem-2``, ``stem-3``, ... where a report of that name exists (never overwritten)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    candidate, n = directory / stem, 1
+    while any(candidate.with_suffix(ext).exists() for ext in (".txt", ".json")):
+        n += 1
+        candidate = directory / f"{stem}-{n}"
+    return candidate
 
 
 # ---------------------------------------------------------------------------- targets and ratios
@@ -219,7 +251,11 @@ def _evaluation_lines(e: dict[str, Any]) -> list[str]:
 
 def format_report(r: dict[str, Any]) -> str:
     """The results of :func:`onpolicy_lib.speed.run` as text: settings, three tables, load and CPU share."""
-    s, t, b = r["settings"], r["timings"], r["batch"]
+    s = r["settings"]
+    if "busy_core" in r:  # --busy-core: that block alone
+        return "\n".join([f"onpolicy-quant: a step beside a busy core\nmachine   {r['machine']}", "",
+                          *format_busy(r["busy_core"])])
+    t, b = r["timings"], r["batch"]
     on_cpu = s["device"].startswith("cpu")
 
     def flag(key: str) -> str:
@@ -240,13 +276,17 @@ def format_report(r: dict[str, Any]) -> str:
     ]
     label = Column("label", "step (forward, backward, optimizer)", 52)
     median, peak = Column("median", "median s", 10, ".2f"), Column("peak", "peak MB", 10, ".0f")
-    lines += format_table([label, median, Column("rollout", "rollout s", 11, ".2f"), peak,
-                           Column("tokens", "tokens", 8, ".0f")], _step_rows(t, flag))
-    generation = Column("label", f"(d) generation, {b['shape'][0]} x {s['max_new_tokens']} new tokens", 52)
-    lines += ["", *format_table([generation, median, Column("rate", "tokens/s", 11, ".1f"), peak],
-                                _generation_rows(t, r["tokens_per_s"], flag))]
-    lines += ["", *format_table([Column("label", "ratio", 52), Column("value", "measured", 10, ".2f"),
-                                 Column("target", "target", 11), Column("met", "met", 6)], _ratio_rows(r["ratios"]))]
+    if t:
+        lines += format_table([label, median, Column("rollout", "rollout s", 11, ".2f"), peak,
+                               Column("tokens", "tokens", 8, ".0f")], _step_rows(t, flag))
+        generation = Column("label", f"(d) generation, {b['shape'][0]} x {s['max_new_tokens']} new tokens", 52)
+        lines += ["", *format_table([generation, median, Column("rate", "tokens/s", 11, ".1f"), peak],
+                                    _generation_rows(t, r["tokens_per_s"], flag))]
+        lines += ["", *format_table([Column("label", "ratio", 52), Column("value", "measured", 10, ".2f"),
+                                     Column("target", "target", 11), Column("met", "met", 6)],
+                                    _ratio_rows(r["ratios"]))]
+    else:
+        lines.append("steps, floor and generation: skipped (--skip-steps)")
 
     if r.get("hardware"):
         lines += ["", *_hardware_lines(r["hardware"])]
@@ -254,6 +294,8 @@ def format_report(r: dict[str, Any]) -> str:
         lines += ["", "hardware ceilings: skipped (--skip-hardware)"]
     if r.get("evaluation"):
         lines += ["", *_evaluation_lines(r["evaluation"])]
+    if r.get("long_rollouts"):
+        lines += ["", *format_long(r["long_rollouts"])]
 
     load = r.get("load_average") or {}
     lines.append("")
@@ -264,7 +306,7 @@ def format_report(r: dict[str, Any]) -> str:
     if load.get("start") is not None:
         lines.append("load average (1/5/15 min) at start {} and end {}".format(
             "/".join(f"{x:.2f}" for x in load["start"]), "/".join(f"{x:.2f}" for x in load["end"])))
-    if on_cpu:
+    if on_cpu and "cpu_share_min" in r:
         lines.append(f"lowest CPU share of a contender: {r['cpu_share_min']:.0%} of (wall time x threads); "
                      f"below {CONTENDED_CPU_SHARE:.0%} (flagged 'contended!') means another process took the "
                      "cores: measure again alone")

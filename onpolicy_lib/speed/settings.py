@@ -61,7 +61,14 @@ class SpeedSettings:
     skip_eval: bool = False
     skip_hardware: bool = False  # leave out the machine's ceilings and the decode-step block
     eval_limit: int = 20  # documents per benchmark in the evaluation block (MMLU: one per subject)
+    skip_steps: bool = False  # leave out the step, floor and generation blocks (the other blocks alone)
+    long_new_tokens: int = 256  # the long-rollout block's rollout length (the generation study's); 0: skip it
+    long_max_length: int = 768  # and its chats' length
+    long_steps: int = 1  # timed steps of each long-rollout step (no warm-up: each is tens of seconds)
+    busy_core: bool = False  # only the contention block: a short lambda=0 step alone and beside a busy core
+    busy_steps: int = 2  # timed steps of each contention variant (after one warm-up)
     json: str | None = None  # also write every figure to this JSON file
+    report_dir: str | None = None  # also write the report and figures as speed-<cpu>-<date>.txt/.json here
 
     def as_dict(self) -> dict[str, Any]:
         """Flat, by the benchmark's names: the ``settings`` of the results."""
@@ -96,7 +103,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-limit", type=int, default=defaults.eval_limit,
                    help="documents per benchmark when timing a student's evaluation (MMLU: one per subject; "
                         "fidelity on 8 held-out chats, perplexity on 4096 tokens)")
+    p.add_argument("--skip-steps", action="store_true",
+                   help="do not time the steps, the floor and generation (run the other blocks alone)")
+    p.add_argument("--long-new-tokens", type=int, default=defaults.long_new_tokens,
+                   help="long-rollout block: rollout length (the generation study's); 0 leaves the block out")
+    p.add_argument("--long-max-length", type=int, default=defaults.long_max_length,
+                   help="long-rollout block: the longest chat, in tokens (the generation study's)")
+    p.add_argument("--long-steps", type=int, default=defaults.long_steps,
+                   help="long-rollout block: timed steps at lambda=0 and lambda=1 (no warm-up)")
+    p.add_argument("--busy-core", action="store_true",
+                   help="instead of the other blocks: a short lambda=0 step alone and beside a busy loop pinned "
+                        "to one core, in fresh processes with each OpenMP wait policy and thread count")
+    p.add_argument("--busy-steps", type=int, default=defaults.busy_steps,
+                   help="with --busy-core: timed steps of each variant (after one warm-up)")
     p.add_argument("--json", default=defaults.json, metavar="OUT", help="also write every figure to this JSON file")
+    p.add_argument("--report-dir", default=defaults.report_dir, metavar="DIR",
+                   help="also write the report and its figures to DIR/speed-<cpu>-<date>.txt and .json "
+                        "(e.g. outputs/benchmarks; an existing name gets a suffix, nothing is overwritten)")
     return p
 
 
@@ -104,7 +127,10 @@ def parse_args(argv: list[str] | None = None) -> SpeedSettings:
     cli = parser()
     ns = vars(cli.parse_args(argv))
     if (ns["steps"] < 1 or ns["trl_steps"] < 1 or ns["warmup"] < 0 or ns["batch_size"] < 1
-            or (ns["threads"] or 1) < 1 or ns["eval_limit"] < 1):
-        cli.error("--steps, --trl-steps, --batch-size, --threads and --eval-limit must be >= 1, --warmup >= 0")
+            or (ns["threads"] or 1) < 1 or ns["eval_limit"] < 1 or ns["long_steps"] < 1 or ns["busy_steps"] < 1):
+        cli.error("--steps, --trl-steps, --batch-size, --threads, --eval-limit, --long-steps and --busy-steps must "
+                  "be >= 1, --warmup >= 0")
+    if ns["long_new_tokens"] and not 1 < ns["long_new_tokens"] < ns["long_max_length"]:
+        cli.error("--long-new-tokens must be 0 (no long-rollout block) or in (1, --long-max-length)")
     train = TrainConfig(**{param.config_field: ns.pop(param.name) for param in TRAIN_PARAMETERS if param.name in ns})
     return SpeedSettings(train=train, **ns)
