@@ -509,6 +509,11 @@ def settle(cfg: Any, student: nn.Module, template: nn.Module, prompt_width: int,
     from onpolicy_lib.metrics import machine_description
 
     settings = {k: getattr(cfg, k) for k in OPTIONS}
+    if torch_device(device).type != "cpu" and AUTO in settings.values():
+        # The fp32 forms differ by CPU kernels; on an accelerator auto keeps the exact form (explicit values force).
+        form = RolloutForm.from_settings(settings)
+        return {**form.settings(), "form": form.key, "why": f"auto measures on CPUs only: exact on {device}",
+                "auto": [k for k in OPTIONS if settings[k] == AUTO], "candidates": [form.key]}
     steps = expected_decode_steps(cfg.lmbda, cfg.max_steps, cfg.gradient_accumulation_steps, cfg.max_new_tokens)
     shape = model_shape(template)
     width = 32 * max(1, round(prompt_width / 32))  # nearby widths share a measurement

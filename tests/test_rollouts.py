@@ -177,3 +177,11 @@ def test_a_run_records_its_form_and_a_resumed_run_keeps_it(tmp_path, tiny_model_
     train(cfg)
     record = json.loads((tmp_path / "run" / "config.json").read_text())
     assert record["resolved"]["rollout"]["form"] == "fp32_wm" and len(measured.calls) == 1
+
+
+def test_auto_keeps_the_exact_form_on_an_accelerator():
+    cfg = TrainConfig(lmbda=1.0)
+    record = rollouts.settle(cfg, None, None, prompt_width=10, device="cuda")
+    assert record["form"] == "fp32" and "CPUs only" in record["why"]
+    forced = TrainConfig(lmbda=1.0, rollout_matmul="weight_major")
+    assert rollouts.settle(forced, None, None, prompt_width=10, device="cuda")["form"] == "fp32_wm"
