@@ -123,9 +123,10 @@ def _pretty(column: str) -> str:
 LEVEL = 0.95
 # How each metric is averaged, stated in every table: benchmarks per document within a task, then the
 # tasks' unweighted mean; fidelity per held-out chat (each chat's per-token mean, then the mean over
-# chats: what the bootstrap resamples); perplexity per token of its text; the held-out divergence per chat.
+# chats: what the bootstrap resamples); perplexity per token of its text; the held-out divergence as the
+# trainer evaluates it (the mean over batches of each batch's per-token loss).
 WEIGHTING = {"average": "per document, tasks averaged equally", "perplexity": "per token (one number per run)",
-             "heldout_loss_after": "per held-out chat (one number per run)"}
+             "heldout_loss_after": "per held-out batch (the trainer's evaluation loss; one number per run)"}
 FIDELITY_WEIGHTING = "per chat (each chat's per-token mean)"
 
 

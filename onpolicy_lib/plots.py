@@ -312,7 +312,8 @@ def plot_compute_cost(w: pd.DataFrame, quality: str, quality_label: str) -> plt.
         rollouts = data.groupby(hue)["rollout_seconds"].mean().reindex(order)
         axes[0].bar(range(len(order)), rollouts.fillna(0), width=0.8, color="none", edgecolor="white", hatch="///",
                     lw=0)
-        axes[0].legend([Patch(facecolor="0.45", edgecolor="white", hatch="///", lw=0)], ["rollouts"], fontsize=8)
+        axes[0].legend([Patch(facecolor="0.45", edgecolor="white", hatch="///", lw=0)], ["rollouts"], fontsize=8,
+                       loc="upper center", bbox_to_anchor=(0.5, -0.15), frameon=False)  # below the bars
     axes[0].set(ylabel="training wall time (s)", title="time per run (hatched: rollouts)")
     sns.scatterplot(data, x="wall_time_s", y=quality, hue=hue, style=hue, hue_order=order, style_order=order,
                     palette=palette, s=70, ax=axes[1])

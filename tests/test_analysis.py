@@ -198,6 +198,7 @@ def test_reference_data_is_the_published_table():
     assert set(ref["table"]) == {"baseline", "main", "learning_rate", "beta", "batch_size", "rollout_length"}
 
 
+@pytest.mark.slow  # executes the analysis notebook over three synthetic sweeps
 def test_analysis_notebook_renders_every_section(tmp_path):
     make_outputs(tmp_path, "seeds", [{"lmbda": lm, "seed": sd} for lm in (0, 1) for sd in (1, 2)])
     make_outputs(tmp_path, "lr", [{"lmbda": lm, "learning_rate": lr, "max_steps": st} for lm in (0, 1)

@@ -1,0 +1,636 @@
+"""The study's report: ``notebooks/report.ipynb`` -> ``REPORT.md`` (+ ``report/REPORT.html``, figures in
+``report/figures/``), every number computed here from the committed ``outputs/``.
+
+The notebook calls the section functions below, each returning markdown whose numbers are formatted
+from DataFrames (``results`` and ``analysis``); ``python -m onpolicy_lib.report`` executes it with
+papermill and writes the report. Fixed bootstrap seeds, no timestamps and stripped notebook metadata
+make the output a function of the committed files alone, so a test re-renders it and compares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from onpolicy_lib import analysis, results
+from onpolicy_lib.config import BENCHMARKS, PROJECT_ROOT, format_value
+
+NOTEBOOK = PROJECT_ROOT / "notebooks" / "report.ipynb"
+REPORT_MD = PROJECT_ROOT / "REPORT.md"
+REPORT_DIR = PROJECT_ROOT / "report"
+OUTPUTS = PROJECT_ROOT / "outputs"
+# Resamples and seed of every bootstrap in the report: the analyses' own count, so the report's intervals
+# are the rendered analyses' intervals.
+N_BOOT = 10_000
+BOOT_SEED = 0
+# The committed studies the report reads, each as its analysis reads it.
+PROTOCOL, LONG, GEMMA, LADDER = "cpu_protocol", "cpu_protocol_long", "cpu_gemma", "cpu_ladder"
+ROOTS = {PROTOCOL: ([PROTOCOL], ""), LONG: ([LONG], ""), GEMMA: ([GEMMA], ""), LADDER: ([LADDER, GEMMA], LADDER)}
+LR_PROBE = "cpu_gemma_lr_probe"
+# Rows of the comparison tables, in reading order.
+METRICS = ("forward_kl", "forward_kl_matched", "top1_agreement", "top1_agreement_matched", "reverse_kl_on_policy",
+           "teacher_nll_of_student_greedy", "perplexity", "average", "heldout_loss_after")
+MATCHED = "on the first rollout-length positions"
+NAMES = {**analysis.FIDELITY_NAMES, "average": "benchmark average", "heldout_loss_after": "held-out divergence",
+         "forward_kl": "forward KL, dataset completions", "forward_kl_matched": f"forward KL {MATCHED}",
+         "top1_agreement": "top-1 agreement", "top1_agreement_matched": f"top-1 agreement {MATCHED}",
+         "reverse_kl_on_policy": "reverse KL, own samples", "teacher_nll_of_student_greedy":
+         "teacher NLL of greedy output", "perplexity": "perplexity"}
+
+
+# ---------------------------------------------------------------------------- numbers
+def decimals(value: float, digits: int = 3) -> int:
+    """Decimals that show ``digits`` significant digits of ``value`` (at most 6)."""
+    if value is None or pd.isna(value) or value == 0:
+        return digits
+    return int(min(6, max(0, digits - 1 - np.floor(np.log10(abs(value))))))
+
+
+def num(value: float, digits: int = 3, sign: bool = False, places: int | None = None) -> str:
+    """``digits`` significant digits (or ``places`` decimals); × 10^k from 10⁵ up (readers compare decimals)."""
+    if value is None or pd.isna(value):
+        return "–"
+    if abs(value) >= 1e5:
+        mantissa, exponent = f"{value:.{digits - 1}e}".split("e")
+        return f"{'+' if sign and value > 0 else ''}{mantissa} × 10^{int(exponent)}"
+    places = decimals(value, digits) if places is None else places
+    return f"{value:+.{places}f}" if sign else f"{value:.{places}f}"
+
+
+def difference(row: pd.Series, digits: int = 3) -> str:
+    """A comparison cell: the difference, bold where resolved, then the bootstrap and seed-level intervals,
+    all to the decimals that show the difference's ``digits`` significant digits."""
+    if pd.isna(row["ci_low"]) or pd.isna(row["seed_low"]):
+        return f"{num(row['delta'], digits, sign=True)} (no seed replication: no interval)"
+    # One precision for the cell: three significant digits of the larger of the difference and the
+    # interval's half-width, so a small difference with a wide interval is not shown to false precision.
+    half = max(abs(row[h] - row[lo]) / 2 for lo, h in (("ci_low", "ci_high"), ("seed_low", "seed_high")))
+    places = decimals(max(abs(row["delta"]), half), digits)
+    delta = num(row["delta"], digits, sign=True, places=places if abs(row["delta"]) < 1e5 else None)
+    delta = f"**{delta}**" if row["resolved"] else delta
+    bounds = [num(row[k], digits, True, places) for k in ("ci_low", "ci_high", "seed_low", "seed_high")]
+    return f"{delta} [{bounds[0]}, {bounds[1]}] [{bounds[2]}, {bounds[3]}]"
+
+
+def mean_sd(table: pd.DataFrame, condition: str, column: str, digits: int = 3) -> str:
+    """``mean ± sd (n)`` (sd to the mean's decimals), or the mean alone for a single run."""
+    if condition not in table.index or (column, "mean") not in table:
+        return "–"
+    mean, sd, n = table.loc[condition, (column, "mean")], table.loc[condition, (column, "sd")], \
+        table.loc[condition, (column, "n")]
+    if pd.isna(mean):
+        return "–"
+    if n <= 1:
+        return num(mean, digits)
+    places = decimals(mean, digits)
+    return f"{num(mean, digits)} ± {num(sd, digits, places=places if abs(mean) < 1e5 else None)} ({int(n)})"
+
+
+def markdown_table(frame: pd.DataFrame, index: str = "") -> str:
+    """A pandas frame as a GitHub markdown table (strings as they are)."""
+    header = [index, *map(str, frame.columns)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, row in frame.iterrows():
+        lines.append("| " + " | ".join([str(label), *map(str, row.values)]) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- the studies
+@dataclass
+class Study:
+    name: str
+    w: pd.DataFrame
+    pe: pd.DataFrame
+    pef: pd.DataFrame
+    students: pd.DataFrame
+    config: dict[str, Any]  # the first run's config.json
+
+
+@functools.cache
+def study(name: str) -> Study:
+    roots, as_sweep = ROOTS[name]
+    roots = [OUTPUTS / r for r in roots]
+    w = analysis.with_average(results.wide(results.collect(roots, as_sweep)))
+    first = sorted((OUTPUTS / name).glob("*/config.json"))[0]
+    return Study(name, w, results.per_example(roots, as_sweep), results.per_example_fidelity(roots, as_sweep),
+                 w[w["role"] == "student"], json.loads(first.read_text()))
+
+
+@functools.cache
+def comparisons(name: str) -> pd.DataFrame:
+    """Every λ comparison of a study (per rung for the ladder), under the rule, at the report's resamples."""
+    s = study(name)
+    if name == LADDER:
+        return analysis.ladder_effects(s.pe, s.pef, s.students, n_boot=N_BOOT, seed=BOOT_SEED)
+    return analysis.compare_conditions(s.pe, s.pef, s.students, n_boot=N_BOOT, seed=BOOT_SEED)
+
+
+def comparison(name: str, metric: str, label: str = "λ=1 − λ=0", rung: str | None = None) -> pd.Series:
+    table = comparisons(name)
+    table = table[(table["metric"] == metric) & (table["comparison"] == label)]
+    if rung is not None:
+        table = table[table["quant_type"] == rung]
+    if len(table) != 1:
+        raise KeyError(f"{name}: no single {label} on {metric}" + (f" at {rung}" if rung else ""))
+    return table.iloc[0]
+
+
+def conditions(name: str, columns: tuple[str, ...] = METRICS, rung: str | None = None) -> pd.DataFrame:
+    """Mean, sd and n per condition (teacher, baselines, students by λ), one rung of the ladder if given."""
+    w = study(name).w
+    if rung is not None:
+        w = w[(w["role"] == "teacher") | (w["quant_type"] == rung)]
+    return analysis.condition_table(w, ["lmbda"], [c for c in columns if c in w.columns])
+
+
+def weighting_line(metrics: tuple[str, ...] = METRICS) -> str:
+    groups: dict[str, list[str]] = {}
+    for metric in metrics:
+        groups.setdefault(analysis.weighting(metric), []).append(NAMES.get(metric, metric))
+    return "Weighting: " + "; ".join(f"{', '.join(names)}: {how}" for how, names in groups.items()) + "."
+
+
+def relative(name: str, metric: str, rung: str | None = None) -> float:
+    """λ=1 − λ=0 relative to λ=0's mean, both on the same (per-chat) weighting."""
+    table = conditions(name, (metric,), rung)
+    return float(comparison(name, metric, rung=rung)["delta"] / table.loc["λ=0", (metric, "mean")])
+
+
+def verdict(row: pd.Series) -> str:
+    if pd.isna(row["ci_low"]) or pd.isna(row["seed_low"]):
+        return "not resolved (no seed replication)"
+    return f"resolved, favouring {row['favours']}" if row["resolved"] else "not resolved"
+
+
+def _resolved_by_side(table: pd.DataFrame) -> dict[str, list[str]]:
+    sides: dict[str, list[str]] = {}
+    for _, row in table.iterrows():
+        key = row["favours"] if row["resolved"] else "unresolved"
+        sides.setdefault(key, []).append(NAMES.get(row["metric"], row["metric"]))
+    return sides
+
+
+def _machines(name: str) -> list[str]:
+    roots = ROOTS.get(name, ([name], ""))[0]
+    paths = [p for r in roots for p in sorted((OUTPUTS / r).glob("*/config.json"))]
+    found = {json.loads(p.read_text()).get("machine") for p in paths}
+    return sorted(m for m in found if m)
+
+
+def _short_machine(machine: str) -> str:
+    """"AMD EPYC (family 25, model 17), ..." -> "EPYC 25/17": the CPU type, which is what wall times depend on."""
+    found = re.search(r"(EPYC|Xeon|Core)[^(]*\(family (\d+), model (\d+)\)", machine)
+    return f"{found.group(1)} {found.group(2)}/{found.group(3)}" if found else machine.split(",")[0]
+
+
+def _perplexity_tokens(name: str) -> str:
+    tokens = {json.loads(p.read_text())["student"]["perplexity"].get("tokens_scored")
+              for r in ROOTS[name][0] for p in sorted((OUTPUTS / r).glob("*/eval.json"))}
+    return ", ".join(f"{t:,}" for t in sorted(t for t in tokens if t))
+
+
+def _studies_in_outputs(prefix: str) -> list[str]:
+    return sorted(p.name for p in OUTPUTS.glob(f"{prefix}*") if p.is_dir())
+
+
+# ---------------------------------------------------------------------------- sections
+def section_question() -> str:
+    row_avg = comparison(PROTOCOL, "average")
+    table = comparisons(PROTOCOL)
+    sides = _resolved_by_side(table[table["comparison"] == "λ=1 − λ=0"])
+    s = study(PROTOCOL)
+    seeds = int(s.students.groupby("lmbda")["seed"].nunique().min())
+    off, on = sides.get("λ=0", []), sides.get("λ=1", [])
+    return (
+        "## 1. The question\n\n"
+        "When a quantized student shares its teacher's weights, does on-policy distillation (GKD with λ=1: the "
+        "student learns from the teacher's feedback on its own samples) recover more quality than off-policy "
+        "distillation (λ=0: dataset completions), and at what cost? The original study (Qwen3-4B, INT4, 10k "
+        "GPU steps) found no benchmark difference and proposed that the shared weights leave little mismatch "
+        "for on-policy training to fix.\n\n"
+        f"**Today's answer** (SmolLM2-135M at INT4, `{PROTOCOL}`, {seeds} seeds per λ): of the "
+        f"{len(table[table['comparison'] == 'λ=1 − λ=0'])} λ=1 − λ=0 differences measured, those resolved "
+        f"favour off-policy on {len(off)} ({'; '.join(off) or 'none'}) and on-policy on {len(on)} "
+        f"({'; '.join(on) or 'none'}); the "
+        f"benchmark average is {verdict(row_avg)} ({difference(row_avg, 2)}). Each regime is closer to the "
+        "teacher on the distribution it trains on; neither recovers *more* quality on the benchmarks. "
+        "Whether on-policy distillation makes a better *generator* is the generation study's question "
+        "(section 10).\n")
+
+
+def section_setup() -> str:
+    rows = {}
+    for name in (PROTOCOL, LONG, GEMMA, LADDER):
+        s = study(name)
+        train = s.config["train"]
+        st = s.students
+        fid = s.pef[s.pef["role"] == "student"].groupby("run")["id"].nunique()
+        docs = s.pe[s.pe["role"] == "student"].groupby("run").size()
+        teacher = s.w.loc[s.w["role"] == "teacher", "run"].map(analysis.results_label).iloc[0]
+        rows[f"`{name}`"] = {
+            "model": train["model_name"], "teacher": teacher,
+            "student bits": ", ".join(sorted(st["quant_type"].unique(), key=analysis.RUNG_ORDER.index))
+            + f" g{int(s.config['resolved']['group_size'])}",
+            "λ": ", ".join(format_value(v) for v in sorted(st["lmbda"].unique())),
+            "seeds per λ": "–".join(map(str, sorted({int(n) for n in st.groupby(["quant_type", "lmbda"])["seed"]
+                                                      .nunique()}))),
+            "steps": ", ".join(str(int(v)) for v in sorted(st["max_steps"].unique())),
+            "lr": format_value(train["learning_rate"]),
+            "batch × accum.": f"{train['per_device_train_batch_size']} × {train['gradient_accumulation_steps']}",
+            "rollout tokens": train["max_new_tokens"],
+            "held-out chats": int(fid.max()) if len(fid) else "–",
+            "benchmark docs": int(docs.max()) if len(docs) else "–",
+            "perplexity tokens": _perplexity_tokens(name),
+            "machines": ", ".join(_short_machine(m) for m in _machines(name)),
+        }
+    table = pd.DataFrame(rows).T
+    machines = sorted({m for name in (PROTOCOL, LONG, GEMMA, LADDER) for m in _machines(name)})
+    weights = "\n".join(f"| {NAMES.get(m, m)} | {analysis.weighting(m)} |" for m in METRICS)
+    return (
+        "## 2. Setup\n\n"
+        "Every study distils a fake-quantized (QAT) student from its own teacher with TRL's GKD loss on the "
+        "math/code chat mixture, then evaluates the student beside the teacher and post-training-quantized "
+        "baselines: five multiple-choice benchmarks (lm-eval, `acc`), perplexity, and fidelity to the teacher "
+        "on held-out chats (forward KL and top-1 agreement on dataset completions, reverse KL on the student's "
+        "own samples, the teacher's NLL of the student's greedy output). The committed studies:\n\n"
+        + markdown_table(table, "study") + "\n\n"
+        "The machines (from the runs' `config.json`, named by CPU family/model in the table; wall times compare "
+        "only within one):\n\n"
+        + "\n".join(f"- {m}" for m in machines) + "\n\n"
+        "**Statistics.** A difference is *resolved* only where two 95% intervals both exclude zero: a "
+        f"hierarchical bootstrap ({N_BOOT:,} bootstrap resamples, seed {BOOT_SEED}: each resample draws the seeds of "
+        "each condition and the documents or chats, the same ones for both) and a seed-level "
+        "Welch–Satterthwaite interval (each seed's mean one observation). A comparison where either side "
+        "has a single run has no seed replication: no interval, never resolved. Difference cells read "
+        "`delta [bootstrap] [seed-level]`, **bold** where resolved. One weighting per metric, in every "
+        "table:\n\n| metric | weighting |\n|---|---|\n" + weights + "\n")
+
+
+def _condition_rows(name: str, columns: tuple[str, ...], rung: str | None = None) -> pd.DataFrame:
+    table = conditions(name, columns, rung)
+    return pd.DataFrame({NAMES.get(c, c): [mean_sd(table, cond, c) for cond in table.index]
+                         for c in columns if (c, "mean") in table}, index=table.index).T
+
+
+def _difference_rows(name: str, labels: list[str], rung: str | None = None) -> pd.DataFrame:
+    out = {}
+    for label in labels:
+        out[label] = {NAMES.get(m, m): difference(comparison(name, m, label, rung))
+                      for m in METRICS if _has(name, m, label, rung)}
+    return pd.DataFrame(out)
+
+
+def _has(name: str, metric: str, label: str, rung: str | None = None) -> bool:
+    try:
+        comparison(name, metric, label, rung)
+    except KeyError:
+        return False
+    return True
+
+
+def section_main(figures: Path) -> str:
+    from onpolicy_lib import plots
+
+    table = comparisons(PROTOCOL)
+    labels = list(dict.fromkeys(table["comparison"]))
+    fig = plots.plot_comparisons(table, NAMES, f"{PROTOCOL}: differences between λ values")
+    link = figure(fig, figures, "main_result")
+    ref = analysis.reference_study()
+    main = ref[ref["table"] == "main"].set_index("lmbda")[list(BENCHMARKS)].mean(axis=1)
+    return (
+        f"## 3. Main result: on- against off-policy (`{PROTOCOL}`)\n\n"
+        "SmolLM2-135M-Instruct, its Q4_1 GGUF teacher, INT4 g64 students, 100 steps, λ ∈ {0, 0.5, 1}. "
+        "Each condition (mean ± sd (seeds); teacher and PTQ once):\n\n"
+        + markdown_table(_condition_rows(PROTOCOL, METRICS)) + "\n\n" + weighting_line() + "\n\n"
+        "Differences (`delta [bootstrap] [seed-level]`, bold: resolved):\n\n"
+        + markdown_table(_difference_rows(PROTOCOL, labels)) + "\n\n" + link + "\n\n"
+        + analysis.summarize_comparisons(table[table["comparison"] == "λ=1 − λ=0"], NAMES) + "\n\n"
+        f"For scale, the original study's λ=1 − λ=0 on its five-benchmark average was "
+        f"{num(main.loc[1] - main.loc[0], 2, sign=True)} (λ=0.5 − λ=0: {num(main.loc[0.5] - main.loc[0], 2, True)}; "
+        "one run each, published numbers, no interval).\n")
+
+
+def section_learning_rate(figures: Path) -> str:
+    probe = OUTPUTS / LR_PROBE
+    curves = {}
+    for path in sorted(probe.glob("lr-*.jsonl")):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        # The Trainer logs the held-out divergence as eval_loss during training; step 0 and the end as heldout_loss.
+        curves[float(path.stem[3:])] = {r["step"]: r.get("heldout_loss", r.get("eval_loss")) for r in rows
+                                        if "heldout_loss" in r or "eval_loss" in r}
+    frame = pd.DataFrame(curves).T.sort_index()
+    frame.index = [format_value(v) for v in frame.index]
+    shown = frame.map(lambda v: num(v, 3)).rename(columns=lambda s: f"step {s}")
+    best = frame[50].idxmin() if 50 in frame else "–"
+    ref = analysis.reference_study()
+    lr = ref[ref["table"] == "learning_rate"].set_index("learning_rate")[list(BENCHMARKS)].mean(axis=1)
+    original = "; ".join(f"{format_value(k)}: {num(v, 3)}" for k, v in lr.items())
+    pilot = ("the generation study's learning-rate pilot (three rates per λ) is committed in "
+             "`outputs/cpu_gen_lr/` and analysed there" if (OUTPUTS / "cpu_gen_lr").is_dir() else
+             "the generation study's learning-rate pilot (three rates per λ) is in progress")
+    return (
+        "## 4. Learning rate\n\n"
+        "**No committed learning-rate study yet** on the benchmark protocol: `params/sweeps/cpu_lr.yaml` "
+        f"(SmolLM2, λ ∈ {{0, 1}}) has not been run to a committed result; {pilot}. What exists here is the "
+        "probe that set Gemma's rate "
+        f"(`outputs/{LR_PROBE}/`: λ=0, seed 1, held-out divergence on 24 chats; one run per rate, so no "
+        "interval):\n\n" + markdown_table(shown, "learning rate") + "\n\n"
+        f"Lowest held-out divergence at step 50: {best}, the rate every Gemma study uses. It was chosen for λ=0 "
+        "only; whether λ=1 wants another rate is open. The original study's λ=0 rates (five-benchmark "
+        f"average, published): {original}.\n")
+
+
+def section_extended(figures: Path) -> str:
+    from onpolicy_lib import plots
+
+    long, short = study(LONG), study(PROTOCOL)
+    rows = {}
+    for label, s in (("100 steps (seed 1)", short), ("300 steps (seed 1)", long)):
+        st = s.students[(s.students["seed"] == 1) & (s.students["lmbda"].isin([0, 1]))]
+        for _, r in st.sort_values("lmbda").iterrows():
+            rows[f"λ={format_value(r['lmbda'])}, {label.split(' (')[0]}"] = {
+                NAMES[m]: num(r[m], 3) for m in METRICS if m in r and not pd.isna(r[m])}
+    table = pd.DataFrame(rows)
+    diffs = comparisons(LONG)
+    curves = analysis.heldout_curves(OUTPUTS / LONG)
+    fig = plots.plot_heldout_curves(curves, f"{LONG}: held-out divergence during training")
+    link = figure(fig, figures, "extended_training")
+    return (
+        f"## 5. Extended training (`{LONG}`)\n\n"
+        "λ=0 and λ=1 at 300 steps, one seed each, otherwise the protocol study; beside them the protocol "
+        "study's seed-1 runs at 100 steps:\n\n" + markdown_table(table) + "\n\n" + weighting_line() + "\n\n"
+        "With one run per λ there is no seed replication: the differences at 300 steps have no interval and "
+        "none is resolved under the rule —\n\n"
+        + "\n".join(f"- {analysis.describe_difference(r, NAMES.get(r['metric'], r['metric']))}"
+                    for _, r in diffs.iterrows()) + "\n\n"
+        + link + "\n\n" + analysis.describe_curves(curves) + " The original study's 1k-against-20k-step "
+        "comparison is not in its published tables.\n")
+
+
+def section_batch_rollout() -> str:
+    ref = analysis.reference_study()
+    parts = []
+    for table, key, name in (("batch_size", "batch_size", "batch size"),
+                             ("rollout_length", "max_new_tokens", "rollout tokens")):
+        part = ref[ref["table"] == table].set_index(key)[list(BENCHMARKS)]
+        part = part.assign(average=part.mean(axis=1)).map(lambda v: num(v, 3))
+        part.index = [f"{name} {int(v)}" for v in part.index]
+        parts.append(markdown_table(part.rename(columns=BENCHMARKS), name))
+    return (
+        "## 6. Batch size and rollout length (λ=1)\n\n"
+        "**No committed study yet** on this tool: `params/sweeps/cpu_batch.yaml` and `cpu_rollout.yaml` exist "
+        "but have not been run to committed results. The original study's published tables (Qwen3-4B, one "
+        "run each, no interval):\n\n" + "\n\n".join(parts) + "\n")
+
+
+def section_ladder(figures: Path) -> str:
+    from onpolicy_lib import plots
+
+    effects = comparisons(LADDER)
+    rungs = list(dict.fromkeys(effects["quant_type"]))
+    metrics = [m for m in ("average", "reverse_kl_on_policy", "teacher_nll_of_student_greedy", "forward_kl",
+                           "top1_agreement", "perplexity", "heldout_loss_after") if m in set(effects["metric"])]
+    rows = {}
+    for rung in rungs:
+        part = effects[effects["quant_type"] == rung]
+        ptq = part["ptq_forward_kl"].iloc[0]
+        rows[f"{rung} (RTN forward KL {num(ptq, 3)})"] = {
+            NAMES[m]: difference(part[part["metric"] == m].iloc[0]) for m in metrics}
+    table = pd.DataFrame(rows).T
+    fig = plots.plot_ladder(effects, NAMES, f"{LADDER}: λ=1 − λ=0 by rung")
+    link = figure(fig, figures, "ladder")
+    rel = ", ".join(f"{r} {100 * relative(LADDER, 'forward_kl', r):+.0f}%" for r in rungs)
+    rkl = " → ".join(num(comparison(LADDER, "reverse_kl_on_policy", rung=r)["delta"], 3, True) for r in rungs)
+    fkl = " → ".join(num(comparison(LADDER, "forward_kl", rung=r)["delta"], 3, True) for r in rungs)
+    bench = [comparison(LADDER, "average", rung=r) for r in rungs]
+    int8 = conditions(LADDER, ("forward_kl", "perplexity"), "int8")
+    int8_text = "; ".join(f"{c} forward KL {mean_sd(int8, c, 'forward_kl')}, perplexity "
+                          f"{mean_sd(int8, c, 'perplexity', 4)}" for c in int8.index)
+    return (
+        f"## 7. The quantization ladder (`{LADDER}`, Gemma-3-270m)\n\n"
+        "If the mismatch between student and teacher is what on-policy training fixes, its advantage should "
+        "grow as the student is pushed further from the teacher. λ=1 − λ=0 per rung (the int4 rung is "
+        f"`{GEMMA}`'s runs), against the distance of each rung's round-to-nearest model from the teacher (its "
+        "per-chat mean forward KL):\n\n" + markdown_table(table, "rung") + "\n\n"
+        + weighting_line(tuple(metrics)) + " Negative KL, NLL, perplexity and divergence and positive "
+        "agreement and accuracy favour λ=1.\n\n" + link + "\n\n"
+        f"- Reverse KL on the student's own samples (where λ=1 trains): {rkl}; "
+        + "; ".join(f"{r} {verdict(comparison(LADDER, 'reverse_kl_on_policy', rung=r))}" for r in rungs) + ".\n"
+        f"- Forward KL on dataset completions (where λ=0 trains): {fkl}; relative to λ=0's own per-chat mean: "
+        f"{rel}; " + "; ".join(f"{r} {verdict(comparison(LADDER, 'forward_kl', rung=r))}" for r in rungs) + ".\n"
+        "- Benchmark average: " + "; ".join(f"{r} {difference(b)} ({verdict(b)})" for r, b in zip(rungs, bench,
+                                                                                               strict=True)) + ".\n"
+        f"- Int8 has no students (every baseline already sits on the teacher): {int8_text}.\n")
+
+
+def section_gemma() -> str:
+    labels = {"Gemma-3-270m (int4 rung)": (LADDER, "int4"), "SmolLM2-135M": (PROTOCOL, None)}
+    rows = {}
+    for title, (name, rung) in labels.items():
+        rows[title] = {NAMES[m]: difference(comparison(name, m, rung=rung)) for m in METRICS
+                       if _has(name, m, "λ=1 − λ=0", rung)}
+    table = pd.DataFrame(rows)
+    ppl = comparison(LADDER, "perplexity", rung="int4")
+    seeds = study(LADDER).students.query("quant_type == 'int4'").pivot_table(index="seed", columns="lmbda",
+                                                                             values="perplexity")
+    pairs = "; ".join(f"seed {int(s)}: λ=1 {num(r[1.0], 4)} against λ=0 {num(r[0.0], 4)}" for s, r in seeds.iterrows())
+    same = sum(np.sign(a - b) == np.sign(ppl["delta"]) for a in seeds[1.0] for b in seeds[0.0])
+    return (
+        "## 8. A second architecture: Gemma-3-270m\n\n"
+        f"`{GEMMA}` repeats the key comparison on Gemma-3-270m (a base model, teacher a Q4_K_M GGUF whose body "
+        "lies on no INT4 grid), two seeds per λ; it is also the ladder's int4 rung, and this table reads the "
+        "same computation as the ladder's int4 row. λ=1 − λ=0 on both models:\n\n"
+        + markdown_table(table) + "\n\n" + weighting_line() + "\n\n"
+        f"Perplexity on Gemma: {difference(ppl)}, {verdict(ppl)}; per seed {pairs} ({same} of "
+        f"{seeds[1.0].count() * seeds[0.0].count()} pairings of a λ=1 seed with a λ=0 seed point the same way).\n")
+
+
+def section_baselines(figures: Path) -> str:
+    from onpolicy_lib import plots
+
+    columns = ("forward_kl", "top1_agreement", "reverse_kl_on_policy", "teacher_nll_of_student_greedy",
+               "perplexity", "average")
+    w = study(LADDER).w
+    table = analysis.ladder_table(w, list(columns))
+    fig = plots.plot_conditions(table, NAMES, f"{LADDER}: every model of each rung")
+    link = figure(fig, figures, "baselines")
+    parts, sentences = [], []
+    for rung in dict.fromkeys(table.index.get_level_values(0)):
+        part = conditions(LADDER, columns, rung)
+        shown = pd.DataFrame({NAMES[c]: [mean_sd(part, cond, c) for cond in part.index] for c in columns},
+                             index=part.index)
+        parts.append(f"**{rung}**\n\n" + markdown_table(shown, "model"))
+        gptq = [c for c in part.index if c.startswith("GPTQ")]
+        students = [c for c in part.index if c.startswith("λ=")]
+        if gptq and students:
+            g = part.loc[gptq[0], ("forward_kl", "mean")]
+            s = part.loc[students, ("forward_kl", "mean")]
+            place = "below both students'" if g < s.min() else "above both students'" if g > s.max() else \
+                "between the students'"
+            sentences.append(f"{rung}: GPTQ's forward KL {num(g, 3)} is {place} ("
+                             + ", ".join(f"{c} {num(v, 3)}" for c, v in s.items()) + ")")
+    repeats = w[(w["role"] != "student") & w["run"].str.contains(r"\(evaluation \d+\)", regex=True)]
+    repeated = sorted({analysis.results_label(r) for r in repeats["run"]})
+    return (
+        "## 9. Against post-training quantization (RTN, GPTQ, AWQ)\n\n"
+        "Each rung's round-to-nearest (PTQ), GPTQ and AWQ models on the students' grid (symmetric g64, "
+        "16 calibration chats), beside the teacher and the students (mean ± sd (n); n counts seeds for "
+        "students and evaluations for baselines):\n\n" + "\n\n".join(parts) + "\n\n"
+        + weighting_line(columns) + "\n\n" + link + "\n\n"
+        + ("Evaluated twice (on two machines; the second calibration differs, so both are kept and "
+           f"averaged): {', '.join(repeated)}.\n\n" if repeated else "")
+        + "Students against GPTQ (a baseline is not seed-replicated, so these are not resolved): "
+        + "; ".join(sentences) + ".\n")
+
+
+def section_generation() -> str:
+    found = _studies_in_outputs("cpu_gen_")
+    if not found:
+        return ("## 10. Generation quality\n\n**In progress.** The generation study (full-length outputs, task "
+                "correctness, ROUGE-L against references, the teacher's NLL of each output, on prompts no run "
+                "trained on) has no committed results yet: this section fills in when `outputs/cpu_gen_*` "
+                "exists.\n")
+    return ("## 10. Generation quality\n\nCommitted generation studies: " + ", ".join(f"`{f}`" for f in found)
+            + ". Their analyses are in their own directories; this report does not summarise them yet.\n")
+
+
+def section_cost() -> str:
+    lines = []
+    for name in (PROTOCOL, GEMMA, LADDER):
+        lines.append(f"- `{name}`: {analysis.describe_cost(study(name).students)}")
+    return ("## 11. Cost\n\nMeasured by the runs (wall times and median steps compare only within one machine; "
+            "the studies ran on the machines listed in section 2):\n\n" + "\n".join(lines) + "\n")
+
+
+def section_discussion() -> str:
+    table = comparisons(PROTOCOL)
+    table = table[table["comparison"] == "λ=1 − λ=0"]
+    gemma = comparisons(LADDER)
+    gemma = gemma[gemma["quant_type"] == "int4"]
+    agree = []
+    for metric in METRICS:
+        a, b = table[table["metric"] == metric], gemma[gemma["metric"] == metric]
+        if len(a) and len(b) and np.sign(a["delta"].iloc[0]) == np.sign(b["delta"].iloc[0]):
+            agree.append(NAMES[metric])
+    rungs = list(dict.fromkeys(comparisons(LADDER)["quant_type"]))
+
+    def by_rung(metric: str) -> str:
+        return "; ".join(f"{r} {num(comparison(LADDER, metric, rung=r)['delta'], 3, True)}, "
+                         f"{verdict(comparison(LADDER, metric, rung=r))}" for r in rungs)
+
+    return (
+        "## 12. Discussion\n\n"
+        "On these models and budgets, each regime is closest to the teacher on the distribution it trains on: "
+        "off-policy on reference text, on-policy on what the student itself generates. The two models agree in "
+        f"the sign of λ=1 − λ=0 on {len(agree)} of {len(METRICS)} metrics ({'; '.join(agree)}). Down the ladder "
+        f"the difference on the student's own samples (reverse KL) reads {by_rung('reverse_kl_on_policy')}; on "
+        f"dataset completions (forward KL) {by_rung('forward_kl')}; on the benchmark average "
+        f"{by_rung('average')}. Moving the student away from the teacher thus widens each regime's lead on its "
+        "own distribution where the rule resolves it, without a benchmark advantage these samples can resolve: "
+        "the original study's explanation (little mismatch to fix) is not supported in its strong form, nor is "
+        "its opposite. With two or three seeds per arm the seed-level interval limits most claims.\n\n"
+        "Caveats: small models (135M, 270M) whose benchmarks sit near chance; 100-step budgets that are not "
+        "converged (section 5); teachers that are themselves GGUF-quantized; rollouts of 32 tokens, shorter "
+        "than most answers; learning rates chosen for λ=0. The generation study addresses the last two.\n")
+
+
+def section_reproduce() -> str:
+    return ("## Reproducing this report\n\n`python -m onpolicy_lib.report` executes `notebooks/report.ipynb` "
+            "over the committed `outputs/` and rewrites `REPORT.md`, `report/REPORT.html` and "
+            f"`report/figures/`; every bootstrap uses {N_BOOT:,} resamples and seed {BOOT_SEED}. "
+            "`tests/test_report.py` re-renders it and fails if the committed report differs.\n")
+
+
+def figure(fig: Any, figures: Path, name: str) -> str:
+    """Save a figure (PNG only: the report's) and return its markdown link, relative to report/."""
+    import matplotlib.pyplot as plt
+
+    figures = Path(figures)
+    figures.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figures / f"{name}.png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return f"![{name.replace('_', ' ')}](figures/{name}.png)"
+
+
+# ---------------------------------------------------------------------------- rendering
+def notebook_markdown(path: Path) -> str:
+    """The report as markdown: the notebook's markdown cells and the markdown its code cells display."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    parts = []
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            parts.append(cell.source.strip())
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "error":
+                raise RuntimeError(f"report notebook failed: {output.get('ename')}: {output.get('evalue')}")
+            text = output.get("data", {}).get("text/markdown")
+            if text:
+                parts.append(text.strip())
+    return "\n\n".join(parts) + "\n"
+
+
+def strip_volatile(path: Path) -> None:
+    """No execution times, kernel versions or papermill timestamps in the executed notebook."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    nb.metadata = {"kernelspec": nb.metadata.get("kernelspec", {}), "language_info": {"name": "python"}}
+    for cell in nb.cells:
+        cell.metadata = {k: v for k, v in cell.metadata.items() if k == "tags"}
+        if cell.cell_type == "code":
+            cell.execution_count = None
+            for output in cell.get("outputs", []):
+                output.pop("execution_count", None)
+                output.get("metadata", {}).clear() if isinstance(output.get("metadata"), dict) else None
+    nbformat.write(nb, path)
+
+
+def render(out_dir: Path = PROJECT_ROOT) -> Path:
+    """Execute the report notebook; write ``REPORT.md`` into ``out_dir`` and ``report/`` (HTML, figures)
+    beside it. Returns the markdown's path."""
+    import papermill as pm
+    from nbconvert import HTMLExporter
+
+    out_dir = Path(out_dir)
+    report_dir = out_dir / "report"
+    figures = report_dir / "figures"
+    for old in figures.glob("*.png") if figures.is_dir() else []:
+        old.unlink()  # a figure the report no longer makes must not linger
+    with tempfile.TemporaryDirectory() as tmp:
+        executed = Path(tmp) / "report.ipynb"
+        pm.execute_notebook(str(NOTEBOOK), str(executed), cwd=str(PROJECT_ROOT), progress_bar=False,
+                            parameters={"figures_dir": str(figures)})
+        strip_volatile(executed)
+        text = notebook_markdown(executed)
+        html, _ = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True) \
+            .from_filename(str(executed))
+    report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / "REPORT.html").write_text(html)
+    md = out_dir / "REPORT.md"
+    md.write_text(text.replace("](figures/", "](report/figures/"))
+    return md
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m onpolicy_lib.report", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(PROJECT_ROOT), help="where REPORT.md and report/ go (default: the "
+                        "project root)")
+    args = parser.parse_args(argv)
+    print(f"report written to {render(Path(args.out))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

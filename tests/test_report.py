@@ -1,0 +1,167 @@
+"""REPORT.md: re-rendered from the committed outputs it must not change, and its key numbers equal direct
+computations from the run files (each number that once drifted when typed by hand)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from onpolicy_lib import report
+
+ROOT = Path(__file__).resolve().parents[1]
+OUTPUTS = ROOT / "outputs"
+TASKS = ("hellaswag", "arc_easy", "arc_challenge", "winogrande", "mmlu")
+NUMBER = r"[+-]?\d+(?:\.\d+)?(?: × 10\^-?\d+)?"
+
+
+@pytest.fixture(scope="module")
+def text() -> str:
+    return (ROOT / "REPORT.md").read_text()
+
+
+def section(text: str, number: int) -> str:
+    start = text.index(f"## {number}. ")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
+
+
+def cells(text: str, row_label: str) -> list[str]:
+    """The cells of the first markdown table row whose label starts with ``row_label``."""
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.strip().strip("|").split("|")]
+        if line.startswith("|") and parts[0].startswith(row_label):
+            return parts
+    raise AssertionError(f"no table row {row_label!r}")
+
+
+def column(text: str, row_label: str, header: str) -> str:
+    for line in text.splitlines():
+        if line.startswith("|") and header in line:
+            headers = [p.strip() for p in line.strip().strip("|").split("|")]
+            if header in headers:
+                return cells(text[text.index(line):], row_label)[headers.index(header)]
+    raise AssertionError(f"no column {header!r}")
+
+
+def numbers(cell: str) -> list[float]:
+    out = []
+    for token in re.findall(NUMBER, cell.replace("**", "")):
+        mantissa, _, exponent = token.partition(" × 10^")
+        out.append(float(mantissa) * 10 ** int(exponent or 0))
+    return out
+
+
+def shown_to_its_precision(shown: str, value: float) -> bool:
+    """``shown`` is ``value`` rounded to the decimals it prints."""
+    token = re.findall(NUMBER, shown.replace("**", ""))[0]
+    places = len(token.split(".")[1]) if "." in token else 0
+    return abs(float(token) - value) <= 0.5 * 10**-places + 1e-12
+
+
+def evaluations(pattern: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(OUTPUTS.glob(pattern))]
+
+
+def per_chat(result: dict, metric: str) -> dict[str, float]:
+    return {e["id"]: e[metric] for e in result["fidelity"]["per_example"]}
+
+
+@pytest.mark.slow  # executes the report notebook: every bootstrap of the report
+def test_the_committed_report_is_what_the_committed_outputs_render(tmp_path):
+    rendered = report.render(tmp_path).read_text()
+    committed = (ROOT / "REPORT.md").read_text()
+    assert rendered == committed, "REPORT.md is stale: run python -m onpolicy_lib.report and commit it"
+    assert sorted(p.name for p in (tmp_path / "report" / "figures").glob("*.png")) == \
+        sorted(p.name for p in (ROOT / "report" / "figures").glob("*.png"))
+
+
+def test_the_ladder_int4_benchmark_difference_is_the_per_document_mean(text):
+    """λ=1 − λ=0 on the benchmark average at int4: per task, the mean over documents of (mean over λ=1's
+    seeds − mean over λ=0's), then the tasks' unweighted mean."""
+    by_lambda = {}
+    for lmbda in (0, 1):
+        runs = evaluations(f"cpu_gemma/seed-*_lmbda-{lmbda}/eval.json")
+        assert len(runs) == 2
+        by_lambda[lmbda] = {task: np.mean([[s["acc"] for s in r["student"]["benchmarks"]["tasks"][task]["samples"]]
+                                           for r in runs], axis=0) for task in TASKS}
+    direct = np.mean([np.mean(by_lambda[1][t] - by_lambda[0][t]) for t in TASKS])
+    ladder = cells(section(text, 7), "int4")[1]
+    gemma = column(section(text, 8), "benchmark average", "Gemma-3-270m (int4 rung)")
+    assert ladder == gemma  # one computation, shown alike in both sections
+    assert shown_to_its_precision(ladder, direct)
+    assert re.findall(NUMBER, ladder)[0] == f"{direct:+.4f}"  # +0.0015: two significant digits, not +0.002
+
+
+def test_every_stated_resample_count_is_the_one_used(text):
+    counts = set(re.findall(r"([\d,]+) bootstrap resamples", text))
+    assert counts == {f"{report.N_BOOT:,}"}
+    for study in ("cpu_protocol", "cpu_protocol_long", "cpu_gemma", "cpu_ladder"):
+        rendered = (OUTPUTS / study / "analysis.ipynb").read_text()
+        assert f"{report.N_BOOT:,} bootstrap resamples per interval" in rendered, study
+
+
+def test_both_int2_gptq_calibrations_are_in_the_report(text):
+    values = {}
+    for record in evaluations("cpu_ladder/q-int2_*/eval.json"):
+        chats = per_chat(record["baselines"]["gptq"], "forward_kl")
+        values[round(float(np.mean(list(chats.values()))), 12)] = True
+    values = sorted(values)
+    assert len(values) == 2  # two calibrations (two machines), neither dropped
+    shown = cells(section(text, 9)[section(text, 9).index("**int2**"):], "GPTQ int2 g64")[1]
+    mean, sd, n = numbers(shown)
+    assert n == 2 and shown_to_its_precision(shown, float(np.mean(values)))
+    assert sd == pytest.approx(np.std(values, ddof=1), abs=0.006)
+
+
+def test_relative_differences_use_the_differences_own_weighting(text):
+    """Forward KL, λ=1 − λ=0 relative to λ=0: both per chat, as the difference beside it."""
+    rungs = {"int4": "cpu_gemma/seed-*_lmbda-{}/eval.json", "int3": "cpu_ladder/q-int3_seed-*_lmbda-{}/eval.json",
+             "int2": "cpu_ladder/q-int2_seed-*_lmbda-{}/eval.json"}
+    stated = dict(re.findall(r"(int\d) ([+-]\d+)%", section(text, 7).split("relative to λ=0's own per-chat mean:")[1]
+                             .split(";")[0]))
+    for rung, pattern in rungs.items():
+        means = {lmbda: np.mean([np.mean(list(per_chat(r["student"], "forward_kl").values()))
+                                 for r in evaluations(pattern.format(lmbda))]) for lmbda in (0, 1)}
+        assert int(stated[rung]) == round(100 * (means[1] - means[0]) / means[0]), rung
+
+
+def test_gemma_perplexity_is_judged_alike_in_both_sections_and_by_the_rule(text):
+    ppl = {lmbda: [r["student"]["perplexity"]["perplexity"] for r in evaluations(f"cpu_gemma/seed-*_lmbda-{lmbda}/"
+                                                                                  "eval.json")] for lmbda in (0, 1)}
+    welch = stats.ttest_ind(ppl[1], ppl[0], equal_var=False).confidence_interval(0.95)
+    gemma = column(section(text, 8), "perplexity", "Gemma-3-270m (int4 rung)")
+    ladder = cells(section(text, 7), "int4")[[h.strip() for h in cells(section(text, 7), "rung")].index("perplexity")]
+    assert gemma == ladder
+    delta, boot_low, boot_high, seed_low, seed_high = numbers(gemma)
+    assert shown_to_its_precision(gemma, np.mean(ppl[1]) - np.mean(ppl[0]))
+    assert (seed_low, seed_high) == (pytest.approx(welch.low, abs=0.01), pytest.approx(welch.high, abs=0.01))
+    resolved = (boot_low > 0 or boot_high < 0) and (welch.low > 0 or welch.high < 0)
+    assert gemma.startswith("**") == resolved
+    assert ("not resolved" in section(text, 8).split("Perplexity on Gemma:")[1].split("\n")[0]) == (not resolved)
+
+
+def test_single_run_comparisons_show_no_interval_and_are_never_resolved(text):
+    extended = section(text, 5)
+    bullets = [line for line in extended.splitlines() if line.startswith("- ")]
+    assert bullets and all("no seed replication, so no interval; not resolved" in b for b in bullets)
+    assert not any("[" in b or "**" in b for b in bullets)
+
+
+def test_the_report_says_which_studies_are_missing(text):
+    assert "No committed learning-rate study yet" in section(text, 4)
+    assert "No committed study yet" in section(text, 6)
+    generation = section(text, 10)
+    assert ("In progress" in generation) == (not any(OUTPUTS.glob("cpu_gen_*")))
+
+
+def test_numbers_are_formatted_without_false_precision():
+    row = {"delta": 0.00149, "ci_low": -0.022, "ci_high": 0.0223, "seed_low": -0.034, "seed_high": 0.037,
+           "resolved": False}
+    assert report.difference(row) == "+0.0015 [-0.0220, +0.0223] [-0.0340, +0.0370]"
+    assert report.difference({**row, "ci_low": np.nan}) == "+0.00149 (no seed replication: no interval)"
+    assert report.num(9.09e7, sign=True) == "+9.09 × 10^7"
