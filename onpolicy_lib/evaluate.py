@@ -26,9 +26,10 @@ from typing import Any
 import pandas as pd
 import torch
 
-from onpolicy_lib import benchmarks, calibrated_ptq, data, quantization
+from onpolicy_lib import benchmarks, calibrated_ptq, data, gen_tasks, quantization
 from onpolicy_lib.config import PROJECT_ROOT, ConfigError, EvalConfig, TrainConfig, portable_path, resolve_path
 from onpolicy_lib.fidelity import FidelityConfig, measure_fidelity
+from onpolicy_lib.generation_eval import evaluate_generation
 from onpolicy_lib.models import (
     load_model,
     load_skeleton,
@@ -46,6 +47,8 @@ from onpolicy_lib.student import load_student
 # another way differ in the last float digits (and, on a near-tie, a benchmark answer), so a student
 # is never set beside a baseline scored differently. 2: logits at the scored positions only.
 SCORING = 2
+# The generation evaluation's version in its cache key (checkers, metrics, generation loop).
+GENERATION_SCORING = 1
 
 
 def plan_evaluation(cfg: EvalConfig) -> list[Run]:
@@ -66,10 +69,14 @@ def plan_evaluation(cfg: EvalConfig) -> list[Run]:
 
 
 # ---------------------------------------------------------------------------- one model
+PARTS = ("benchmarks", "perplexity", "fidelity", "generation")
+
+
 def evaluate_model(model: torch.nn.Module, tokenizer, cfg: EvalConfig, teacher: torch.nn.Module | None = None,
                    fidelity: Fidelity | None = None, device: torch.device | str = "cpu",
-                   parts: tuple[str, ...] = ("benchmarks", "perplexity", "fidelity")) -> dict[str, Any]:
-    """Benchmarks, perplexity and (given a teacher and a held-out set) fidelity of one model."""
+                   parts: tuple[str, ...] = PARTS, generation: GenerationSetting | None = None) -> dict[str, Any]:
+    """Benchmarks, perplexity, (given a teacher and a held-out set) fidelity and (given a generation
+    setting) generation quality of one model."""
     out: dict[str, Any] = {}
     start = time.perf_counter()
     if cfg.tasks and "benchmarks" in parts:
@@ -84,6 +91,11 @@ def evaluate_model(model: torch.nn.Module, tokenizer, cfg: EvalConfig, teacher: 
             max_tokens=cfg.perplexity_tokens)}
     if teacher is not None and fidelity is not None and "fidelity" in parts:
         out["fidelity"] = measure_fidelity(teacher, model, tokenizer, fidelity.heldout, fidelity.config)
+    if generation is not None and "generation" in parts:
+        # The teacher scores its own outputs too: its NLL of them is the reference a student's is set against.
+        out["generation"] = evaluate_generation(
+            model, tokenizer, generation.items, teacher=teacher if teacher is not None else model,
+            temperature=generation.temperature, **generation.arguments)
     out["seconds"] = round(time.perf_counter() - start, 1)
     return out
 
@@ -142,14 +154,44 @@ def fidelity_for(run_cfg: dict[str, Any], samples: int, tokenizer, cache: dict[s
     return Fidelity(heldout, config, key)
 
 
+@dataclass
+class GenerationSetting:
+    """The generation evaluation a run is judged on: its prompts, its sampling temperature, a cache key."""
+
+    items: list
+    temperature: float
+    arguments: dict[str, Any]  # evaluate_generation's other settings
+    key: dict[str, Any]
+
+
+def generation_for(cfg: EvalConfig, run_cfg: dict[str, Any], cache: dict[str, Any]) -> GenerationSetting | None:
+    """``cfg``'s generation prompts (a seeded sample per task of the split's slice), sampled at the
+    run's training temperature unless ``generation_temperature`` is set; None without generation tasks."""
+    if not cfg.generation_tasks:
+        return None
+    settings = cfg.generation_settings()
+    items_key = json.dumps([settings[k] for k in ("tasks", "split", "limit", "seed")])
+    if items_key not in cache:
+        cache[items_key] = gen_tasks.generation_items(cfg.generation_split, cfg.generation_tasks,
+                                                      limit=cfg.generation_limit, seed=cfg.generation_seed)
+    items = cache[items_key]
+    temperature = cfg.generation_temperature or run_cfg.get("temperature", TrainConfig().temperature)
+    arguments = {"max_new_tokens": cfg.generation_max_new_tokens, "samples": cfg.generation_samples,
+                 "seed": cfg.generation_seed, "batch_size": cfg.generation_batch_size}
+    key = {**settings, "temperature": temperature, "ids": [f"{i.task}/{i.id}" for i in items],
+           "scoring": GENERATION_SCORING}
+    return GenerationSetting(items, temperature, arguments, key)
+
+
 def _evaluate_ptq(teacher, tokenizer, cfg: EvalConfig, device, quant_type: str, group_size: int,
                   quantize_head: bool = False, fidelity: Fidelity | None = None,
-                  parts: tuple[str, ...] = ("benchmarks", "perplexity")) -> dict[str, Any]:
+                  parts: tuple[str, ...] = ("benchmarks", "perplexity"),
+                  generation: GenerationSetting | None = None) -> dict[str, Any]:
     # Checked where the baseline is computed (a cached one was checked when it was computed).
     quantization.check_distinct_from_teacher(teacher, quant_type, group_size, quantize_head)
     model = quantization.quantize_ptq(copy.deepcopy(teacher), quant_type, group_size, quantize_head)
     quantization.dequantize_for_eval(model, cfg.cuda_int4_kernels)  # CPU: same numbers, teacher-speed forward
-    return evaluate_model(model, tokenizer, cfg, teacher, fidelity, device, parts)
+    return evaluate_model(model, tokenizer, cfg, teacher, fidelity, device, parts, generation)
 
 
 def _calibration(cfg: EvalConfig, members: list, scheme_key: tuple[str, int, bool]) -> dict[str, Any]:
@@ -166,13 +208,14 @@ def _calibration(cfg: EvalConfig, members: list, scheme_key: tuple[str, int, boo
 def _evaluate_calibrated(teacher, tokenizer, cfg: EvalConfig, device, model_name: str, method: str,
                          scheme_key: tuple[str, int, bool], calibration: dict[str, Any],
                          fidelity: Fidelity | None = None,
-                         parts: tuple[str, ...] = ("benchmarks", "perplexity")) -> dict[str, Any]:
+                         parts: tuple[str, ...] = ("benchmarks", "perplexity"),
+                         generation: GenerationSetting | None = None) -> dict[str, Any]:
     path = calibrated_ptq.calibrated_model(
         _cache_root(cfg), model_name, _recipe(method, scheme_key, device), calibration["dataset_name"],
         calibration["max_length"], calibration["min_completion_tokens"], calibration["samples"],
         calibration["seed"])
     model = calibrated_ptq.load_calibrated(path, device, teacher.dtype)
-    result = evaluate_model(model, tokenizer, cfg, teacher, fidelity, device, parts)
+    result = evaluate_model(model, tokenizer, cfg, teacher, fidelity, device, parts, generation)
     return {**result, "calibrated": read_json(path / "calibrated.json")}
 
 
@@ -219,8 +262,22 @@ class Baseline:
                            partial(self.evaluate, fidelity=fidelity, parts=("fidelity",)))
         return {**results, "fidelity": measured["fidelity"]}
 
+    def with_generation(self, cfg: EvalConfig, results: dict[str, Any],
+                        generation: GenerationSetting | None) -> dict[str, Any]:
+        """``results`` plus generation quality on ``generation``'s prompts and temperature (cached)."""
+        if generation is None:
+            return dict(results)
+        model_key = {k: v for k, v in self.key.items() if k not in _EVALUATION_SETTINGS}
+        measured = _cached(cfg, f"{self.role}-generation", {**model_key, "generation": generation.key},
+                           partial(self.evaluate, fidelity=None, parts=("generation",), generation=generation))
+        return {**results, "generation": measured["generation"]}
+
     def row_label(self, results: dict[str, Any]) -> str:
         return self.label if self.label is not None else teacher_label(results)
+
+
+# Keys of a baseline's cache key that say how benchmarks and perplexity were run, not which model it is.
+_EVALUATION_SETTINGS = (*EvalConfig().benchmark_settings(), *EvalConfig().perplexity_settings(), "lm_eval", "scoring")
 
 
 def baselines(cfg: EvalConfig, model_name: str, teacher: torch.nn.Module, tokenizer, device: torch.device,
@@ -274,6 +331,7 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
     model_names = sorted({s["model_name"] for _, _, s in runs}) or [cfg.model_name]
     rows: list[dict[str, Any]] = []
     heldout_cache: dict[str, Any] = {}
+    items_cache: dict[str, Any] = {}
     lone: dict[str, Any] = {}  # baselines evaluated without students, by role (for baselines_record)
     for model_name in model_names:
         members = [(r, c, s) for r, c, s in runs if s["model_name"] == model_name]
@@ -292,15 +350,18 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
         if not members:
             # Judged on the held-out chats and generation settings a default run of this model would
             # be (the CPU studies change none of those).
-            fidelity = fidelity_for(TrainConfig(model_name=model_name).to_dict(), cfg.fidelity_samples, tokenizer,
+            default_run = TrainConfig(model_name=model_name).to_dict()
+            fidelity = fidelity_for(default_run, cfg.fidelity_samples, tokenizer,
                                     heldout_cache) if cfg.fidelity_samples else None
+            generation = generation_for(cfg, default_run, items_cache)
             for baseline, result in results:
-                result = baseline.with_fidelity(cfg, result, fidelity)
+                result = baseline.with_generation(cfg, baseline.with_fidelity(cfg, result, fidelity), generation)
                 rows.append(_row(baseline.row_label(result), model_name, result))
                 lone[baseline.role] = result
         for run, run_cfg, scheme in members:
             fidelity = fidelity_for(run_cfg, cfg.fidelity_samples, tokenizer, heldout_cache) \
                 if cfg.fidelity_samples else None
+            generation = generation_for(cfg, run_cfg, items_cache)
             record: dict[str, Any] = {"config": cfg.to_dict(), "versions": versions, "scheme": scheme}
             # The baselines this student is compared with travel in its eval.json, so a run
             # directory (or a committed study without the cache) is self-contained for analysis.
@@ -309,7 +370,7 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
             for baseline, result in results:
                 if baseline.scheme not in (None, _scheme_key(scheme)):
                     continue
-                result = baseline.with_fidelity(cfg, result, fidelity)
+                result = baseline.with_generation(cfg, baseline.with_fidelity(cfg, result, fidelity), generation)
                 record["baselines"][baseline.role] = result
                 # The teacher's row is the same for every run (the table keeps each label once).
                 rows.append(_row(baseline.row_label(result) + (setting if baseline.scheme else ""), model_name,
@@ -319,7 +380,8 @@ def evaluate_runs(cfg: EvalConfig) -> pd.DataFrame:
                 student = load_student(run.path, convert=True, device=str(device), dtype=dtype, lora_mode=form)
                 quantization.dequantize_for_eval(student, cfg.cuda_int4_kernels)
                 name = "student" if form == "merge" else "student_lora_adapter"
-                record[name] = evaluate_model(student, tokenizer, cfg, teacher, fidelity, device)
+                record[name] = evaluate_model(student, tokenizer, cfg, teacher, fidelity, device,
+                                              generation=generation)
                 rows.append(_row(run.name + ("" if form == "merge" else " (adapter)"), model_name, record[name],
                                  run_cfg))
                 del student
@@ -336,7 +398,8 @@ ROW_CONFIG = ("lmbda", "beta", "learning_rate", "max_steps", "seed", "lora_r")
 
 def _row(label: str, model_name: str, result: dict[str, Any], run_cfg: dict[str, Any] | None = None) -> dict:
     """One model's line in the evaluation table: benchmark ``acc`` (as the original study's tables; the
-    rest is in eval.json) under the task's name, then perplexity and the fidelity metrics."""
+    rest is in eval.json) under the task's name, then perplexity, the fidelity metrics and the generation
+    summaries (gen_<greedy|sampled>/<metric>, per example)."""
     row: dict[str, Any] = {"model": label, "teacher": model_name}
     if run_cfg:
         row.update({k: run_cfg.get(k) for k in ROW_CONFIG})
@@ -344,7 +407,7 @@ def _row(label: str, model_name: str, result: dict[str, Any], run_cfg: dict[str,
         task, _, kind = metric.partition("/")
         if kind == "acc":
             row[task] = value
-        elif not kind and metric != "eval_seconds":
+        elif (not kind or task.startswith("gen_")) and metric != "eval_seconds":
             row[metric] = value
     return row
 

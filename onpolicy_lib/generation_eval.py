@@ -149,6 +149,7 @@ def evaluate_generation(model: torch.nn.Module, tokenizer: Any, items: Sequence[
     keys = [(str(item.task), str(item.id)) for item in items]
     if len(set(keys)) != len(keys):
         raise ValueError("items must have distinct (task, id) pairs")
+    position = {key: k for k, key in enumerate(keys)}
     if not isinstance(samples, int) or samples < 0:
         raise ValueError(f"samples must be an integer >= 0; got {samples!r}")
     if samples and not temperature > 0:
@@ -184,7 +185,7 @@ def evaluate_generation(model: torch.nn.Module, tokenizer: Any, items: Sequence[
                             "rouge_l": rouge, "teacher_nll": nll[k]})
         seconds[f"{mode}_check"] = time.perf_counter() - start
         # Items' order, samples after one another.
-        records.sort(key=lambda r: (keys.index((r["task"], r["id"])), r.get("sample", 0)))
+        records.sort(key=lambda r: (position[r["task"], r["id"]], r.get("sample", 0)))
         return {"summary": summarize(records), "per_example": records}
 
     out: dict[str, Any] = {"settings": {"max_new_tokens": max_new_tokens, "temperature": temperature,
@@ -238,3 +239,22 @@ def gaps_recovered(student: dict[str, Any], ptq: dict[str, Any], teacher: dict[s
     tasks = set.intersection(*(set(s["by_task"]) for s in summaries))
     return {"all": fractions([s["all"] for s in summaries]),
             "by_task": {t: fractions([s["by_task"][t] for s in summaries]) for t in sorted(tasks)}}
+
+
+def summary_table(results: dict[str, dict[str, Any]], mode: str = "greedy") -> Any:
+    """A table of :func:`evaluate_generation` results by model (``{label: result}``): per task and overall,
+    each metric's mean over examples with its standard error and ``n``, one row per (model, task)."""
+    import pandas as pd
+
+    rows = []
+    for label, result in results.items():
+        if not result or mode not in result:
+            continue
+        summary = result[mode]["summary"]
+        for task, parts in [("all", summary["all"]), *summary["by_task"].items()]:
+            row: dict[str, Any] = {"model": label, "task": task, "examples": parts["examples"]}
+            for metric in METRICS:
+                row[metric] = parts[metric]["mean"]
+                row[f"{metric} sem"] = parts[metric]["sem"]
+            rows.append(row)
+    return pd.DataFrame(rows)

@@ -122,6 +122,9 @@ def _sweep_name(run_dir: Path) -> str:
     return manifest.get("name", run_dir.parent.name)
 
 
+GENERATION_MODES = ("greedy", "sampled")
+
+
 def model_metrics(result: dict[str, Any]) -> list[tuple[str, float, float | None]]:
     """(metric, value, stderr) of one evaluated model: benchmarks, perplexity, fidelity, eval time."""
     out: list[tuple[str, float, float | None]] = []
@@ -141,6 +144,13 @@ def model_metrics(result: dict[str, Any]) -> list[tuple[str, float, float | None
             out.append((metric, sum(values) / len(values), None))
         elif metric in fid:
             out.append((metric, fid[metric], None))
+    for mode, scored in (result.get("generation") or {}).items():
+        if mode not in GENERATION_MODES:
+            continue
+        # Per example, as generation_eval summarises (an example's mean over its samples).
+        for metric, summary in (scored.get("summary") or {}).get("all", {}).items():
+            if isinstance(summary, dict) and summary.get("mean") is not None:
+                out.append((f"gen_{mode}/{metric}", summary["mean"], summary.get("sem")))
     if "seconds" in result:
         out.append(("eval_seconds", result["seconds"], None))
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import papermill as pm
@@ -14,23 +15,21 @@ from onpolicy_lib.config import ConfigError, TrainConfig
 from onpolicy_lib.evaluate import EvalConfig, evaluate_runs
 from onpolicy_lib.student import build_student, save_student
 from onpolicy_lib.training import train
+from tests.conftest import tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def run_dir(tmp_path, tiny_model_dir, tiny_dataset_dir):
-    cfg = TrainConfig(model_name=str(tiny_model_dir), dataset_name=str(tiny_dataset_dir), group_size=32,
-                      max_steps=2, max_length=96, max_new_tokens=6, min_completion_tokens=4, lmbda=0.0,
-                      heldout_eval_size=2,
-                      output_dir=str(tmp_path / "run"), device="cpu")
-    return train(cfg).path
+    return train(TrainConfig(**tiny_run(tiny_model_dir, tiny_dataset_dir, lmbda=0.0,
+                                        output_dir=str(tmp_path / "run")))).path
 
 
 def light(run_dirs, tmp_path, **overrides) -> EvalConfig:
     """No benchmarks or perplexity (they need the packaged data); fidelity on a few chats."""
     values = dict(run_dirs=[str(r) for r in run_dirs], tasks=[], perplexity_tokens=0, fidelity_samples=3,
-                  cache_dir=str(tmp_path / "cache"), device="cpu")
+                  generation_tasks=[], cache_dir=str(tmp_path / "cache"), device="cpu")
     values.update(overrides)
     return EvalConfig(**values)
 
@@ -112,6 +111,7 @@ def test_baselines_without_students_are_judged_on_a_default_runs_chats(tmp_path,
     assert calls == [], "teacher, PTQ and PTQ's fidelity all come from the cache"
 
 
+@pytest.mark.slow
 def test_bf16_evaluation_is_explicit_cached_apart_and_close_to_fp32(tmp_path, run_dir, monkeypatch):
     """dtype=bfloat16 computes teacher, PTQ and student in bf16 on a CPU; their results are cached apart
     from fp32's, recorded, and close to fp32's (the tiny model's divergences move by bf16 rounding)."""
@@ -149,14 +149,18 @@ def test_lora_student_is_evaluated_in_both_forms(tmp_path, tiny_model, tiny_mode
     assert {"student", "student_lora_adapter"} <= set(record)
 
 
+@pytest.mark.slow
 def test_eval_notebook_end_to_end(tmp_path, run_dir):
     out = tmp_path / "eval.out.ipynb"
     pm.execute_notebook(str(ROOT / "notebooks" / "eval.ipynb"), str(out), kernel_name="python3", cwd=str(ROOT),
                         progress_bar=False,
                         parameters={"run_dirs": [str(run_dir)], "tasks": [], "cache_dir": str(tmp_path / "cache"),
-                                    "perplexity_tokens": 0, "fidelity_samples": 2, "device": "cpu"})
-    assert (run_dir / "eval.json").is_file()
-    assert "top1_agreement" in out.read_text()
+                                    "perplexity_tokens": 0, "fidelity_samples": 2, "device": "cpu",
+                                    "generation_tasks": ["basic_skills_arithmetic"], "generation_limit": 2,
+                                    "generation_max_new_tokens": 4})
+    record = json.loads((run_dir / "eval.json").read_text())
+    assert record["student"]["generation"]["greedy"]["summary"]["all"]["examples"] == 2
+    assert "top1_agreement" in out.read_text() and "ROUGE-L" in out.read_text()
 
 
 def test_list_parameters_given_as_strings(run_dir):
@@ -164,3 +168,46 @@ def test_list_parameters_given_as_strings(run_dir):
     cfg = EvalConfig(run_dirs=f'["{run_dir}"]', tasks="arc_easy, winogrande").validate()
     assert cfg.run_dirs == [str(run_dir)] and cfg.tasks == ["arc_easy", "winogrande"]
     assert EvalConfig(run_dirs=str(run_dir), tasks=[]).validate().run_dirs == [str(run_dir)]
+
+
+@dataclass(frozen=True)
+class FakeItem:
+    task: str
+    id: str
+    messages: list
+    reference: str
+    check: dict
+
+
+FAKE_ITEMS = [FakeItem("gsm8k", "gsm8k:a", [{"role": "user", "content": "what is 2+2?"}], "so the answer is 4.",
+                       {"answer": "4"}),
+              FakeItem("gsm8k", "gsm8k:b", [{"role": "user", "content": "what is 3+3?"}], "so the answer is 6.",
+                       {"answer": "6"})]
+
+
+def test_generation_is_evaluated_for_every_model_and_cached(tmp_path, run_dir, monkeypatch):
+    asked = []
+    monkeypatch.setattr(evaluate.gen_tasks, "generation_items", lambda *a, **k: asked.append((a, k)) or FAKE_ITEMS)
+    cfg = dict(generation_tasks=["gsm8k"], generation_max_new_tokens=5, generation_limit=2)
+    table = evaluate_runs(light([run_dir], tmp_path, **cfg)).set_index("model")
+    assert asked == [(("test", ["gsm8k"]), {"limit": 2, "seed": 0})]
+    record = json.loads((run_dir / "eval.json").read_text())
+    run_temperature = json.loads((run_dir / "config.json").read_text())["train"]["temperature"]
+    for result in (record["student"], record["baselines"]["teacher"], record["baselines"]["ptq"]):
+        generation = result["generation"]
+        assert generation["settings"]["temperature"] == run_temperature  # the run's own, by default
+        assert [r["id"] for r in generation["greedy"]["per_example"]] == ["gsm8k:a", "gsm8k:b"]
+        assert len(generation["sampled"]["per_example"]) == 2
+        assert all(0 <= r["rouge_l"] <= 1 and r["teacher_nll"] > 0 for r in generation["greedy"]["per_example"])
+    assert {"gen_greedy/rouge_l", "gen_sampled/teacher_nll", "gen_greedy/hit_cap"} <= set(table.columns)
+
+    calls = []
+    original = evaluate.evaluate_model
+    monkeypatch.setattr(evaluate, "evaluate_model", lambda m, *a, **k: calls.append(k.get("parts")) or original(m, *a,
+                                                                                                              **k))
+    again = evaluate_runs(light([run_dir], tmp_path, **cfg)).set_index("model")
+    assert len(calls) == 1, "the baselines' generation comes from the cache"
+    assert again.loc["PTQ int4 g32", "gen_greedy/rouge_l"] == table.loc["PTQ int4 g32", "gen_greedy/rouge_l"]
+    # Another temperature is another measurement.
+    evaluate_runs(light([run_dir], tmp_path, generation_temperature=0.5, **cfg))
+    assert len(calls) == 4
