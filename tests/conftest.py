@@ -11,6 +11,13 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Integration tests load the packaged models: outside the everyday loop (pytest -m "not slow") too.
+    for item in items:
+        if item.get_closest_marker("integration"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _prepared_data_in_a_temporary_directory(tmp_path_factory):
     # Tests prepare many small datasets; they must not accumulate in the user's asset cache.
@@ -133,6 +140,13 @@ def tiny_gemma_dir(tmp_path: Path) -> Path:
     make_gemma_model(len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def tiny_run(model_dir: Path, dataset_dir: Path, **overrides) -> dict:
+    """train.ipynb parameters for a run of the tiny model on the tiny chats: two steps on short chats and rollouts."""
+    return {"model_name": str(model_dir), "dataset_name": str(dataset_dir), "group_size": 32, "max_steps": 2,
+            "max_length": 96, "max_new_tokens": 6, "min_completion_tokens": 4, "heldout_eval_size": 2, "device": "cpu",
+            **overrides}
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from onpolicy_lib.config import EvalConfig, TrainConfig
 from onpolicy_lib.evaluate import evaluate_runs
 from onpolicy_lib.models import load_model
 from onpolicy_lib.training import train
-from tests.conftest import make_model
+from tests.conftest import make_model, tiny_run
 
 GROUP = 32
 
@@ -35,6 +35,7 @@ def test_a_missing_environment_is_one_clear_error(monkeypatch, tmp_path):
         calibrated_ptq.llmc_python()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_baseline_is_on_the_students_grid_and_cached(llmc_env, tmp_path, tiny_model_dir, tiny_dataset_dir, method):
     recipe = calibrated_ptq.recipe(method, "int4", GROUP, False, True)
@@ -57,10 +58,10 @@ def test_baseline_is_on_the_students_grid_and_cached(llmc_env, tmp_path, tiny_mo
     assert calibrated_ptq.calibrated_model(*args) == path and (path / "model.safetensors").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
 def test_evaluated_beside_the_students(llmc_env, tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch):
-    run = train(TrainConfig(model_name=str(tiny_model_dir), dataset_name=str(tiny_dataset_dir), group_size=GROUP,
-                            max_steps=2, max_length=96, max_new_tokens=6, min_completion_tokens=4, lmbda=0.0,
-                            heldout_eval_size=2, output_dir=str(tmp_path / "run"), device="cpu")).path
+    run = train(TrainConfig(**tiny_run(tiny_model_dir, tiny_dataset_dir, group_size=GROUP, lmbda=0.0,
+                                       output_dir=str(tmp_path / "run")))).path
     table = evaluate_runs(EvalConfig(run_dirs=[str(run)], tasks=[], perplexity_tokens=0, fidelity_samples=3,
                                      calibrated=["gptq", "awq"], calibration_samples=8,
                                      cache_dir=str(tmp_path / "cache"), device="cpu"))
@@ -86,6 +87,7 @@ def _group_codes(weight: torch.Tensor, group: int) -> int:
     return max(len(torch.unique(g)) for g in weight.detach().reshape(-1, group))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,symmetric,preset", [("gptq-original", True, "W4A16"),
                                                      ("awq-original", False, "W4A16_ASYM")])
 def test_the_original_recipes_use_its_presets(llmc_env, tmp_path, tokenizer, tiny_dataset_dir, method, symmetric,
@@ -123,6 +125,7 @@ def test_a_recipe_whose_groups_do_not_divide_the_model_is_refused_before_the_tea
         evaluate_runs(cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,quant_type", [("gptq", "int2"), ("awq", "int3"), ("gptq", "int8")])
 def test_the_ladders_rungs_on_gemma(llmc_env, tmp_path, tiny_gemma_dir, tiny_dataset_dir, method, quant_type):
     """The CPU ladder's baselines: Gemma-3 (sliding and full attention, one KV head) at the low and high

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # each test launches several training processes
+
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 
 

@@ -32,6 +32,7 @@ def test_parameters_cell_is_generated_from_its_dataclass(name):
     assert cls.from_namespace(namespace) == cls()
 
 
+@pytest.mark.slow
 def test_papermill_prints_nothing_a_user_must_ignore(tmp_path):
     """The kernel papermill starts (`make install` sets it up) does not warn about its local sockets."""
     import subprocess
@@ -63,6 +64,7 @@ def test_papermill_knows_every_parameter_of_the_readme_commands():
         assert set(given) <= known
 
 
+@pytest.mark.slow
 def test_train_notebook_end_to_end(tmp_path, tiny_model_dir, tiny_dataset_dir):
     out_dir = tmp_path / "run"
     executed = tmp_path / "train.out.ipynb"
@@ -79,6 +81,7 @@ def test_train_notebook_end_to_end(tmp_path, tiny_model_dir, tiny_dataset_dir):
     assert "held-out divergence after" in text
 
 
+@pytest.mark.slow
 def test_train_notebook_with_do_eval(tmp_path, tiny_model_dir, tiny_dataset_dir):
     out_dir = tmp_path / "run"
     pm.execute_notebook(

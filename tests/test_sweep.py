@@ -15,13 +15,9 @@ import yaml
 
 from onpolicy_lib import results, sweep
 from onpolicy_lib.sweep import SweepError, expand
+from tests.conftest import tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_params(model_dir: Path, dataset_dir: Path) -> dict:
-    return {"model_name": str(model_dir), "dataset_name": str(dataset_dir), "group_size": 32, "max_steps": 2,
-            "max_length": 96, "max_new_tokens": 6, "min_completion_tokens": 4, "heldout_eval_size": 2, "device": "cpu"}
 
 
 def write_spec(tmp_path: Path, name: str = "tiny", **spec) -> Path:
@@ -32,7 +28,7 @@ def write_spec(tmp_path: Path, name: str = "tiny", **spec) -> Path:
 
 @pytest.fixture
 def params(tiny_model_dir, tiny_dataset_dir):
-    return tiny_params(tiny_model_dir, tiny_dataset_dir)
+    return tiny_run(tiny_model_dir, tiny_dataset_dir)
 
 
 def test_expansion_crosses_runs_grid_and_seeds(tmp_path, params):
@@ -127,6 +123,7 @@ def _runner(spec: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "onpolicy_lib.sweep", str(spec), "--outputs", str(out), *extra]
 
 
+@pytest.mark.slow
 def test_sweep_end_to_end_killed_and_resumed(tmp_path, params):
     """A 2x2 sweep (lambda x seed) with evaluation: killed after its first run, resumed, analysed."""
     out = tmp_path / "out"
@@ -181,6 +178,7 @@ def test_sweep_end_to_end_killed_and_resumed(tmp_path, params):
     assert ptq_kl == pytest.approx(metrics_json["baselines"]["ptq"]["fidelity"]["forward_kl"])
 
 
+@pytest.mark.slow
 def test_failed_run_keeps_its_notebook_and_is_retried_only_on_request(tmp_path, params, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub-shaped dataset below fails fast, after expansion
     out = tmp_path / "out"
@@ -255,6 +253,7 @@ def test_as_sweep_reads_every_run_as_one_sweeps(tmp_path):
     assert {s for s, _, _ in results.find_runs([tmp_path / "ladder", tmp_path / "rung"], "ladder")} == {"ladder"}
 
 
+@pytest.mark.slow
 def test_baselines_only_renders_a_ptq_only_rung_with_the_sweeps_settings(tmp_path, params, capsys):
     spec = write_spec(tmp_path, params=params, grid={"lmbda": [0, 1]}, eval=True,
                       eval_parameters={"tasks": [], "perplexity_tokens": 0, "fidelity_samples": 0})

@@ -11,14 +11,13 @@ import torch
 from onpolicy_lib.config import ConfigError, TrainConfig
 from onpolicy_lib.student import load_student
 from onpolicy_lib.training import train
+from tests.conftest import tiny_run
 
 
 def tiny_config(model_dir: Path, data_dir: Path, out: Path, **overrides) -> TrainConfig:
-    values = dict(model_name=str(model_dir), dataset_name=str(data_dir), group_size=32, max_steps=4,
-                  max_length=96, max_new_tokens=6, min_completion_tokens=4, lmbda=0.5, learning_rate=1e-3,
-                  save_steps=2, heldout_eval_size=4, output_dir=str(out), device="cpu")
-    values.update(overrides)
-    return TrainConfig(**values)
+    return TrainConfig(**tiny_run(model_dir, data_dir, **{
+        "max_steps": 4, "lmbda": 0.5, "learning_rate": 1e-3, "save_steps": 2, "heldout_eval_size": 4,
+        "output_dir": str(out), **overrides}))
 
 
 def test_run_directory_contents(tmp_path, tiny_model_dir, tiny_dataset_dir):
@@ -82,6 +81,7 @@ def kill_at_step_3(cfg: TrainConfig, monkeypatch) -> None:
     monkeypatch.setattr(distill.DistillTrainer, "training_step", original)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch):
 
     full = train(tiny_config(tiny_model_dir, tiny_dataset_dir, tmp_path / "full", lmbda=1.0))
@@ -184,6 +184,7 @@ def test_fsdp_divides_the_students_states_among_the_processes():
         check_memory(big, cfg, torch.device("cpu"), torch.bfloat16)
 
 
+@pytest.mark.slow
 def test_resuming_under_another_scheme_is_refused(tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch):
     # Same parameters, another device: int4 would mean Int4WeightOnlyConfig's asymmetric grid on CUDA.
     from onpolicy_lib import quantization
@@ -224,6 +225,7 @@ def test_command_line_values_read_as_papermill_reads_them():
     assert {given[i + 1]: parameter_value(given[i + 2]) for i in range(0, len(given), 3)} == params
 
 
+@pytest.mark.slow
 def test_a_checkpoint_resumes_only_as_it_was_sharded(tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch):
     cfg = tiny_config(tiny_model_dir, tiny_dataset_dir, tmp_path / "run", max_steps=3)
     kill_at_step_3(cfg, monkeypatch)
