@@ -80,7 +80,9 @@ def build_random_model(model_name: str, device: torch.device | str = "cpu", dtyp
     initialised as transformers initialises it (normal, the config's ``initializer_range``), seeded."""
     device = torch.device(device)
     config = random_config(model_name, **overrides)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+    rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices), device:
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or default_dtype(device))
     model.config._name_or_path = model_name
