@@ -19,6 +19,7 @@ import pandas as pd
 
 from onpolicy_lib import fidelity, rollouts
 from onpolicy_lib.config import CALIBRATED_METHODS, TrainConfig, portable_path, resolve_path
+from onpolicy_lib.generation_eval import METRICS as GENERATION_METRICS
 from onpolicy_lib.metrics import loss_summary
 from onpolicy_lib.rundir import BASELINES_RECORD, EVAL_CACHE_DIR, MANIFEST, Run, read_json
 
@@ -270,6 +271,34 @@ def per_example_fidelity(roots: str | Path | Iterable[str | Path] = "outputs", a
                         rows.append({"sweep": sweep, "run": run, "role": role, **config, "metric": metric,
                                      "id": example["id"], "source": example.get("source"),
                                      "value": example[metric]})
+    return pd.DataFrame(rows)
+
+
+def per_example_generation(roots: str | Path | Iterable[str | Path] = "outputs", as_sweep: str = "",
+                           mode: str = "greedy") -> pd.DataFrame:
+    """One row per (sweep, run or baseline, generation metric, prompt) of ``mode``'s outputs (greedy or
+    sampled): ``value`` (an example's mean over its samples: per example, as the summaries weight),
+    ``source`` (the task). Baselines appear once per run, labelled by that run (their generation is
+    measured at each run's temperature), the teacher among them."""
+    if mode not in GENERATION_MODES:
+        raise ValueError(f"mode must be one of {', '.join(GENERATION_MODES)}, got {mode!r}")
+    rows: list[dict[str, Any]] = []
+    for sweep, run_dir, train in find_runs(roots, as_sweep):
+        evaluation = Run(run_dir).evaluation
+        if not evaluation:
+            continue
+        config = {k: train.get(k) for k in CONFIG_FIELDS}
+        models = [("student", evaluation.get("student", {})), *evaluation.get("baselines", {}).items()]
+        for role, result in models:
+            records = ((result or {}).get("generation") or {}).get(mode, {}).get("per_example", [])
+            values: dict[tuple[str, str, str], list[float]] = {}
+            for record in records:
+                for metric in GENERATION_METRICS:
+                    if record.get(metric) is not None:
+                        values.setdefault((record["task"], record["id"], metric), []).append(float(record[metric]))
+            for (task, example, metric), found in values.items():
+                rows.append({"sweep": sweep, "run": run_dir.name, "role": role, **config, "metric": metric,
+                             "id": example, "source": task, "value": sum(found) / len(found)})
     return pd.DataFrame(rows)
 
 

@@ -1,0 +1,40 @@
+"""Generation results as tidy frames: per example, per mode, baselines labelled by their run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from onpolicy_lib.results import per_example_generation
+
+
+def _generation(values: dict[str, list[float]]) -> dict:
+    """A generation record: per prompt (id -> rouge_l of each output), greedy = the first output."""
+    def records(take):
+        return [{"task": "gsm8k", "id": i, **({"sample": k} if take is None else {}), "rouge_l": v,
+                 "teacher_nll": 1.0, "correct": k == 0, "tokens": 3, "hit_cap": False}
+                for i, vs in values.items() for k, v in enumerate(vs) if take is None or k == take]
+    return {"greedy": {"per_example": records(0)}, "sampled": {"per_example": records(None)}}
+
+
+def test_per_example_generation(tmp_path):
+    run = tmp_path / "study" / "lmbda-1"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"train": {"lmbda": 1, "seed": 3}}))
+    (run / "eval.json").write_text(json.dumps({
+        "student": {"generation": _generation({"a": [0.5, 0.7], "b": [0.1, 0.3]})},
+        "baselines": {"teacher": {"generation": _generation({"a": [0.9, 0.9], "b": [0.8, 0.8]})},
+                      "ptq": {"generation": _generation({"a": [0.2, 0.4], "b": [0.0, 0.0]})}}}))
+    greedy = per_example_generation(tmp_path)
+    rouge = greedy[greedy["metric"] == "rouge_l"].set_index(["role", "id"])["value"]
+    assert rouge.to_dict() == {("student", "a"): 0.5, ("student", "b"): 0.1, ("teacher", "a"): 0.9,
+                               ("teacher", "b"): 0.8, ("ptq", "a"): 0.2, ("ptq", "b"): 0.0}
+    assert set(greedy["run"]) == {"lmbda-1"} and set(greedy["lmbda"]) == {1} and set(greedy["source"]) == {"gsm8k"}
+    sampled = per_example_generation(tmp_path, mode="sampled")
+    rouge = sampled[sampled["metric"] == "rouge_l"].set_index(["role", "id"])["value"]
+    assert rouge[("student", "a")] == pytest.approx(0.6)  # an example's mean over its outputs
+    correct = sampled[sampled["metric"] == "correct"].set_index(["role", "id"])["value"]
+    assert correct[("student", "b")] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="mode must be one of greedy, sampled"):
+        per_example_generation(tmp_path, mode="beam")
