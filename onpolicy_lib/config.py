@@ -36,8 +36,6 @@ NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
 QUANT_TYPES = ("int4", "int8", "int3", "int2")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
-ROLLOUT_DTYPES = rollouts.DTYPES  # the rollout options' values and rules live in onpolicy_lib.rollouts
-ROLLOUT_MATMULS = rollouts.MATMULS
 DIVERGENCES = ("jsd", "cakld")
 # Live trackers the Trainer can report to, each with the packages that provide it (any one will do); the
 # extra of its name installs it.
