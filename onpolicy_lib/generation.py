@@ -38,6 +38,9 @@ from transformers.cache_utils import DynamicLayer
 
 from onpolicy_lib.batches import eos_token_ids as model_eos_token_ids
 
+# A batch's prefill is split into groups of similar prompt length where one forward over the batch would
+# spend more than this fraction of its real tokens on padding (a forward costs every position it is given).
+PREFILL_PADDING = 0.25
 # Finished rows are kept (decoding padding) until they are this fraction of the batch's rows: compacting
 # copies every remaining row's cache once, about what two or three decode steps read, so one early row
 # out of 32 is not worth it; an eighth of the batch repays the copy within a few dozen steps.
@@ -212,6 +215,21 @@ class _PreallocatedLayer(DynamicLayer):
 
     reorder_cache = batch_select_indices
 
+    def place(self, rows: torch.Tensor, offset: int, keys: torch.Tensor, values: torch.Tensor, batch_rows: int,
+              length: int) -> None:
+        """Write a group of rows' prefill keys and values at positions ``offset ..`` of those rows; the
+        cache then holds ``length`` positions. Storage is zeroed when allocated: a left-padding position
+        no group writes is masked, but its value is still multiplied by a zero weight, so it must be finite."""
+        if not self.is_initialized:
+            self.device = keys.device
+            self._keys = keys.new_zeros((batch_rows, keys.shape[1], self.capacity, keys.shape[-1]))
+            self._values = values.new_zeros((batch_rows, values.shape[1], self.capacity, values.shape[-1]))
+            self.is_initialized = True
+        self._keys[rows, :, offset:offset + keys.shape[-2]] = keys
+        self._values[rows, :, offset:offset + values.shape[-2]] = values
+        self.length = length
+        self.keys, self.values = self._keys[:, :, :length], self._values[:, :, :length]
+
 
 def _preallocated_cache(model: torch.nn.Module, capacity: int) -> DynamicCache:
     """A ``DynamicCache`` for ``model`` whose every layer keeps all ``capacity`` positions in place.
@@ -228,6 +246,58 @@ def _preallocated_cache(model: torch.nn.Module, capacity: int) -> DynamicCache:
                              f"{type(layer).__name__}")
     cache.layers = [_PreallocatedLayer(capacity) for _ in cache.layers]
     return cache
+
+
+def prefill_groups(lengths: Sequence[int], slack: float | None = None) -> list[list[int]]:
+    """Rows of a batch grouped for the prefill, longest first, each group padded to its own longest
+    prompt by at most ``slack`` (default :data:`PREFILL_PADDING`) of its real tokens; one group where
+    the whole batch is within that."""
+    slack = PREFILL_PADDING if slack is None else slack
+    order = sorted(range(len(lengths)), key=lambda r: (-lengths[r], r))
+    groups: list[list[int]] = []
+    tokens = 0
+    for r in order:
+        if groups and lengths[groups[-1][0]] * (len(groups[-1]) + 1) <= (1 + slack) * (tokens + lengths[r]):
+            groups[-1].append(r)
+            tokens += lengths[r]
+        else:
+            groups.append([r])
+            tokens = lengths[r]
+    return groups
+
+
+def _prefill(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+             cache: DynamicCache, lengths: list[int]) -> tuple[torch.Tensor, int]:
+    """The last position's logits of every row after its prompt, its keys and values in ``cache``; and the
+    tokens the prefill computed (padding included).
+
+    A batch's prompts differ in length, and a prefill is arithmetic on every position, padding included:
+    rows far shorter than the batch's longest are run in groups of similar length
+    (:func:`prefill_groups`), and their keys and values placed in the batch's cache at their left-padded
+    positions (the padding positions before them zeroed, never attended to).
+    """
+    rows, width = input_ids.shape
+    groups = prefill_groups(lengths)
+    if len(groups) == 1:
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]
+        return logits, rows * width
+    logits = None
+    padded = 0
+    for group in groups:
+        group_width = lengths[group[0]]
+        where = torch.tensor(group, device=input_ids.device)
+        part = _preallocated_cache(model, group_width)
+        out = model(input_ids=input_ids[where, width - group_width:], attention_mask=mask[where, width - group_width:],
+                    position_ids=positions[where, width - group_width:], cache=part, use_cache=True,
+                    logits_to_keep=1).logits[:, -1]
+        if logits is None:
+            logits = out.new_empty((rows, out.shape[-1]))
+        logits[where] = out
+        for layer, source in zip(cache.layers, part.layers, strict=True):
+            layer.place(where, width - group_width, source.keys, source.values, rows, width)
+        padded += len(group) * group_width
+    return logits, padded
 
 
 def _generate_batch(model: torch.nn.Module, prompts: list[Sequence[int]], indices: list[int], *, max_new_tokens: int,
@@ -248,16 +318,16 @@ def _generate_batch(model: torch.nn.Module, prompts: list[Sequence[int]], indice
                   if temperature > 0 else None)
 
     start = time.perf_counter()
-    logits = model(input_ids=input_ids, attention_mask=mask[:, :width], position_ids=positions, cache=cache,
-                   use_cache=True, logits_to_keep=1).logits[:, -1]
+    lengths = [len(p) for p in prompts]
+    logits, padded = _prefill(model, input_ids, mask[:, :width], positions, cache, lengths)
     next_position = positions[:, -1:] + 1
     outputs: list[list[int]] = [[] for _ in range(rows)]
     ended = [False] * rows
     live = list(range(rows))  # the batch row of each cache row
     if stats is not None:
         stats.prefill_s += time.perf_counter() - start
-        stats.prefill_tokens += sum(map(len, prompts))
-        stats.prefill_padded += rows * width
+        stats.prefill_tokens += sum(lengths)
+        stats.prefill_padded += padded
         start = time.perf_counter()
     for step in range(max_new_tokens):
         if generators is None:

@@ -125,3 +125,24 @@ def test_bad_settings_fail_early(tokenizer, kwargs, message):
 def test_bad_prompt_named(tokenizer):
     with pytest.raises(ValueError, match=r"prompts\[1\]"):
         encode_prompts(tokenizer, ["ab", {"role": "user"}])
+
+
+def test_prefill_groups():
+    """Rows longest first, a group padded to its longest prompt by at most the slack."""
+    assert generation.prefill_groups([5, 11, 3, 8, 11, 6, 2], slack=0.25) == [[1, 4, 3, 5], [0, 2], [6]]
+    assert generation.prefill_groups([10, 9, 9, 10], slack=0.25) == [[0, 3, 1, 2]]
+    assert generation.prefill_groups([100, 10], slack=100) == [[0, 1]]
+
+
+def test_grouped_prefill_gives_the_same_tokens(tokenizer, monkeypatch):
+    """Prompts prefilled in groups of similar length, or in one padded forward: the same tokens."""
+    model = make_model(len(tokenizer))
+    batch = prompts(len(tokenizer), lengths=(30, 4, 17, 3, 29, 9), seed=5)
+    outs = []
+    for slack in (0.0, 0.25, 100.0):
+        monkeypatch.setattr(generation, "PREFILL_PADDING", slack)
+        stats = GenerationStats()
+        outs.append(generate_ids(model, batch, max_new_tokens=12, eos_token_ids=EOS, pad_token_id=0, stats=stats))
+        assert stats.prefill_tokens == sum(map(len, batch))
+        assert (stats.prefill_padded == 6 * 30) == (slack == 100.0)
+    assert outs[0] == outs[1] == outs[2]

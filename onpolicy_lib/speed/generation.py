@@ -97,15 +97,16 @@ def generation_bounds(shape: ModelShape, batch_rows: Sequence[Sequence[tuple[int
     the rows that generate more than ``t + 1`` tokens, each attending to its prompt and ``t + 1`` tokens.
     """
     prefill = decode = 0.0
-    steps = 0
+    steps = positions = 0
     for rows in batch_rows:
         prefill += prefill_bound(shape, [p for p, _ in rows], bandwidth_gbs, gemm_gflops)
         for t in range(max(g for _, g in rows) - 1):
             live = [(p, g) for p, g in rows if g > t + 1]
-            decode += decode_step_bound(shape, len(live), sum(p + t + 1 for p, _ in live), bandwidth_gbs,
-                                        gemm_gflops)
+            step_positions = sum(p + t + 1 for p, _ in live)
+            decode += decode_step_bound(shape, len(live), step_positions, bandwidth_gbs, gemm_gflops)
             steps += 1
-    return {"prefill_s": prefill, "decode_s": decode, "decode_steps": steps}
+            positions += step_positions
+    return {"prefill_s": prefill, "decode_s": decode, "decode_steps": steps, "decode_positions": positions}
 
 
 @torch.no_grad()
@@ -141,8 +142,10 @@ def measure_generation(model: torch.nn.Module, tokenizer: Any, prompts: Sequence
                        compare_generate: bool = False, verbose: bool = True) -> dict[str, Any]:
     """Greedy batched generation timed at each batch size, against its roofline (see the module).
 
-    At batch size ``b`` the first ``b * batches`` prompts are generated (fewer if there are not as
-    many). ``bandwidth_gbs`` and ``gemm_gflops`` are the machine's measured ceilings (for example
+    At batch size ``b``, ``b * batches`` prompts are generated: a run of the length-sorted prompts
+    around their median length (all of them if there are not as many), as the batches of a large
+    length-sorted evaluation pool are (prompts of similar length). ``bandwidth_gbs`` and
+    ``gemm_gflops`` are the machine's measured ceilings (for example
     :func:`onpolicy_lib.speed.hardware.ceilings`' ``read_gb_s`` and the GEMM rate of the model's
     dtype). ``ignore_eos``: every row generates ``max_new_tokens``. ``compare_generate``: also time
     ``model.generate`` on the same batches (it decodes ended rows until the batch's last one ends).
@@ -159,8 +162,11 @@ def measure_generation(model: torch.nn.Module, tokenizer: Any, prompts: Sequence
                                             "threads": torch.get_num_threads()},
                                "shape": asdict(shape), "by_batch_size": {}}
     generate_ids(model, ids[:1], max_new_tokens=4, eos_token_ids=eos, pad_token_id=pad)  # warm-up
+    by_length = sorted(ids, key=len)
     for batch_size in batch_sizes:
-        subset = ids[:batch_size * batches]
+        count = min(batch_size * batches, len(ids))
+        first = max(0, min(len(ids) - count, len(ids) // 2 - count // 2))
+        subset = by_length[first:first + count]
         stats = GenerationStats()
         sync(device)
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -173,6 +179,11 @@ def measure_generation(model: torch.nn.Module, tokenizer: Any, prompts: Sequence
         row = {
             "prompts": len(subset), "generated_tokens": stats.generated_tokens,
             "mean_prompt_tokens": stats.prefill_tokens / len(subset),
+            "prompt_tokens_range": [len(subset[0]), len(subset[-1])],
+            # Prefill positions computed, and cached positions the decode steps attended to, over the real ones.
+            "prefill_padded_over_real": stats.prefill_padded / stats.prefill_tokens,
+            "decode_positions_over_real": (sum(r * n for r, n in stats.steps) / bounds["decode_positions"]
+                                           if bounds["decode_positions"] else None),
             "wall_s": wall, "prefill_s": stats.prefill_s, "decode_s": stats.decode_s, "compact_s": stats.compact_s,
             "tokens_per_s": stats.generated_tokens / wall,
             "decode_tokens_per_s": decoded / stats.decode_s if stats.decode_s else None,
@@ -216,8 +227,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batches", type=int, default=1, help="batches timed at each batch size")
     parser.add_argument("--natural-ends", action="store_true", help="rows stop at their end token")
     parser.add_argument("--compare-generate", action="store_true", help="also time model.generate")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, device=device, dtype=torch.float32).eval()
