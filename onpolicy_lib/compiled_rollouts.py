@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,7 +35,6 @@ from transformers import PreTrainedModel, StaticCache
 from transformers.cache_utils import StaticLayer
 
 from onpolicy_lib.quantization import active_fake_quantized
-from onpolicy_lib.rollouts import weight_major_forward
 
 CACHE_ROUNDING = 64  # the smallest cache length step
 
@@ -53,19 +53,22 @@ class CompiledSampler:
     ``template``: a plain model of the student's architecture (the teacher: the student is its
     quantized copy); copied once, in ``dtype``. ``max_cache_len``: prompt width plus new tokens
     the static cache holds, fixed for the run (None: each batch's prompt width plus new tokens, rounded up
-    by :func:`cache_bucket`). ``weight_major``: decode products as ``W @ x^T``
-    (:func:`~onpolicy_lib.rollouts.weight_major_linear`). ``backend``: ``torch.compile``'s (None
+    by :func:`cache_bucket`). ``linear_forward``: for each plain Linear of the copy, the forward its
+    decode steps use instead of the class's (:func:`~onpolicy_lib.rollouts.weight_major_forward` for the
+    weight-major form; None: ``F.linear``). ``backend``: ``torch.compile``'s (None
     runs the same static-cache loop eagerly: a reference).
     """
 
     def __init__(self, template: PreTrainedModel, dtype: torch.dtype = torch.float32,
-                 max_cache_len: int | None = None, weight_major: bool = False, backend: Any = "inductor") -> None:
+                 max_cache_len: int | None = None,
+                 linear_forward: Callable[[nn.Linear], Callable[[torch.Tensor], torch.Tensor]] | None = None,
+                 backend: Any = "inductor") -> None:
         self.shadow = copy.deepcopy(template).to(dtype).eval().requires_grad_(False)
-        if weight_major:
+        if linear_forward is not None:
             for mod in self.shadow.modules():
                 if type(mod) is nn.Linear:
                     # Bound once for the run, so the compiled graph's guards hold across rollouts.
-                    mod.forward = weight_major_forward(mod)
+                    mod.forward = linear_forward(mod)
         self.max_cache_len = max_cache_len
         self._step = (torch.compile(self.shadow.forward, dynamic=False, backend=backend) if backend is not None
                       else self.shadow.forward)

@@ -270,8 +270,8 @@ class DistillTrainer(Trainer):
         weights copied into its fixed-shape copy, then sampled with ``generate``'s rules."""
         if self._sampler is None:
             form = self.rollout_form
-            self._sampler = CompiledSampler(self.teacher_model, getattr(torch, form.dtype),
-                                            self.args.rollout_cache_len, weight_major=form.matmul == "weight_major")
+            self._sampler = CompiledSampler(self.teacher_model, getattr(torch, form.dtype), self.args.rollout_cache_len,
+                                            linear_forward=form.linear_forward)
         self._sampler.refresh(student)  # inside an on-policy step: the step's shared quantized weights
         sequences = self._sampler.sample(
             inputs["prompt_ids"], inputs["prompt_attention_mask"], eos_token_ids=self.eos_token_ids,

@@ -84,6 +84,11 @@ class RolloutForm:
     def exact(self) -> bool:
         return self == EXACT
 
+    @property
+    def linear_forward(self) -> Callable[[nn.Linear], Callable[[torch.Tensor], torch.Tensor]] | None:
+        """What a compiled copy's Linear layers compute with (``CompiledSampler``'s ``linear_forward``)."""
+        return weight_major_forward if self.matmul == "weight_major" else None
+
     def settings(self) -> dict[str, Any]:
         """The form as TrainConfig's options name it."""
         return {"rollout_dtype": self.dtype, "rollout_matmul": self.matmul, "rollout_compile": self.compiled}
@@ -466,7 +471,7 @@ def _measure_form(form: RolloutForm, student: nn.Module, template: nn.Module, pr
         from onpolicy_lib.compiled_rollouts import CompiledSampler
 
         start = time.perf_counter()
-        sampler = CompiledSampler(template, getattr(torch, form.dtype), weight_major=form.matmul == "weight_major",
+        sampler = CompiledSampler(template, getattr(torch, form.dtype), linear_forward=form.linear_forward,
                                   backend=backend)
         sampler.refresh(student)
         seen, seconds = sampler.forced_decode(prompt, mask, forced)
@@ -501,12 +506,12 @@ def forced_decode(model: nn.Module, prompt: torch.Tensor, mask: torch.Tensor,
     return torch.stack(seen), seconds
 
 
-def settle(cfg: Any, student: nn.Module, template: nn.Module, prompt_width: int, device: Any = "cpu",
+def settle(cfg: Any, student: nn.Module, template: nn.Module, prompt_width: int, machine: str, device: Any = "cpu",
            cache_root: Path | None = None, backend: Any = "inductor") -> dict[str, Any]:
     """:func:`resolve` for a run of ``cfg`` (a TrainConfig): its student (fake-quantized) and the template its
     compiled forms copy (the teacher), measured at the run's rollout batch (``per_device_train_batch_size``
-    rows of ``prompt_width`` tokens, its training prompts' median) and length (``max_new_tokens``)."""
-    from onpolicy_lib.metrics import machine_description
+    rows of ``prompt_width`` tokens, a typical batch's) and length (``max_new_tokens``); ``machine``: the CPU
+    and torch build it runs on (:func:`onpolicy_lib.metrics.machine_description`), part of the cache's key."""
 
     settings = {k: getattr(cfg, k) for k in OPTIONS}
     if torch_device(device).type != "cpu" and AUTO in settings.values():
@@ -518,7 +523,7 @@ def settle(cfg: Any, student: nn.Module, template: nn.Module, prompt_width: int,
     shape = model_shape(template)
     width = 32 * max(1, round(prompt_width / 32))  # nearby widths share a measurement
     probe = DecodeProbe(cfg.per_device_train_batch_size, width, cfg.max_new_tokens, shape.get("vocab_size") or 2)
-    key = cache_key(machine_description(torch_device(device)), shape, probe.rows, width, cfg.max_new_tokens)
+    key = cache_key(machine, shape, probe.rows, width, cfg.max_new_tokens)
     return resolve(settings, decode_steps=steps, key=key, fsdp=cfg.fsdp, lora=cfg.lora_r is not None,
                    cache_root=cache_root,
                    measure=lambda forms: measure_forms(forms, student, template, probe, device, backend=backend))

@@ -148,10 +148,10 @@ def test_settle_measures_a_run_once_per_machine(tmp_path, tokenizer):
     teacher = make_model(len(tokenizer))
     student = prepare_qat(copy.deepcopy(teacher), "int4", 32).eval()
     cfg = TrainConfig(lmbda=1.0, max_steps=2, max_new_tokens=8, max_length=64, per_device_train_batch_size=2)
-    record = rollouts.settle(cfg, student, teacher, prompt_width=20, cache_root=tmp_path, backend=None)
+    record = rollouts.settle(cfg, student, teacher, 20, "test cpu", cache_root=tmp_path, backend=None)
     assert record["form"] in ("fp32", "fp32_wm") and record["candidates"] == ["fp32", "fp32_wm"]
     assert set(record["measured"]) == {"fp32", "fp32_wm"} and not record["cached"]
-    assert rollouts.settle(cfg, student, teacher, prompt_width=25, cache_root=tmp_path)["cached"]
+    assert rollouts.settle(cfg, student, teacher, 25, "test cpu", cache_root=tmp_path)["cached"]
 
 
 def test_a_run_records_its_form_and_a_resumed_run_keeps_it(tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch):
@@ -181,7 +181,7 @@ def test_a_run_records_its_form_and_a_resumed_run_keeps_it(tmp_path, tiny_model_
 
 def test_auto_keeps_the_exact_form_on_an_accelerator():
     cfg = TrainConfig(lmbda=1.0)
-    record = rollouts.settle(cfg, None, None, prompt_width=10, device="cuda")
+    record = rollouts.settle(cfg, None, None, 10, "gpu", device="cuda")
     assert record["form"] == "fp32" and "CPUs only" in record["why"]
     forced = TrainConfig(lmbda=1.0, rollout_matmul="weight_major")
-    assert rollouts.settle(forced, None, None, prompt_width=10, device="cuda")["form"] == "fp32_wm"
+    assert rollouts.settle(forced, None, None, 10, "gpu", device="cuda")["form"] == "fp32_wm"

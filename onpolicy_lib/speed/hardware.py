@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 
 from onpolicy_lib.compiled_rollouts import CompiledSampler
+from onpolicy_lib.rollouts import weight_major_forward
 from onpolicy_lib.speed.timing import sync, timed
 
 _READ_BYTES = 512 * 2**20  # well past any CPU's last-level cache
@@ -99,7 +100,8 @@ def compiled_decode_step(model: torch.nn.Module, prompt_ids: torch.Tensor, atten
     A step's time is the difference between sampling ``steps + 1`` tokens and one (the prefill and
     the first token alone), medians over ``repeats``, divided by ``steps``; no row ends early.
     """
-    sampler = CompiledSampler(model, dtype, prompt_ids.shape[1] + steps + 1, weight_major=weight_major)
+    sampler = CompiledSampler(model, dtype, prompt_ids.shape[1] + steps + 1,
+                              linear_forward=weight_major_forward if weight_major else None)
     sampler.refresh(model)
 
     def sample(tokens: int) -> float:

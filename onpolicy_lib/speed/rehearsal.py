@@ -655,6 +655,7 @@ def run(s: RehearsalSettings) -> dict[str, Any]:
     report["evaluation"]["student"] = sections.run("eval_student", eval_student, needs_s=60 if gpu else 0)
     student = state.get("student")
     checks = report["checks"]
+
     def span_scoring() -> dict[str, Any]:
         models = {"teacher": teacher, **({"student": student} if student is not None else {})}
         result = {who: check_span_scoring(model, tokenizer, s, batch_size) for who, model in models.items()}
@@ -681,8 +682,10 @@ def run(s: RehearsalSettings) -> dict[str, Any]:
         needs_s=150 if gpu else 0)
     report["sections"] = sections.record
     report["elapsed_s"] = round(time.perf_counter() - sections.start, 1)
-    with contextlib.suppress(Exception):
+    try:
         report["cost"] = study_cost(report)
+    except (KeyError, TypeError, ZeroDivisionError) as err:  # a figure it needs was not measured
+        report["cost_not_estimated"] = f"{type(err).__name__}: {err}"
     with contextlib.suppress(OSError):
         work.cleanup()
     return report
@@ -882,7 +885,8 @@ def format_report(r: dict[str, Any]) -> str:
                      f"{cost['total_gpu_h_original_layout']:.0f} in the original's 8-GPU layout")
         lines += ["  assumptions:", *(f"  - {a}" for a in cost["assumptions"])]
     else:
-        lines += ["", "cost of the study: not estimated (a step or an evaluation section did not complete)"]
+        lines += ["", "cost of the study: not estimated (a step or an evaluation section did not complete: "
+                      f"{r.get('cost_not_estimated', 'no figures')})"]
     lines.append(f"elapsed {r.get('elapsed_s', float('nan')):.0f} s of a {r['settings']['budget_s']:.0f} s budget")
     return "\n".join(lines)
 
