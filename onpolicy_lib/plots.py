@@ -14,6 +14,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.colors import to_hex, to_rgb
 from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
 from onpolicy_lib.config import format_value
 
@@ -396,6 +397,7 @@ def plot_comparisons(table: pd.DataFrame, names: Mapping[str, str], title: str =
         ax.axvline(0, color="black", lw=0.8)
         ax.set(yticks=range(len(comparisons)), yticklabels=comparisons, ylim=(len(comparisons) - 0.5, -0.5))
         ax.set_title("\n".join(textwrap.wrap(names.get(metric, metric), 34)), fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(5))  # small differences' long tick labels overlap otherwise
         ax.tick_params(axis="x", labelsize=8)
     fig.suptitle(title or "differences with 95% intervals", fontsize=10)
     fig.tight_layout()
