@@ -26,12 +26,17 @@ import re
 import secrets
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from onpolicy_lib.sandbox import SandboxLimits, SandboxUnavailable, run_python
 
-if TYPE_CHECKING:
-    from onpolicy_lib.gen_tasks import GenItem
+
+class GenItem(Protocol):
+    """What a checker reads of an item (:class:`onpolicy_lib.gen_tasks.GenItem`, which builds its pools
+    with these checkers: naming it here would make the two modules import each other)."""
+
+    task: str
+    check: dict[str, Any]
 
 
 @dataclass(frozen=True)
