@@ -582,12 +582,13 @@ def notebook_markdown(path: Path) -> str:
 
 
 def strip_volatile(path: Path) -> None:
-    """No execution times, kernel versions or papermill timestamps in the executed notebook."""
+    """No execution times, kernel versions, papermill timestamps or random cell ids in the executed notebook."""
     import nbformat
 
     nb = nbformat.read(path, as_version=4)
     nb.metadata = {"kernelspec": nb.metadata.get("kernelspec", {}), "language_info": {"name": "python"}}
-    for cell in nb.cells:
+    for i, cell in enumerate(nb.cells):
+        cell.id = f"cell-{i:02d}"  # papermill gives its injected-parameters cell a random id
         cell.metadata = {k: v for k, v in cell.metadata.items() if k == "tags"}
         if cell.cell_type == "code":
             cell.execution_count = None

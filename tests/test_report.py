@@ -76,6 +76,7 @@ def test_the_committed_report_is_what_the_committed_outputs_render(tmp_path):
     rendered = report.render(tmp_path).read_text()
     committed = (ROOT / "REPORT.md").read_text()
     assert rendered == committed, "REPORT.md is stale: run python -m onpolicy_lib.report and commit it"
+    assert (tmp_path / "report" / "REPORT.html").read_text() == (ROOT / "report" / "REPORT.html").read_text()
     assert sorted(p.name for p in (tmp_path / "report" / "figures").glob("*.png")) == \
         sorted(p.name for p in (ROOT / "report" / "figures").glob("*.png"))
 
