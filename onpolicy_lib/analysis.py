@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from onpolicy_lib import fidelity
+from onpolicy_lib import fidelity, results
 from onpolicy_lib.config import BENCHMARKS, CALIBRATED_METHODS, TrainConfig, format_value
 
 FIDELITY_NAMES = {**fidelity.METRICS, "perplexity": "perplexity"}
@@ -130,10 +130,56 @@ WEIGHTING = {"average": "per document, tasks averaged equally", "perplexity": "p
 FIDELITY_WEIGHTING = "per chat (each chat's per-token mean)"
 
 
+GENERATION_WEIGHTING = "per prompt (each prompt's mean over its outputs)"
+GENERATION_NAMES = {f"gen_{mode}/{metric}": f"{name}, {mode} outputs"
+                    for mode in ("greedy", "sampled")
+                    for metric, name in (("correct", "task correctness"), ("rouge_l", "ROUGE-L"),
+                                         ("teacher_nll", "teacher NLL of the output"), ("tokens", "output tokens"),
+                                         ("hit_cap", "share of outputs at the length cap"))}
+
+
+def generation_frame(roots: Any, as_sweep: str = "") -> pd.DataFrame:
+    """Per-prompt generation metrics of every model, greedy and sampled, named ``gen_<mode>/<metric>``:
+    ``per_example_fidelity``'s layout, so the λ comparisons resample prompts as they resample chats."""
+    frames = []
+    for mode in ("greedy", "sampled"):
+        frame = results.per_example_generation(roots, as_sweep, mode)
+        if not frame.empty:
+            frames.append(frame.assign(metric="gen_" + mode + "/" + frame["metric"]))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def generation_gap_recovered(frame: pd.DataFrame, keys: tuple[str, ...] = ("lmbda",)) -> pd.DataFrame:
+    """Each student's fraction of the teacher-to-PTQ gap recovered per generation metric, (student − PTQ) /
+    (teacher − PTQ) of per-prompt means on the prompts all three scored, then mean, sd and seeds per
+    condition (``keys``). 1: the teacher's quality; 0: no better than PTQ."""
+    rows = []
+    for (run, metric), models in frame.groupby(["run", "metric"], sort=True):
+        means = {}
+        for role in ("student", "ptq", "teacher"):
+            part = models[models["role"] == role]
+            means[role] = part.set_index("id")["value"]
+        shared = means["student"].index.intersection(means["ptq"].index).intersection(means["teacher"].index)
+        if shared.empty:
+            continue
+        student, ptq, teacher = (float(means[r].loc[shared].mean()) for r in ("student", "ptq", "teacher"))
+        gap = teacher - ptq
+        config = models[models["role"] == "student"].iloc[0]
+        rows.append({**{k: config[k] for k in keys}, "seed": config.get("seed"), "run": run, "metric": metric,
+                     "recovered": (student - ptq) / gap if gap else np.nan})
+    if not rows:
+        return pd.DataFrame()
+    table = pd.DataFrame(rows)
+    return (table.groupby([*keys, "metric"])["recovered"].agg(["mean", "std", "count"])
+            .rename(columns={"count": "seeds"}).reset_index())
+
+
 def weighting(metric: str) -> str:
     """How ``metric`` is averaged over its examples (one weighting per metric, in every table)."""
     if metric in WEIGHTING:
         return WEIGHTING[metric]
+    if metric.startswith("gen_"):
+        return GENERATION_WEIGHTING
     if metric in FIDELITY_NAMES and metric != "perplexity":
         return FIDELITY_WEIGHTING
     return "per document" if "/" in metric else "one number per run"
@@ -272,7 +318,8 @@ def hierarchical_bootstrap(pe: pd.DataFrame, a: dict[str, Any], b: dict[str, Any
 
 
 # Fidelity metrics: which direction is better, for reading a difference.
-HIGHER_IS_BETTER = {"top1_agreement", "top1_agreement_matched", "average"}
+HIGHER_IS_BETTER = {"top1_agreement", "top1_agreement_matched", "average",
+                    *(f"gen_{mode}/{m}" for mode in ("greedy", "sampled") for m in ("correct", "rouge_l"))}
 
 
 def compare_conditions(pe: pd.DataFrame, pef: pd.DataFrame, students: pd.DataFrame, key: str = "lmbda",

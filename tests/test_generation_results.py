@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 
 from onpolicy_lib.results import per_example_generation
@@ -38,3 +39,33 @@ def test_per_example_generation(tmp_path):
     assert correct[("student", "b")] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="mode must be one of greedy, sampled"):
         per_example_generation(tmp_path, mode="beam")
+
+
+def _study(tmp_path, student_rouge: dict[tuple[int, int], float]) -> None:
+    """Runs (λ, seed) whose students score ``student_rouge`` ROUGE-L on every prompt; teacher 0.8, PTQ 0.2."""
+    for (lmbda, seed), rouge in student_rouge.items():
+        run = tmp_path / "study" / f"lmbda-{lmbda}_seed-{seed}"
+        run.mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps({"train": {"lmbda": lmbda, "seed": seed}}))
+        offsets = {"a": 0.0, "b": 0.02, "c": -0.02}
+        (run / "eval.json").write_text(json.dumps({
+            "student": {"generation": _generation({i: [rouge + o] for i, o in offsets.items()})},
+            "baselines": {"teacher": {"generation": _generation({i: [0.8] for i in offsets})},
+                          "ptq": {"generation": _generation({i: [0.2] for i in offsets})}}}))
+
+
+def test_generation_in_the_lambda_comparisons_and_the_gap_recovered(tmp_path):
+    from onpolicy_lib import analysis
+
+    _study(tmp_path, {(0, 1): 0.40, (0, 2): 0.44, (1, 1): 0.50, (1, 2): 0.56})
+    peg = analysis.generation_frame(tmp_path)
+    assert {"gen_greedy/rouge_l", "gen_sampled/rouge_l", "gen_greedy/correct"} <= set(peg["metric"])
+    students = peg[peg["role"] == "student"].drop_duplicates("run")[["run", "role", "lmbda", "seed"]]
+    table = analysis.compare_conditions(pd.DataFrame(), peg, students, "lmbda", n_boot=200, run_metrics=())
+    row = table.set_index("metric").loc["gen_greedy/rouge_l"]
+    assert row["delta"] == pytest.approx(0.53 - 0.42)
+    assert row["weighting"] == analysis.GENERATION_WEIGHTING
+    assert row["seed_low"] < row["delta"] < row["seed_high"]
+    gaps = analysis.generation_gap_recovered(peg).set_index(["lmbda", "metric"])
+    assert gaps.loc[(1, "gen_greedy/rouge_l"), "mean"] == pytest.approx((0.53 - 0.2) / 0.6)
+    assert gaps.loc[(0, "gen_greedy/rouge_l"), "seeds"] == 2
