@@ -27,13 +27,11 @@ import yaml
 
 from onpolicy_lib import rollouts
 from onpolicy_lib.assets import PACKAGED_MODEL, PACKAGED_MODELS, cache_dir, require_assets
+from onpolicy_lib.schemes import QUANT_TYPES
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PARAMS_DIR = PROJECT_ROOT / "params"
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
-# Mirrors onpolicy_lib.quantization.QUANT_TYPES (checked by a test) without importing torchao here,
-# so validating a config stays instant.
-QUANT_TYPES = ("int4", "int8", "int3", "int2")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
 DIVERGENCES = ("jsd", "cakld")

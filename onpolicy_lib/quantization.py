@@ -54,7 +54,8 @@ from torchao.quantization.quant_primitives import (
 from torchao.quantization.quantize_.workflows import Int4PackingFormat
 from torchao.utils import TorchAOBaseTensor
 
-QUANT_TYPES = ("int4", "int8", "int3", "int2")
+from onpolicy_lib.schemes import QUANT_TYPES
+
 # Group sizes tried by default_group_size, best first (128 is what the original study used).
 PREFERRED_GROUP_SIZES = (128, 64, 32)
 _MAX_LISTED_GROUP_SIZES = 10

@@ -73,10 +73,10 @@ def test_missing_assets_name_the_setup_command(tmp_path, monkeypatch):
         TrainConfig().validate()
 
 
-def test_quant_types_mirror_the_quantization_module():
-    from onpolicy_lib import quantization
+def test_quant_types_are_declared_once():
+    from onpolicy_lib import quantization, schemes
 
-    assert config.QUANT_TYPES == quantization.QUANT_TYPES
+    assert config.QUANT_TYPES is quantization.QUANT_TYPES is schemes.QUANT_TYPES
 
 
 def test_run_name_lists_non_default_parameters():
