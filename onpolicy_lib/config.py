@@ -284,12 +284,6 @@ class TrainConfig(_Params):
         return {name: getattr(self, name) for name in self.identity_fields()
                 if getattr(self, name) != getattr(defaults, name)}
 
-    @property
-    def rollout_cache_len(self) -> int:
-        """Prompt plus new tokens a rollout can hold (prompts are at most ``max_length``): what a
-        compiled rollout's static cache is sized for, once for the whole run."""
-        return self.max_length + self.max_new_tokens
-
     def run_name(self) -> str:
         """A readable directory name from the non-default identity fields, e.g. ``lmbda-1_lr-5e-05``."""
         return short_name(self.non_default()) or "default"

@@ -151,11 +151,6 @@ def trained_document_ids(root: Path | None = None) -> set[str]:
     return {i for held, train in rows.values() for i in (*held, *train)}
 
 
-def heldout_document_ids(root: Path | None = None) -> set[str]:
-    """The mixture's held-out ids (read for the fidelity metrics, never trained on)."""
-    return {i for held, _ in _mixture_rows(_root(root)).values() for i in held}
-
-
 def _content_overlaps(root: Path, questions: dict[str, str]) -> dict[str, set[str]]:
     """For each ``{id: question}``, the ids of *other* documents, of any mixture source at any cap, that
     contain it: the same normalised paragraph or line, or, for a question of 13 words or more, a shared

@@ -178,16 +178,6 @@ def save_figure(fig: plt.Figure, figures_dir: str | Path | None, name: str) -> p
     return fig
 
 
-def _long(table: pd.DataFrame, names: dict[str, str]) -> pd.DataFrame:
-    """condition x (column, stat) table -> long rows with mean and sd."""
-    rows = []
-    for condition, row in table.iterrows():
-        for column in dict.fromkeys(table.columns.get_level_values(0)):
-            rows.append({"condition": condition, "column": names.get(column, column),
-                         "mean": row[(column, "mean")], "sd": row[(column, "sd")], "n": row[(column, "n")]})
-    return pd.DataFrame(rows)
-
-
 def _log_scale(values: pd.Series) -> bool:
     """A log axis where positive values span more than two orders of magnitude."""
     values = values.dropna()

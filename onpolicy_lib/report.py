@@ -26,8 +26,6 @@ from onpolicy_lib import analysis, results
 from onpolicy_lib.config import BENCHMARKS, PROJECT_ROOT, format_value
 
 NOTEBOOK = PROJECT_ROOT / "notebooks" / "report.ipynb"
-REPORT_MD = PROJECT_ROOT / "REPORT.md"
-REPORT_DIR = PROJECT_ROOT / "report"
 OUTPUTS = PROJECT_ROOT / "outputs"
 # Resamples and seed of every bootstrap in the report: the analyses' own count, so the report's intervals
 # are the rendered analyses' intervals.
