@@ -24,6 +24,7 @@ import pandas as pd
 
 from onpolicy_lib import analysis, results
 from onpolicy_lib.config import BENCHMARKS, PROJECT_ROOT, format_value
+from onpolicy_lib.rundir import Run
 
 NOTEBOOK = PROJECT_ROOT / "notebooks" / "report.ipynb"
 OUTPUTS = PROJECT_ROOT / "outputs"
@@ -198,7 +199,9 @@ def _perplexity_tokens(name: str) -> str:
 
 
 def _studies_in_outputs(prefix: str) -> list[str]:
-    return sorted(p.name for p in OUTPUTS.glob(f"{prefix}*") if p.is_dir())
+    """Studies under ``outputs/`` named ``prefix*`` with at least one evaluated run (a README or a run still
+    training is not a result)."""
+    return sorted(p.name for p in OUTPUTS.glob(f"{prefix}*") if p.is_dir() and any(p.glob(f"*/{Run.EVAL}")))
 
 
 # ---------------------------------------------------------------------------- sections
@@ -334,7 +337,7 @@ def section_learning_rate(figures: Path) -> str:
     lr = ref[ref["table"] == "learning_rate"].set_index("learning_rate")[list(BENCHMARKS)].mean(axis=1)
     original = "; ".join(f"{format_value(k)}: {num(v, 3)}" for k, v in lr.items())
     pilot = ("the generation study's learning-rate pilot (three rates per λ) is committed in "
-             "`outputs/cpu_gen_lr/` and analysed there" if (OUTPUTS / "cpu_gen_lr").is_dir() else
+             "`outputs/cpu_gen_lr/` and analysed there" if _studies_in_outputs("cpu_gen_lr") else
              "the generation study's learning-rate pilot (three rates per λ) is in progress")
     return (
         "## 4. Learning rate\n\n"
