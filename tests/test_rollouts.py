@@ -164,6 +164,8 @@ def test_a_run_records_its_form_and_a_resumed_run_keeps_it(tmp_path, tiny_model_
                       heldout_eval_size=4, output_dir=str(tmp_path / "run"), device="cpu")
     measured = FakeMeasure(timings(wm=0.01))  # weight-major measured faster: chosen
     monkeypatch.setattr(rollouts, "measure_forms", lambda forms, *a, **k: measured(forms))
+    # A cache of its own: another test's run of the same shape may have cached a real measurement.
+    monkeypatch.setenv(rollouts.SPEED_CACHE_ENV, str(tmp_path / "speed"))
     train(cfg)
     record = json.loads((tmp_path / "run" / "config.json").read_text())
     assert record["train"]["rollout_matmul"] == AUTO  # the run's parameters stay as asked (its name too)
