@@ -31,8 +31,8 @@ from onpolicy_lib.cpu_threads import set_wait_policy
 
 __version__ = "0.1.0"
 # Before any submodule imports torch/torchao: their known import notices stay out of notebooks, and
-# torch's OpenMP threads will sleep rather than spin at barriers (a step then degrades in proportion
-# to the cores it gets beside other processes; the notebooks the sweep runner starts inherit it).
+# torch's OpenMP threads get a wait policy that suits the machine's load (cpu_threads; the notebooks
+# the sweep runner starts inherit it).
 silence_known_import_notices()
 set_wait_policy()
 

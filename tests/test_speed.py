@@ -142,14 +142,16 @@ def test_the_busy_core_block(tiny_model_dir, tiny_dataset_dir, monkeypatch):
     train = TrainConfig(model_name=str(tiny_model_dir), dataset_name=str(tiny_dataset_dir), group_size=GROUP,
                         max_length=64, min_completion_tokens=4)
     figures = contention.child({"train": train.to_dict(), "steps": 1})
-    assert figures["median_s"] > 0 and figures["threads"] >= 1
-    fake = iter([{"median_s": 1.0, "threads": 2}, {"median_s": 20.0, "threads": 2}, {"median_s": 1.0, "threads": 2},
-                 {"median_s": 2.2, "threads": 2}, {"median_s": 1.1, "threads": 2}, {"error": "over 900 s"}])
+    assert figures["step"] > 0 and figures["decode"] > 0 and figures["threads"] >= 1
+    fake = iter([{"step": 1.0, "decode": 1.0, "threads": 2}, {"step": 20.0, "decode": 30.0, "threads": 2},
+                 {"step": 1.0, "decode": 1.0, "threads": 2}, {"step": 2.2, "decode": 3.0, "threads": 2},
+                 {"step": 1.1, "decode": 1.0, "threads": 2}, {"error": "over 900 s"}])
     monkeypatch.setattr(contention, "run_child", lambda *a: next(fake))
     block = contention.busy_core_figures(train.to_dict(), 1)
-    assert [v["busy_over_alone"] for v in block["variants"].values()] == [20.0, 2.2, None]
+    assert [v["busy_over_alone"] for v in block["variants"].values()] == [
+        {"step": 20.0, "decode": 30.0}, {"step": 2.2, "decode": 3.0}, {"step": None, "decode": None}]
     lines = contention.format_busy(block)
-    assert "✗" in lines[2] and "✓" in lines[3] and "busy: over 900 s" in lines[-1]
+    assert "✗" in lines[2] and "✓" in lines[4] and "✗" in lines[5] and "busy: over 900 s" in lines[-1]
 
 
 def test_help_shows_the_new_options(capsys):
@@ -275,7 +277,7 @@ def fake_results(skip_trl: bool = False, contended: str | None = None) -> dict:
     for key, value in seconds.items():
         if skip_trl and key.startswith("trl"):
             continue
-        timing = Timing(seconds=[value], peak_mb=500.0, cpu_share=0.5 if key == contended else 0.95)
+        timing = Timing(seconds=[value], peak_mb=500.0, cpu_share=0.9, others_cores=0.6 if key == contended else 0.02)
         if key.startswith(("ours", "trl")):
             timing.parts = {"rollout": [0.4 if key.endswith("1") else 0.0], "scored_tokens": [8.0]}
         timings[key] = timing
@@ -292,7 +294,7 @@ def fake_results(skip_trl: bool = False, contended: str | None = None) -> dict:
                          "weights_mb_fp32_wm": 500.0, "decode_fp32_wm_s": 0.05, "decode_fp32_wm_over_read": 2.0,
                          "weights_mb_bf16": 250.0, "decode_bf16_s": 0.02, "decode_bf16_over_read": 1.6},
             "ratios": report.ratios(timings), "load_average": {"start": (1.0, 1.0, 1.0), "end": (2.0, 1.0, 1.0)},
-            "cpu_share_min": min(t.cpu_share for t in timings.values())}
+            "others_cores_max": max(t.others_cores for t in timings.values())}
 
 
 def test_report_has_every_row_with_its_figures():
@@ -324,7 +326,7 @@ def test_report_has_every_row_with_its_figures():
     assert lines["decode step, fp32 weights, weight-major (500 MB)"] == ["0.050", "0.025", "2.00", "<=", "2.0", "✓"]
     assert "bf16 weights, weight-major" not in printed  # a form the results do not have is left out
     assert lines["ours lambda=1 / (plain generation + lambda=1 floor)"] == ["1.18", "-"]
-    assert "lowest CPU share of a contender: 50%" in printed
+    assert "most CPU other processes took while a contender ran: 0.60 cores" in printed
     assert "load average (1/5/15 min) at start 1.00/1.00/1.00 and end 2.00/1.00/1.00" in printed
 
 

@@ -196,7 +196,8 @@ def run(s: SpeedSettings) -> dict[str, Any]:
                                 "gen_student_compiled", "gen_materialised", "gen_fake_quant")}
     results["ratios"] = ratios(timings)
     results["load_average"] = {"start": load_start, "end": load_average()}
-    results["cpu_share_min"] = min(t.cpu_share for t in timings.values())
+    others = [t.others_cores for t in timings.values() if t.others_cores is not None]
+    results["others_cores_max"] = max(others) if others else None
     return results
 
 

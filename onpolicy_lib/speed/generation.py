@@ -30,9 +30,10 @@ from typing import Any
 import torch
 
 from onpolicy_lib.batches import eos_token_ids
+from onpolicy_lib.cpu_threads import busy_seconds
 from onpolicy_lib.generation import GenerationStats, encode_prompts, generate_ids
 from onpolicy_lib.speed.hardware import weight_bytes
-from onpolicy_lib.speed.timing import sync
+from onpolicy_lib.speed.timing import CONTENDED_OTHERS, sync
 
 
 @dataclass(frozen=True)
@@ -169,11 +170,12 @@ def measure_generation(model: torch.nn.Module, tokenizer: Any, prompts: Sequence
         subset = by_length[first:first + count]
         stats = GenerationStats()
         sync(device)
-        start, cpu_start = time.perf_counter(), time.process_time()
+        start, cpu_start, machine_start = time.perf_counter(), time.process_time(), busy_seconds()
         generate_ids(model, subset, max_new_tokens=max_new_tokens, eos_token_ids=eos, pad_token_id=pad,
                      batch_size=batch_size, stats=stats)
         sync(device)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        machine_end = busy_seconds()
         bounds = generation_bounds(shape, stats.batch_rows, bandwidth_gbs, gemm_gflops)
         decoded = stats.generated_tokens - len(subset)  # each row's first token comes from the prefill
         row = {
@@ -191,8 +193,11 @@ def measure_generation(model: torch.nn.Module, tokenizer: Any, prompts: Sequence
             "roofline_prefill_s": bounds["prefill_s"], "roofline_decode_s": bounds["decode_s"],
             "decode_over_roofline": stats.decode_s / bounds["decode_s"] if bounds["decode_s"] else None,
             "total_over_roofline": wall / (bounds["prefill_s"] + bounds["decode_s"]),
-            # Below ~0.75 the threads waited for cores another process held: the timing measures the load.
             "cpu_share": cpu / (wall * torch.get_num_threads()) if device.type == "cpu" else None,
+            # Cores' worth of CPU other processes took meanwhile: above CONTENDED_OTHERS it measures the load.
+            "others_cores": (max(0.0, machine_end - machine_start - cpu) / wall
+                             if device.type == "cpu" and machine_start is not None and machine_end is not None
+                             else None),
         }
         if compare_generate:
             seconds, tokens = _time_generate(model, subset, batch_size, max_new_tokens, eos, pad)
@@ -203,8 +208,9 @@ def measure_generation(model: torch.nn.Module, tokenizer: Any, prompts: Sequence
                     f"{row['generated_tokens']} tokens in {wall:.1f} s = {row['tokens_per_s']:.1f} tok/s; decode "
                     f"{row['decode_tokens_per_s']:.1f} tok/s vs roofline {row['roofline_decode_tokens_per_s']:.1f}: "
                     f"{row['decode_over_roofline']:.2f}x (target <= 2); with prefill {row['total_over_roofline']:.2f}x")
-            if row["cpu_share"] is not None:
-                line += f"; cpu share {row['cpu_share']:.2f}"
+            if row["others_cores"] is not None:
+                line += f"; other processes {row['others_cores']:.2f} cores"
+                line += " (contended!)" if row["others_cores"] > CONTENDED_OTHERS else ""
             if compare_generate:
                 line += f"; model.generate {row['generate_tokens_per_s']:.1f} tok/s"
             print(line, flush=True)

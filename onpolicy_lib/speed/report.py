@@ -17,7 +17,7 @@ from typing import Any
 from onpolicy_lib.speed.contention import format_busy
 from onpolicy_lib.speed.hardware import DECODE_FORMS
 from onpolicy_lib.speed.long_rollouts import format_long
-from onpolicy_lib.speed.timing import CONTENDED_CPU_SHARE, Timing
+from onpolicy_lib.speed.timing import CONTENDED_OTHERS, Timing
 
 
 # ---------------------------------------------------------------------------- the report's name
@@ -250,7 +250,7 @@ def _evaluation_lines(e: dict[str, Any]) -> list[str]:
 
 
 def format_report(r: dict[str, Any]) -> str:
-    """The results of :func:`onpolicy_lib.speed.run` as text: settings, three tables, load and CPU share."""
+    """The results of :func:`onpolicy_lib.speed.run` as text: settings, three tables, load and contention."""
     s = r["settings"]
     if "busy_core" in r:  # --busy-core: that block alone
         return "\n".join([f"onpolicy-quant: a step beside a busy core\nmachine   {r['machine']}", "",
@@ -259,8 +259,8 @@ def format_report(r: dict[str, Any]) -> str:
     on_cpu = s["device"].startswith("cpu")
 
     def flag(key: str) -> str:
-        share = t[key].get("cpu_share")
-        return "  contended!" if on_cpu and share is not None and share < CONTENDED_CPU_SHARE else ""
+        others = t[key].get("others_cores")
+        return "  contended!" if on_cpu and others is not None and others > CONTENDED_OTHERS else ""
 
     lines = [
         "onpolicy-quant: cost of one distillation step",
@@ -306,8 +306,8 @@ def format_report(r: dict[str, Any]) -> str:
     if load.get("start") is not None:
         lines.append("load average (1/5/15 min) at start {} and end {}".format(
             "/".join(f"{x:.2f}" for x in load["start"]), "/".join(f"{x:.2f}" for x in load["end"])))
-    if on_cpu and "cpu_share_min" in r:
-        lines.append(f"lowest CPU share of a contender: {r['cpu_share_min']:.0%} of (wall time x threads); "
-                     f"below {CONTENDED_CPU_SHARE:.0%} (flagged 'contended!') means another process took the "
-                     "cores: measure again alone")
+    if on_cpu and r.get("others_cores_max") is not None:
+        lines.append(f"most CPU other processes took while a contender ran: {r['others_cores_max']:.2f} cores; "
+                     f"above {CONTENDED_OTHERS} (flagged 'contended!') the timings measure the machine's load: "
+                     "measure again alone")
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""Measuring: repeated timings with warm-up, their peak memory and CPU share, and the machine they ran on."""
+"""Measuring: repeated timings with warm-up, their peak memory, the CPU other processes took meanwhile,
+and the machine they ran on."""
 
 from __future__ import annotations
 
@@ -17,10 +18,13 @@ from typing import Any
 
 import torch
 
-# Share of (wall time x threads) spent as CPU time below which a contender's timings are flagged
-# as contended: its threads waited for cores another process held, so they measure the load
-# of the machine rather than the step (a contender alone keeps its threads busy nearly all the time).
-CONTENDED_CPU_SHARE = 0.75
+from onpolicy_lib.cpu_threads import busy_seconds
+
+# Cores' worth of CPU time other processes took while a contender was timed, above which its timings are
+# flagged as contended: they then measure the machine's load rather than the step. Measured directly
+# (the machine's busy time less ours), because this process's own CPU share says nothing once its
+# threads sleep at barriers instead of spinning.
+CONTENDED_OTHERS = 0.25
 
 
 @dataclass
@@ -30,6 +34,7 @@ class Timing:
     seconds: list[float] = field(default_factory=list)
     peak_mb: float | None = None
     cpu_share: float | None = None  # process CPU time / (wall time x threads) over the timed repetitions
+    others_cores: float | None = None  # CPU time other processes took over the timed repetitions / wall time
     parts: dict[str, list[float]] = field(default_factory=dict)  # sub-timings per repetition
 
     @property
@@ -42,7 +47,8 @@ class Timing:
 
     def as_dict(self) -> dict[str, Any]:
         return {"median_s": self.median, "seconds": self.seconds, "peak_mb": self.peak_mb,
-                "cpu_share": self.cpu_share, "parts_median_s": {k: self.part(k) for k in self.parts}}
+                "cpu_share": self.cpu_share, "others_cores": self.others_cores,
+                "parts_median_s": {k: self.part(k) for k in self.parts}}
 
 
 def sync(device: torch.device) -> None:
@@ -90,25 +96,30 @@ def timed(fn: Callable[[], dict[str, float] | None], steps: int, warmup: int, de
     ``fn`` may return named sub-timings of its repetition; they are kept per repetition in ``parts``.
     """
     timing = Timing()
-    cpu_seconds = 0.0
+    cpu_seconds, machine_seconds = 0.0, 0.0
     with peak_memory(device, timing):
         for i in range(warmup + steps):
             sync(device)
-            start, cpu_start = time.perf_counter(), time.process_time()
+            start, cpu_start, machine_start = time.perf_counter(), time.process_time(), busy_seconds()
             parts = fn() or {}
             sync(device)
             elapsed = time.perf_counter() - start
+            machine_end = busy_seconds()
             if i >= warmup:
                 cpu_seconds += time.process_time() - cpu_start
+                if machine_start is not None and machine_end is not None:
+                    machine_seconds += machine_end - machine_start
                 timing.seconds.append(elapsed)
                 for name, value in parts.items():
                     timing.parts.setdefault(name, []).append(value)
             if label:
                 kind = "warm-up" if i < warmup else "step"
                 print(f"  {label}: {kind} {i + 1}/{warmup + steps} {elapsed:.2f} s", file=sys.stderr, flush=True)
-    # On CPU, a share well below 1 means the threads did not get their cores (another process
-    # competed for them): the timings are then not the machine's.
-    timing.cpu_share = cpu_seconds / (sum(timing.seconds) * torch.get_num_threads())
+    wall = sum(timing.seconds)
+    timing.cpu_share = cpu_seconds / (wall * torch.get_num_threads())
+    if device.type == "cpu" and machine_seconds:
+        # /proc/stat counts in clock ticks: a small negative difference is rounding, not a process.
+        timing.others_cores = max(0.0, machine_seconds - cpu_seconds) / wall
     return timing
 
 
