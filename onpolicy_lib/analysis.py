@@ -174,6 +174,46 @@ def generation_gap_recovered(frame: pd.DataFrame, keys: tuple[str, ...] = ("lmbd
             .rename(columns={"count": "seeds"}).reset_index())
 
 
+def generation_power(frame: pd.DataFrame, planned_prompts: int | None = None, power: float = 0.8,
+                     level: float = LEVEL) -> pd.DataFrame:
+    """What a generation metric can resolve, before a study spends its seeds on it.
+
+    Per metric, on the prompts the teacher and PTQ both scored (every run's baselines pooled; they are the
+    same models): the teacher-to-PTQ gap (``gap``, teacher − PTQ) with its paired ``level`` interval over
+    prompts, and the smallest student-vs-student difference a paired comparison on ``planned_prompts``
+    prompts (default: the prompts here) detects with ``power`` at that level: ``mde`` = (t + z) · sd / √n,
+    sd being the per-prompt sd of two students' differences where the frame has pairs of students (runs
+    that differ in λ or rate, on the same prompts), else of the teacher−PTQ difference. ``mde_over_gap``:
+    that difference as a share of the gap. It is the prompt-sampling floor only: seed-to-seed variation
+    adds to it, and only a seed-replicated study measures that."""
+    from scipy import stats
+
+    rows = []
+    for metric, part in frame.groupby("metric", sort=True):
+        by_role = {role: part[part["role"] == role].groupby("id")["value"].mean() for role in ("teacher", "ptq")}
+        shared = by_role["teacher"].index.intersection(by_role["ptq"].index)
+        if len(shared) < 2:
+            continue
+        diff = by_role["teacher"].loc[shared] - by_role["ptq"].loc[shared]
+        n = len(diff)
+        gap, gap_sd = float(diff.mean()), float(diff.std(ddof=1))
+        half = float(stats.t.ppf(0.5 + level / 2, n - 1) * gap_sd / np.sqrt(n))
+        students = part[part["role"] == "student"].pivot_table(index="id", columns="run", values="value")
+        pair_sds = [float((students[a] - students[b]).dropna().std(ddof=1))
+                    for i, a in enumerate(students.columns) for b in students.columns[i + 1:]
+                    if (students[a] - students[b]).notna().sum() >= 2]
+        sd, sd_from = (float(np.sqrt(np.mean(np.square(pair_sds)))), "student pairs") if pair_sds else (
+            gap_sd, "teacher − PTQ")
+        planned = planned_prompts or n
+        mde = float((stats.t.ppf(0.5 + level / 2, planned - 1) + stats.norm.ppf(power)) * sd / np.sqrt(planned))
+        rows.append({"metric": metric, "prompts": n, "teacher": float(by_role["teacher"].loc[shared].mean()),
+                     "ptq": float(by_role["ptq"].loc[shared].mean()), "gap": gap, "gap_low": gap - half,
+                     "gap_high": gap + half, "gap_resolved": excludes_zero(gap - half, gap + half),
+                     "planned_prompts": planned, "pair_sd": sd, "sd_from": sd_from, "mde": mde,
+                     "mde_over_gap": abs(mde / gap) if gap else np.nan})
+    return pd.DataFrame(rows)
+
+
 def weighting(metric: str) -> str:
     """How ``metric`` is averaged over its examples (one weighting per metric, in every table)."""
     if metric in WEIGHTING:

@@ -69,3 +69,30 @@ def test_generation_in_the_lambda_comparisons_and_the_gap_recovered(tmp_path):
     gaps = analysis.generation_gap_recovered(peg).set_index(["lmbda", "metric"])
     assert gaps.loc[(1, "gen_greedy/rouge_l"), "mean"] == pytest.approx((0.53 - 0.2) / 0.6)
     assert gaps.loc[(0, "gen_greedy/rouge_l"), "seeds"] == 2
+
+
+def test_generation_power_against_a_direct_computation():
+    """The teacher-to-PTQ gap with its paired t interval, and the paired MDE from two students' differences."""
+    import numpy as np
+    from scipy import stats
+
+    from onpolicy_lib import analysis
+
+    rng = np.random.default_rng(0)
+    ids = [f"p{i}" for i in range(30)]
+    teacher, ptq = rng.normal(0.5, 0.2, 30), rng.normal(0.3, 0.2, 30)
+    s0, s1 = ptq + rng.normal(0.05, 0.1, 30), ptq + rng.normal(0.1, 0.1, 30)
+    rows = [{"run": run, "role": role, "metric": "gen_greedy/rouge_l", "id": i, "value": float(v)}
+            for run, student in (("lmbda-0", s0), ("lmbda-1", s1))
+            for role, values in (("teacher", teacher), ("ptq", ptq), ("student", student))
+            for i, v in zip(ids, values, strict=True)]
+    table = analysis.generation_power(pd.DataFrame(rows), planned_prompts=120).set_index("metric")
+    row = table.loc["gen_greedy/rouge_l"]
+    diff = teacher - ptq
+    half = stats.t.ppf(0.975, 29) * diff.std(ddof=1) / np.sqrt(30)
+    assert row["prompts"] == 30 and row["gap"] == pytest.approx(diff.mean())
+    assert (row["gap_low"], row["gap_high"]) == pytest.approx((diff.mean() - half, diff.mean() + half))
+    sd = (s0 - s1).std(ddof=1)
+    assert row["sd_from"] == "student pairs" and row["pair_sd"] == pytest.approx(sd)
+    mde = (stats.t.ppf(0.975, 119) + stats.norm.ppf(0.8)) * sd / np.sqrt(120)
+    assert row["mde"] == pytest.approx(mde) and row["mde_over_gap"] == pytest.approx(mde / diff.mean())
