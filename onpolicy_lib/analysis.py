@@ -174,6 +174,40 @@ def generation_gap_recovered(frame: pd.DataFrame, keys: tuple[str, ...] = ("lmbd
             .rename(columns={"count": "seeds"}).reset_index())
 
 
+# How a learning-rate pilot chooses each λ's rate: greedy outputs' quality on the validation prompts, which is
+# neither regime's training signal (forward KL on dataset text is λ=0's, reverse KL on own samples λ=1's).
+RATE_CRITERIA = ("gen_greedy/rouge_l", "gen_greedy/teacher_nll")
+LOWER_IS_BETTER = ("teacher_nll", "loss", "kl", "perplexity", "hit_cap")
+
+
+def lower_is_better(metric: str) -> bool:
+    return any(word in metric for word in LOWER_IS_BETTER)
+
+
+def rate_choice(students: pd.DataFrame, keys: tuple[str, ...] = ("lmbda",), rate: str = "learning_rate",
+                criteria: tuple[str, ...] = RATE_CRITERIA) -> pd.DataFrame:
+    """Each condition's (``keys``) rates, the criteria's means over its seeds, and ``chosen``: per condition the
+    rate best on the first criterion; ``agrees`` says whether the second criterion picks the same rate."""
+    criteria = tuple(c for c in criteria if c in students)
+    if not criteria or rate not in students:
+        return pd.DataFrame()
+    table = students.groupby([*keys, rate])[list(criteria)].mean().reset_index()
+    table["seeds"] = students.groupby([*keys, rate]).size().to_numpy()
+
+    def best(part: pd.DataFrame, metric: str) -> Any:
+        values = part[metric]
+        return part.loc[values.idxmin() if lower_is_better(metric) else values.idxmax(), rate]
+
+    chosen, agrees = {}, {}
+    for key, part in table.groupby(list(keys)):
+        chosen[key] = best(part, criteria[0])
+        agrees[key] = len(criteria) < 2 or best(part, criteria[1]) == chosen[key]
+    condition = [tuple(row) for row in table[list(keys)].itertuples(index=False)]  # groupby's keys are tuples
+    table["chosen"] = [rate_value == chosen[c] for rate_value, c in zip(table[rate], condition, strict=True)]
+    table["agrees"] = [agrees[c] for c in condition]
+    return table
+
+
 def generation_power(frame: pd.DataFrame, planned_prompts: int | None = None, power: float = 0.8,
                      level: float = LEVEL) -> pd.DataFrame:
     """What a generation metric can resolve, before a study spends its seeds on it.

@@ -96,3 +96,18 @@ def test_generation_power_against_a_direct_computation():
     assert row["sd_from"] == "student pairs" and row["pair_sd"] == pytest.approx(sd)
     mde = (stats.t.ppf(0.975, 119) + stats.norm.ppf(0.8)) * sd / np.sqrt(120)
     assert row["mde"] == pytest.approx(mde) and row["mde_over_gap"] == pytest.approx(mde / diff.mean())
+
+
+def test_rate_choice_by_greedy_quality():
+    """Per λ, the rate with the best ROUGE-L is chosen; the teacher NLL (lower is better) may disagree."""
+    from onpolicy_lib import analysis
+
+    students = pd.DataFrame({
+        "lmbda": [0, 0, 0, 1, 1, 1, 1], "learning_rate": [1e-4, 3e-5, 3e-4, 1e-4, 3e-5, 3e-4, 3e-4],
+        "gen_greedy/rouge_l": [0.30, 0.25, 0.20, 0.20, 0.22, 0.30, 0.32],
+        "gen_greedy/teacher_nll": [1.0, 1.1, 1.2, 0.8, 0.7, 0.9, 0.9]})
+    table = analysis.rate_choice(students).set_index(["lmbda", "learning_rate"])
+    assert table[table["chosen"]].index.tolist() == [(0, 1e-4), (1, 3e-4)]
+    assert table.loc[(1, 3e-4), "gen_greedy/rouge_l"] == pytest.approx(0.31) and table.loc[(1, 3e-4), "seeds"] == 2
+    assert table.loc[(0, 1e-4), "agrees"] and not table.loc[(1, 3e-4), "agrees"]
+    assert analysis.rate_choice(students.drop(columns=list(analysis.RATE_CRITERIA))).empty
