@@ -115,7 +115,11 @@ def test_the_long_rollout_block_alone_and_the_report_named_for_the_cpu(tiny_mode
     assert long["new_tokens"] == 6 and long["lambda1_over_lambda0"] > 0
     assert long["timings"]["ours_1"]["parts_median_s"]["rollout"] > 0
     assert [d["rows"] for d in long["decode"]] == [2, 4, 8]
-    assert all(d["decode_step_s"] > 0 and d["roofline_s"] > 0 and d["over_roofline"] > 0 for d in long["decode"])
+    # Each decode step is a difference of two timings: on a tiny model it may be within the timing noise, and
+    # is then reported as not measured rather than as a number at or below zero.
+    assert all(d["roofline_s"] > 0 for d in long["decode"])
+    assert all(d["decode_step_s"] is None or (d["decode_step_s"] > 0 and d["over_roofline"] > 0)
+               for d in long["decode"])
     assert "(g) long rollouts: 6 new tokens" in printed and "steps, floor and generation: skipped" in printed
     written = sorted(p.name for p in (tmp_path / "reports").iterdir())
     stem = report.report_stem(results["machine"])

@@ -49,12 +49,11 @@ from typing import Any
 import torch
 
 from onpolicy_lib import cpu_threads, quantization
-from onpolicy_lib.batches import DistillCollator
 from onpolicy_lib.metrics import machine_description
-from onpolicy_lib.models import load_model, load_tokenizer, resolve_device
+from onpolicy_lib.models import resolve_device
 from onpolicy_lib.rollouts import RolloutForm, eager_form
 from onpolicy_lib.speed.contenders import (
-    fixed_batch,
+    load_setup,
     our_trainer,
     run_trainer,
     time_floor,
@@ -94,12 +93,10 @@ def run(s: SpeedSettings) -> dict[str, Any]:
                 "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
                 "busy_core": busy_core_figures(cfg.to_dict(), s.busy_steps),
                 "load_average": {"start": load_start, "end": load_average()}}
-    tokenizer = load_tokenizer(cfg.model_name)
-    teacher = load_model(cfg.model_name, device=device).eval().requires_grad_(False)
-    group_size = quantization.resolve_group_size(teacher, cfg.group_size)
-    features, chats = fixed_batch(tokenizer, cfg.dataset_name, cfg.per_device_train_batch_size, cfg.max_length,
-                                  cfg.min_completion_tokens)
-    ours_batch = to_device(DistillCollator(tokenizer.pad_token_id)(features), device)
+    setup = load_setup(cfg, device)
+    tokenizer, teacher, group_size, features, chats = (setup.tokenizer, setup.teacher, setup.group_size,
+                                                       setup.features, setup.chats)
+    ours_batch = setup.batch
 
     def teacher_bf16() -> torch.nn.Module:
         # What a dtype=bfloat16 run's teacher is: its weights in bf16 (the student keeps fp32 masters).

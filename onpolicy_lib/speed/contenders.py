@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from onpolicy_lib import data
-from onpolicy_lib.batches import IGNORE_INDEX, completion_forward
+from onpolicy_lib import data, quantization
+from onpolicy_lib.batches import IGNORE_INDEX, DistillCollator, completion_forward
 from onpolicy_lib.config import TrainConfig
 from onpolicy_lib.distill import DistillConfig, DistillTrainer
+from onpolicy_lib.models import load_model, load_tokenizer
 from onpolicy_lib.speed.settings import SpeedSettings
 from onpolicy_lib.speed.timing import Timing, sync, timed
 
@@ -60,6 +62,28 @@ def trl_batch(features: list[dict[str, Any]], tokenizer: Any, max_length: int) -
                  "completion_mask": [0] * len(f["prompt_ids"]) + [1] * len(f["completion_ids"])}
                 for f in features]
     return collate(examples)
+
+
+@dataclass
+class Setup:
+    """What every block of the benchmark starts from: the model, its student's group size and the fixed batch."""
+
+    tokenizer: Any
+    teacher: torch.nn.Module  # frozen, in eval mode
+    group_size: int
+    features: list[dict[str, Any]]
+    chats: list[dict[str, Any]]
+    batch: dict[str, torch.Tensor]  # the features collated on the device
+
+
+def load_setup(cfg: TrainConfig, device: torch.device) -> Setup:
+    """The benchmark's model and fixed batch for ``cfg`` on ``device``."""
+    tokenizer = load_tokenizer(cfg.model_name)
+    teacher = load_model(cfg.model_name, device=device).eval().requires_grad_(False)
+    features, chats = fixed_batch(tokenizer, cfg.dataset_name, cfg.per_device_train_batch_size, cfg.max_length,
+                                  cfg.min_completion_tokens)
+    return Setup(tokenizer, teacher, quantization.resolve_group_size(teacher, cfg.group_size), features, chats,
+                 to_device(DistillCollator(tokenizer.pad_token_id)(features), device))
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

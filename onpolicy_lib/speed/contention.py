@@ -116,11 +116,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     import transformers
 
-    from onpolicy_lib import cpu_threads, quantization
-    from onpolicy_lib.batches import DistillCollator
+    from onpolicy_lib import cpu_threads
     from onpolicy_lib.config import TrainConfig
-    from onpolicy_lib.models import load_model, load_tokenizer
-    from onpolicy_lib.speed.contenders import fixed_batch, our_trainer, run_trainer, to_device
+    from onpolicy_lib.speed.contenders import load_setup, our_trainer, run_trainer
     from onpolicy_lib.speed.timing import timed
     from onpolicy_lib.student import build_student
 
@@ -129,14 +127,10 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     threads = cpu_threads.configure_threads()
     cfg = TrainConfig(**spec["train"])
     device = torch.device("cpu")
-    tokenizer = load_tokenizer(cfg.model_name)
-    teacher = load_model(cfg.model_name, device=device).eval().requires_grad_(False)
-    group_size = quantization.resolve_group_size(teacher, cfg.group_size)
-    features, _ = fixed_batch(tokenizer, cfg.dataset_name, cfg.per_device_train_batch_size, cfg.max_length,
-                              cfg.min_completion_tokens)
-    batch = to_device(DistillCollator(tokenizer.pad_token_id)(features), device)
+    setup = load_setup(cfg, device)
+    tokenizer, teacher, features, batch = setup.tokenizer, setup.teacher, setup.features, setup.batch
     torch.manual_seed(cfg.seed)
-    student = build_student(teacher, cfg.quant_type, group_size, train_embeddings=cfg.train_embeddings)
+    student = build_student(teacher, cfg.quant_type, setup.group_size, train_embeddings=cfg.train_embeddings)
     with tempfile.TemporaryDirectory() as out:
         trainer = our_trainer(student, teacher, tokenizer, cfg, device, out, lmbda=0.0)
         timing = run_trainer(trainer, batch, spec["steps"], 1, device, "rollout", "")

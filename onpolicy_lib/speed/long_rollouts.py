@@ -114,12 +114,14 @@ def long_rollout_figures(teacher: torch.nn.Module, tokenizer: Any, cfg: TrainCon
             n = new_tokens if factor == 1 else min(new_tokens, 64)  # the larger batches: fewer tokens suffice
             one = _rollout_s(trainer, wide, 1, device, 2)
             full = _rollout_s(trainer, wide, n, device, 1)
-            step = (full - one) / (n - 1)
+            # A difference of two timings: where the decode steps are too short for the machine's timing noise
+            # it can come out at or below zero, and is then reported as not measured.
+            step = (full - one) / (n - 1) if full > one else None
             bound = roofline_s(trainer.model, rows * factor, width + 1, width + n - 1, ceilings["read_gb_s"],
                                ceilings["gemm_fp32_gflops"]) / (n - 1)
             decode.append({"rows": rows * factor, "tokens": n, "rollout_s": full, "decode_step_s": step,
-                           "roofline_s": bound, "over_roofline": step / bound,
-                           "tokens_per_s": rows * factor / step})
+                           "roofline_s": bound, "over_roofline": step / bound if step else None,
+                           "tokens_per_s": rows * factor / step if step else None})
         out["decode"] = decode
         del trainer
         release()
@@ -141,8 +143,12 @@ def format_long(figures: dict[str, Any]) -> list[str]:
              f"{'decode steps (exact fp32)':<34}{'rows':>6}{'tokens':>8}{'step ms':>10}{'roofline ms':>13}"
              f"{'ratio':>8}{'target':>8}{'met':>5}{'tokens/s':>10}"]
     for d in figures["decode"]:
-        met = "✓" if d["over_roofline"] <= TARGET_ROOFLINE else "✗"
         label = "the run's batch" if d is figures["decode"][0] else "  several completions per prompt"
+        if d["decode_step_s"] is None:
+            lines.append(f"{label:<34}{d['rows']:>6}{d['tokens']:>8}  not measured: the rollout was within the "
+                         "timing noise of a one-token rollout")
+            continue
+        met = "✓" if d["over_roofline"] <= TARGET_ROOFLINE else "✗"
         lines.append(f"{label:<34}{d['rows']:>6}{d['tokens']:>8}{d['decode_step_s'] * 1e3:>10.1f}"
                      f"{d['roofline_s'] * 1e3:>13.1f}{d['over_roofline']:>8.2f}{'<= ' + str(TARGET_ROOFLINE):>8}"
                      f"{met:>5}{d['tokens_per_s']:>10.1f}")
