@@ -494,6 +494,56 @@ def section_baselines(figures: Path) -> str:
         + "; ".join(sentences) + ".\n")
 
 
+GEN_PILOT = "cpu_gen_lr"
+GEN_COLUMNS = ("gen_greedy/rouge_l", "gen_greedy/teacher_nll", "gen_greedy/correct", "gen_greedy/tokens",
+               "gen_greedy/hit_cap")
+
+
+def _generation_pilot() -> str:
+    """The learning-rate pilot: each run's greedy quality beside the teacher and PTQ, the rate chosen per λ,
+    and what each metric can resolve at the pilot's prompts."""
+    root = OUTPUTS / GEN_PILOT
+    w = results.wide(results.collect([root]))
+    present = [c for c in GEN_COLUMNS if c in w]
+    evaluated = w[w[present].notna().any(axis=1)] if present else w[:0]
+    students = evaluated[evaluated["role"] == "student"]
+    columns = [c for c in GEN_COLUMNS if c in evaluated]
+    names = {c: analysis.GENERATION_NAMES[c].replace(", greedy outputs", "") for c in columns}
+    rows = {}
+    for role in ("teacher", "ptq"):
+        part = evaluated[evaluated["role"] == role]
+        if not part.empty:
+            rows[role if role == "teacher" else "RTN PTQ"] = [num(part[c].mean(), 3) for c in columns]
+    for _, run in students.sort_values(["lmbda", "learning_rate"]).iterrows():
+        rows[f"student λ={num(run['lmbda'], 0)}, lr {run['learning_rate']:g}"] = [num(run[c], 3) for c in columns]
+    table = pd.DataFrame.from_dict(rows, orient="index", columns=[names[c] for c in columns])
+    runs = sorted(p.name for p in root.glob(f"*/{Run.EVAL}"))
+    choice = analysis.rate_choice(students)
+    chosen = ("; ".join(f"λ={num(r['lmbda'], 0)}: {r['learning_rate']:g}"
+                        + ("" if r["agrees"] else " (the teacher's NLL prefers another rate)")
+                        for _, r in choice[choice["chosen"]].iterrows())
+              if not choice.empty else "none yet")
+    complete = not choice.empty and bool((choice.groupby("lmbda").size() >= 3).all())
+    power = analysis.generation_power(analysis.generation_frame([root]))
+    power_rows = {analysis.GENERATION_NAMES.get(r["metric"], r["metric"]): [
+        r["prompts"], num(r["teacher"], 3), num(r["ptq"], 3),
+        f"{num(r['gap'], 3)} [{num(r['gap_low'], 3)}, {num(r['gap_high'], 3)}]", num(r["mde"], 3),
+        num(r["mde_over_gap"], 2)] for _, r in power.iterrows()
+        if r["metric"].startswith("gen_greedy/") and not r["metric"].endswith(("tokens", "hit_cap"))}
+    power_table = pd.DataFrame.from_dict(power_rows, orient="index", columns=[
+        "prompts", "teacher", "PTQ", "gap (teacher − PTQ) [95%]", "paired MDE, 80% power", "MDE / gap"])
+    return (f"### The learning-rate pilot (`outputs/{GEN_PILOT}/`, {'complete' if complete else 'in progress'})\n\n"
+            f"Evaluated runs: {len(runs)} of the pilot's six (three rates × λ ∈ {{0, 1}}, seed 1, 100 steps). "
+            "Greedy outputs on the generation evaluation's *validation* prompts (never the study's test slice), "
+            f"{analysis.GENERATION_WEIGHTING}; one seed per cell, so no interval. Rates chosen by greedy ROUGE-L "
+            f"(`analysis.rate_choice`): {chosen}.\n\n" + markdown_table(table) + "\n\n"
+            + ("What each metric can resolve (`analysis.generation_power`): the teacher-to-PTQ gap with its "
+               "paired 95% interval over these prompts, and the smallest paired student-vs-student difference "
+               "detected with 80% power at this many prompts, from the students' per-prompt differences. "
+               "Prompt sampling only; seed-to-seed variation adds to it.\n\n" + markdown_table(power_table)
+               + "\n" if not power_table.empty else ""))
+
+
 def section_generation() -> str:
     found = _studies_in_outputs("cpu_gen_")
     if not found:
@@ -501,8 +551,19 @@ def section_generation() -> str:
                 "correctness, ROUGE-L against references, the teacher's NLL of each output, on prompts no run "
                 "trained on) has no committed results yet: this section fills in when `outputs/cpu_gen_*` "
                 "exists.\n")
-    return ("## 10. Generation quality\n\nCommitted generation studies: " + ", ".join(f"`{f}`" for f in found)
-            + ". Their analyses are in their own directories; this report does not summarise them yet.\n")
+    parts = ["## 10. Generation quality\n\nWhether on-policy distillation makes a better generator: full-length "
+             "outputs on prompts no run trained on, scored by task correctness, ROUGE-L against the reference and "
+             "the teacher's NLL per output token, beside the teacher and RTN PTQ.\n"]
+    if GEN_PILOT in found:
+        parts.append(_generation_pilot())
+    others = [f for f in found if f != GEN_PILOT]
+    if others:
+        parts.append("Other generation studies: " + ", ".join(f"`{f}`" for f in others)
+                     + "; their analyses are in their own directories.\n")
+    else:
+        parts.append("The study itself (five seeds per step-matched arm at each λ's chosen rate, a FLOP-matched "
+                     "λ=0 arm, the test prompts) has not run yet.\n")
+    return "\n".join(parts)
 
 
 def section_cost() -> str:

@@ -111,3 +111,33 @@ def test_rate_choice_by_greedy_quality():
     assert table.loc[(1, 3e-4), "gen_greedy/rouge_l"] == pytest.approx(0.31) and table.loc[(1, 3e-4), "seeds"] == 2
     assert table.loc[(0, 1e-4), "agrees"] and not table.loc[(1, 3e-4), "agrees"]
     assert analysis.rate_choice(students.drop(columns=list(analysis.RATE_CRITERIA))).empty
+
+
+def test_the_reports_generation_section_reads_a_pilot(tmp_path, monkeypatch):
+    """An evaluated pilot run appears in the report with the teacher and PTQ, the rate chosen per λ and the
+    power table; the section says the pilot is in progress until every λ has its three rates."""
+    from onpolicy_lib import report
+
+    def generation(values: dict[str, float]) -> dict:
+        per_example = [{"task": "gsm8k", "id": i, "rouge_l": v, "teacher_nll": 2 - v, "correct": v > 0.5,
+                        "tokens": 10, "hit_cap": False} for i, v in values.items()]
+        summary = {"rouge_l": {"mean": sum(values.values()) / len(values)},
+                   "teacher_nll": {"mean": 2 - sum(values.values()) / len(values)}}
+        return {"greedy": {"per_example": per_example, "summary": {"all": summary}}}
+
+    teacher = generation({"a": 0.9, "b": 0.7, "c": 0.8})
+    ptq = generation({"a": 0.2, "b": 0.4, "c": 0.1})
+    for lmbda, student in ((0, {"a": 0.5, "b": 0.5, "c": 0.3}), (1, {"a": 0.6, "b": 0.4, "c": 0.5})):
+        run = tmp_path / report.GEN_PILOT / f"lr-0.0001_lmbda-{lmbda}"
+        run.mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps({"train": {"lmbda": lmbda, "learning_rate": 1e-4, "seed": 1}}))
+        (run / "eval.json").write_text(json.dumps({"student": {"generation": generation(student)},
+                                                   "baselines": {"teacher": {"generation": teacher},
+                                                                 "ptq": {"generation": ptq}}}))
+    monkeypatch.setattr(report, "OUTPUTS", tmp_path)
+    text = report.section_generation()
+    assert "(`outputs/cpu_gen_lr/`, in progress)" in text and "Evaluated runs: 2 of the pilot's six" in text
+    assert "λ=0: 0.0001; λ=1: 0.0001" in text
+    lines = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert "0.800" in lines["teacher"] and "0.233" in lines["RTN PTQ"] and "0.500" in lines["student λ=1, lr 0.0001"]
+    assert "0.567 [" in lines["ROUGE-L, greedy outputs"]  # the teacher-to-PTQ gap over the three prompts
