@@ -20,8 +20,10 @@ padding a batch computes, which depends on how rows are grouped, not on the meth
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 BACKWARD_FACTOR = 2.0  # backward FLOPs per forward FLOP
@@ -89,3 +91,22 @@ def matched_steps(target_flops: float, flops_per_step: float) -> int:
     if flops_per_step <= 0:
         raise ValueError(f"flops_per_step must be positive, got {flops_per_step}")
     return max(1, round(target_flops / flops_per_step))
+
+
+def run_flops(run_dir: str | Path) -> tuple[float, int]:
+    """A finished run's recorded FLOPs and optimizer steps (its ``metrics.json``)."""
+    path = Path(run_dir) / "metrics.json"
+    metrics = json.loads(path.read_text())
+    if not metrics.get("flops"):
+        raise ValueError(f"{path} records no FLOPs (the run predates FLOP accounting): it cannot set a match")
+    return float(metrics["flops"]), len(metrics["steps"])
+
+
+def flop_matched_steps(targets: Iterable[str | Path], references: Iterable[str | Path]) -> int:
+    """Steps a reference-arm run needs to spend the targets' mean FLOPs, at the references' mean FLOPs per
+    step: for example, the λ=0 steps that spend what the λ=1 runs spent, generation included."""
+    spent = [run_flops(run)[0] for run in targets]
+    per_step = [flops / steps for flops, steps in map(run_flops, references)]
+    if not spent or not per_step:
+        raise ValueError("flop_matched_steps needs at least one target run and one reference run")
+    return matched_steps(sum(spent) / len(spent), sum(per_step) / len(per_step))

@@ -68,3 +68,24 @@ def test_a_training_step_records_its_flops(tmp_path, tokenizer, tiny_model, lmbd
     if lmbda:  # the rollout that made the completions
         expected += generation_flops(shape, prompts, completions)
     assert trainer.stats["flops"] == pytest.approx(expected)
+
+
+def test_flop_matched_steps_from_recorded_runs(tmp_path):
+    """The reference arm's steps that spend the targets' mean FLOPs; a run without FLOPs is refused."""
+    import json
+
+    import pytest
+
+    from onpolicy_lib.compute import flop_matched_steps
+
+    def run(name: str, flops: float | None, steps: int) -> str:
+        path = tmp_path / name
+        path.mkdir()
+        (path / "metrics.json").write_text(json.dumps({"flops": flops, "steps": [{"step": i} for i in range(steps)]}))
+        return str(path)
+
+    on_policy = [run("l1-a", 3.0e12, 100), run("l1-b", 3.4e12, 100)]
+    off_policy = [run("l0-a", 2.0e12, 100), run("l0-b", 2.0e12, 100)]
+    assert flop_matched_steps(on_policy, off_policy) == 160  # 3.2e12 / 2e10 per step
+    with pytest.raises(ValueError, match="records no FLOPs"):
+        flop_matched_steps([run("old", None, 100)], off_policy)
