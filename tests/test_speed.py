@@ -530,3 +530,34 @@ def test_evaluation_block_sets_each_part_against_its_forward_passes(tiny_model, 
     assert "forward" not in student.__dict__ and "generate" not in student.__dict__  # unwrapped
     printed = report._evaluation_lines(figures)
     assert printed[0].startswith("(f) a student's evaluation") and len(printed) == 2 + 4
+
+
+def test_a_bf16_contender_computes_the_student_in_bf16(tiny_model_dir, tiny_dataset_dir, tmp_path):
+    """The benchmark's bf16 step is what a bf16 run trains: accelerate's autocast around the student's forward
+    (a Trainer adds none itself; its model must be prepared), so every matrix product runs in bf16."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from onpolicy_lib.models import load_model, load_tokenizer
+
+    class MatmulDtypes(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dtypes: set[torch.dtype] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("mm", "bmm", "addmm"):
+                self.dtypes.add(args[-1].dtype)
+            return func(*args, **(kwargs or {}))
+
+    cfg = TrainConfig(model_name=str(tiny_model_dir), dataset_name=str(tiny_dataset_dir), group_size=GROUP,
+                      max_length=64, min_completion_tokens=4)
+    tokenizer = load_tokenizer(cfg.model_name)
+    teacher = load_model(cfg.model_name).eval().requires_grad_(False)
+    features, _ = contenders.fixed_batch(tokenizer, cfg.dataset_name, 2, cfg.max_length, cfg.min_completion_tokens)
+    batch = DistillCollator(tokenizer.pad_token_id)(features)
+    student = build_student(teacher, cfg.quant_type, GROUP)
+    trainer = contenders.our_trainer(student, copy.deepcopy(teacher).to(torch.bfloat16), tokenizer, cfg,
+                                     torch.device("cpu"), str(tmp_path), 0.0, bf16=True)
+    with MatmulDtypes() as seen:
+        contenders.optimisation_step(trainer, batch, torch.device("cpu"))
+    assert seen.dtypes == {torch.bfloat16}

@@ -165,7 +165,10 @@ def trl_trainer(student: torch.nn.Module, teacher: torch.nn.Module, tokenizer: A
 
 
 def _ready(trainer: Any) -> None:
-    # What Trainer.train does before its loop, which optimisation_step stands in for.
+    # What Trainer.train does before its loop, which optimisation_step stands in for. Preparing the model is
+    # where accelerate wraps its forward in autocast for a bf16 run (the Trainer adds none of its own):
+    # without it the student of a "bf16" step would compute in fp32.
+    trainer.model = trainer.model_wrapped = trainer.accelerator.prepare_model(trainer.model)
     trainer.create_optimizer_and_scheduler(num_training_steps=trainer.args.max_steps)
     trainer.current_gradient_accumulation_steps = 1
     trainer.model.train()
