@@ -207,6 +207,13 @@ def test_speed_runs_end_to_end(tiny_model_dir, tiny_dataset_dir, tmp_path, capsy
     assert hardware["weights_mb_fp32_wm_compiled"] == hardware["weights_mb_fp32"]
     assert hardware["decode_fp32_wm_compiled_compile_s"] > 0
     assert "(e) the machine: memory read" in printed
+    # Where a lambda=0 step's time goes, fp32 and bf16: the products' share of a profiled step and their bound.
+    parts = saved["breakdown"]
+    assert set(parts) == set(speed.BREAKDOWN.values())
+    for b in parts.values():
+        assert 0 < b["matmul_share"] < 1 and b["matmul_flops"] > 0 and b["matmul_bound_s"] > 0
+        assert b["matmul_s"] + b["other_s"] == pytest.approx(b["step_s"]) and b["top_other"]
+    assert "(b') where a lambda=0 step's time goes" in printed
     for label in ("fp32 weights (", "fp32 weights, weight-major", "bf16 weights (", "bf16 weights, weight-major",
                   "fp32, weight-major, compiled"):
         assert f"decode step, {label}" in printed, label
@@ -228,6 +235,7 @@ def test_speed_skip_trl(tiny_model_dir, tiny_dataset_dir, capsys):
     assert "hardware" not in results and "evaluation" not in results
     printed = capsys.readouterr().out
     assert "skipped" in printed and "hardware ceilings: skipped (--skip-hardware)" in printed
+    assert all(b["matmul_bound_s"] is None for b in results["breakdown"].values())  # no GEMM rate measured
     steps, _, ratios = tables(printed)
     assert steps == STEP_LABELS and ratios == RATIO_LABELS  # the same rows, marked skipped / n/a
 

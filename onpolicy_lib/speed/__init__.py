@@ -52,8 +52,10 @@ from onpolicy_lib import cpu_threads, quantization
 from onpolicy_lib.metrics import machine_description
 from onpolicy_lib.models import resolve_device
 from onpolicy_lib.rollouts import RolloutForm, eager_form
+from onpolicy_lib.speed.breakdown import breakdown, profile_step
 from onpolicy_lib.speed.contenders import (
     load_setup,
+    optimisation_step,
     our_trainer,
     run_trainer,
     time_floor,
@@ -72,6 +74,8 @@ from onpolicy_lib.speed.timing import Timing, load_average, release
 from onpolicy_lib.student import build_student
 
 __all__ = ["SpeedSettings", "format_report", "main", "parse_args", "run"]
+# Contenders whose step is also profiled (breakdown.py), and their labels in the report.
+BREAKDOWN = {"ours_0": "ours, lambda=0, fp32", "ours_0_bf16train": "ours, lambda=0, bf16 autocast (opt-in)"}
 
 
 def run(s: SpeedSettings) -> dict[str, Any]:
@@ -168,6 +172,10 @@ def run(s: SpeedSettings) -> dict[str, Any]:
                 trainer.rollout(trainer.model, ours_batch)
                 results["rollout_compile_s"] = time.perf_counter() - compile_start
             timings[key] = run_trainer(trainer, ours_batch, s.steps, s.warmup, device, "rollout", label)
+            if key in BREAKDOWN:  # where the time went: one more step, profiled
+                rate = (results.get("hardware") or {}).get("gemm_bf16_gflops" if bf16 else "gemm_fp32_gflops")
+                profile = profile_step(lambda trainer=trainer: optimisation_step(trainer, ours_batch, device))
+                results.setdefault("breakdown", {})[BREAKDOWN[key]] = breakdown(profile, timings[key].median, rate)
             del trainer
             release()
 

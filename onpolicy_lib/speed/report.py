@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from onpolicy_lib.speed.breakdown import format_breakdown
 from onpolicy_lib.speed.contention import format_busy
 from onpolicy_lib.speed.hardware import DECODE_FORMS
 from onpolicy_lib.speed.long_rollouts import format_long
@@ -288,6 +289,8 @@ def format_report(r: dict[str, Any]) -> str:
     else:
         lines.append("steps, floor and generation: skipped (--skip-steps)")
 
+    if r.get("breakdown"):
+        lines += ["", *format_breakdown(r["breakdown"])]
     if r.get("hardware"):
         lines += ["", *_hardware_lines(r["hardware"])]
     else:
