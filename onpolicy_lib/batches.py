@@ -12,8 +12,6 @@ from typing import Any
 
 import torch
 
-from onpolicy_lib.models import grouped_attention
-
 IGNORE_INDEX = -100
 
 
@@ -81,10 +79,9 @@ def completion_mask_from_generation(completion_ids: torch.Tensor, eos_token_ids:
 def generate_completions(model: torch.nn.Module, inputs: dict[str, torch.Tensor], pad_token_id: int,
                          eos_token_ids: list[int], **generate_kwargs: Any) -> dict[str, torch.Tensor]:
     """Complete the batch's prompts with ``model.generate`` and rebuild the batch around the completions."""
-    with grouped_attention(inputs["prompt_ids"].device):
-        sequences = model.generate(input_ids=inputs["prompt_ids"], attention_mask=inputs["prompt_attention_mask"],
-                                   pad_token_id=pad_token_id, eos_token_id=eos_token_ids, use_cache=True,
-                                   **generate_kwargs)
+    sequences = model.generate(input_ids=inputs["prompt_ids"], attention_mask=inputs["prompt_attention_mask"],
+                               pad_token_id=pad_token_id, eos_token_id=eos_token_ids, use_cache=True,
+                               **generate_kwargs)
     return completion_batch(inputs, sequences, pad_token_id, eos_token_ids)
 
 

@@ -37,7 +37,6 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from onpolicy_lib.batches import eos_token_ids as model_eos_token_ids
-from onpolicy_lib.models import grouped_attention
 
 # A batch's prefill is split into groups of similar prompt length where one forward over the batch would
 # spend more than this fraction of its real tokens on padding (a forward costs every position it is given).
@@ -143,14 +142,13 @@ def generate_ids(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], *,
     was_training = model.training
     model.eval()
     try:
-        with grouped_attention(next(model.parameters()).device):
-            for start in range(0, len(order), batch_size):
-                indices = order[start:start + batch_size]
-                batch = _generate_batch(model, [prompt_ids[i] for i in indices], indices,
-                                        max_new_tokens=max_new_tokens, eos=set(eos_token_ids), pad=pad_token_id,
-                                        temperature=temperature, seed=seed, stats=stats)
-                for index, result in zip(indices, batch, strict=True):
-                    results[index] = result
+        for start in range(0, len(order), batch_size):
+            indices = order[start:start + batch_size]
+            batch = _generate_batch(model, [prompt_ids[i] for i in indices], indices, max_new_tokens=max_new_tokens,
+                                    eos=set(eos_token_ids), pad=pad_token_id, temperature=temperature, seed=seed,
+                                    stats=stats)
+            for index, result in zip(indices, batch, strict=True):
+                results[index] = result
     finally:
         model.train(was_training)
     return results  # type: ignore[return-value]

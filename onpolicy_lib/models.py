@@ -15,10 +15,7 @@ baselines: in data preparation, rollouts, held-out and fidelity scoring.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,29 +109,6 @@ def resolve_model_source(model_name: str) -> tuple[str, dict]:
     if model_name.endswith(".gguf"):
         return str(path.parent), {"gguf_file": path.name}
     return (str(path), {}) if path.is_dir() else (model_name, {})
-
-
-GQA_SWITCH = "TRANSFORMERS_SDPA_FORCE_GQA"  # transformers' own switch, read at every attention call
-
-
-@contextlib.contextmanager
-def grouped_attention(device: torch.device | str) -> Iterator[None]:
-    """On a CPU, attention under a padding mask reads grouped-query keys and values in place.
-
-    Given a mask (left-padded prompts always have one), transformers' SDPA path copies every key and value
-    head once per query head it serves, at every layer and decode step, because CUDA's fused kernels
-    cannot take both. torch's CPU kernel can (``enable_gqa``), with the same result: decoding a batch of
-    tens of rows then spends most of its time in those copies, which grow with rows × cached positions.
-    On other devices nothing changes.
-    """
-    if torch.device(device).type != "cpu" or GQA_SWITCH in os.environ:
-        yield
-        return
-    os.environ[GQA_SWITCH] = "1"
-    try:
-        yield
-    finally:
-        os.environ.pop(GQA_SWITCH, None)
 
 
 def resolve_device(device: str = "auto") -> torch.device:

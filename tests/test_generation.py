@@ -146,21 +146,3 @@ def test_grouped_prefill_gives_the_same_tokens(tokenizer, monkeypatch):
         assert stats.prefill_tokens == sum(map(len, batch))
         assert (stats.prefill_padded == 6 * 30) == (slack == 100.0)
     assert outs[0] == outs[1] == outs[2]
-
-
-def test_grouped_attention_only_on_cpu_and_never_over_the_users_choice(monkeypatch):
-    """transformers' switch is on inside the context on a CPU, and left as it was elsewhere and afterwards."""
-    import os
-
-    from onpolicy_lib.models import GQA_SWITCH, grouped_attention
-
-    monkeypatch.delenv(GQA_SWITCH, raising=False)
-    with grouped_attention("cpu"):
-        assert os.environ[GQA_SWITCH] == "1"
-    assert GQA_SWITCH not in os.environ
-    with grouped_attention("meta"):
-        assert GQA_SWITCH not in os.environ
-    monkeypatch.setenv(GQA_SWITCH, "0")
-    with grouped_attention("cpu"):
-        assert os.environ[GQA_SWITCH] == "0"
-    assert os.environ[GQA_SWITCH] == "0"
