@@ -20,11 +20,12 @@ padding a batch computes, which depends on how rows are grouped, not on the meth
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from onpolicy_lib.rundir import Run
 
 BACKWARD_FACTOR = 2.0  # backward FLOPs per forward FLOP
 
@@ -94,11 +95,13 @@ def matched_steps(target_flops: float, flops_per_step: float) -> int:
 
 
 def run_flops(run_dir: str | Path) -> tuple[float, int]:
-    """A finished run's recorded FLOPs and optimizer steps (its ``metrics.json``)."""
-    path = Path(run_dir) / "metrics.json"
-    metrics = json.loads(path.read_text())
+    """A finished run's recorded FLOPs and optimizer steps (its metrics)."""
+    run = Run(Path(run_dir))
+    metrics = run.metrics
+    if metrics is None:
+        raise ValueError(f"{run.path} is not a finished run (no metrics): it cannot set a match")
     if not metrics.get("flops"):
-        raise ValueError(f"{path} records no FLOPs (the run predates FLOP accounting): it cannot set a match")
+        raise ValueError(f"{run.path} records no FLOPs (the run predates FLOP accounting): it cannot set a match")
     return float(metrics["flops"]), len(metrics["steps"])
 
 
