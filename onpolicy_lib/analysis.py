@@ -9,6 +9,7 @@ comparisons at these sample sizes.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,16 @@ FIDELITY_NAMES = {**fidelity.METRICS, "perplexity": "perplexity"}
 FIDELITY_COLUMNS = list(FIDELITY_NAMES)
 REFERENCE_CSV = Path(__file__).parent / "reference" / "original_study.csv"
 # Parameters that describe a condition: what defines a run, but the seed (conditions are averaged over seeds).
-CONDITION_FIELDS = [f for f in TrainConfig.identity_fields() if f != "seed"]
+# The rollout matmul and compile options sample the same policy within float rounding, so runs that differ
+# only in them (an `auto` that chose compiled rollouts beside an explicit exact form) are one condition.
+ROUNDING_ONLY = ("rollout_matmul", "rollout_compile")
+CONDITION_FIELDS = [f for f in TrainConfig.identity_fields() if f != "seed" and f not in ROUNDING_ONLY]
+
+
+def _condition_value(field: str, value: Any) -> str:
+    if field == "rollout_dtype" and value == "auto":  # auto samples in float32 (never bf16)
+        return "float32"
+    return str(value)
 
 
 def benchmark_columns(w: pd.DataFrame, metric: str = "acc") -> list[str]:
@@ -46,7 +56,23 @@ BASELINE_ROLES = ("ptq", *CALIBRATED_METHODS)
 def varying(w: pd.DataFrame) -> list[str]:
     """Config fields that take more than one value among the students of ``w`` (seed excluded)."""
     students = w[w["role"] == "student"]
-    return [f for f in CONDITION_FIELDS if f in students and students[f].astype(str).nunique(dropna=False) > 1]
+    return [f for f in CONDITION_FIELDS
+            if f in students and students[f].map(lambda v, f=f: _condition_value(f, v)).nunique(dropna=False) > 1]
+
+
+REFERENCE_NAMES = {"teacher": "teacher", "ptq": "RTN PTQ", "gptq": "GPTQ", "awq": "AWQ"}
+
+
+def reference_levels(w: pd.DataFrame, columns: list[str]) -> dict[str, dict[str, float]]:
+    """The teacher's and each baseline's mean of ``columns`` in ``w`` ({name: {column: mean}}), for the lines
+    a plot of students draws beside them; roles without values are left out."""
+    levels = {}
+    for role, name in REFERENCE_NAMES.items():
+        part = w[w["role"] == role] if "role" in w else w[:0]
+        values = {c: float(part[c].mean()) for c in columns if c in part and part[c].notna().any()}
+        if values:
+            levels[name] = values
+    return levels
 
 
 def condition_label(row: pd.Series, keys: list[str]) -> str:
@@ -185,27 +211,52 @@ def lower_is_better(metric: str) -> bool:
 
 
 def rate_choice(students: pd.DataFrame, keys: tuple[str, ...] = ("lmbda",), rate: str = "learning_rate",
-                criteria: tuple[str, ...] = RATE_CRITERIA) -> pd.DataFrame:
+                criteria: tuple[str, ...] = RATE_CRITERIA,
+                tolerance: Mapping[str, float] | None = None) -> pd.DataFrame:
     """Each condition's (``keys``) rates, the criteria's means over its seeds, and ``chosen``: per condition the
-    rate best on the first criterion; ``agrees`` says whether the second criterion picks the same rate."""
+    rate best on the first criterion; ``agrees`` says whether the second criterion picks the same rate.
+
+    ``tolerance`` (per criterion, typically its minimum detectable difference from :func:`generation_power`)
+    makes the first criterion's near-ties explicit: the rates within it of the best (``tied``) are ones the
+    pilot cannot tell apart on that criterion, and the second criterion chooses among them. Without it, a
+    margin far below what the prompts can resolve would decide the rate."""
     criteria = tuple(c for c in criteria if c in students)
     if not criteria or rate not in students:
         return pd.DataFrame()
     table = students.groupby([*keys, rate])[list(criteria)].mean().reset_index()
     table["seeds"] = students.groupby([*keys, rate]).size().to_numpy()
+    margin = float((tolerance or {}).get(criteria[0], 0.0))
 
     def best(part: pd.DataFrame, metric: str) -> Any:
         values = part[metric]
         return part.loc[values.idxmin() if lower_is_better(metric) else values.idxmax(), rate]
 
-    chosen, agrees = {}, {}
+    def near_best(part: pd.DataFrame, metric: str) -> pd.Series:
+        values = part[metric]
+        gap = values - values.min() if lower_is_better(metric) else values.max() - values
+        return gap <= margin
+
+    chosen, agrees, tied = {}, {}, pd.Series(False, index=table.index)
     for key, part in table.groupby(list(keys)):
-        chosen[key] = best(part, criteria[0])
-        agrees[key] = len(criteria) < 2 or best(part, criteria[1]) == chosen[key]
+        near = near_best(part, criteria[0])
+        tied.loc[part.index] = near & (near.sum() > 1)
+        chosen[key] = best(part[near], criteria[1]) if len(criteria) > 1 and near.sum() > 1 else best(
+            part, criteria[0])
+        agrees[key] = len(criteria) < 2 or best(part, criteria[1]) == best(part, criteria[0])
     condition = [tuple(row) for row in table[list(keys)].itertuples(index=False)]  # groupby's keys are tuples
+    table["tied"] = tied.to_numpy()
     table["chosen"] = [rate_value == chosen[c] for rate_value, c in zip(table[rate], condition, strict=True)]
     table["agrees"] = [agrees[c] for c in condition]
     return table
+
+
+def rate_tolerance(frame: pd.DataFrame, criteria: tuple[str, ...] = RATE_CRITERIA) -> dict[str, float]:
+    """Each rate criterion's minimum detectable paired difference at the pilot's own prompts
+    (:func:`generation_power` on ``frame``, the long generation frame): :func:`rate_choice`'s ``tolerance``."""
+    power = generation_power(frame)
+    if power.empty:
+        return {}
+    return {m: float(v) for m, v in zip(power["metric"], power["mde"], strict=True) if m in criteria}
 
 
 def generation_power(frame: pd.DataFrame, planned_prompts: int | None = None, power: float = 0.8,
@@ -558,6 +609,20 @@ def describe_conditions(table: pd.DataFrame, column: str, name: str, higher_is_b
     return (f"{name[0].upper() + name[1:]}, {weighting(column)}, {direction} is better (± sd over n seeds or "
             f"evaluations): " + "; ".join(parts) + ". Differences between λ values, with their intervals, are "
             "in the comparisons.")
+
+
+# The one number a cost or extended-training plot sets against cost, by what a sweep evaluated: the benchmark
+# average, else the forward KL to the teacher, else the generation study's best-powered metric, else the
+# held-out divergence every run records.
+QUALITY_METRICS = ("average", "forward_kl", "gen_greedy/teacher_nll", "heldout_loss_after")
+
+
+def quality_metric(frame: pd.DataFrame) -> str:
+    """The first of :data:`QUALITY_METRICS` that ``frame`` has values for."""
+    for metric in QUALITY_METRICS:
+        if metric in frame and frame[metric].notna().any():
+            return metric
+    raise ValueError(f"frame has none of the quality metrics {', '.join(QUALITY_METRICS)}")
 
 
 def describe_cost(students: pd.DataFrame) -> str:

@@ -14,7 +14,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.colors import to_hex, to_rgb
 from matplotlib.patches import Patch
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FixedFormatter, FixedLocator, MaxNLocator, NullLocator
 
 from onpolicy_lib.config import format_value
 
@@ -28,6 +28,7 @@ PTQ_COLOR = "#a0a0a0"
 # Each quantized baseline family its own colour (greys alone were indistinguishable side by side).
 GPTQ_COLOR = "#7b4ea3"
 AWQ_COLOR = "#808000"
+REFERENCE_COLORS = (TEACHER_COLOR, PTQ_COLOR, "#7b4ea3", "#808000")  # teacher, then baselines
 BASELINE_COLORS = {"ptq": PTQ_COLOR, "gptq": GPTQ_COLOR, "awq": AWQ_COLOR}
 LAMBDA_COLORS = {0.0: "#0173b2", 0.25: "#56b4e9", 0.5: "#029e73", 0.75: "#de8f05", 1.0: "#d55e00"}
 # Conditions without a λ (a sweep over another parameter alone), in order of appearance.
@@ -233,8 +234,9 @@ def plot_conditions(table: pd.DataFrame, names: Mapping[str, str], title: str = 
 
 
 def plot_against(w: pd.DataFrame, x: str, ys: dict[str, str], hue: str = "lmbda", logx: bool = False,
-                 title: str = "") -> plt.Figure:
-    """One panel per y: mean over seeds (line) and each seed (points) against a swept parameter."""
+                 title: str = "", references: dict[str, dict[str, float]] | None = None) -> plt.Figure:
+    """One panel per y: mean over seeds (line) and each seed (points) against a swept parameter;
+    ``references`` ({label: {y: value}}, e.g. the teacher's and PTQ's) as dashed horizontal lines."""
     fig, axes = plt.subplots(1, len(ys), figsize=(4.2 * len(ys), 3.4), squeeze=False)
     data, hue, order, palette = _lambda_hue(w, hue)
     for ax, (y, label) in zip(axes[0], ys.items(), strict=True):
@@ -245,11 +247,24 @@ def plot_against(w: pd.DataFrame, x: str, ys: dict[str, str], hue: str = "lmbda"
         sns.scatterplot(data, x=x, y=y, hue=hue, hue_order=order, ax=ax, legend=False, alpha=0.4, palette=palette)
         if logx:
             ax.set_xscale("log")
+            # The swept values as the ticks: a log axis's default minor labels overlap over a decade or less.
+            values = sorted(data[x].dropna().unique())
+            ax.xaxis.set_major_locator(FixedLocator(values))
+            ax.xaxis.set_major_formatter(FixedFormatter([f"{v:g}" for v in values]))
+            ax.xaxis.set_minor_locator(NullLocator())
+        for i, (name, values) in enumerate((references or {}).items()):
+            if y in values and np.isfinite(values[y]):
+                ax.axhline(values[y], color=REFERENCE_COLORS[i % len(REFERENCE_COLORS)], ls="--", lw=1, label=name)
         ax.set(ylabel=label, xlabel=x)
         if ax.get_legend() is not None:
             ax.get_legend().remove()
-    handles, labels = next((ax.get_legend_handles_labels() for ax in axes[0] if ax.get_visible()), ([], []))
-    fig.legend(handles, labels, title=hue, loc="upper left", bbox_to_anchor=(1.0, 0.9), fontsize=8)
+    legend: dict[str, Any] = {}  # every panel's entries once: reference lines appear only where they apply
+    for ax in axes[0]:
+        if ax.get_visible():
+            for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+                legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend), title=hue, loc="upper left", bbox_to_anchor=(1.0, 0.9),
+               fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     return fig

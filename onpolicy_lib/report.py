@@ -518,13 +518,20 @@ def _generation_pilot() -> str:
         rows[f"student λ={num(run['lmbda'], 0)}, lr {run['learning_rate']:g}"] = [num(run[c], 3) for c in columns]
     table = pd.DataFrame.from_dict(rows, orient="index", columns=[names[c] for c in columns])
     runs = sorted(p.name for p in root.glob(f"*/{Run.EVAL}"))
-    choice = analysis.rate_choice(students)
-    chosen = ("; ".join(f"λ={num(r['lmbda'], 0)}: {r['learning_rate']:g}"
-                        + ("" if r["agrees"] else " (the teacher's NLL prefers another rate)")
-                        for _, r in choice[choice["chosen"]].iterrows())
-              if not choice.empty else "none yet")
+    frame = analysis.generation_frame([root])
+    tolerance = analysis.rate_tolerance(frame)
+    choice = analysis.rate_choice(students, tolerance=tolerance)
+    plain = analysis.rate_choice(students)
+
+    def rates(table: pd.DataFrame) -> str:
+        return "; ".join(f"λ={num(r['lmbda'], 0)}: {r['learning_rate']:g}"
+                         for _, r in table[table["chosen"]].iterrows()) if not table.empty else "none yet"
+
+    chosen = rates(choice)
+    differs = (f" Without the tie rule, ROUGE-L alone would choose {rates(plain)}."
+               if not plain.empty and rates(plain) != chosen else "")
     complete = not choice.empty and bool((choice.groupby("lmbda").size() >= 3).all())
-    power = analysis.generation_power(analysis.generation_frame([root]))
+    power = analysis.generation_power(frame)
     power_rows = {analysis.GENERATION_NAMES.get(r["metric"], r["metric"]): [
         r["prompts"], num(r["teacher"], 3), num(r["ptq"], 3),
         f"{num(r['gap'], 3)} [{num(r['gap_low'], 3)}, {num(r['gap_high'], 3)}]", num(r["mde"], 3),
@@ -535,8 +542,10 @@ def _generation_pilot() -> str:
     return (f"### The learning-rate pilot (`outputs/{GEN_PILOT}/`, {'complete' if complete else 'in progress'})\n\n"
             f"Evaluated runs: {len(runs)} of the pilot's six (three rates × λ ∈ {{0, 1}}, seed 1, 100 steps). "
             "Greedy outputs on the generation evaluation's *validation* prompts (never the study's test slice), "
-            f"{analysis.GENERATION_WEIGHTING}; one seed per cell, so no interval. Rates chosen by greedy ROUGE-L "
-            f"(`analysis.rate_choice`): {chosen}.\n\n" + markdown_table(table) + "\n\n"
+            f"{analysis.GENERATION_WEIGHTING}; one seed per cell, so no interval. Rates chosen by greedy ROUGE-L, "
+            "rates within its minimum detectable difference of the best counting as tied and the teacher's NLL "
+            f"choosing among those (`analysis.rate_choice` with `analysis.rate_tolerance`): {chosen}.{differs}\n\n"
+            + markdown_table(table) + "\n\n"
             + ("What each metric can resolve (`analysis.generation_power`): the teacher-to-PTQ gap with its "
                "paired 95% interval over these prompts, and the smallest paired student-vs-student difference "
                "detected with 80% power at this many prompts, from the students' per-prompt differences. "

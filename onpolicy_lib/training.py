@@ -261,6 +261,8 @@ def rollout_form(cfg: TrainConfig, setup: Setup, teacher: torch.nn.Module, stude
         rows = cfg.per_device_train_batch_size
         width = lengths[min(len(lengths) - 1, len(lengths) * rows // (rows + 1))]
         chosen = rollouts.settle(cfg, student, teacher, width, machine_description(setup.device), setup.device)
+        if chosen.get("cache"):
+            chosen["cache"] = portable_path(chosen["cache"])  # config.json never records this machine's paths
         measured = ", ".join(f"{k} {v['decode_step_s'] * 1e3:.0f} ms" for k, v in chosen.get("measured", {}).items())
         print(f"rollouts: {chosen['form']} ({chosen['why']}{'; decode step ' + measured if measured else ''})")
     if setup.processes.num_processes > 1:

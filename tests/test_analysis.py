@@ -352,3 +352,15 @@ def test_a_parameter_added_after_a_run_reads_as_its_default(tmp_path):
     w = results.wide(results.collect(tmp_path))
     assert analysis.varying(w) == ["lmbda"]
     assert set(w.loc[w["role"] == "student", "max_length"]) == {TrainConfig().max_length}
+
+
+def test_rollout_forms_that_only_round_differently_are_one_condition():
+    """An `auto` rollout that chose compiled decoding beside an explicit exact form is the same condition;
+    bf16 rollouts sample another policy and are not."""
+    students = pd.DataFrame({"role": "student", "lmbda": [0, 0, 1, 1], "learning_rate": [1e-4, 3e-5, 1e-4, 3e-5],
+                             "rollout_dtype": ["float32", "auto", "float32", "auto"],
+                             "rollout_matmul": ["linear", "auto", "linear", "auto"],
+                             "rollout_compile": [False, "auto", False, "auto"]})
+    assert analysis.varying(students) == ["lmbda", "learning_rate"]
+    students.loc[3, "rollout_dtype"] = "bfloat16"
+    assert analysis.varying(students) == ["lmbda", "rollout_dtype", "learning_rate"]

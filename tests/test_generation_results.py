@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -113,6 +114,41 @@ def test_rate_choice_by_greedy_quality():
     assert analysis.rate_choice(students.drop(columns=list(analysis.RATE_CRITERIA))).empty
 
 
+def test_rate_choice_breaks_near_ties_by_the_second_criterion():
+    """Rates within the tolerance of the best on ROUGE-L are tied, and the teacher NLL chooses among them; a
+    rate outside it never wins, however good its NLL; without a tolerance the first criterion alone decides."""
+    from onpolicy_lib import analysis
+
+    students = pd.DataFrame({
+        "lmbda": [0, 0, 0, 1, 1, 1], "learning_rate": [1e-4, 3e-5, 3e-4, 1e-4, 3e-5, 3e-4],
+        "gen_greedy/rouge_l": [0.190, 0.185, 0.140, 0.25, 0.20, 0.19],
+        "gen_greedy/teacher_nll": [0.45, 0.42, 0.40, 0.9, 0.5, 0.5]})
+    tolerance = {"gen_greedy/rouge_l": 0.02, "gen_greedy/teacher_nll": 0.05}
+    table = analysis.rate_choice(students, tolerance=tolerance).set_index(["lmbda", "learning_rate"])
+    assert table[table["chosen"]].index.tolist() == [(0, 3e-5), (1, 1e-4)]
+    assert table["tied"].tolist() == [True, True, False, False, False, False]
+    plain = analysis.rate_choice(students).set_index(["lmbda", "learning_rate"])
+    assert plain[plain["chosen"]].index.tolist() == [(0, 1e-4), (1, 1e-4)] and not plain["tied"].any()
+
+
+def test_rate_tolerance_is_the_pilots_mde():
+    """The tolerance of each criterion is generation_power's paired MDE at the pilot's prompts."""
+    from onpolicy_lib import analysis
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for role, run, shift in (("teacher", "t", 0.0), ("ptq", "p", 0.2), ("student", "a", 0.1), ("student", "b", 0.12)):
+        for i in range(30):
+            for metric in analysis.RATE_CRITERIA:
+                rows.append({"role": role, "run": run, "id": f"x:{i}", "metric": metric,
+                             "value": shift + rng.normal(0, 0.1)})
+    frame = pd.DataFrame(rows)
+    power = analysis.generation_power(frame).set_index("metric")
+    tolerance = analysis.rate_tolerance(frame)
+    assert set(tolerance) == set(analysis.RATE_CRITERIA)
+    assert tolerance["gen_greedy/rouge_l"] == pytest.approx(power.loc["gen_greedy/rouge_l", "mde"])
+
+
 def test_the_reports_generation_section_reads_a_pilot(tmp_path, monkeypatch):
     """An evaluated pilot run appears in the report with the teacher and PTQ, the rate chosen per λ and the
     power table; the section says the pilot is in progress until every λ has its three rates."""
@@ -141,3 +177,15 @@ def test_the_reports_generation_section_reads_a_pilot(tmp_path, monkeypatch):
     lines = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
     assert "0.800" in lines["teacher"] and "0.233" in lines["RTN PTQ"] and "0.500" in lines["student λ=1, lr 0.0001"]
     assert "0.567 [" in lines["ROUGE-L, greedy outputs"]  # the teacher-to-PTQ gap over the three prompts
+
+
+def test_quality_metric_falls_back_to_what_a_sweep_evaluated():
+    """A generation-only sweep (no benchmarks, no fidelity) plots its cost against the teacher NLL."""
+    from onpolicy_lib import analysis
+
+    assert analysis.quality_metric(pd.DataFrame({"average": [0.4], "forward_kl": [0.1]})) == "average"
+    assert analysis.quality_metric(pd.DataFrame({"average": [np.nan], "forward_kl": [0.1]})) == "forward_kl"
+    assert analysis.quality_metric(pd.DataFrame({"gen_greedy/teacher_nll": [0.4],
+                                                 "heldout_loss_after": [0.1]})) == "gen_greedy/teacher_nll"
+    with pytest.raises(ValueError, match="quality metrics"):
+        analysis.quality_metric(pd.DataFrame({"x": [1]}))
