@@ -460,26 +460,48 @@ def compare_conditions(pe: pd.DataFrame, pef: pd.DataFrame, students: pd.DataFra
     ``per_example_fidelity()`` and the wide student rows.
     """
     values = sorted(students[key].dropna().unique()) if key in students else []
+    pairs = [({key: low}, {key: high}) for i, low in enumerate(values) for high in values[i + 1:]]
+    return compare_pairs(pe, pef, students, pairs, metric=metric, n_boot=n_boot, seed=seed, run_metrics=run_metrics)
+
+
+def arm_label(cond: dict[str, Any]) -> str:
+    """An arm's name from its condition, e.g. ``λ=0, 159 steps``."""
+    return ", ".join(f"{format_value(v)} steps" if k == "max_steps" else f"{_symbol(k)}={format_value(v)}"
+                     for k, v in cond.items())
+
+
+def arm_pairs(students: pd.DataFrame, keys: list[str], key: str = "lmbda") -> list[tuple[dict, dict]]:
+    """The pairs of arms (conditions over ``keys``) that differ in ``key``, each as (lower ``key``, higher): for
+    a study whose arms are λ=0 and λ=1 at 100 steps and λ=0 at 159, the step-matched pair (λ=0 and λ=1 at 100)
+    and the FLOP-matched pair (λ=0 at 159, λ=1 at 100)."""
+    arms = students[keys].drop_duplicates().sort_values(keys).to_dict("records")
+    return [(a, b) for a in arms for b in arms if a[key] < b[key]]
+
+
+def compare_pairs(pe: pd.DataFrame, pef: pd.DataFrame, students: pd.DataFrame,
+                  pairs: list[tuple[dict[str, Any], dict[str, Any]]], metric: str = "acc", n_boot: int = 10_000,
+                  seed: int = 0, run_metrics: tuple[str, ...] = ("perplexity", "heldout_loss_after")) -> pd.DataFrame:
+    """Each pair (``a``, ``b``) of conditions compared as b − a on every metric under the rule, as in
+    :func:`compare_conditions` (which compares the values of one parameter)."""
     rows = []
-    for i, low in enumerate(values):
-        for high in values[i + 1:]:
-            a, b = {key: low}, {key: high}
-            name = f"{_symbol(key)}={format_value(high)} − {_symbol(key)}={format_value(low)}"
-            found: list[tuple[str, BootstrapResult]] = []
-            if not pe.empty:
-                found.append(("average", hierarchical_bootstrap(pe, a, b, metric, n_boot=n_boot, seed=seed)))
-            for fid_metric, frame in (pef.groupby("metric", sort=False) if not pef.empty else []):
-                frame = frame.assign(group=fid_metric)
-                found.append((fid_metric, hierarchical_bootstrap(frame, a, b, "value", group="group", unit=("id",),
-                                                                 n_boot=n_boot, seed=seed)))
-            for run_metric in run_metrics:
-                if run_metric in students and students[run_metric].notna().any():
-                    frame = students[["run", "role", key, run_metric]].dropna().assign(group=run_metric, unit=0)
-                    found.append((run_metric, hierarchical_bootstrap(frame, a, b, run_metric, group="group",
-                                                                     unit=("unit",), n_boot=n_boot, seed=seed)))
-            for what, result in found:
-                rows.append(_comparison_row(name, what, result, f"{_symbol(key)}={format_value(high)}",
-                                            f"{_symbol(key)}={format_value(low)}"))
+    for a, b in pairs:
+        high, low = arm_label(b), arm_label(a)
+        name = f"{high} − {low}"
+        found: list[tuple[str, BootstrapResult]] = []
+        if not pe.empty:
+            found.append(("average", hierarchical_bootstrap(pe, a, b, metric, n_boot=n_boot, seed=seed)))
+        for fid_metric, frame in (pef.groupby("metric", sort=False) if not pef.empty else []):
+            frame = frame.assign(group=fid_metric)
+            found.append((fid_metric, hierarchical_bootstrap(frame, a, b, "value", group="group", unit=("id",),
+                                                             n_boot=n_boot, seed=seed)))
+        for run_metric in run_metrics:
+            if run_metric in students and students[run_metric].notna().any():
+                frame = students[["run", "role", *dict.fromkeys([*a, *b]), run_metric]].dropna().assign(
+                    group=run_metric, unit=0)
+                found.append((run_metric, hierarchical_bootstrap(frame, a, b, run_metric, group="group",
+                                                                 unit=("unit",), n_boot=n_boot, seed=seed)))
+        for what, result in found:
+            rows.append(_comparison_row(name, what, result, high, low))
     return pd.DataFrame(rows)
 
 
@@ -667,7 +689,8 @@ def describe_curves(curves: pd.DataFrame) -> str:
 # ---------------------------------------------------------------------------- compute cost
 COMPUTE_COLUMNS = {"wall_time_s": "train wall time (s)", "rollout_seconds": "rollout time (s)",
                    "tokens_generated": "tokens generated", "tokens_trained": "tokens trained on",
-                   "median_step_s": "median step (s)", "peak_memory_mb": "peak memory (MB)"}
+                   "flops": "training FLOPs (generation included)", "median_step_s": "median step (s)",
+                   "peak_memory_mb": "peak memory (MB)"}
 
 
 def compute_table(w: pd.DataFrame, keys: list[str] | None = None) -> pd.DataFrame:

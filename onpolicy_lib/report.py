@@ -553,25 +553,154 @@ def _generation_pilot() -> str:
                + "\n" if not power_table.empty else ""))
 
 
+GEN_STUDY = "cpu_gen"
+# The study's metrics, in reading order: the two the pilot's power table says can carry a verdict first.
+GEN_STUDY_METRICS = ("gen_greedy/teacher_nll", "gen_sampled/teacher_nll", "gen_greedy/rouge_l", "gen_sampled/rouge_l",
+                     "gen_greedy/correct", "gen_sampled/correct", "gen_greedy/hit_cap", "gen_greedy/tokens")
+GEN_COST = ("flops", "tokens_trained", "tokens_generated", "median_step_s", "wall_time_s")
+
+
+def _mean_sd(mean: float, sd: float, n: int, digits: int) -> str:
+    """``mean ± sd`` with the sd to the mean's decimals; the mean alone for one run."""
+    if n < 2 or pd.isna(sd):
+        return num(mean, digits)
+    places = decimals(mean, digits)
+    return f"{num(mean, digits, places=places)} ± {num(sd, digits, places=places)}"
+
+
+def _arm(row: pd.Series | dict[str, Any]) -> str:
+    return analysis.arm_label({"lmbda": row["lmbda"], "max_steps": row["max_steps"]})
+
+
+def _planned_runs(root: Path) -> int:
+    manifest = root / "sweep.json"
+    return len(json.loads(manifest.read_text()).get("runs", {})) if manifest.exists() else 0
+
+
+def _design_power(prompts: int) -> str:
+    """What the study could detect, from the pilot, before its own runs: the paired MDE at its prompt count."""
+    pilot = OUTPUTS / GEN_PILOT
+    if not any(pilot.glob(f"*/{Run.EVAL}")):
+        return ""
+    power = analysis.generation_power(analysis.generation_frame([pilot]), planned_prompts=prompts)
+    power = power[power["metric"].isin(GEN_STUDY_METRICS)]
+    cells = [f"{analysis.GENERATION_NAMES.get(r['metric'], r['metric'])} {num(r['mde'], 2)} "
+             f"({num(100 * r['mde_over_gap'], 2)}% of the pilot's teacher-to-PTQ gap)"
+             for _, r in power.iterrows() if r["metric"].endswith(("teacher_nll", "rouge_l"))]
+    return (f"Stated before the study ran, from the pilot's per-prompt differences between students "
+            f"(`analysis.generation_power`): at {prompts} paired prompts a comparison detects, with 80% power at "
+            f"the 5% level, {'; '.join(cells)}. That is prompt sampling only; seed-to-seed variation adds to it, "
+            "which the seed-level interval below measures.\n\n")
+
+
+def _generation_study() -> str:
+    """The study: each arm's generation quality over its seeds beside the teacher and PTQ, the share of the
+    teacher-to-PTQ gap each recovers, the step- and FLOP-matched λ comparisons under the rule, and the cost."""
+    root = OUTPUTS / GEN_STUDY
+    w = results.wide(results.collect([root]))
+    peg = analysis.generation_frame([root])
+    evaluated = sorted({r for r in peg["run"].unique()}) if not peg.empty else []
+    students = w[(w["role"] == "student") & w["run"].isin(evaluated)]
+    planned = _planned_runs(root)
+    if students.empty:
+        return ""
+    prompts = int(peg[peg["role"] == "student"]["id"].nunique())
+    config = json.loads(sorted(root.glob(f"*/{Run.CONFIG}"))[0].read_text())
+    settings = config.get("train", {})
+    machines = sorted({_short_machine(m) for m in _machines(GEN_STUDY)})
+    metrics = [m for m in GEN_STUDY_METRICS if m in w]
+    names = {m: analysis.GENERATION_NAMES.get(m, m) for m in metrics}
+
+    rows = {}
+    for role, label in (("teacher", "teacher"), ("ptq", "RTN PTQ")):
+        part = peg[peg["role"] == role]
+        if not part.empty:
+            means = part.groupby(["metric", "id"])["value"].mean().groupby("metric").mean()
+            rows[label] = [num(means.get(m), 3) for m in metrics] + ["–"]
+    arms = students.groupby(["lmbda", "max_steps"])
+    for (lmbda, steps), part in arms:
+        cells = []
+        for m in metrics:
+            mean, sd = part[m].mean(), part[m].std(ddof=1)
+            cells.append(_mean_sd(mean, sd, len(part), 3))
+        rows[f"student {_arm({'lmbda': lmbda, 'max_steps': steps})}"] = [*cells, str(len(part))]
+    table = pd.DataFrame.from_dict(rows, orient="index", columns=[*names.values(), "seeds"])
+
+    gaps = analysis.generation_gap_recovered(peg, ("lmbda", "max_steps"))
+    gap_rows = {}
+    for (lmbda, steps), part in gaps.groupby(["lmbda", "max_steps"]):
+        part = part.set_index("metric")
+        gap_rows[_arm({"lmbda": lmbda, "max_steps": steps})] = [
+            "–" if m not in part.index else _mean_sd(part.loc[m, "mean"], part.loc[m, "std"], part.loc[m, "seeds"], 2)
+            for m in metrics if m.endswith(("teacher_nll", "rouge_l"))]
+    gap_table = pd.DataFrame.from_dict(gap_rows, orient="index",
+                                       columns=[names[m] for m in metrics if m.endswith(("teacher_nll", "rouge_l"))])
+
+    pairs = analysis.arm_pairs(students, ["lmbda", "max_steps"])
+    compared = analysis.compare_pairs(pd.DataFrame(), peg[peg["metric"].isin(metrics)], students, pairs,
+                                      n_boot=N_BOOT, seed=BOOT_SEED, run_metrics=("heldout_loss_after",))
+    diff_rows = {}
+    for _, r in compared.iterrows():
+        diff_rows.setdefault(NAMES.get(r["metric"], names.get(r["metric"], r["metric"])), {})[r["comparison"]] = (
+            difference(r))
+    diff_table = pd.DataFrame.from_dict(diff_rows, orient="index")
+    resolved = compared[compared["resolved"]]
+    found = sorted({f"{names.get(m, NAMES.get(m, m))} ({c})"
+                    for m, c in zip(resolved["metric"], resolved["comparison"], strict=True)})
+
+    cost_rows = {}
+    for (lmbda, steps), part in arms:
+        cost_rows[_arm({"lmbda": lmbda, "max_steps": steps})] = [
+            num(part[c].mean(), 3) if c in part and part[c].notna().any() else "–" for c in GEN_COST]
+    cost_table = pd.DataFrame.from_dict(cost_rows, orient="index", columns=[
+        "training FLOPs (generation included)", "tokens trained on", "tokens generated", "median step (s)",
+        "training wall time (s)"])
+
+    state = "complete" if planned and len(students) >= planned else (
+        f"in progress: {len(students)} of its {planned} runs evaluated")
+    return (f"### The study (`outputs/{GEN_STUDY}/`, {state})\n\n"
+            f"`{settings.get('model_name')}` at {str(settings.get('quant_type', '')).upper()} "
+            f"g{config.get('resolved', {}).get('group_size', settings.get('group_size'))}, "
+            f"learning rate {settings.get('learning_rate'):g} for both λ (the pilot's choice), rollouts of up to "
+            f"{settings.get('max_new_tokens')} tokens, `max_length` {settings.get('max_length')}. Each student's "
+            f"greedy and sampled (temperature {settings.get('temperature'):g}) outputs on {prompts} *test* prompts, "
+            f"beside the teacher and RTN PTQ; {analysis.GENERATION_WEIGHTING}; mean ± sd over seeds. "
+            f"CPU: {', '.join(machines)}.\n\n"
+            + _design_power(prompts)
+            + markdown_table(table) + "\n\n"
+            "Share of the teacher-to-PTQ gap each arm recovers (1: the teacher; 0: no better than PTQ; mean ± sd "
+            "over seeds):\n\n" + markdown_table(gap_table) + "\n\n"
+            "The λ comparisons, later arm minus earlier, step-matched (both at the same steps) and FLOP-matched "
+            "(λ=0 given the FLOPs λ=1 spent): the difference, bold where resolved, with the hierarchical "
+            "bootstrap's 95% interval over seeds and prompts, then the seed-level Welch interval. "
+            + ("None is resolved. " if resolved.empty else f"Resolved: {'; '.join(found)}. ")
+            + "\n\n" + markdown_table(diff_table) + "\n\n"
+            "What each arm cost (mean over its seeds; FLOPs counted from the model's shapes and the tokens "
+            "processed, so they compare across CPUs; wall times compare only within one CPU type):\n\n"
+            + markdown_table(cost_table) + "\n")
+
+
 def section_generation() -> str:
-    found = _studies_in_outputs("cpu_gen_")
+    found = _studies_in_outputs("cpu_gen")
     if not found:
         return ("## 10. Generation quality\n\n**In progress.** The generation study (full-length outputs, task "
                 "correctness, ROUGE-L against references, the teacher's NLL of each output, on prompts no run "
-                "trained on) has no committed results yet: this section fills in when `outputs/cpu_gen_*` "
+                "trained on) has no committed results yet: this section fills in when `outputs/cpu_gen*` "
                 "exists.\n")
     parts = ["## 10. Generation quality\n\nWhether on-policy distillation makes a better generator: full-length "
              "outputs on prompts no run trained on, scored by task correctness, ROUGE-L against the reference and "
              "the teacher's NLL per output token, beside the teacher and RTN PTQ.\n"]
+    if GEN_STUDY in found:
+        parts.append(_generation_study())
+    else:
+        parts.append("The study itself (five seeds per step-matched arm at each λ's chosen rate, a FLOP-matched "
+                     "λ=0 arm, the test prompts) has no evaluated run yet.\n")
     if GEN_PILOT in found:
         parts.append(_generation_pilot())
-    others = [f for f in found if f != GEN_PILOT]
+    others = [f for f in found if f not in (GEN_PILOT, GEN_STUDY)]
     if others:
         parts.append("Other generation studies: " + ", ".join(f"`{f}`" for f in others)
                      + "; their analyses are in their own directories.\n")
-    else:
-        parts.append("The study itself (five seeds per step-matched arm at each λ's chosen rate, a FLOP-matched "
-                     "λ=0 arm, the test prompts) has not run yet.\n")
     return "\n".join(parts)
 
 

@@ -27,7 +27,8 @@ from onpolicy_lib.rundir import BASELINES_RECORD, EVAL_CACHE_DIR, MANIFEST, Run,
 CONFIG_FIELDS = [f for f in TrainConfig.field_names() if f not in ("output_dir", "eval_parameters")]
 BENCHMARK_METRICS = ("acc", "acc_norm")
 TRAIN_METRICS = ("wall_time_s", "median_step_s", "tokens_generated", "tokens_trained", "rollout_seconds",
-                 "peak_memory_mb", "batches", "batches_on_policy", "heldout_loss_before", "heldout_loss_after")
+                 "peak_memory_mb", "batches", "batches_on_policy", "heldout_loss_before", "heldout_loss_after",
+                 "flops")
 ID_COLUMNS = ["sweep", "run", "role", "status", "run_dir"]
 
 

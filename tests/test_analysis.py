@@ -205,6 +205,9 @@ def test_analysis_notebook_renders_every_section(tmp_path):
                                   for lr in (1e-5, 1e-4) for st in (10, 20)], seed=1)
     make_outputs(tmp_path, "ladder", [{"quant_type": q, "lmbda": lm, "seed": sd} for q in ("int4", "int2")
                                       for lm in (0, 1) for sd in (1, 2)], seed=2)
+    arms = ((0, 10), (1, 10), (0, 16))  # step-matched λ=0 and λ=1, and a FLOP-matched λ=0
+    make_outputs(tmp_path, "arms", [{"lmbda": lm, "max_steps": st, "seed": sd} for lm, st in arms for sd in (1, 2)],
+                 seed=3)
     out = tmp_path / "analysis.ipynb"
     pm.execute_notebook(str(ROOT / "notebooks" / "analysis.ipynb"), str(out), cwd=str(ROOT), progress_bar=False,
                         parameters={"outputs": [str(tmp_path)], "figures_dir": str(tmp_path / "fig"),
@@ -214,8 +217,10 @@ def test_analysis_notebook_renders_every_section(tmp_path):
     # Every comparison ends with generated sentences under the rule; nothing says a section does not apply.
     assert "seed-level [" in text and ("resolved, favouring" in text or "not resolved" in text)
     assert "No sweep here" not in text and "No ladder sweep" not in text and "no seed replication" not in text
+    assert "λ=1, 10 steps − λ=0, 16 steps" in text  # a FLOP-matched arm is compared with the λ=1 arm
     for name in ("main_comparison", "lr_learning_rate", "lr_extended_training", "compute_cost", "seeds_comparisons",
-                 "heldout_curves", "distribution_mismatch", "gap_to_teacher_vs_original", "ladder_ladder"):
+                 "arms_comparisons", "heldout_curves", "distribution_mismatch", "gap_to_teacher_vs_original",
+                 "ladder_ladder"):
         for ext in ("png", "svg"):
             assert (tmp_path / "fig" / f"{name}.{ext}").stat().st_size > 0, name
 

@@ -42,12 +42,15 @@ def test_per_example_generation(tmp_path):
         per_example_generation(tmp_path, mode="beam")
 
 
-def _study(tmp_path, student_rouge: dict[tuple[int, int], float]) -> None:
-    """Runs (λ, seed) whose students score ``student_rouge`` ROUGE-L on every prompt; teacher 0.8, PTQ 0.2."""
-    for (lmbda, seed), rouge in student_rouge.items():
-        run = tmp_path / "study" / f"lmbda-{lmbda}_seed-{seed}"
+def _study(tmp_path, student_rouge: dict[tuple, float]) -> None:
+    """Runs (λ, seed[, max_steps]) whose students score ``student_rouge`` ROUGE-L on every prompt; teacher 0.8,
+    PTQ 0.2."""
+    for key, rouge in student_rouge.items():
+        lmbda, seed, *steps = key
+        run = tmp_path / "study" / "_".join([f"lmbda-{lmbda}", f"seed-{seed}", *(f"steps-{s}" for s in steps)])
         run.mkdir(parents=True)
-        (run / "config.json").write_text(json.dumps({"train": {"lmbda": lmbda, "seed": seed}}))
+        train = {"lmbda": lmbda, "seed": seed, **({"max_steps": steps[0]} if steps else {})}
+        (run / "config.json").write_text(json.dumps({"train": train}))
         offsets = {"a": 0.0, "b": 0.02, "c": -0.02}
         (run / "eval.json").write_text(json.dumps({
             "student": {"generation": _generation({i: [rouge + o] for i, o in offsets.items()})},
@@ -70,6 +73,28 @@ def test_generation_in_the_lambda_comparisons_and_the_gap_recovered(tmp_path):
     gaps = analysis.generation_gap_recovered(peg).set_index(["lmbda", "metric"])
     assert gaps.loc[(1, "gen_greedy/rouge_l"), "mean"] == pytest.approx((0.53 - 0.2) / 0.6)
     assert gaps.loc[(0, "gen_greedy/rouge_l"), "seeds"] == 2
+
+
+def test_step_and_flop_matched_arms_are_compared_under_the_rule(tmp_path):
+    """A study with λ=0 and λ=1 at 100 steps and λ=0 at 159: the pairs that differ in λ are the step-matched
+    and the FLOP-matched one, each b − a with both intervals; λ=0 at two step counts is not a λ comparison."""
+    from onpolicy_lib import analysis
+
+    _study(tmp_path, {(0, 1, 100): 0.40, (0, 2, 100): 0.44, (1, 1, 100): 0.50, (1, 2, 100): 0.56,
+                      (0, 1, 159): 0.46, (0, 2, 159): 0.48})
+    peg = analysis.generation_frame(tmp_path)
+    students = peg[peg["role"] == "student"].drop_duplicates("run")[["run", "role", "lmbda", "seed", "max_steps"]]
+    pairs = analysis.arm_pairs(students, ["lmbda", "max_steps"])
+    assert pairs == [({"lmbda": 0, "max_steps": 100}, {"lmbda": 1, "max_steps": 100}),
+                     ({"lmbda": 0, "max_steps": 159}, {"lmbda": 1, "max_steps": 100})]
+    table = analysis.compare_pairs(pd.DataFrame(), peg, students, pairs, n_boot=200, run_metrics=())
+    rouge = table[table["metric"] == "gen_greedy/rouge_l"].set_index("comparison")
+    assert list(rouge.index) == ["λ=1, 100 steps − λ=0, 100 steps", "λ=1, 100 steps − λ=0, 159 steps"]
+    assert rouge["delta"].tolist() == pytest.approx([0.53 - 0.42, 0.53 - 0.47])
+    assert (rouge["seeds"] == "2 vs 2").all() and rouge["seed_low"].notna().all()
+    plain = analysis.compare_conditions(pd.DataFrame(), peg, students[students["max_steps"] == 100], n_boot=200,
+                                        run_metrics=())
+    assert plain.set_index("metric").loc["gen_greedy/rouge_l", "comparison"] == "λ=1 − λ=0"
 
 
 def test_generation_power_against_a_direct_computation():
@@ -189,3 +214,51 @@ def test_quality_metric_falls_back_to_what_a_sweep_evaluated():
                                                  "heldout_loss_after": [0.1]})) == "gen_greedy/teacher_nll"
     with pytest.raises(ValueError, match="quality metrics"):
         analysis.quality_metric(pd.DataFrame({"x": [1]}))
+
+
+def test_the_reports_generation_section_reads_the_study(tmp_path, monkeypatch):
+    """The study's runs appear per arm (mean ± sd over seeds) beside the teacher and PTQ, with the gap each arm
+    recovers, the step- and FLOP-matched comparisons under the rule, the cost per arm, and its state."""
+    from onpolicy_lib import report
+
+    def generation(values: list[float]) -> dict:
+        per_example = [{"task": "gsm8k", "id": f"p{i}", "rouge_l": v, "teacher_nll": 2 - v, "correct": v > 0.5,
+                        "tokens": 10, "hit_cap": False} for i, v in enumerate(values)]
+        mean = sum(values) / len(values)
+        summary = {"rouge_l": {"mean": mean}, "teacher_nll": {"mean": 2 - mean}}
+        return {"greedy": {"per_example": per_example, "summary": {"all": summary}}}
+
+    prompts = [float(x) for x in np.linspace(-0.05, 0.05, 12)]
+    arms = {(0, 100): 0.40, (1, 100): 0.50, (0, 159): 0.45}
+    manifest = {"name": report.GEN_STUDY, "runs": {}}
+    for (lmbda, steps), level in arms.items():
+        for seed in (1, 2, 3):
+            name = f"seed-{seed}_lmbda-{lmbda}_steps-{steps}"
+            run = tmp_path / report.GEN_STUDY / name
+            run.mkdir(parents=True)
+            train = {"model_name": "tiny", "quant_type": "int4", "lmbda": lmbda, "max_steps": steps, "seed": seed,
+                     "learning_rate": 3e-5, "max_new_tokens": 256, "max_length": 768, "temperature": 0.9}
+            (run / "config.json").write_text(json.dumps({"train": train, "resolved": {"group_size": 64},
+                                                         "machine": "Intel Xeon (family 6, model 1), 2 cores"}))
+            (run / "metrics.json").write_text(json.dumps({"steps": [{"step": 1, "loss": 0.1}], "flops": 1e12 * (
+                1.6 if lmbda else steps / 100), "tokens_trained": 100, "wall_time_s": 10.0}))
+            student = generation([level + 0.01 * seed + p for p in prompts])
+            (run / "eval.json").write_text(json.dumps({
+                "student": {"generation": student},
+                "baselines": {"teacher": {"generation": generation([0.8 + p for p in prompts])},
+                              "ptq": {"generation": generation([0.2 + p for p in prompts])}}}))
+            manifest["runs"][name] = {"params": train}
+    manifest["runs"]["seed-4_lmbda-0_steps-100"] = {"params": {}}  # planned, not yet run
+    (tmp_path / report.GEN_STUDY / "sweep.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(report, "OUTPUTS", tmp_path)
+    text = report.section_generation()
+    assert "(`outputs/cpu_gen/`, in progress: 9 of its 10 runs evaluated)" in text
+    assert "12 *test* prompts" in text and "`tiny` at INT4 g64" in text and "Xeon 6/1" in text
+    lines = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert "0.420 ± 0.01" in lines["student λ=0, 100 steps"] and "| 3 |" in lines["student λ=0, 100 steps"]
+    assert "0.800" in lines["teacher"] and "0.200" in lines["RTN PTQ"]
+    assert "| λ=1, 100 steps | 0.53 ± 0.02 | 0.53 ± 0.02 |" in text  # (0.52 - 0.2) / 0.6: the gap recovered
+    header = next(line for line in text.splitlines() if "λ=1, 100 steps − λ=0, 100 steps" in line)
+    assert "λ=1, 100 steps − λ=0, 159 steps" in header
+    assert "**+0.100**" in lines["ROUGE-L, greedy outputs"]  # resolved: every seed's arm differs by 0.1
+    assert "| λ=1, 100 steps | 1.60 × 10^12 |" in text and "| λ=0, 159 steps | 1.59 × 10^12 |" in text
