@@ -24,7 +24,7 @@ import pandas as pd
 
 from onpolicy_lib import analysis, results
 from onpolicy_lib.config import BENCHMARKS, PROJECT_ROOT, format_value
-from onpolicy_lib.rundir import Run
+from onpolicy_lib.rundir import Run, read_manifest
 
 NOTEBOOK = PROJECT_ROOT / "notebooks" / "report.ipynb"
 OUTPUTS = PROJECT_ROOT / "outputs"
@@ -573,8 +573,7 @@ def _arm(row: pd.Series | dict[str, Any]) -> str:
 
 
 def _planned_runs(root: Path) -> int:
-    manifest = root / "sweep.json"
-    return len(json.loads(manifest.read_text()).get("runs", {})) if manifest.exists() else 0
+    return len(read_manifest(root).get("runs", {}))
 
 
 def _design_power(prompts: int) -> str:
