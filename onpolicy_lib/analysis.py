@@ -161,7 +161,8 @@ GENERATION_NAMES = {f"gen_{mode}/{metric}": f"{name}, {mode} outputs"
                     for mode in ("greedy", "sampled")
                     for metric, name in (("correct", "task correctness"), ("rouge_l", "ROUGE-L"),
                                          ("teacher_nll", "teacher NLL of the output"), ("tokens", "output tokens"),
-                                         ("hit_cap", "share of outputs at the length cap"))}
+                                         ("hit_cap", "share of outputs at the length cap"),
+                                         ("repetition", "repeated 4-grams"))}
 
 
 def generation_frame(roots: Any, as_sweep: str = "") -> pd.DataFrame:
@@ -203,7 +204,7 @@ def generation_gap_recovered(frame: pd.DataFrame, keys: tuple[str, ...] = ("lmbd
 # How a learning-rate pilot chooses each λ's rate: greedy outputs' quality on the validation prompts, which is
 # neither regime's training signal (forward KL on dataset text is λ=0's, reverse KL on own samples λ=1's).
 RATE_CRITERIA = ("gen_greedy/rouge_l", "gen_greedy/teacher_nll")
-LOWER_IS_BETTER = ("teacher_nll", "loss", "kl", "perplexity", "hit_cap")
+LOWER_IS_BETTER = ("teacher_nll", "loss", "kl", "perplexity", "hit_cap", "repetition")
 
 
 def lower_is_better(metric: str) -> bool:

@@ -39,6 +39,10 @@ METRICS = ("correct", "rouge_l", "teacher_nll", "tokens", "hit_cap")
 # Metrics whose teacher-to-PTQ gap a student can recover (length and truncation describe, not judge).
 QUALITY_METRICS = ("correct", "rouge_l", "teacher_nll")
 WEIGHTING = "per example (an example's mean over its samples, then the mean over examples)"
+# Computed from each recorded output's text when results are read (so every committed evaluation has them):
+# how much an output loops, the failure long generations compound into.
+TEXT_METRICS = ("repetition",)
+REPETITION_N = 4
 # Elements of the teacher's [rows, positions, vocab] logits scored at once: rows per scoring batch
 # are cut so a long batch of a large vocabulary stays near 512 MiB of fp32.
 SCORE_LOGITS_ELEMENTS = 1 << 27
@@ -99,6 +103,16 @@ def teacher_nll(teacher: torch.nn.Module, pad_token_id: int, prompt_ids: Sequenc
     finally:
         teacher.train(was_training)
     return out
+
+
+def repetition(text: str, n: int = REPETITION_N) -> float | None:
+    """The share of an output's word ``n``-grams that repeat an earlier one in the same output (seq-rep-n,
+    Welleck et al. 2019): 0 without repeats, near 1 for a loop; None for an output under ``n`` + 1 words."""
+    words = text.split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    if len(grams) < 2:
+        return None
+    return 1.0 - len(set(grams)) / len(grams)
 
 
 def _summary(records: list[dict[str, Any]]) -> dict[str, Any]:

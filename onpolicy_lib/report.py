@@ -509,16 +509,23 @@ def _generation_pilot() -> str:
     students = evaluated[evaluated["role"] == "student"]
     columns = [c for c in GEN_COLUMNS if c in evaluated]
     names = {c: analysis.GENERATION_NAMES[c].replace(", greedy outputs", "") for c in columns}
+    frame = analysis.generation_frame([root])
+    # Repetition is computed from the outputs' text (results.per_example_generation), per prompt.
+    repeats = frame[frame["metric"] == "gen_greedy/repetition"] if not frame.empty else frame
     rows = {}
     for role in ("teacher", "ptq"):
         part = evaluated[evaluated["role"] == role]
         if not part.empty:
-            rows[role if role == "teacher" else "RTN PTQ"] = [num(part[c].mean(), 3) for c in columns]
+            rep = repeats[repeats["role"] == role].groupby("id")["value"].mean().mean() if len(repeats) else None
+            rows[role if role == "teacher" else "RTN PTQ"] = [*(num(part[c].mean(), 3) for c in columns), num(rep, 2)]
     for _, run in students.sort_values(["lmbda", "learning_rate"]).iterrows():
-        rows[f"student λ={num(run['lmbda'], 0)}, lr {run['learning_rate']:g}"] = [num(run[c], 3) for c in columns]
-    table = pd.DataFrame.from_dict(rows, orient="index", columns=[names[c] for c in columns])
+        rep = repeats[(repeats["role"] == "student") & (repeats["run"] == run["run"])]["value"].mean() if len(
+            repeats) else None
+        rows[f"student λ={num(run['lmbda'], 0)}, lr {run['learning_rate']:g}"] = [
+            *(num(run[c], 3) for c in columns), num(rep, 2)]
+    repetition = analysis.GENERATION_NAMES["gen_greedy/repetition"].replace(", greedy outputs", "")
+    table = pd.DataFrame.from_dict(rows, orient="index", columns=[*(names[c] for c in columns), repetition])
     runs = sorted(p.name for p in root.glob(f"*/{Run.EVAL}"))
-    frame = analysis.generation_frame([root])
     tolerance = analysis.rate_tolerance(frame)
     choice = analysis.rate_choice(students, tolerance=tolerance)
     plain = analysis.rate_choice(students)
@@ -556,7 +563,8 @@ def _generation_pilot() -> str:
 GEN_STUDY = "cpu_gen"
 # The study's metrics, in reading order: the two the pilot's power table says can carry a verdict first.
 GEN_STUDY_METRICS = ("gen_greedy/teacher_nll", "gen_sampled/teacher_nll", "gen_greedy/rouge_l", "gen_sampled/rouge_l",
-                     "gen_greedy/correct", "gen_sampled/correct", "gen_greedy/hit_cap", "gen_greedy/tokens")
+                     "gen_greedy/correct", "gen_sampled/correct", "gen_greedy/repetition", "gen_sampled/repetition",
+                     "gen_greedy/hit_cap", "gen_greedy/tokens")
 GEN_COST = ("flops", "tokens_trained", "tokens_generated", "median_step_s", "wall_time_s")
 
 
@@ -607,7 +615,11 @@ def _generation_study() -> str:
     config = json.loads(sorted(root.glob(f"*/{Run.CONFIG}"))[0].read_text())
     settings = config.get("train", {})
     machines = sorted({_short_machine(m) for m in _machines(GEN_STUDY)})
-    metrics = [m for m in GEN_STUDY_METRICS if m in w]
+    # Each run's per-prompt means: the weighting of every generation number here, text metrics included.
+    per_run = peg[peg["role"] == "student"].groupby(["run", "metric"])["value"].mean().unstack("metric")
+    metrics = [m for m in GEN_STUDY_METRICS if m in per_run]
+    students = students.drop(columns=[c for c in metrics if c in students]).merge(
+        per_run[metrics], left_on="run", right_index=True)
     names = {m: analysis.GENERATION_NAMES.get(m, m) for m in metrics}
 
     rows = {}

@@ -20,6 +20,7 @@ import pandas as pd
 from onpolicy_lib import fidelity, rollouts
 from onpolicy_lib.config import CALIBRATED_METHODS, TrainConfig, portable_path, resolve_path
 from onpolicy_lib.generation_eval import METRICS as GENERATION_METRICS
+from onpolicy_lib.generation_eval import TEXT_METRICS, repetition
 from onpolicy_lib.metrics import loss_summary
 from onpolicy_lib.rundir import BASELINES_RECORD, EVAL_CACHE_DIR, MANIFEST, Run, read_json
 
@@ -294,9 +295,12 @@ def per_example_generation(roots: str | Path | Iterable[str | Path] = "outputs",
             records = ((result or {}).get("generation") or {}).get(mode, {}).get("per_example", [])
             values: dict[tuple[str, str, str], list[float]] = {}
             for record in records:
-                for metric in GENERATION_METRICS:
-                    if record.get(metric) is not None:
-                        values.setdefault((record["task"], record["id"], metric), []).append(float(record[metric]))
+                text = record.get("completion")
+                derived = {"repetition": repetition(text)} if isinstance(text, str) else {}
+                for metric in (*GENERATION_METRICS, *TEXT_METRICS):
+                    value = record.get(metric, derived.get(metric))
+                    if value is not None:
+                        values.setdefault((record["task"], record["id"], metric), []).append(float(value))
             for (task, example, metric), found in values.items():
                 rows.append({"sweep": sweep, "run": run_dir.name, "role": role, **config, "metric": metric,
                              "id": example, "source": task, "value": sum(found) / len(found)})

@@ -262,3 +262,30 @@ def test_the_reports_generation_section_reads_the_study(tmp_path, monkeypatch):
     assert "λ=1, 100 steps − λ=0, 159 steps" in header
     assert "**+0.100**" in lines["ROUGE-L, greedy outputs"]  # resolved: every seed's arm differs by 0.1
     assert "| λ=1, 100 steps | 1.60 × 10^12 |" in text and "| λ=0, 159 steps | 1.59 × 10^12 |" in text
+
+
+def test_repetition_is_the_share_of_repeated_word_ngrams():
+    from onpolicy_lib.generation_eval import repetition
+
+    assert repetition("one two three four five six") == 0.0
+    assert repetition("a b c d a b c d") == pytest.approx(1 - 4 / 5)  # abcd bcda cdab dabc abcd
+    assert repetition("x y z w " * 50) > 0.95  # a loop
+    assert repetition("too short") is None and repetition("a b c d") is None
+
+
+def test_repetition_is_read_from_each_outputs_text(tmp_path):
+    """Evaluations record their outputs' text; the repetition of each is computed when results are read,
+    per example as every generation metric (a sampled example's mean over its samples)."""
+    run = tmp_path / "study" / "lmbda-0"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"train": {"lmbda": 0, "seed": 1}}))
+    record = {"task": "gsm8k", "id": "a", "rouge_l": 0.5, "teacher_nll": 1.0, "correct": False, "tokens": 8,
+              "hit_cap": False}
+    generation = {"greedy": {"per_example": [{**record, "completion": "a b c d a b c d"}]},
+                  "sampled": {"per_example": [{**record, "sample": 0, "completion": "a b c d a b c d"},
+                                              {**record, "sample": 1, "completion": "one two three four five"}]}}
+    (run / "eval.json").write_text(json.dumps({"student": {"generation": generation}}))
+    greedy = per_example_generation(tmp_path).set_index("metric")["value"]
+    assert greedy["repetition"] == pytest.approx(0.2)
+    sampled = per_example_generation(tmp_path, mode="sampled").set_index("metric")["value"]
+    assert sampled["repetition"] == pytest.approx(0.1)
