@@ -252,7 +252,15 @@ class DistillTrainer(Trainer):
                 with autocast:
                     batch = self.compiled_rollout(unwrapped, inputs)
             else:
-                with eager_form(unwrapped, RolloutForm(form.dtype, form.matmul), materialise=fast), autocast:
+                # Autocast would recast every linear weight at every generated token; cast once instead, under
+                # the accelerator's autocast (also where the forward is not wrapped yet). A sharded student
+                # gathers its own weights, so it keeps autocast's casts.
+                cast_once = (torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+                             ) if not self.is_fsdp_enabled else None
+                if cast_once is not None:
+                    autocast = self.accelerator.autocast()
+                with eager_form(unwrapped, RolloutForm(form.dtype, form.matmul), materialise=fast,
+                                autocast_dtype=cast_once), autocast:
                     batch = generate_completions(
                         unwrapped, inputs, self.processing_class.pad_token_id, self.eos_token_ids,
                         do_sample=True, temperature=self.args.temperature, top_k=0, top_p=1.0,

@@ -168,7 +168,7 @@ def same_setting(name: str, recorded: Any, requested: Any) -> bool:
 
 # ---------------------------------------------------------------------------- the contexts
 @contextlib.contextmanager
-def cast_for_rollout(model: nn.Module, dtype: torch.dtype) -> Iterator[nn.Module]:
+def cast_for_rollout(model: nn.Module, dtype: torch.dtype, linear_only: bool = False) -> Iterator[nn.Module]:
     """Every parameter of ``model`` as a ``dtype`` copy for the context's duration (rollouts only).
 
     A fake-quantized layer gets its fake-quantized weight cast (its quantizer is off meanwhile),
@@ -176,6 +176,12 @@ def cast_for_rollout(model: nn.Module, dtype: torch.dtype) -> Iterator[nn.Module
     rather than under autocast (which would recast every weight at every generated token) is what
     makes it faster than float32. Tied parameters stay tied. On exit (also on exception) the
     original Parameter objects are put back: optimizer state and values are untouched.
+
+    ``linear_only``: only the weights of ``nn.Linear`` layers (fake-quantized ones included), for rollouts
+    under autocast to ``dtype``: autocast casts a linear's weight to ``dtype`` at every call anyway, so the
+    products, and the sampled tokens, are bit-identical, without a cast of every weight at every token.
+    Embeddings, norms and biases keep their dtype and autocast's handling (a weight tied to an embedding
+    is cast for its linear only).
     """
     import torch
     from torch import nn
@@ -197,8 +203,12 @@ def cast_for_rollout(model: nn.Module, dtype: torch.dtype) -> Iterator[nn.Module
                 quantizer.enabled = False
                 mod._parameters["weight"] = fq
             for mod in model.modules():
+                if linear_only and not isinstance(mod, nn.Linear):
+                    continue
                 for name, param in list(mod._parameters.items()):
                     if param is None or param.dtype == dtype:  # the quantized weights cast above included
+                        continue
+                    if linear_only and name != "weight":
                         continue
                     if id(param) not in casts:
                         casts[id(param)] = nn.Parameter(param.detach().to(dtype), requires_grad=False)
@@ -274,11 +284,14 @@ def weight_major_rollout(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextlib.contextmanager
-def eager_form(model: nn.Module, form: RolloutForm, materialise: bool = False) -> Iterator[nn.Module]:
+def eager_form(model: nn.Module, form: RolloutForm, materialise: bool = False,
+               autocast_dtype: torch.dtype | None = None) -> Iterator[nn.Module]:
     """``model`` (the student) computing its decode steps in ``form`` (not compiled) for the context's duration;
     ``materialise``: its fake-quantized weights quantized once for the context
     (:func:`~onpolicy_lib.quantization.materialized_fake_quant`; not inside an on-policy step, whose
-    weights are already shared)."""
+    weights are already shared). ``autocast_dtype``: the rollout runs under autocast to it (bf16 training),
+    so an fp32 form's linear weights are cast to it once (:func:`cast_for_rollout` ``linear_only``; the same
+    tokens, bit for bit)."""
     import torch
 
     from onpolicy_lib.quantization import materialized_fake_quant
@@ -290,6 +303,8 @@ def eager_form(model: nn.Module, form: RolloutForm, materialise: bool = False) -
             stack.enter_context(materialized_fake_quant(model))
         if form.dtype != "float32":
             stack.enter_context(cast_for_rollout(model, getattr(torch, form.dtype)))
+        elif autocast_dtype is not None and autocast_dtype != torch.float32:
+            stack.enter_context(cast_for_rollout(model, autocast_dtype, linear_only=True))
         if form.matmul == "weight_major":
             stack.enter_context(weight_major_rollout(model))
         yield model

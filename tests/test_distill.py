@@ -12,12 +12,12 @@ import copy
 
 import pytest
 import torch
-from conftest import chat_rows
+from conftest import chat_rows, make_gemma_model, make_model
 from datasets import Dataset
 
 from onpolicy_lib.batches import IGNORE_INDEX, DistillCollator, position_ids_from_mask
 from onpolicy_lib.distill import DistillConfig, DistillTrainer
-from onpolicy_lib.quantization import prepare_qat
+from onpolicy_lib.quantization import materialized_fake_quant, prepare_qat
 
 GROUP = 32
 
@@ -257,6 +257,69 @@ def test_bf16_rollouts_sample_the_quantized_student_within_bf16_rounding(tmp_pat
     seen = captured_step(trainer, batch)
     assert trainer.stats["batches_on_policy"] == 1 and seen["input_ids"].shape[1] > batch["prompt_ids"].shape[1]
     assert {p.dtype for p in student.parameters()} == {torch.float32}
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_rollouts_under_bf16_autocast_cast_linear_weights_once_with_the_same_tokens(
+        tmp_path, tokenizer, family, monkeypatch):
+    """A bf16 run samples its rollouts under autocast, which recasts every linear weight at every token; the
+    rollout casts them once instead. The tokens sampled are the same, bit for bit, on Llama and Gemma-3
+    (tied heads), and the student's parameters are the same objects afterwards."""
+    import onpolicy_lib.distill as distill
+    from onpolicy_lib import rollouts
+
+    model = make_model(len(tokenizer)) if family == "llama" else make_gemma_model(len(tokenizer))
+    trainer = make_trainer(tmp_path, tokenizer, model, lmbda=1.0, bf16=True, max_new_tokens=12)
+    student = trainer.model
+    batch = first_batch(trainer)
+    params = {name: p for name, p in student.named_parameters()}
+    casts = []
+    original = rollouts.cast_for_rollout
+
+    def spy(model, dtype, linear_only=False):
+        casts.append((dtype, linear_only))
+        return original(model, dtype, linear_only)
+
+    monkeypatch.setattr(rollouts, "cast_for_rollout", spy)
+    torch.manual_seed(3)
+    once = trainer.rollout(student, batch)
+    assert casts == [(torch.bfloat16, True)]
+
+    def per_token(model, form, materialise=False, autocast_dtype=None):  # the previous behaviour
+        return rollouts.eager_form(model, form, materialise)
+
+    monkeypatch.setattr(distill, "eager_form", per_token)
+    torch.manual_seed(3)
+    recast = trainer.rollout(student, batch)
+    assert casts == [(torch.bfloat16, True)]
+    assert torch.equal(once["input_ids"], recast["input_ids"])
+    assert once["input_ids"].shape[1] > batch["prompt_ids"].shape[1]
+    # The logits themselves are bit-identical, not merely close enough to sample the same tokens.
+    ids, mask = once["input_ids"], once["attention_mask"]
+    with torch.no_grad(), trainer.accelerator.autocast(), materialized_fake_quant(student):
+        per_token_logits = student(input_ids=ids, attention_mask=mask).logits
+        with original(student, torch.bfloat16, linear_only=True):
+            once_logits = student(input_ids=ids, attention_mask=mask).logits
+    assert per_token_logits.dtype == torch.bfloat16 and torch.equal(once_logits, per_token_logits)
+    assert all(p is params[name] for name, p in student.named_parameters())
+    assert {p.dtype for p in student.parameters()} == {torch.float32}
+
+
+def test_linear_only_cast_keeps_tied_embeddings_and_norms():
+    """Only linear weights are cast; an embedding tied to the head keeps its dtype and its object."""
+    from test_quantization import tiny_llama
+
+    from onpolicy_lib.rollouts import cast_for_rollout
+
+    model = tiny_llama()
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    embedding = model.get_input_embeddings().weight
+    with cast_for_rollout(model, torch.bfloat16, linear_only=True):
+        assert model.get_input_embeddings().weight is embedding and embedding.dtype == torch.float32
+        assert model.lm_head.weight.dtype == torch.bfloat16
+        assert all(m.weight.dtype == torch.float32 for n, m in model.named_modules() if n.endswith("norm"))
+    assert model.lm_head.weight is embedding
 
 
 def decode_logits(model: torch.nn.Module, batch: dict, tokens: torch.Tensor) -> list[torch.Tensor]:
