@@ -270,6 +270,39 @@ def plot_against(w: pd.DataFrame, x: str, ys: dict[str, str], hue: str = "lmbda"
     return fig
 
 
+def plot_arms(runs: pd.DataFrame, metrics: dict[str, str], references: dict[str, dict[str, float]] | None = None,
+              arm: str = "arm", title: str = "") -> plt.Figure:
+    """One panel per metric: each run of each arm a point (its seed), the arm's mean a bar across its points,
+    ``references`` ({label: {metric: value}}: the teacher, PTQ) dashed lines. ``runs``: one row per run with
+    ``arm`` (its label, λ read from it for its colour) and the metrics' columns."""
+    shown = [m for m in metrics if m in runs]
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.6 * len(shown), 3.4), squeeze=False)
+    order = list(dict.fromkeys(runs.sort_values(arm)[arm]))
+    colors = condition_colors(order)
+    for ax, metric in zip(axes[0], shown, strict=True):
+        for i, name in enumerate(order):
+            values = runs.loc[runs[arm] == name, metric].dropna()
+            ax.scatter(np.full(len(values), i) + np.linspace(-0.12, 0.12, len(values)), values, s=22,
+                       color=colors[name], alpha=0.75, zorder=3)
+            if len(values):
+                ax.hlines(values.mean(), i - 0.3, i + 0.3, color=colors[name], lw=2.5, zorder=4)
+        for j, (name, values) in enumerate((references or {}).items()):
+            if metric in values and np.isfinite(values[metric]):
+                ax.axhline(values[metric], color=REFERENCE_COLORS[j % len(REFERENCE_COLORS)], ls="--", lw=1,
+                           label=name)
+        ax.set_xticks(range(len(order)), [o.replace(", ", "\n") for o in order], fontsize=8)
+        ax.set(ylabel=metrics[metric], xlim=(-0.6, len(order) - 0.4))
+    legend: dict[str, Any] = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    if legend:
+        fig.legend(list(legend.values()), list(legend), loc="upper left", bbox_to_anchor=(1.0, 0.9), fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def plot_loss_vs_quality(w: pd.DataFrame, quality: str, label: str, hue: str = "lmbda",
                          annotate: str = "max_steps") -> plt.Figure:
     """Final training loss against an evaluation metric, each run a point labelled by ``annotate``."""

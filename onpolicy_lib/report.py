@@ -600,7 +600,7 @@ def _design_power(prompts: int) -> str:
             "which the seed-level interval below measures.\n\n")
 
 
-def _generation_study() -> str:
+def _generation_study(figures: Path | None = None) -> str:
     """The study: each arm's generation quality over its seeds beside the teacher and PTQ, the share of the
     teacher-to-PTQ gap each recovers, the step- and FLOP-matched λ comparisons under the rule, and the cost."""
     root = OUTPUTS / GEN_STUDY
@@ -667,6 +667,18 @@ def _generation_study() -> str:
         "training FLOPs (generation included)", "tokens trained on", "tokens generated", "median step (s)",
         "training wall time (s)"])
 
+    shown = ""
+    if figures is not None:
+        from onpolicy_lib import plots
+
+        runs = students.assign(arm=[_arm(r) for _, r in students.iterrows()])
+        panel = {m: names[m] for m in ("gen_greedy/teacher_nll", "gen_greedy/rouge_l", "gen_greedy/repetition",
+                                        "gen_sampled/teacher_nll") if m in metrics}
+        references = {label: {m: float(peg[(peg["role"] == role) & (peg["metric"] == m)].groupby("id")["value"]
+                                        .mean().mean()) for m in panel}
+                      for role, label in (("teacher", "teacher"), ("ptq", "RTN PTQ"))}
+        shown = figure(plots.plot_arms(runs, panel, references, title="generation quality by arm (points: seeds)"),
+                       figures, "generation_arms") + "\n\n"
     state = "complete" if planned and len(students) >= planned else (
         f"in progress: {len(students)} of its {planned} runs evaluated")
     return (f"### The study (`outputs/{GEN_STUDY}/`, {state})\n\n"
@@ -678,7 +690,7 @@ def _generation_study() -> str:
             f"beside the teacher and RTN PTQ; {analysis.GENERATION_WEIGHTING}; mean ± sd over seeds. "
             f"CPU: {', '.join(machines)}.\n\n"
             + _design_power(prompts)
-            + markdown_table(table) + "\n\n"
+            + markdown_table(table) + "\n\n" + shown +
             "Share of the teacher-to-PTQ gap each arm recovers (1: the teacher; 0: no better than PTQ; mean ± sd "
             "over seeds):\n\n" + markdown_table(gap_table) + "\n\n"
             "The λ comparisons, later arm minus earlier, step-matched (both at the same steps) and FLOP-matched "
@@ -691,7 +703,7 @@ def _generation_study() -> str:
             + markdown_table(cost_table) + "\n")
 
 
-def section_generation() -> str:
+def section_generation(figures: Path | None = None) -> str:
     found = _studies_in_outputs("cpu_gen")
     if not found:
         return ("## 10. Generation quality\n\n**In progress.** The generation study (full-length outputs, task "
@@ -702,7 +714,7 @@ def section_generation() -> str:
              "outputs on prompts no run trained on, scored by task correctness, ROUGE-L against the reference and "
              "the teacher's NLL per output token, beside the teacher and RTN PTQ.\n"]
     if GEN_STUDY in found:
-        parts.append(_generation_study())
+        parts.append(_generation_study(figures))
     else:
         parts.append("The study itself (five seeds per step-matched arm at each λ's chosen rate, a FLOP-matched "
                      "λ=0 arm, the test prompts) has no evaluated run yet.\n")
