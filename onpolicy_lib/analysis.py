@@ -176,6 +176,29 @@ def generation_frame(roots: Any, as_sweep: str = "") -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+def generation_runs(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """One row per student run of the generation frame: its ``keys``, ``seed``, ``arm`` (:func:`arm_label`) and
+    each metric's per-prompt mean (the weighting of every generation number)."""
+    students = frame[frame["role"] == "student"]
+    if students.empty:
+        return pd.DataFrame()
+    values = students.groupby(["run", "metric"])["value"].mean().unstack("metric")
+    meta = students.drop_duplicates("run").set_index("run")[[*keys, "seed"]]
+    runs = meta.join(values).reset_index().sort_values([*keys, "seed"], kind="stable")
+    runs["arm"] = [arm_label({k: row[k] for k in keys}) for _, row in runs.iterrows()]
+    return runs
+
+
+def generation_references(frame: pd.DataFrame, metrics: list[str]) -> dict[str, dict[str, float]]:
+    """The teacher's and each baseline's per-prompt mean of ``metrics`` ({name: {metric: mean}})."""
+    levels = {}
+    for role, name in REFERENCE_NAMES.items():
+        part = frame[(frame["role"] == role) & frame["metric"].isin(metrics)]
+        if not part.empty:
+            levels[name] = part.groupby(["metric", "id"])["value"].mean().groupby("metric").mean().to_dict()
+    return levels
+
+
 def generation_gap_recovered(frame: pd.DataFrame, keys: tuple[str, ...] = ("lmbda",)) -> pd.DataFrame:
     """Each student's fraction of the teacher-to-PTQ gap recovered per generation metric, (student − PTQ) /
     (teacher − PTQ) of per-prompt means on the prompts all three scored, then mean, sd and seeds per

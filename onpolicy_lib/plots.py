@@ -276,8 +276,9 @@ def plot_arms(runs: pd.DataFrame, metrics: dict[str, str], references: dict[str,
     ``references`` ({label: {metric: value}}: the teacher, PTQ) dashed lines. ``runs``: one row per run with
     ``arm`` (its label, λ read from it for its colour) and the metrics' columns."""
     shown = [m for m in metrics if m in runs]
-    fig, axes = plt.subplots(1, len(shown), figsize=(3.6 * len(shown), 3.4), squeeze=False)
-    order = list(dict.fromkeys(runs.sort_values(arm)[arm]))
+    order = list(dict.fromkeys(runs[arm]))  # the caller's order
+    width = max(3.6, 0.55 * len(order) + 1.2)
+    fig, axes = plt.subplots(1, len(shown), figsize=(width * len(shown), 3.4), squeeze=False)
     colors = condition_colors(order)
     for ax, metric in zip(axes[0], shown, strict=True):
         for i, name in enumerate(order):

@@ -622,12 +622,8 @@ def _generation_study(figures: Path | None = None) -> str:
         per_run[metrics], left_on="run", right_index=True)
     names = {m: analysis.GENERATION_NAMES.get(m, m) for m in metrics}
 
-    rows = {}
-    for role, label in (("teacher", "teacher"), ("ptq", "RTN PTQ")):
-        part = peg[peg["role"] == role]
-        if not part.empty:
-            means = part.groupby(["metric", "id"])["value"].mean().groupby("metric").mean()
-            rows[label] = [num(means.get(m), 3) for m in metrics] + ["–"]
+    rows = {label: [num(means.get(m), 3) for m in metrics] + ["–"]
+            for label, means in analysis.generation_references(peg, metrics).items()}
     arms = students.groupby(["lmbda", "max_steps"])
     for (lmbda, steps), part in arms:
         cells = []
@@ -671,12 +667,10 @@ def _generation_study(figures: Path | None = None) -> str:
     if figures is not None:
         from onpolicy_lib import plots
 
-        runs = students.assign(arm=[_arm(r) for _, r in students.iterrows()])
+        runs = analysis.generation_runs(peg[peg["run"].isin(students["run"])], ["lmbda", "max_steps"])
         panel = {m: names[m] for m in ("gen_greedy/teacher_nll", "gen_greedy/rouge_l", "gen_greedy/repetition",
                                         "gen_sampled/teacher_nll") if m in metrics}
-        references = {label: {m: float(peg[(peg["role"] == role) & (peg["metric"] == m)].groupby("id")["value"]
-                                        .mean().mean()) for m in panel}
-                      for role, label in (("teacher", "teacher"), ("ptq", "RTN PTQ"))}
+        references = analysis.generation_references(peg, list(panel))
         shown = figure(plots.plot_arms(runs, panel, references, title="generation quality by arm (points: seeds)"),
                        figures, "generation_arms") + "\n\n"
     state = "complete" if planned and len(students) >= planned else (

@@ -92,6 +92,11 @@ def test_step_and_flop_matched_arms_are_compared_under_the_rule(tmp_path):
     assert list(rouge.index) == ["λ=1, 100 steps − λ=0, 100 steps", "λ=1, 100 steps − λ=0, 159 steps"]
     assert rouge["delta"].tolist() == pytest.approx([0.53 - 0.42, 0.53 - 0.47])
     assert (rouge["seeds"] == "2 vs 2").all() and rouge["seed_low"].notna().all()
+    runs = analysis.generation_runs(peg, ["lmbda", "max_steps"])
+    assert runs["arm"].tolist() == ["λ=0, 100 steps"] * 2 + ["λ=0, 159 steps"] * 2 + ["λ=1, 100 steps"] * 2
+    assert runs["gen_greedy/rouge_l"].tolist() == pytest.approx([0.40, 0.44, 0.46, 0.48, 0.50, 0.56])
+    assert analysis.generation_references(peg, ["gen_greedy/rouge_l"]) == {
+        "teacher": {"gen_greedy/rouge_l": pytest.approx(0.8)}, "RTN PTQ": {"gen_greedy/rouge_l": pytest.approx(0.2)}}
     plain = analysis.compare_conditions(pd.DataFrame(), peg, students[students["max_steps"] == 100], n_boot=200,
                                         run_metrics=())
     assert plain.set_index("metric").loc["gen_greedy/rouge_l", "comparison"] == "λ=1 − λ=0"
