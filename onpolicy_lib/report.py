@@ -188,7 +188,7 @@ def _machines(name: str) -> list[str]:
 
 def _short_machine(machine: str) -> str:
     """"AMD EPYC (family 25, model 17), ..." -> "EPYC 25/17": the CPU type, which is what wall times depend on."""
-    found = re.search(r"(EPYC|Xeon|Core)[^(]*\(family (\d+), model (\d+)\)", machine)
+    found = re.search(r"(EPYC|Xeon|Core)(?:\(R\))?[^(]*\(family (\d+), model (\d+)\)", machine)
     return f"{found.group(1)} {found.group(2)}/{found.group(3)}" if found else machine.split(",")[0]
 
 
@@ -651,7 +651,7 @@ def _generation_study(figures: Path | None = None) -> str:
         diff_rows.setdefault(NAMES.get(r["metric"], names.get(r["metric"], r["metric"])), {})[r["comparison"]] = (
             difference(r))
     diff_table = pd.DataFrame.from_dict(diff_rows, orient="index")
-    resolved = compared[compared["resolved"]]
+    resolved = compared[compared["resolved"]] if not compared.empty else pd.DataFrame(columns=["metric", "comparison"])
     found = sorted({f"{names.get(m, NAMES.get(m, m))} ({c})"
                     for m, c in zip(resolved["metric"], resolved["comparison"], strict=True)})
 
@@ -675,26 +675,30 @@ def _generation_study(figures: Path | None = None) -> str:
                        figures, "generation_arms") + "\n\n"
     state = "complete" if planned and len(students) >= planned else (
         f"in progress: {len(students)} of its {planned} runs evaluated")
-    return (f"### The study (`outputs/{GEN_STUDY}/`, {state})\n\n"
-            f"`{settings.get('model_name')}` at {str(settings.get('quant_type', '')).upper()} "
-            f"g{config.get('resolved', {}).get('group_size', settings.get('group_size'))}, "
-            f"learning rate {settings.get('learning_rate'):g} for both λ (the pilot's choice), rollouts of up to "
-            f"{settings.get('max_new_tokens')} tokens, `max_length` {settings.get('max_length')}. Each student's "
-            f"greedy and sampled (temperature {settings.get('temperature'):g}) outputs on {prompts} *test* prompts, "
-            f"beside the teacher and RTN PTQ; {analysis.GENERATION_WEIGHTING}; mean ± sd over seeds. "
-            f"CPU: {', '.join(machines)}.\n\n"
-            + _design_power(prompts)
-            + markdown_table(table) + "\n\n" + shown +
-            "Share of the teacher-to-PTQ gap each arm recovers (1: the teacher; 0: no better than PTQ; mean ± sd "
-            "over seeds):\n\n" + markdown_table(gap_table) + "\n\n"
-            "The λ comparisons, later arm minus earlier, step-matched (both at the same steps) and FLOP-matched "
-            "(λ=0 given the FLOPs λ=1 spent): the difference, bold where resolved, with the hierarchical "
-            "bootstrap's 95% interval over seeds and prompts, then the seed-level Welch interval. "
-            + ("None is resolved. " if resolved.empty else f"Resolved: {'; '.join(found)}. ")
-            + "\n\n" + markdown_table(diff_table) + "\n\n"
-            "What each arm cost (mean over its seeds; FLOPs counted from the model's shapes and the tokens "
-            "processed, so they compare across CPUs; wall times compare only within one CPU type):\n\n"
-            + markdown_table(cost_table) + "\n")
+    intro = (f"### The study (`outputs/{GEN_STUDY}/`, {state})\n\n"
+             f"`{settings.get('model_name')}` at {str(settings.get('quant_type', '')).upper()} "
+             f"g{config.get('resolved', {}).get('group_size', settings.get('group_size'))}, "
+             f"learning rate {settings.get('learning_rate'):g} for both λ (the pilot's choice), rollouts of up to "
+             f"{settings.get('max_new_tokens')} tokens, `max_length` {settings.get('max_length')}. Each student's "
+             f"greedy and sampled (temperature {settings.get('temperature'):g}) outputs on {prompts} *test* "
+             f"prompts, beside the teacher and RTN PTQ; {analysis.GENERATION_WEIGHTING}; mean ± sd over seeds. "
+             f"CPU: {', '.join(machines)}.\n\n")
+    gaps_text = ("Share of the teacher-to-PTQ gap each arm recovers (1: the teacher; 0: no better than PTQ; mean ± "
+                 "sd over seeds):\n\n" + markdown_table(gap_table) + "\n\n")
+    comparisons_text = ("The λ comparisons, later arm minus earlier, step-matched (both at the same steps) and "
+                        "FLOP-matched (λ=0 given the FLOPs λ=1 spent): the difference, bold where resolved, with the "
+                        "hierarchical bootstrap's 95% interval over seeds and prompts, then the seed-level Welch "
+                        "interval. ")
+    if compared.empty:
+        comparisons_text += "No pair of arms that differ in λ is evaluated yet.\n\n"
+    else:
+        comparisons_text += (("None is resolved." if resolved.empty else f"Resolved: {'; '.join(found)}.")
+                             + "\n\n" + markdown_table(diff_table) + "\n\n")
+    cost_text = ("What each arm cost (mean over its seeds; FLOPs counted from the model's shapes and the tokens "
+                 "processed, so they compare across CPUs; wall times compare only within one CPU type):\n\n"
+                 + markdown_table(cost_table) + "\n")
+    return (intro + _design_power(prompts) + markdown_table(table) + "\n\n" + shown + gaps_text + comparisons_text
+            + cost_text)
 
 
 def section_generation(figures: Path | None = None) -> str:

@@ -24,6 +24,7 @@ not sweeps::
     python -m onpolicy_lib.sweep params/sweeps/cpu_lambda.yaml --dry-run
     python -m onpolicy_lib.sweep params/sweeps/cpu_lambda.yaml --parallel 2
     python -m onpolicy_lib.sweep params/sweeps/cpu_lambda.yaml --status
+    python -m onpolicy_lib.sweep params/sweeps/cpu_lambda.yaml --analysis-only   # over the runs done so far
     python -m onpolicy_lib.sweep params/sweeps/cpu_lambda.yaml --emit-commands   # one line per run, any scheduler
 """
 
@@ -550,6 +551,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", action="append", help="only this run (repeatable)")
     parser.add_argument("--outputs", help="root of the sweep directory (default: outputs/)")
     parser.add_argument("--no-analysis", action="store_true", help="do not render the analysis notebook at the end")
+    parser.add_argument("--analysis-only", action="store_true",
+                        help="render the analysis notebook over the runs finished so far, and run nothing (a study "
+                             "in progress, read while its runs continue elsewhere)")
     parser.add_argument("--baselines-only", action="append", metavar="QUANT_TYPE",
                         help="evaluate the teacher and the quantized baselines at this bit width without students, "
                              "with the sweep's settings (a PTQ-only rung; repeatable), then stop")
@@ -572,6 +576,14 @@ def main(argv: list[str] | None = None) -> int:
                     done = sum(r.status() == "done" for r in other.runs)
                     print(f"its analysis also reads {other.name}'s {len(other.runs)} runs ({done} done; "
                           f"analysis_with)")
+            return 0
+        if args.analysis_only:
+            done = sum(r.status() == "done" for r in sweep.runs)
+            if not done:
+                raise ConfigError(f"--analysis-only: no run of {sweep.name} is done yet under "
+                                  f"{portable_path(sweep.root)}")
+            print(f"analysis of {done} of {len(sweep.runs)} runs rendered in "
+                  f"{portable_path(render_analysis(sweep))}")
             return 0
         if args.baselines_only:
             for quant_type in args.baselines_only:  # all checked before the first evaluation starts

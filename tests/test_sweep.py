@@ -119,6 +119,23 @@ def test_dry_run_and_emitted_commands(tmp_path, params, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+def test_analysis_only_renders_over_the_finished_runs_and_runs_nothing(tmp_path, params, capsys, monkeypatch):
+    spec = write_spec(tmp_path, params=params, grid={"lmbda": [0, 1]}, seeds=[1, 2])
+    out = tmp_path / "out"
+
+    def never(*args, **kwargs):
+        raise AssertionError("--analysis-only started a run")
+
+    monkeypatch.setattr(sweep, "run_sweep", never)
+    assert sweep.main([str(spec), "--outputs", str(out), "--analysis-only"]) == 2
+    assert "--analysis-only: no run of tiny is done yet" in capsys.readouterr().err
+    rendered = []
+    monkeypatch.setattr(sweep, "render_analysis", lambda s: rendered.append(s.name) or s.root / "analysis.ipynb")
+    monkeypatch.setattr(sweep.Run, "status", lambda run: "done" if run.name == "lmbda-0_seed-1" else "pending")
+    assert sweep.main([str(spec), "--outputs", str(out), "--analysis-only"]) == 0
+    assert rendered == ["tiny"] and "analysis of 1 of 4 runs rendered in" in capsys.readouterr().out
+
+
 def _runner(spec: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "onpolicy_lib.sweep", str(spec), "--outputs", str(out), *extra]
 
