@@ -511,19 +511,21 @@ def _generation_pilot() -> str:
     names = {c: analysis.GENERATION_NAMES[c].replace(", greedy outputs", "") for c in columns}
     frame = analysis.generation_frame([root])
     # Repetition is computed from the outputs' text (results.per_example_generation), per prompt.
-    repeats = frame[frame["metric"] == "gen_greedy/repetition"] if not frame.empty else frame
+    repetition_metric = "gen_greedy/repetition"
+    levels = analysis.generation_references(frame, [repetition_metric]) if not frame.empty else {}
+    per_run = (analysis.generation_runs(frame, ["lmbda", "learning_rate"]).set_index("run")
+               if not frame.empty else pd.DataFrame())
     rows = {}
     for role in ("teacher", "ptq"):
         part = evaluated[evaluated["role"] == role]
         if not part.empty:
-            rep = repeats[repeats["role"] == role].groupby("id")["value"].mean().mean() if len(repeats) else None
+            rep = levels.get(analysis.REFERENCE_NAMES[role], {}).get(repetition_metric)
             rows[role if role == "teacher" else "RTN PTQ"] = [*(num(part[c].mean(), 3) for c in columns), num(rep, 2)]
     for _, run in students.sort_values(["lmbda", "learning_rate"]).iterrows():
-        rep = repeats[(repeats["role"] == "student") & (repeats["run"] == run["run"])]["value"].mean() if len(
-            repeats) else None
+        rep = per_run[repetition_metric].get(run["run"]) if repetition_metric in per_run else None
         rows[f"student λ={num(run['lmbda'], 0)}, lr {run['learning_rate']:g}"] = [
             *(num(run[c], 3) for c in columns), num(rep, 2)]
-    repetition = analysis.GENERATION_NAMES["gen_greedy/repetition"].replace(", greedy outputs", "")
+    repetition = analysis.GENERATION_NAMES[repetition_metric].replace(", greedy outputs", "")
     table = pd.DataFrame.from_dict(rows, orient="index", columns=[*(names[c] for c in columns), repetition])
     runs = sorted(p.name for p in root.glob(f"*/{Run.EVAL}"))
     tolerance = analysis.rate_tolerance(frame)
@@ -606,7 +608,7 @@ def _generation_study(figures: Path | None = None) -> str:
     root = OUTPUTS / GEN_STUDY
     w = results.wide(results.collect([root]))
     peg = analysis.generation_frame([root])
-    evaluated = sorted({r for r in peg["run"].unique()}) if not peg.empty else []
+    evaluated = peg["run"].unique() if not peg.empty else []
     students = w[(w["role"] == "student") & w["run"].isin(evaluated)]
     planned = _planned_runs(root)
     if students.empty:
@@ -616,10 +618,10 @@ def _generation_study(figures: Path | None = None) -> str:
     settings = config.get("train", {})
     machines = sorted({_short_machine(m) for m in _machines(GEN_STUDY)})
     # Each run's per-prompt means: the weighting of every generation number here, text metrics included.
-    per_run = peg[peg["role"] == "student"].groupby(["run", "metric"])["value"].mean().unstack("metric")
-    metrics = [m for m in GEN_STUDY_METRICS if m in per_run]
+    runs = analysis.generation_runs(peg[peg["run"].isin(students["run"])], ["lmbda", "max_steps"])
+    metrics = [m for m in GEN_STUDY_METRICS if m in runs]
     students = students.drop(columns=[c for c in metrics if c in students]).merge(
-        per_run[metrics], left_on="run", right_index=True)
+        runs.set_index("run")[metrics], left_on="run", right_index=True)
     names = {m: analysis.GENERATION_NAMES.get(m, m) for m in metrics}
 
     rows = {label: [num(means.get(m), 3) for m in metrics] + ["–"]
@@ -667,7 +669,6 @@ def _generation_study(figures: Path | None = None) -> str:
     if figures is not None:
         from onpolicy_lib import plots
 
-        runs = analysis.generation_runs(peg[peg["run"].isin(students["run"])], ["lmbda", "max_steps"])
         panel = {m: names[m] for m in ("gen_greedy/teacher_nll", "gen_greedy/rouge_l", "gen_greedy/repetition",
                                         "gen_sampled/teacher_nll") if m in metrics}
         references = analysis.generation_references(peg, list(panel))
