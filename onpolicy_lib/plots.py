@@ -233,6 +233,23 @@ def plot_conditions(table: pd.DataFrame, names: Mapping[str, str], title: str = 
     return fig
 
 
+def _reference_lines(ax: plt.Axes, metric: str, references: dict[str, dict[str, float]] | None) -> None:
+    """The teacher's and baselines' levels of ``metric`` as dashed lines, labelled for the legend."""
+    for i, (name, values) in enumerate((references or {}).items()):
+        if metric in values and np.isfinite(values[metric]):
+            ax.axhline(values[metric], color=REFERENCE_COLORS[i % len(REFERENCE_COLORS)], ls="--", lw=1, label=name)
+
+
+def _panel_legend(axes: Iterable[plt.Axes]) -> dict[str, Any]:
+    """Every visible panel's legend entries once (reference lines appear only in the panels they apply to)."""
+    legend: dict[str, Any] = {}
+    for ax in axes:
+        if ax.get_visible():
+            for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+                legend.setdefault(label, handle)
+    return legend
+
+
 def plot_against(w: pd.DataFrame, x: str, ys: dict[str, str], hue: str = "lmbda", logx: bool = False,
                  title: str = "", references: dict[str, dict[str, float]] | None = None) -> plt.Figure:
     """One panel per y: mean over seeds (line) and each seed (points) against a swept parameter;
@@ -252,17 +269,11 @@ def plot_against(w: pd.DataFrame, x: str, ys: dict[str, str], hue: str = "lmbda"
             ax.xaxis.set_major_locator(FixedLocator(values))
             ax.xaxis.set_major_formatter(FixedFormatter([f"{v:g}" for v in values]))
             ax.xaxis.set_minor_locator(NullLocator())
-        for i, (name, values) in enumerate((references or {}).items()):
-            if y in values and np.isfinite(values[y]):
-                ax.axhline(values[y], color=REFERENCE_COLORS[i % len(REFERENCE_COLORS)], ls="--", lw=1, label=name)
+        _reference_lines(ax, y, references)
         ax.set(ylabel=label, xlabel=x)
         if ax.get_legend() is not None:
             ax.get_legend().remove()
-    legend: dict[str, Any] = {}  # every panel's entries once: reference lines appear only where they apply
-    for ax in axes[0]:
-        if ax.get_visible():
-            for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
-                legend.setdefault(label, handle)
+    legend = _panel_legend(axes[0])
     fig.legend(list(legend.values()), list(legend), title=hue, loc="upper left", bbox_to_anchor=(1.0, 0.9),
                fontsize=8)
     fig.suptitle(title)
@@ -287,16 +298,10 @@ def plot_arms(runs: pd.DataFrame, metrics: dict[str, str], references: dict[str,
                        color=colors[name], alpha=0.75, zorder=3)
             if len(values):
                 ax.hlines(values.mean(), i - 0.3, i + 0.3, color=colors[name], lw=2.5, zorder=4)
-        for j, (name, values) in enumerate((references or {}).items()):
-            if metric in values and np.isfinite(values[metric]):
-                ax.axhline(values[metric], color=REFERENCE_COLORS[j % len(REFERENCE_COLORS)], ls="--", lw=1,
-                           label=name)
+        _reference_lines(ax, metric, references)
         ax.set_xticks(range(len(order)), [o.replace(", ", "\n") for o in order], fontsize=8)
         ax.set(ylabel=metrics[metric], xlim=(-0.6, len(order) - 0.4))
-    legend: dict[str, Any] = {}
-    for ax in axes[0]:
-        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            legend.setdefault(label, handle)
+    legend = _panel_legend(axes[0])
     if legend:
         fig.legend(list(legend.values()), list(legend), loc="upper left", bbox_to_anchor=(1.0, 0.9), fontsize=8)
     fig.suptitle(title)
