@@ -199,6 +199,25 @@ def generation_references(frame: pd.DataFrame, metrics: list[str]) -> dict[str, 
     return levels
 
 
+def paired_run_difference(frame: pd.DataFrame, run_a: str, run_b: str, metrics: list[str]) -> pd.DataFrame:
+    """Two student runs' per-prompt means of ``metrics`` on the prompts both scored, and ``b − a``: one row
+    per metric (``a``, ``b``, ``difference``, ``prompts``). One run per side, so no interval: how far the
+    difference is from noise is read against the seed-to-seed spread of the same arm."""
+    students = frame[(frame["role"] == "student") & frame["metric"].isin(metrics)]
+    rows = []
+    for metric in metrics:
+        part = students[students["metric"] == metric]
+        a = part[part["run"] == run_a].groupby("id")["value"].mean()
+        b = part[part["run"] == run_b].groupby("id")["value"].mean()
+        shared = a.index.intersection(b.index)
+        if shared.empty:
+            continue
+        mean_a, mean_b = float(a.loc[shared].mean()), float(b.loc[shared].mean())
+        rows.append({"metric": metric, "a": mean_a, "b": mean_b, "difference": mean_b - mean_a,
+                     "prompts": len(shared)})
+    return pd.DataFrame(rows)
+
+
 def generation_gap_recovered(frame: pd.DataFrame, keys: tuple[str, ...] = ("lmbda",)) -> pd.DataFrame:
     """Each student's fraction of the teacher-to-PTQ gap recovered per generation metric, (student − PTQ) /
     (teacher − PTQ) of per-prompt means on the prompts all three scored, then mean, sd and seeds per

@@ -563,6 +563,7 @@ def _generation_pilot() -> str:
 
 
 GEN_STUDY = "cpu_gen"
+BF16_TWIN = "cpu_bf16_training"
 # The study's metrics, in reading order: the two the pilot's power table says can carry a verdict first.
 GEN_STUDY_METRICS = ("gen_greedy/teacher_nll", "gen_sampled/teacher_nll", "gen_greedy/rouge_l", "gen_sampled/rouge_l",
                      "gen_greedy/correct", "gen_sampled/correct", "gen_greedy/repetition", "gen_sampled/repetition",
@@ -637,7 +638,7 @@ def _generation_study(figures: Path | None = None) -> str:
 
     gaps = analysis.generation_gap_recovered(peg, ("lmbda", "max_steps"))
     gap_rows = {}
-    for (lmbda, steps), part in gaps.groupby(["lmbda", "max_steps"]):
+    for (lmbda, steps), part in (gaps.groupby(["lmbda", "max_steps"]) if not gaps.empty else []):  # no baselines
         part = part.set_index("metric")
         gap_rows[_arm({"lmbda": lmbda, "max_steps": steps})] = [
             "–" if m not in part.index else _mean_sd(part.loc[m, "mean"], part.loc[m, "std"], part.loc[m, "seeds"], 2)
@@ -696,10 +697,63 @@ def _generation_study(figures: Path | None = None) -> str:
         comparisons_text += (("None is resolved." if resolved.empty else f"Resolved: {'; '.join(found)}.")
                              + "\n\n" + markdown_table(diff_table) + "\n\n")
     cost_text = ("What each arm cost (mean over its seeds; FLOPs counted from the model's shapes and the tokens "
-                 "processed, so they compare across CPUs; wall times compare only within one CPU type):\n\n"
+                 "processed, so they compare across CPUs; wall times compare only within one CPU type, and a run resumed "
+                 "from a checkpoint has none, its clock covering its last attempt only):\n\n"
                  + markdown_table(cost_table) + "\n")
     return (intro + _design_power(prompts) + markdown_table(table) + "\n\n" + shown + gaps_text + comparisons_text
             + cost_text)
+
+
+def _bf16_training() -> str:
+    """bf16 autocast training's effect on the study's metrics: the bf16 twin of one study run against that run
+    (the same seed, λ and steps, evaluated the same way in float32), read against the seed-to-seed spread of
+    the study's arm."""
+    twin_root, study_root = OUTPUTS / BF16_TWIN, OUTPUTS / GEN_STUDY
+    if not any(twin_root.glob(f"*/{Run.EVAL}")):
+        return ""
+    frame = analysis.generation_frame([study_root, twin_root])
+    students = results.wide(results.collect([study_root, twin_root]))
+    students = students[(students["role"] == "student") & students["run"].isin(frame["run"].unique())]
+    twin = students[students["sweep"] == BF16_TWIN].iloc[0]
+    arm = students[(students["sweep"] == GEN_STUDY) & (students["lmbda"] == twin["lmbda"])
+                   & (students["max_steps"] == twin["max_steps"])]
+    match = arm[arm["seed"] == twin["seed"]]
+    if match.empty:
+        return ""
+    fp32 = match.iloc[0]
+    metrics = [m for m in GEN_STUDY_METRICS if m in set(frame["metric"])]
+    paired = analysis.paired_run_difference(frame, fp32["run"], twin["run"], metrics).set_index("metric")
+    spread = analysis.generation_runs(frame[frame["run"].isin(arm["run"]) & (frame["sweep"] == GEN_STUDY)],
+                                      ["lmbda", "max_steps"])
+    rows = {}
+    for metric in paired.index:
+        sd = spread[metric].std(ddof=1) if len(spread) > 1 else float("nan")
+        rows[analysis.GENERATION_NAMES.get(metric, metric)] = [
+            num(paired.loc[metric, "a"], 3), num(paired.loc[metric, "b"], 3),
+            num(paired.loc[metric, "difference"], 2, sign=True),
+            "–" if pd.isna(sd) else num(sd, 2), "–" if pd.isna(sd) or not sd else num(
+                abs(paired.loc[metric, "difference"]) / sd, 2)]
+    for metric, label in (("heldout_loss_after", "held-out divergence after training (per token)"),
+                          ("median_step_s", "median step (s)")):
+        if metric not in arm or pd.isna(fp32.get(metric)) or pd.isna(twin.get(metric)):
+            continue
+        values = arm[metric].dropna()
+        sd = values.std(ddof=1) if len(values) > 1 and metric == "heldout_loss_after" else float("nan")
+        rows[label] = [num(fp32[metric], 3), num(twin[metric], 3), num(twin[metric] - fp32[metric], 2, sign=True),
+                       "–" if pd.isna(sd) else num(sd, 2),
+                       "–" if pd.isna(sd) or not sd else num(abs(twin[metric] - fp32[metric]) / sd, 2)]
+    n = len(spread)
+    table = pd.DataFrame.from_dict(rows, orient="index", columns=[
+        "float32 (the study's run)", "bf16 autocast", "bf16 − float32", f"float32 seed sd ({n} seed{'s' * (n != 1)})",
+        "difference in seed sds"])
+    machines = sorted({_short_machine(m) for m in _machines(BF16_TWIN)})
+    return (f"### bf16 autocast training (`outputs/{BF16_TWIN}/`)\n\n"
+            f"The study's seed-{int(twin['seed'])} {_arm(twin)} run trained again with `dtype: bfloat16` (the opt-in "
+            "bf16 autocast training; the same seed, data and quantizers), evaluated exactly as the study evaluates, "
+            f"in float32, on the same {int(paired['prompts'].max())} test prompts; metrics averaged {analysis.GENERATION_WEIGHTING}. "
+            "One run per side, so no interval: the difference is read against the seed-to-seed sd of the study's "
+            f"float32 runs of that arm (a difference well inside it is not distinguishable from a change of seed). "
+            f"CPU: {', '.join(machines)}.\n\n" + markdown_table(table) + "\n")
 
 
 def section_generation(figures: Path | None = None) -> str:
@@ -717,6 +771,9 @@ def section_generation(figures: Path | None = None) -> str:
     else:
         parts.append("The study itself (five seeds per step-matched arm at each λ's chosen rate, a FLOP-matched "
                      "λ=0 arm, the test prompts) has no evaluated run yet.\n")
+    bf16 = _bf16_training()
+    if bf16:
+        parts.append(bf16)
     if GEN_PILOT in found:
         parts.append(_generation_pilot())
     others = [f for f in found if f not in (GEN_PILOT, GEN_STUDY)]

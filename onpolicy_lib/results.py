@@ -176,6 +176,10 @@ def collect(roots: str | Path | Iterable[str | Path] = "outputs", as_sweep: str 
         metrics = run.metrics or {}
         values = {**{k: metrics[k] for k in TRAIN_METRICS if metrics.get(k) is not None},
                   **loss_summary(metrics.get("steps", []))}
+        if metrics.get("resumed_from"):
+            # A resumed run's clock covers its last attempt only (its counters and FLOPs sum every
+            # attempt's logs): its wall time is not the run's, so it is left out, not averaged in.
+            values.pop("wall_time_s", None)
         for metric, value in values.items():
             rows.append({**base, "role": "student", "metric": metric, "value": float(value), "stderr": None})
         evaluation = run.evaluation or {}

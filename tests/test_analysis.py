@@ -116,6 +116,20 @@ def test_condition_table_and_collection(tmp_path):
     assert set(gaps["study"]) == {"this tool (m, CPU)", "original (Qwen3-4B, 10k GPU steps)"}
 
 
+def test_a_resumed_runs_wall_time_is_left_out(tmp_path):
+    """Its clock covers the last attempt only; its counters and FLOPs (summed over attempts) stay."""
+    make_outputs(tmp_path, "s", [{"lmbda": 0, "seed": sd} for sd in (1, 2)])
+    resumed = sorted((tmp_path / "s").glob("*/metrics.json"))[1]
+    metrics = json.loads(resumed.read_text())
+    metrics.update({"resumed_from": "checkpoint-50", "wall_time_s": 5.0, "flops": 1e12})
+    resumed.write_text(json.dumps(metrics))
+    w = results.wide(results.collect(tmp_path))
+    students = w[w["role"] == "student"].set_index("run")
+    assert pd.isna(students.loc[resumed.parent.name, "wall_time_s"])
+    assert students.loc[resumed.parent.name, "flops"] == 1e12
+    assert students["wall_time_s"].notna().sum() == 1
+
+
 def test_calibrated_baselines_take_their_place_in_tables_and_colours(tmp_path):
     from onpolicy_lib import plots
 

@@ -272,6 +272,48 @@ def test_the_reports_generation_section_reads_the_study(tmp_path, monkeypatch):
     assert (tmp_path / "figures" / "generation_arms.png").stat().st_size > 0
 
 
+def test_the_reports_bf16_training_twin_against_its_study_run(tmp_path, monkeypatch):
+    """The bf16 twin is set beside the study run of the same seed, λ and steps, prompt by prompt, with the
+    float32 arm's seed sd as the scale; and paired_run_difference against a direct computation."""
+    from onpolicy_lib import report
+
+    def write(sweep: str, name: str, seed: int, values: list[float], dtype: str, heldout: float) -> None:
+        run = tmp_path / sweep / name
+        run.mkdir(parents=True)
+        train = {"model_name": "tiny", "quant_type": "int4", "lmbda": 0, "max_steps": 100, "seed": seed,
+                 "learning_rate": 3e-5, "max_new_tokens": 256, "max_length": 768, "temperature": 0.9, "dtype": dtype}
+        (run / "config.json").write_text(json.dumps({"train": train, "machine": "Intel Xeon (family 6, model 1)"}))
+        (run / "metrics.json").write_text(json.dumps({"heldout_loss_after": heldout, "wall_time_s": 10.0,
+                                                      "median_step_s": 2.0 if dtype == "bfloat16" else 3.0}))
+        per_example = [{"task": "gsm8k", "id": f"p{i}", "rouge_l": v, "teacher_nll": 2 - v}
+                       for i, v in enumerate(values)]
+        (run / "eval.json").write_text(json.dumps({"student": {"generation": {"greedy": {
+            "per_example": per_example}}}}))
+
+    prompts = [0.1, 0.2, 0.3, 0.4]
+    for seed in (1, 2, 3):
+        write(report.GEN_STUDY, f"seed-{seed}_lmbda-0_steps-100", seed, [p + 0.01 * seed for p in prompts],
+              "auto", 0.04 + 0.001 * seed)
+    # The twin of seed 2 (not seed 1, so matching by seed is tested).
+    write(report.BF16_TWIN, "run", 2, [p + 0.02 + 0.005 for p in prompts], "bfloat16", 0.043)
+    monkeypatch.setattr(report, "OUTPUTS", tmp_path)
+    from onpolicy_lib import analysis
+
+    frame = analysis.generation_frame([tmp_path / report.GEN_STUDY, tmp_path / report.BF16_TWIN])
+    paired = analysis.paired_run_difference(frame, "seed-2_lmbda-0_steps-100", "run", ["gen_greedy/rouge_l"])
+    assert paired.iloc[0]["difference"] == pytest.approx(0.005) and paired.iloc[0]["prompts"] == 4
+    assert paired.iloc[0]["a"] == pytest.approx(0.27)
+    text = report._bf16_training()
+    assert "seed-2 λ=0, 100 steps run" in text and "4 test prompts" in text
+    lines = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    # seed means 0.26, 0.27, 0.28: sd 0.01; the difference half of it
+    assert "| 0.270 | 0.275 | +0.0050 | 0.010 | 0.50 |" in lines["ROUGE-L, greedy outputs"]
+    assert "+0.001" in lines["held-out divergence after training (per token)"]
+    assert "| 3.00 | 2.00 | -1.0 | – | – |" in lines["median step (s)"]
+    assert "difference in seed sds" in text
+    assert "### bf16 autocast training" in report.section_generation()
+
+
 def test_repetition_is_the_share_of_repeated_word_ngrams():
     from onpolicy_lib.generation_eval import repetition
 
