@@ -697,7 +697,8 @@ def _generation_study(figures: Path | None = None) -> str:
         comparisons_text += (("None is resolved." if resolved.empty else f"Resolved: {'; '.join(found)}.")
                              + "\n\n" + markdown_table(diff_table) + "\n\n")
     cost_text = ("What each arm cost (mean over its seeds; FLOPs counted from the model's shapes and the tokens "
-                 "processed, so they compare across CPUs; wall times compare only within one CPU type, and a run resumed "
+                 "processed, so they compare across CPUs; wall times compare only within one CPU type, "
+                 "and a run resumed "
                  "from a checkpoint has none, its clock covering its last attempt only):\n\n"
                  + markdown_table(cost_table) + "\n")
     return (intro + _design_power(prompts) + markdown_table(table) + "\n\n" + shown + gaps_text + comparisons_text
@@ -750,7 +751,8 @@ def _bf16_training() -> str:
     return (f"### bf16 autocast training (`outputs/{BF16_TWIN}/`)\n\n"
             f"The study's seed-{int(twin['seed'])} {_arm(twin)} run trained again with `dtype: bfloat16` (the opt-in "
             "bf16 autocast training; the same seed, data and quantizers), evaluated exactly as the study evaluates, "
-            f"in float32, on the same {int(paired['prompts'].max())} test prompts; metrics averaged {analysis.GENERATION_WEIGHTING}. "
+            f"in float32, on the same {int(paired['prompts'].max())} test prompts; metrics averaged "
+            f"{analysis.GENERATION_WEIGHTING}. "
             "One run per side, so no interval: the difference is read against the seed-to-seed sd of the study's "
             f"float32 runs of that arm (a difference well inside it is not distinguishable from a change of seed). "
             f"CPU: {', '.join(machines)}.\n\n" + markdown_table(table) + "\n")
