@@ -726,23 +726,24 @@ def _bf16_training() -> str:
     paired = analysis.paired_run_difference(frame, fp32["run"], twin["run"], metrics).set_index("metric")
     spread = analysis.generation_runs(frame[frame["run"].isin(arm["run"]) & (frame["sweep"] == GEN_STUDY)],
                                       ["lmbda", "max_steps"])
-    rows = {}
-    for metric in paired.index:
-        sd = spread[metric].std(ddof=1) if len(spread) > 1 else float("nan")
-        rows[analysis.GENERATION_NAMES.get(metric, metric)] = [
-            num(paired.loc[metric, "a"], 3), num(paired.loc[metric, "b"], 3),
-            num(paired.loc[metric, "difference"], 2, sign=True),
-            "–" if pd.isna(sd) else num(sd, 2), "–" if pd.isna(sd) or not sd else num(
-                abs(paired.loc[metric, "difference"]) / sd, 2)]
+    def cells(a: float, b: float, sd: float) -> list[str]:
+        """float32, bf16, their difference, the float32 seed sd, and the difference in units of it."""
+        known = not pd.isna(sd)
+        return [num(a, 3), num(b, 3), num(b - a, 2, sign=True), num(sd, 2) if known else "–",
+                num(abs(b - a) / sd, 2) if known and sd else "–"]
+
+    rows = {analysis.GENERATION_NAMES.get(metric, metric): cells(
+                paired.loc[metric, "a"], paired.loc[metric, "b"],
+                spread[metric].std(ddof=1) if len(spread) > 1 else float("nan"))
+            for metric in paired.index}
     for metric, label in (("heldout_loss_after", "held-out divergence after training (per token)"),
                           ("median_step_s", "median step (s)")):
         if metric not in arm or pd.isna(fp32.get(metric)) or pd.isna(twin.get(metric)):
             continue
+        # The seed sd is a scale for outcomes; a step's time is not one (it moves with the machine's load).
         values = arm[metric].dropna()
         sd = values.std(ddof=1) if len(values) > 1 and metric == "heldout_loss_after" else float("nan")
-        rows[label] = [num(fp32[metric], 3), num(twin[metric], 3), num(twin[metric] - fp32[metric], 2, sign=True),
-                       "–" if pd.isna(sd) else num(sd, 2),
-                       "–" if pd.isna(sd) or not sd else num(abs(twin[metric] - fp32[metric]) / sd, 2)]
+        rows[label] = cells(fp32[metric], twin[metric], sd)
     n = len(spread)
     table = pd.DataFrame.from_dict(rows, orient="index", columns=[
         "float32 (the study's run)", "bf16 autocast", "bf16 − float32", f"float32 seed sd ({n} seed{'s' * (n != 1)})",
