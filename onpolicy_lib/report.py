@@ -495,6 +495,7 @@ def section_baselines(figures: Path) -> str:
 
 
 GEN_PILOT = "cpu_gen_lr"
+GEN_PILOT_EDGE = "cpu_gen_lr_edge"
 GEN_COLUMNS = ("gen_greedy/rouge_l", "gen_greedy/teacher_nll", "gen_greedy/correct", "gen_greedy/tokens",
                "gen_greedy/hit_cap")
 
@@ -510,10 +511,21 @@ def _generation_pilot() -> str:
     columns = [c for c in GEN_COLUMNS if c in evaluated]
     names = {c: analysis.GENERATION_NAMES[c].replace(", greedy outputs", "") for c in columns}
     frame = analysis.generation_frame([root])
+    # The grid's extension below its lowest rate, run after the study began: its students join the table and
+    # a second reading of the rule, never the tolerance or the power figures (those stay the pilot's own).
+    edge_root = OUTPUTS / GEN_PILOT_EDGE
+    edge = pd.DataFrame()
+    if any(edge_root.glob(f"*/{Run.EVAL}")):
+        ew = results.wide(results.collect([edge_root]))
+        edge = ew[(ew["role"] == "student") & ew[[c for c in columns if c in ew]].notna().any(axis=1)]
+        edge_frame = analysis.generation_frame([edge_root])
+        frame_with_edge = pd.concat([frame, edge_frame[edge_frame["role"] == "student"]], ignore_index=True)
+    else:
+        frame_with_edge = frame
     # Repetition is computed from the outputs' text (results.per_example_generation), per prompt.
     repetition_metric = "gen_greedy/repetition"
     levels = analysis.generation_references(frame, [repetition_metric]) if not frame.empty else {}
-    per_run = (analysis.generation_runs(frame, ["lmbda", "learning_rate"]).set_index("run")
+    per_run = (analysis.generation_runs(frame_with_edge, ["lmbda", "learning_rate"]).set_index("run")
                if not frame.empty else pd.DataFrame())
     rows = {}
     for role in ("teacher", "ptq"):
@@ -521,10 +533,12 @@ def _generation_pilot() -> str:
         if not part.empty:
             rep = levels.get(analysis.REFERENCE_NAMES[role], {}).get(repetition_metric)
             rows[role if role == "teacher" else "RTN PTQ"] = [*(num(part[c].mean(), 3) for c in columns), num(rep, 2)]
-    for _, run in students.sort_values(["lmbda", "learning_rate"]).iterrows():
+    shown = pd.concat([students.assign(edge=False), edge.assign(edge=True)], ignore_index=True)
+    for _, run in shown.sort_values(["lmbda", "learning_rate"]).iterrows():
         rep = per_run[repetition_metric].get(run["run"]) if repetition_metric in per_run else None
-        rows[f"student λ={num(run['lmbda'], 0)}, lr {run['learning_rate']:g}"] = [
-            *(num(run[c], 3) for c in columns), num(rep, 2)]
+        mark = " (added later)" if run["edge"] else ""
+        rows[f"student λ={num(run['lmbda'], 0)}, lr {run['learning_rate']:g}{mark}"] = [
+            *(num(run[c] if c in run else None, 3) for c in columns), num(rep, 2)]
     repetition = analysis.GENERATION_NAMES[repetition_metric].replace(", greedy outputs", "")
     table = pd.DataFrame.from_dict(rows, orient="index", columns=[*(names[c] for c in columns), repetition])
     runs = sorted(p.name for p in root.glob(f"*/{Run.EVAL}"))
@@ -540,6 +554,18 @@ def _generation_pilot() -> str:
     differs = (f" Without the tie rule, ROUGE-L alone would choose {rates(plain)}."
                if not plain.empty and rates(plain) != chosen else "")
     complete = not choice.empty and bool((choice.groupby("lmbda").size() >= 3).all())
+    edge_text = ""
+    if not edge.empty:
+        with_edge = rates(analysis.rate_choice(pd.concat([students, edge], ignore_index=True), tolerance=tolerance))
+        planned = _planned_runs(edge_root)
+        edge_text = (
+            f"\n\n**The grid extended below its lowest rate** (`outputs/{GEN_PILOT_EDGE}/`, "
+            f"{len(edge)} of its {planned} runs evaluated; rate "
+            f"{', '.join(f'{r:g}' for r in sorted(edge['learning_rate'].unique()))}, the pilot's settings, seed and "
+            "prompts; run after the study began, so it checks the study's rate rather than choosing it, and the "
+            "tie tolerance and the power figures below stay the pilot's own). The same rule over every rate in "
+            f"the table chooses {with_edge}" + (" — the rates the study uses." if with_edge == chosen else
+                                                 f", not the study's {chosen}.") + " Rows marked *added later*.")
     power = analysis.generation_power(frame)
     power_rows = {analysis.GENERATION_NAMES.get(r["metric"], r["metric"]): [
         r["prompts"], num(r["teacher"], 3), num(r["ptq"], 3),
@@ -553,7 +579,8 @@ def _generation_pilot() -> str:
             "Greedy outputs on the generation evaluation's *validation* prompts (never the study's test slice), "
             f"{analysis.GENERATION_WEIGHTING}; one seed per cell, so no interval. Rates chosen by greedy ROUGE-L, "
             "rates within its minimum detectable difference of the best counting as tied and the teacher's NLL "
-            f"choosing among those (`analysis.rate_choice` with `analysis.rate_tolerance`): {chosen}.{differs}\n\n"
+            f"choosing among those (`analysis.rate_choice` with `analysis.rate_tolerance`): {chosen}.{differs}"
+            f"{edge_text}\n\n"
             + markdown_table(table) + "\n\n"
             + ("What each metric can resolve (`analysis.generation_power`): the teacher-to-PTQ gap with its "
                "paired 95% interval over these prompts, and the smallest paired student-vs-student difference "
@@ -779,7 +806,7 @@ def section_generation(figures: Path | None = None) -> str:
         parts.append(bf16)
     if GEN_PILOT in found:
         parts.append(_generation_pilot())
-    others = [f for f in found if f not in (GEN_PILOT, GEN_STUDY)]
+    others = [f for f in found if f not in (GEN_PILOT, GEN_PILOT_EDGE, GEN_STUDY, BF16_TWIN)]
     if others:
         parts.append("Other generation studies: " + ", ".join(f"`{f}`" for f in others)
                      + "; their analyses are in their own directories.\n")

@@ -167,3 +167,45 @@ def test_numbers_are_formatted_without_false_precision():
     assert report.difference(row) == "+0.0015 [-0.0220, +0.0223] [-0.0340, +0.0370]"
     assert report.difference({**row, "ci_low": np.nan}) == "+0.00149 (no seed replication: no interval)"
     assert report.num(9.09e7, sign=True) == "+9.09 × 10^7"
+
+
+def _edge_copy(tmp_path: Path, rouge_shift: float, nll_shift: float) -> Path:
+    """The pilot's outputs plus a made-up grid extension: its λ=1 run at 3e-5 relabelled 1e-5, its greedy
+    summary moved by the shifts (the per-prompt values, which the tolerance reads, left as they are)."""
+    import shutil
+
+    outputs = tmp_path / "outputs"
+    shutil.copytree(OUTPUTS / report.GEN_PILOT, outputs / report.GEN_PILOT)
+    edge = outputs / report.GEN_PILOT_EDGE
+    run = edge / "lmbda-1"
+    shutil.copytree(OUTPUTS / report.GEN_PILOT / "lr-3e-05_lmbda-1", run)
+    config = json.loads((run / "config.json").read_text())
+    config["train"]["learning_rate"] = 1e-5
+    (run / "config.json").write_text(json.dumps(config))
+    evaluation = json.loads((run / "eval.json").read_text())
+    summary = evaluation["student"]["generation"]["greedy"]["summary"]["all"]
+    summary["rouge_l"]["mean"] += rouge_shift
+    summary["teacher_nll"]["mean"] += nll_shift
+    (run / "eval.json").write_text(json.dumps(evaluation))
+    manifest = json.loads((outputs / report.GEN_PILOT / "sweep.json").read_text())
+    runs = {"lmbda-1": {**manifest["runs"]["lr-3e-05_lmbda-1"]}, "lmbda-0": {**manifest["runs"]["lr-3e-05_lmbda-0"]}}
+    (edge / "sweep.json").write_text(json.dumps({**manifest, "name": report.GEN_PILOT_EDGE, "runs": runs}))
+    return outputs
+
+
+@pytest.mark.parametrize(("rouge_shift", "nll_shift", "verdict"), [
+    (0.0, 0.05, "— the rates the study uses."),  # ROUGE-L tied with 3e-5, the teacher's NLL worse: 3e-5 stays
+    (0.2, -0.2, "λ=1: 1e-05, not the study's"),  # better on both criteria, beyond any tie: the rule moves
+])
+def test_the_pilots_grid_extension_is_read_by_the_pilots_own_rule(tmp_path, monkeypatch, rouge_shift, nll_shift,
+                                                                 verdict):
+    monkeypatch.setattr(report, "OUTPUTS", _edge_copy(tmp_path, rouge_shift, nll_shift))
+    text = report._generation_pilot()
+    assert "student λ=1, lr 1e-05 (added later)" in text
+    assert "1 of its 2 runs evaluated" in text
+    assert verdict in text
+    # The tolerance and the power table stay the pilot's own: the extension does not move them.
+    power = text[text.index("What each metric can resolve"):]
+    monkeypatch.setattr(report, "OUTPUTS", OUTPUTS)
+    plain = report._generation_pilot()
+    assert power == plain[plain.index("What each metric can resolve"):]
