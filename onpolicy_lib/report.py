@@ -684,6 +684,16 @@ def _generation_study(figures: Path | None = None) -> str:
     resolved = compared[compared["resolved"]] if not compared.empty else pd.DataFrame(columns=["metric", "comparison"])
     found = sorted({f"{names.get(m, NAMES.get(m, m))} ({c})"
                     for m, c in zip(resolved["metric"], resolved["comparison"], strict=True)})
+    # Where the two intervals disagree: what a reader would otherwise find by scanning the table's cells.
+    halfway = {}
+    for _, r in (compared[~compared["resolved"]].iterrows() if not compared.empty else []):
+        boot = analysis.excludes_zero(r["ci_low"], r["ci_high"])
+        seed = analysis.excludes_zero(r["seed_low"], r["seed_high"])
+        if boot != seed:
+            halfway.setdefault("bootstrap" if boot else "seed-level", {}).setdefault(r["comparison"], []).append(
+                names.get(r["metric"], NAMES.get(r["metric"], r["metric"])))
+    halfway_text = " ".join(f"In {c}, only the {which} interval excludes zero, for: {'; '.join(items)}."
+                            for which, by_pair in halfway.items() for c, items in by_pair.items())
 
     cost_rows = {}
     for (lmbda, steps), part in arms:
@@ -722,6 +732,7 @@ def _generation_study(figures: Path | None = None) -> str:
         comparisons_text += "No pair of arms that differ in λ is evaluated yet.\n\n"
     else:
         comparisons_text += (("None is resolved." if resolved.empty else f"Resolved: {'; '.join(found)}.")
+                             + (f" {halfway_text}" if halfway_text else "")
                              + "\n\n" + markdown_table(diff_table) + "\n\n")
     cost_text = ("What each arm cost (mean over its seeds; FLOPs counted from the model's shapes and the tokens "
                  "processed, so they compare across CPUs; wall times compare only within one CPU type, "

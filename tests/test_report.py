@@ -209,3 +209,39 @@ def test_the_pilots_grid_extension_is_read_by_the_pilots_own_rule(tmp_path, monk
     monkeypatch.setattr(report, "OUTPUTS", OUTPUTS)
     plain = report._generation_pilot()
     assert power == plain[plain.index("What each metric can resolve"):]
+
+
+def test_the_generation_studys_half_excluded_differences_are_listed_from_its_table(text):
+    # The sentence naming where only one interval excludes zero says what the table's cells say, no more
+    # (a bound shown as zero is ambiguous at the printed precision: it may be listed or not).
+    generation = section(text, 10)
+    begin = generation.index("### The study")
+    study = generation[begin:generation.index("\n### ", begin + 1)]
+    header = next(line for line in study.splitlines() if line.startswith("|  | λ=1"))
+    pairs = [p.strip() for p in header.strip().strip("|").split("|")][1:]
+    strict: dict[tuple[str, str], set[str]] = {}
+    ambiguous: dict[tuple[str, str], set[str]] = {}
+    for line in study[study.index(header):].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        label, *row = [p.strip() for p in line.strip().strip("|").split("|")]
+        for pair, cell in zip(pairs, row, strict=True):
+            values = numbers(cell)
+            if len(values) < 5:
+                continue
+            boot, seed = values[1:3], values[3:5]
+            boot_out, seed_out = boot[0] > 0 or boot[1] < 0, seed[0] > 0 or seed[1] < 0
+            unclear = 0.0 in boot or 0.0 in seed
+            for which in ("bootstrap", "seed-level"):
+                one_sided = boot_out and not seed_out if which == "bootstrap" else seed_out and not boot_out
+                if one_sided and not unclear:
+                    strict.setdefault((which, pair), set()).add(label)
+                elif unclear:
+                    ambiguous.setdefault((which, pair), set()).add(label)
+    for which in ("bootstrap", "seed-level"):
+        for pair in pairs:
+            sentence = re.search(rf"In {re.escape(pair)}, only the {which} interval excludes zero, for: ([^.]*)\.",
+                                 study)
+            listed = set(sentence.group(1).split("; ")) if sentence else set()
+            assert strict.get((which, pair), set()) <= listed <= (strict.get((which, pair), set())
+                                                                   | ambiguous.get((which, pair), set()))
