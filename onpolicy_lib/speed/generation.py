@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +36,8 @@ from onpolicy_lib.cpu_threads import busy_seconds
 from onpolicy_lib.generation import GenerationStats, encode_prompts, generate_ids
 from onpolicy_lib.speed.hardware import weight_bytes
 from onpolicy_lib.speed.timing import CONTENDED_OTHERS, sync
+
+TARGET_BATCHED_ROOFLINE = 2.0  # batched generation's decode steps over their roofline
 
 
 @dataclass(frozen=True)
@@ -204,17 +208,23 @@ def measure_generation(model: torch.nn.Module, tokenizer: Any, prompts: Sequence
             row |= {"generate_wall_s": seconds, "generate_tokens_per_s": tokens / seconds}
         figures["by_batch_size"][str(batch_size)] = row
         if verbose:
-            line = (f"batch {batch_size:>3}: {len(subset)} prompts (mean {row['mean_prompt_tokens']:.0f} tokens), "
-                    f"{row['generated_tokens']} tokens in {wall:.1f} s = {row['tokens_per_s']:.1f} tok/s; decode "
-                    f"{row['decode_tokens_per_s']:.1f} tok/s vs roofline {row['roofline_decode_tokens_per_s']:.1f}: "
-                    f"{row['decode_over_roofline']:.2f}x (target <= 2); with prefill {row['total_over_roofline']:.2f}x")
-            if row["others_cores"] is not None:
-                line += f"; other processes {row['others_cores']:.2f} cores"
-                line += " (contended!)" if row["others_cores"] > CONTENDED_OTHERS else ""
-            if compare_generate:
-                line += f"; model.generate {row['generate_tokens_per_s']:.1f} tok/s"
-            print(line, flush=True)
+            print(format_row(batch_size, row), flush=True)
     return figures
+
+
+def format_row(batch_size: int | str, row: dict[str, Any]) -> str:
+    """One batch size's line of the printed report."""
+    line = (f"batch {int(batch_size):>3}: {row['prompts']} prompts (mean {row['mean_prompt_tokens']:.0f} tokens), "
+            f"{row['generated_tokens']} tokens in {row['wall_s']:.1f} s = {row['tokens_per_s']:.1f} tok/s; decode "
+            f"{row['decode_tokens_per_s']:.1f} tok/s vs roofline {row['roofline_decode_tokens_per_s']:.1f}: "
+            f"{row['decode_over_roofline']:.2f}x (target <= {TARGET_BATCHED_ROOFLINE:g}); with prefill "
+            f"{row['total_over_roofline']:.2f}x")
+    if row["others_cores"] is not None:
+        line += f"; other processes {row['others_cores']:.2f} cores"
+        line += " (contended!)" if row["others_cores"] > CONTENDED_OTHERS else ""
+    if "generate_tokens_per_s" in row:
+        line += f"; model.generate {row['generate_tokens_per_s']:.1f} tok/s"
+    return line
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -224,6 +234,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from onpolicy_lib.metrics import machine_description
     from onpolicy_lib.models import load_model, load_tokenizer
     from onpolicy_lib.speed.hardware import ceilings
+    from onpolicy_lib.speed.report import free_stem, report_stem
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=PACKAGED_MODEL)
@@ -235,6 +246,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--compare-generate", action="store_true", help="also time model.generate")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--report-dir", help="also write generation-<cpu>-<date>.txt and .json here (never "
+                        "over an earlier report: a later one the same day gets -2, -3, ...)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -244,8 +257,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _, heldout = data.load_chat_dataset(data.OFFLINE_MIXTURE)
     chats = [m[:-1] for m in data.stratified_sample(heldout, args.prompts)["messages"]]
     limits = ceilings(device)
-    print(f"{machine_description(device)}; {torch.get_num_threads()} threads; read {limits['read_gb_s']:.1f} GB/s, "
-          f"GEMM fp32 {limits['gemm_fp32_gflops']:.0f} GFLOP/s", flush=True)
+    header = (f"{machine_description(device)}; {torch.get_num_threads()} threads; read {limits['read_gb_s']:.1f} "
+              f"GB/s, GEMM fp32 {limits['gemm_fp32_gflops']:.0f} GFLOP/s")
+    print(header, flush=True)
     figures = measure_generation(model, tokenizer, chats, batch_sizes=args.batch_sizes,
                                  max_new_tokens=args.max_new_tokens, bandwidth_gbs=limits["read_gb_s"],
                                  gemm_gflops=limits["gemm_fp32_gflops"], batches=args.batches,
@@ -255,6 +269,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=1)
+    if args.report_dir:
+        command = "python -m onpolicy_lib.speed.generation " + " ".join(argv if argv is not None else sys.argv[1:])
+        text = "\n".join([command, header, *(format_row(b, row) for b, row in figures["by_batch_size"].items())])
+        stem = free_stem(Path(args.report_dir), report_stem(figures["machine"], kind="generation"))
+        stem.with_suffix(".json").write_text(json.dumps(figures, indent=1))
+        stem.with_suffix(".txt").write_text(text + "\n")
+        print(f"written: {stem}.txt and .json", flush=True)
     return figures
 
 

@@ -33,9 +33,9 @@ def cpu_slug(machine: str) -> str:
     return (slug or "cpu") + (f"-f{numbers.group(1)}m{numbers.group(2)}" if numbers else "")
 
 
-def report_stem(machine: str, date: datetime.date | None = None) -> str:
-    """``speed-<cpu>-<date>``: benchmark reports carry the machine in their names."""
-    return f"speed-{cpu_slug(machine)}-{(date or datetime.date.today()).isoformat()}"
+def report_stem(machine: str, date: datetime.date | None = None, kind: str = "speed") -> str:
+    """``<kind>-<cpu>-<date>``: benchmark reports carry the machine in their names."""
+    return f"{kind}-{cpu_slug(machine)}-{(date or datetime.date.today()).isoformat()}"
 
 
 def free_stem(directory: Path, stem: str) -> Path:
