@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import textwrap
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -282,10 +282,12 @@ def plot_against(w: pd.DataFrame, x: str, ys: dict[str, str], hue: str = "lmbda"
 
 
 def plot_arms(runs: pd.DataFrame, metrics: dict[str, str], references: dict[str, dict[str, float]] | None = None,
-              arm: str = "arm", title: str = "") -> plt.Figure:
+              arm: str = "arm", title: str = "",
+              lower_is_better: Callable[[str], bool] | None = None) -> plt.Figure:
     """One panel per metric: each run of each arm a point (its seed), the arm's mean a bar across its points,
     ``references`` ({label: {metric: value}}: the teacher, PTQ) dashed lines. ``runs``: one row per run with
-    ``arm`` (its label, λ read from it for its colour) and the metrics' columns."""
+    ``arm`` (its label, λ read from it for its colour) and the metrics' columns. ``lower_is_better`` (for
+    example :func:`onpolicy_lib.analysis.lower_is_better`) titles each panel with its direction."""
     shown = [m for m in metrics if m in runs]
     order = list(dict.fromkeys(runs[arm]))  # the caller's order
     width = max(3.6, 0.55 * len(order) + 1.2)
@@ -301,6 +303,8 @@ def plot_arms(runs: pd.DataFrame, metrics: dict[str, str], references: dict[str,
         _reference_lines(ax, metric, references)
         ax.set_xticks(range(len(order)), [o.replace(", ", "\n") for o in order], fontsize=8)
         ax.set(ylabel=metrics[metric], xlim=(-0.6, len(order) - 0.4))
+        if lower_is_better is not None:
+            ax.set_title(f"{'lower' if lower_is_better(metric) else 'higher'} is better", fontsize=8)
     legend = _panel_legend(axes[0])
     if legend:
         fig.legend(list(legend.values()), list(legend), loc="upper left", bbox_to_anchor=(1.0, 0.9), fontsize=8)

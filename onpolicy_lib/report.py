@@ -710,7 +710,8 @@ def _generation_study(figures: Path | None = None) -> str:
         panel = {m: names[m] for m in ("gen_greedy/teacher_nll", "gen_greedy/rouge_l", "gen_greedy/repetition",
                                         "gen_sampled/teacher_nll") if m in metrics}
         references = analysis.generation_references(peg, list(panel))
-        shown = figure(plots.plot_arms(runs, panel, references, title="generation quality by arm (points: seeds)"),
+        shown = figure(plots.plot_arms(runs, panel, references, title="generation quality by arm (points: seeds)",
+                                       lower_is_better=analysis.lower_is_better),
                        figures, "generation_arms") + "\n\n"
     state = "complete" if planned and len(students) >= planned else (
         f"in progress: {len(students)} of its {planned} runs evaluated")

@@ -287,3 +287,13 @@ def test_a_comparison_without_seed_replication_draws_no_interval():
     assert not ax.collections and not ax.containers  # no error bars
     markers = [line for line in ax.get_lines() if line.get_marker() == "o"]
     assert len(markers) == 1 and markers[0].get_markerfacecolor() == "white"
+
+
+def test_arm_panels_say_which_direction_is_better():
+    runs = pd.DataFrame({"arm": ["λ=0, 100 steps", "λ=0, 100 steps", "λ=1, 100 steps"],
+                         "gen_greedy/teacher_nll": [0.4, 0.42, 0.39], "gen_greedy/rouge_l": [0.19, 0.2, 0.21]})
+    panel = {"gen_greedy/teacher_nll": "teacher NLL", "gen_greedy/rouge_l": "ROUGE-L"}
+    fig = plots.plot_arms(runs, panel, {"teacher": {"gen_greedy/teacher_nll": 0.3}},
+                          lower_is_better=analysis.lower_is_better)
+    assert [ax.get_title() for ax in fig.axes] == ["lower is better", "higher is better"]
+    assert [ax.get_title() for ax in plots.plot_arms(runs, panel).axes] == ["", ""]  # no direction unless asked
