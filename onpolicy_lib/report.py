@@ -500,13 +500,18 @@ GEN_COLUMNS = ("gen_greedy/rouge_l", "gen_greedy/teacher_nll", "gen_greedy/corre
                "gen_greedy/hit_cap")
 
 
+def _generation_evaluated(root: Path) -> pd.DataFrame:
+    """The wide rows (students and baselines) of ``root``'s runs with greedy generation figures."""
+    w = results.wide(results.collect([root]))
+    present = [c for c in GEN_COLUMNS if c in w]
+    return w[w[present].notna().any(axis=1)] if present else w[:0]
+
+
 def _generation_pilot() -> str:
     """The learning-rate pilot: each run's greedy quality beside the teacher and PTQ, the rate chosen per λ,
     and what each metric can resolve at the pilot's prompts."""
     root = OUTPUTS / GEN_PILOT
-    w = results.wide(results.collect([root]))
-    present = [c for c in GEN_COLUMNS if c in w]
-    evaluated = w[w[present].notna().any(axis=1)] if present else w[:0]
+    evaluated = _generation_evaluated(root)
     students = evaluated[evaluated["role"] == "student"]
     columns = [c for c in GEN_COLUMNS if c in evaluated]
     names = {c: analysis.GENERATION_NAMES[c].replace(", greedy outputs", "") for c in columns}
@@ -516,8 +521,8 @@ def _generation_pilot() -> str:
     edge_root = OUTPUTS / GEN_PILOT_EDGE
     edge = pd.DataFrame()
     if any(edge_root.glob(f"*/{Run.EVAL}")):
-        ew = results.wide(results.collect([edge_root]))
-        edge = ew[(ew["role"] == "student") & ew[[c for c in columns if c in ew]].notna().any(axis=1)]
+        edge = _generation_evaluated(edge_root)
+        edge = edge[edge["role"] == "student"]
         edge_frame = analysis.generation_frame([edge_root])
         frame_with_edge = pd.concat([frame, edge_frame[edge_frame["role"] == "student"]], ignore_index=True)
     else:

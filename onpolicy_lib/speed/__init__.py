@@ -68,7 +68,7 @@ from onpolicy_lib.speed.contention import busy_core_figures
 from onpolicy_lib.speed.evaluation import eval_config, evaluation_figures
 from onpolicy_lib.speed.hardware import DECODE_FORMS, ceilings, compiled_decode_step, decode_step, weight_bytes
 from onpolicy_lib.speed.long_rollouts import long_rollout_figures
-from onpolicy_lib.speed.report import format_report, free_stem, ratios, report_stem
+from onpolicy_lib.speed.report import format_report, ratios, report_stem, write_report
 from onpolicy_lib.speed.settings import SpeedSettings, parse_args
 from onpolicy_lib.speed.timing import Timing, load_average, release
 from onpolicy_lib.student import build_student
@@ -254,8 +254,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=2))
     if settings.report_dir:
-        stem = free_stem(Path(settings.report_dir), report_stem(results["machine"]))
-        stem.with_suffix(".json").write_text(json.dumps(results, indent=2))
-        stem.with_suffix(".txt").write_text(text + "\n")
-        print(f"written: {stem}.txt and .json", flush=True)
+        write_report(Path(settings.report_dir), report_stem(results["machine"]), results, text)
     return results

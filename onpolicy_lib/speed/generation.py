@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from onpolicy_lib.metrics import machine_description
     from onpolicy_lib.models import load_model, load_tokenizer
     from onpolicy_lib.speed.hardware import ceilings
-    from onpolicy_lib.speed.report import free_stem, report_stem
+    from onpolicy_lib.speed.report import report_stem, write_report
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=PACKAGED_MODEL)
@@ -272,10 +272,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.report_dir:
         command = "python -m onpolicy_lib.speed.generation " + " ".join(argv if argv is not None else sys.argv[1:])
         text = "\n".join([command, header, *(format_row(b, row) for b, row in figures["by_batch_size"].items())])
-        stem = free_stem(Path(args.report_dir), report_stem(figures["machine"], kind="generation"))
-        stem.with_suffix(".json").write_text(json.dumps(figures, indent=1))
-        stem.with_suffix(".txt").write_text(text + "\n")
-        print(f"written: {stem}.txt and .json", flush=True)
+        write_report(Path(args.report_dir), report_stem(figures["machine"], kind="generation"), figures, text)
     return figures
 
 

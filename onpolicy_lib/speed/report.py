@@ -7,6 +7,7 @@ rendered by one small table formatter, :func:`format_table`.
 from __future__ import annotations
 
 import datetime
+import json
 import operator
 import re
 from collections.abc import Callable, Sequence
@@ -36,6 +37,16 @@ def cpu_slug(machine: str) -> str:
 def report_stem(machine: str, date: datetime.date | None = None, kind: str = "speed") -> str:
     """``<kind>-<cpu>-<date>``: benchmark reports carry the machine in their names."""
     return f"{kind}-{cpu_slug(machine)}-{(date or datetime.date.today()).isoformat()}"
+
+
+def write_report(directory: Path, stem: str, figures: dict[str, Any], text: str) -> Path:
+    """``figures`` as ``<stem>.json`` and ``text`` as ``<stem>.txt`` under ``directory`` (:func:`free_stem`:
+    never over an earlier report); returns the stem written."""
+    path = free_stem(directory, stem)
+    path.with_suffix(".json").write_text(json.dumps(figures, indent=2))
+    path.with_suffix(".txt").write_text(text + "\n")
+    print(f"written: {path}.txt and .json", flush=True)
+    return path
 
 
 def free_stem(directory: Path, stem: str) -> Path:
