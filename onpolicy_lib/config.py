@@ -148,9 +148,9 @@ class TrainConfig(_Params):
                                "float32 (exact) or bfloat16 (opt-in, another policy within bf16 rounding; never "
                                "chosen by auto)", short="rolldt")
     rollout_matmul: str = param("auto", "how the student's rollout decode steps multiply by its weights: auto (the "
-                                "faster of the two on this machine, measured once and cached), linear (F.linear, "
-                                "exact) or weight_major (weight @ x^T, another CPU kernel; the same policy within "
-                                "float rounding)", short="rollmm")
+                                "fastest on this machine, measured once and cached), linear (F.linear, exact), "
+                                "weight_major (weight @ x^T) or packed (weights reordered once per rollout for "
+                                "oneDNN): other CPU kernels, the same policy within float rounding", short="rollmm")
     rollout_compile: bool | str = param("auto", "compile the student's rollout decode step: auto (only where the "
                                         "run's rollouts earn back the compile, measured), True or False. A static "
                                         "KV cache per batch and one torch.compile'd step on an in-place copy of the "

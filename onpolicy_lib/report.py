@@ -192,6 +192,33 @@ def _short_machine(machine: str) -> str:
     return f"{found.group(1)} {found.group(2)}/{found.group(3)}" if found else machine.split(",")[0]
 
 
+def _run_machine(run_dir: str) -> str:
+    """The CPU type a run trained on (its ``config.json``), short form; "unknown" where not recorded."""
+    path = PROJECT_ROOT / run_dir / Run.CONFIG
+    machine = json.loads(path.read_text()).get("machine") if path.is_file() else None
+    return _short_machine(machine) if machine else "unknown"
+
+
+def _seeds_by_machine(runs: pd.DataFrame) -> str:
+    """"Xeon 6/167 (seeds 1-4), EPYC 26/2 (seed 5)": which seeds ran on which CPU type."""
+    parts = []
+    for cpu, part in runs.groupby("cpu", sort=True):
+        seeds = sorted({int(s) for s in part["seed"]})
+        parts.append(f"{cpu} (seed{'s' * (len(seeds) > 1)} {_span(seeds)})")
+    return ", ".join(parts)
+
+
+def _span(values: list[int]) -> str:
+    """[1, 2, 3, 5] -> "1–3, 5"."""
+    groups: list[list[int]] = []
+    for v in values:
+        if groups and v == groups[-1][-1] + 1:
+            groups[-1].append(v)
+        else:
+            groups.append([v])
+    return ", ".join(f"{g[0]}–{g[-1]}" if len(g) > 2 else ", ".join(map(str, g)) for g in groups)
+
+
 def _perplexity_tokens(name: str) -> str:
     tokens = {json.loads(p.read_text())["student"]["perplexity"].get("tokens_scored")
               for r in ROOTS[name][0] for p in sorted((OUTPUTS / r).glob("*/eval.json"))}
@@ -649,7 +676,9 @@ def _generation_study(figures: Path | None = None) -> str:
     prompts = int(peg[peg["role"] == "student"]["id"].nunique())
     config = json.loads(sorted(root.glob(f"*/{Run.CONFIG}"))[0].read_text())
     settings = config.get("train", {})
-    machines = sorted({_short_machine(m) for m in _machines(GEN_STUDY)})
+    # Wall times compare only within one CPU type, so each run's type travels with it.
+    students = students.assign(cpu=[_run_machine(d) for d in students["run_dir"]])
+    machines = sorted(students["cpu"].unique())
     # Each run's per-prompt means: the weighting of every generation number here, text metrics included.
     runs = analysis.generation_runs(peg[peg["run"].isin(students["run"])], ["lmbda", "max_steps"])
     metrics = [m for m in GEN_STUDY_METRICS if m in runs]
@@ -700,13 +729,18 @@ def _generation_study(figures: Path | None = None) -> str:
     halfway_text = " ".join(f"In {c}, only the {which} interval excludes zero, for: {'; '.join(items)}."
                             for which, by_pair in halfway.items() for c, items in by_pair.items())
 
-    cost_rows = {}
-    for (lmbda, steps), part in arms:
-        cost_rows[_arm({"lmbda": lmbda, "max_steps": steps})] = [
-            num(part[c].mean(), 3) if c in part and part[c].notna().any() else "–" for c in GEN_COST]
+    def mean_of(part: pd.DataFrame, column: str) -> str:
+        known = part[column].dropna() if column in part else pd.Series(dtype=float)
+        return f"{num(known.mean(), 3)} ({len(known)})" if len(known) else "–"
+
+    # Counts over every seed; times (mean over the runs, how many in brackets) within one CPU type each.
+    counted, timed = GEN_COST[:3], GEN_COST[3:]
+    cost_rows = {_arm({"lmbda": lmbda, "max_steps": steps}): [
+        *(num(part[c].mean(), 3) if c in part and part[c].notna().any() else "–" for c in counted),
+        *(mean_of(part[part["cpu"] == cpu], c) for cpu in machines for c in timed)] for (lmbda, steps), part in arms}
     cost_table = pd.DataFrame.from_dict(cost_rows, orient="index", columns=[
-        "training FLOPs (generation included)", "tokens trained on", "tokens generated", "median step (s)",
-        "training wall time (s)"])
+        "training FLOPs (generation included)", "tokens trained on", "tokens generated",
+        *(f"{what}, {cpu}" for cpu in machines for what in ("median step (s)", "training wall time (s)"))])
 
     shown = ""
     if figures is not None:
@@ -727,7 +761,7 @@ def _generation_study(figures: Path | None = None) -> str:
              f"{settings.get('max_new_tokens')} tokens, `max_length` {settings.get('max_length')}. Each student's "
              f"greedy and sampled (temperature {settings.get('temperature'):g}) outputs on {prompts} *test* "
              f"prompts, beside the teacher and RTN PTQ; {analysis.GENERATION_WEIGHTING}; mean ± sd over seeds. "
-             f"CPU: {', '.join(machines)}.\n\n")
+             f"CPU: {_seeds_by_machine(students)}.\n\n")
     gaps_text = ("Share of the teacher-to-PTQ gap each arm recovers (1: the teacher; 0: no better than PTQ; mean ± "
                  "sd over seeds):\n\n" + markdown_table(gap_table) + "\n\n")
     comparisons_text = ("The λ comparisons, later arm minus earlier, step-matched (both at the same steps) and "
@@ -740,10 +774,10 @@ def _generation_study(figures: Path | None = None) -> str:
         comparisons_text += (("None is resolved." if resolved.empty else f"Resolved: {'; '.join(found)}.")
                              + (f" {halfway_text}" if halfway_text else "")
                              + "\n\n" + markdown_table(diff_table) + "\n\n")
-    cost_text = ("What each arm cost (mean over its seeds; FLOPs counted from the model's shapes and the tokens "
-                 "processed, so they compare across CPUs; wall times compare only within one CPU type, "
-                 "and a run resumed "
-                 "from a checkpoint has none, its clock covering its last attempt only):\n\n"
+    cost_text = ("What each arm cost (FLOPs and tokens: mean over its seeds, counted from the model's shapes and "
+                 "the tokens processed, so they compare across CPUs; times: mean over the runs on each CPU type, "
+                 "their number in brackets, comparable only within one type; a run resumed "
+                 "from a checkpoint has no wall time, its clock covering its last attempt only):\n\n"
                  + markdown_table(cost_table) + "\n")
     return (intro + _design_power(prompts) + markdown_table(table) + "\n\n" + shown + gaps_text + comparisons_text
             + cost_text)

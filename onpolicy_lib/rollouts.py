@@ -4,8 +4,9 @@ Three options say how the student samples its rollouts (the training forward is 
 
 * ``rollout_dtype``: ``float32`` (exact) or ``bfloat16`` (opt-in: its weights cast once per rollout,
   :func:`cast_for_rollout`; the same policy within bf16 rounding);
-* ``rollout_matmul``: ``linear`` (``F.linear``, exact) or ``weight_major`` (a decode step's products as
-  ``W @ x^T``, :func:`weight_major_rollout`; another CPU kernel, the same policy within float rounding);
+* ``rollout_matmul``: ``linear`` (``F.linear``, exact), ``weight_major`` (a decode step's products as
+  ``W @ x^T``, :func:`weight_major_rollout`) or ``packed`` (each weight reordered once per rollout into
+  oneDNN's blocked layout, :func:`packed_rollout`): other CPU kernels, the same policy within float rounding;
 * ``rollout_compile``: a compiled, fixed-shape decode step on a copy of the student
   (:class:`~onpolicy_lib.compiled_rollouts.CompiledSampler`; within float rounding).
 
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 
 AUTO = "auto"
 DTYPES = (AUTO, "float32", "bfloat16")
-MATMULS = (AUTO, "linear", "weight_major")
+MATMULS = (AUTO, "linear", "weight_major", "packed")
 COMPILES = (AUTO, False, True)
 OPTIONS = ("rollout_dtype", "rollout_matmul", "rollout_compile")
 # The exact form's settings: what a run recorded without these options (written before they existed) ran with.
@@ -71,12 +72,12 @@ class RolloutForm:
     @property
     def key(self) -> str:
         """A short name: ``fp32``, ``fp32_wm``, ``fp32_compiled``, ``bf16_wm_compiled``, ..."""
-        return ({"float32": "fp32", "bfloat16": "bf16"}[self.dtype] + ("_wm" if self.matmul == "weight_major" else "")
+        return ({"float32": "fp32", "bfloat16": "bf16"}[self.dtype] + _MATMUL_KEYS[self.matmul]
                 + ("_compiled" if self.compiled else ""))
 
     @property
     def label(self) -> str:
-        parts = [f"{self.dtype} weights"] + (["weight-major"] if self.matmul == "weight_major" else []) + \
+        parts = [f"{self.dtype} weights"] + ([_MATMUL_LABELS[self.matmul]] if self.matmul != "linear" else []) + \
             (["compiled"] if self.compiled else [])
         return ", ".join(parts)
 
@@ -100,11 +101,22 @@ class RolloutForm:
         return cls(values["rollout_dtype"], values["rollout_matmul"], bool(values["rollout_compile"]))
 
 
+_MATMUL_KEYS = {"linear": "", "weight_major": "_wm", "packed": "_pk"}
+_MATMUL_LABELS = {"linear": "linear", "weight_major": "weight-major", "packed": "packed (oneDNN)"}
 EXACT = RolloutForm()
-# What ``auto`` chooses among (exact first): every fp32 form.
+# What ``auto`` chooses among (exact first): every fp32 form (packed ones where oneDNN is built in,
+# :func:`packed_available`; a compiled copy has no packed form).
 FP32_FORMS: tuple[RolloutForm, ...] = (
-    EXACT, RolloutForm(matmul="weight_major"), RolloutForm(compiled=True),
+    EXACT, RolloutForm(matmul="weight_major"), RolloutForm(matmul="packed"), RolloutForm(compiled=True),
     RolloutForm(matmul="weight_major", compiled=True))
+
+
+def packed_available() -> bool:
+    """Whether this torch build has oneDNN's packed linear (x86 and most CPU builds; checked, not assumed)."""
+    import torch
+
+    return bool(torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+                and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 # ---------------------------------------------------------------------------- validity
@@ -121,8 +133,12 @@ def check_options(rollout_dtype: Any, rollout_matmul: Any, rollout_compile: Any,
                                  f"layer by layer inside the forward, so there is no whole weight to cast), got "
                                  f"{rollout_dtype!r}")
     if fsdp and rollout_matmul not in (AUTO, "linear"):
-        raise RolloutOptionError(f"rollout_matmul must be linear with fsdp (the weight-major product is "
-                                 f"untested on gathered shards), got {rollout_matmul!r}")
+        raise RolloutOptionError(f"rollout_matmul must be linear with fsdp (the weight-major and packed products "
+                                 f"are untested on gathered shards), got {rollout_matmul!r}")
+    if rollout_matmul == "packed" and rollout_compile is True:
+        raise RolloutOptionError("rollout_matmul packed cannot be compiled (its weights are reordered once per "
+                                 "rollout, outside the compiled copy): set rollout_compile False or "
+                                 f"rollout_matmul linear or weight_major, got rollout_compile={rollout_compile!r}")
     if rollout_compile is True and (fsdp or lora_r is not None):
         raise RolloutOptionError("rollout_compile needs a plain quantization-aware student (it samples from a copy of "
                                  "the teacher's architecture holding the student's weights): set fsdp False and "
@@ -146,6 +162,8 @@ def candidates(settings: dict[str, Any], *, fsdp: bool = False, lora: bool = Fal
         if any(form.settings()[k] != v for k, v in explicit.items()):
             continue
         if fsdp and (form.matmul != "linear" or form.compiled):
+            continue
+        if form.matmul == "packed" and (form.dtype != "float32" or not packed_available()):
             continue
         if form.compiled and (lora or fsdp or (settings.get("rollout_compile", AUTO) == AUTO and
                                               (decode_steps or 0) < COMPILE_MIN_DECODE_STEPS)):
@@ -283,6 +301,65 @@ def weight_major_rollout(model: nn.Module) -> Iterator[nn.Module]:
             del mod.forward
 
 
+def packed_forward(mod: nn.Linear, weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``mod``'s forward with ``weight`` (its effective weight: fake-quantized where it is) reordered once into
+    oneDNN's blocked layout for a decode step's products; other inputs (a prefill) use ``F.linear`` on ``weight``.
+
+    A decode step multiplies a few rows by every weight: oneDNN's inner product on a pre-blocked weight reads it
+    at close to memory bandwidth on CPUs where the BLAS ``F.linear`` calls (and the weight-major product) do
+    not. Same products, another summation order: equal within float rounding.
+    """
+    import torch
+
+    packed: dict[int, torch.Tensor] = {}  # by rows: the layout is chosen for the batch (packed at its first step)
+    activation_quantizer = getattr(mod, "activation_fake_quantizer", None)
+    bias = mod.bias
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if activation_quantizer is not None:
+            x = activation_quantizer(x)
+        if x.dim() != 3 or x.shape[1] != 1 or x.dtype != weight.dtype or x.device.type != "cpu":
+            return torch.nn.functional.linear(x, weight, bias)
+        n = x.shape[0]
+        if n not in packed:
+            packed.clear()  # one batch size at a time: a rollout's rows stay the same until it ends
+            packed[n] = torch.ops.mkldnn._reorder_linear_weight(weight, n)
+        rows = x.reshape(n, x.shape[2]).contiguous()
+        return torch.ops.mkldnn._linear_pointwise(rows, packed[n], bias, "none", [], "").unsqueeze(1)
+
+    return forward
+
+
+@contextlib.contextmanager
+def packed_rollout(model: nn.Module) -> Iterator[nn.Module]:
+    """Every plain or fake-quantized Linear of ``model`` computes decode steps with its weight packed once
+    (:func:`packed_forward`) for the context's duration (rollouts only).
+
+    Each layer's effective weight is taken on entry (the fake-quantized one, or inside an on-policy step the
+    step's shared quantized weight) and must not change inside the context: a rollout samples one policy. A
+    layer that already has its own ``forward`` is left alone. On exit (also on exception) each layer's class
+    ``forward`` is back and the packed copies are freed.
+    """
+    import torch
+    from torch import nn
+    from torchao.quantization.qat.linear import FakeQuantizedLinear
+
+    patched: list[nn.Module] = []
+    try:
+        with torch.no_grad():
+            for mod in model.modules():
+                if type(mod) in (nn.Linear, FakeQuantizedLinear) and "forward" not in mod.__dict__:
+                    quantizer = getattr(mod, "weight_fake_quantizer", None)
+                    active = quantizer is not None and getattr(quantizer, "enabled", True)
+                    weight = quantizer(mod.weight) if active else mod.weight
+                    mod.forward = packed_forward(mod, weight.detach())
+                    patched.append(mod)
+        yield model
+    finally:
+        for mod in patched:
+            del mod.forward
+
+
 @contextlib.contextmanager
 def eager_form(model: nn.Module, form: RolloutForm, materialise: bool = False,
                autocast_dtype: torch.dtype | None = None) -> Iterator[nn.Module]:
@@ -307,6 +384,8 @@ def eager_form(model: nn.Module, form: RolloutForm, materialise: bool = False,
             stack.enter_context(cast_for_rollout(model, autocast_dtype, linear_only=True))
         if form.matmul == "weight_major":
             stack.enter_context(weight_major_rollout(model))
+        elif form.matmul == "packed":
+            stack.enter_context(packed_rollout(model))
         yield model
 
 

@@ -416,6 +416,78 @@ def test_weight_major_rollouts_reach_lora_students(tiny_model):
     assert not any("forward" in m.__dict__ for m in student.modules())
 
 
+needs_onednn = pytest.mark.skipif(not __import__("onpolicy_lib.rollouts").rollouts.packed_available(),
+                                  reason="this torch build has no oneDNN packed linear")
+
+
+@needs_onednn
+def test_packed_rollouts_sample_the_quantized_student_within_float_rounding(tmp_path, tokenizer, tiny_model,
+                                                                             monkeypatch):
+    """rollout_matmul='packed' changes only the kernel of the student's decode-step products (each weight
+    reordered once for oneDNN): its next-token distributions are the fake-quant forward's within float
+    rounding (the prefill's identical), greedy decoding gives generate's tokens, an on-policy step samples
+    through it, and parameters and forwards are untouched afterwards."""
+    from onpolicy_lib import rollouts
+    from onpolicy_lib.quantization import materialized_fake_quant
+
+    trainer = make_trainer(tmp_path, tokenizer, tiny_model, lmbda=1.0, beta=1.0, rollout_matmul="packed")
+    student = trainer.model.eval()
+    batch = first_batch(trainer)
+    params = {name: (p, p.detach().clone()) for name, p in student.named_parameters()}
+    tokens = torch.randint(4, tiny_model.config.vocab_size, (batch["prompt_ids"].shape[0], 6),
+                           generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exact = decode_logits(student, batch, tokens)
+        greedy = dict(input_ids=batch["prompt_ids"], attention_mask=batch["prompt_attention_mask"], do_sample=False,
+                      max_new_tokens=12, min_new_tokens=12, pad_token_id=tokenizer.pad_token_id)
+        with materialized_fake_quant(student):
+            reference = student.generate(**greedy)
+        # Without materialising first: the packed weights are the fake-quantized ones all the same.
+        with rollouts.packed_rollout(student):
+            patched = [m for m in student.modules() if "forward" in m.__dict__]
+            assert len(patched) == sum(isinstance(m, torch.nn.Linear) for m in student.modules())
+            fast = decode_logits(student, batch, tokens)
+            assert torch.equal(student.generate(**greedy), reference)
+    assert torch.equal(fast[0], exact[0])  # the prefill goes through F.linear
+    steps_exact, steps_fast = torch.cat(exact[1:]), torch.cat(fast[1:])
+    assert float((steps_fast - steps_exact).abs().max()) < 1e-4
+    assert float(kl(steps_exact, steps_fast).max()) < 1e-9
+    assert not any("forward" in m.__dict__ for m in student.modules())
+    for name, p in student.named_parameters():
+        assert p is params[name][0] and torch.equal(p, params[name][1]), name
+    packed = []
+    original = rollouts.packed_forward
+    monkeypatch.setattr(rollouts, "packed_forward", lambda mod, w: packed.append(mod) or original(mod, w))
+    seen = captured_step(trainer, batch)
+    assert trainer.stats["batches_on_policy"] == 1 and seen["input_ids"].shape[1] > batch["prompt_ids"].shape[1]
+    assert len(packed) == len(patched) and not any("forward" in m.__dict__ for m in student.modules())
+
+
+@needs_onednn
+def test_packed_rollouts_reach_lora_students(tiny_model):
+    """Under a peft LoRA wrapper the base layers and the adapters all take the packed product, within float
+    rounding of the plain forward, and get their own forward back on exit."""
+    from onpolicy_lib.rollouts import packed_rollout
+    from onpolicy_lib.student import build_student
+
+    student = build_student(tiny_model, "int4", GROUP, lora_r=4).eval()
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    ids = torch.randint(4, tiny_model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+    batch = {"prompt_ids": ids, "prompt_attention_mask": torch.ones_like(ids)}
+    tokens = torch.randint(4, tiny_model.config.vocab_size, (2, 4), generator=torch.Generator().manual_seed(2))
+    linears = sum(isinstance(m, torch.nn.Linear) for m in student.modules())
+    with torch.no_grad():
+        exact = torch.cat(decode_logits(student, batch, tokens)[1:])
+        with packed_rollout(student):
+            assert sum("forward" in m.__dict__ for m in student.modules()) == linears
+            fast = torch.cat(decode_logits(student, batch, tokens)[1:])
+    assert float((fast - exact).abs().max()) < 1e-4 and float(kl(exact, fast).max()) < 1e-9
+    assert not any("forward" in m.__dict__ for m in student.modules())
+
+
 def test_cakld_loss_is_its_definition_and_gamma_the_teachers_mean_confidence(tmp_path, tokenizer, tiny_model):
     """divergence='cakld': the loss is gamma * reverse + (1 - gamma) * forward KL on the scored tokens, and
     gamma is the teacher's mean probability of the training completions' tokens, computed directly here."""

@@ -13,16 +13,20 @@ from onpolicy_lib.config import ConfigError, TrainConfig
 from onpolicy_lib.rollouts import AUTO, EXACT, RolloutForm
 
 WM = RolloutForm(matmul="weight_major")
+PK = RolloutForm(matmul="packed")
+# The packed form is a candidate where this torch build has oneDNN (every x86 CPU wheel does).
+EAGER = [EXACT, WM, PK] if rollouts.packed_available() else [EXACT, WM]
 COMPILED = RolloutForm(compiled=True)
 AUTO_ALL = {"rollout_dtype": AUTO, "rollout_matmul": AUTO, "rollout_compile": AUTO}
 LONG = rollouts.COMPILE_MIN_DECODE_STEPS
 
 
 def test_candidates_follow_the_rules():
-    assert rollouts.candidates(AUTO_ALL, decode_steps=LONG) == list(rollouts.FP32_FORMS)
+    assert rollouts.candidates(AUTO_ALL, decode_steps=LONG) == [
+        f for f in rollouts.FP32_FORMS if f.matmul != "packed" or rollouts.packed_available()]
     # Short runs cannot earn a compile back: not measured, not chosen.
-    assert rollouts.candidates(AUTO_ALL, decode_steps=LONG - 1) == [EXACT, WM]
-    assert rollouts.candidates(AUTO_ALL, decode_steps=LONG, lora=True) == [EXACT, WM]
+    assert rollouts.candidates(AUTO_ALL, decode_steps=LONG - 1) == EAGER
+    assert rollouts.candidates(AUTO_ALL, decode_steps=LONG, lora=True) == EAGER
     assert rollouts.candidates(AUTO_ALL, decode_steps=LONG, fsdp=True) == [EXACT]
     # An explicit value narrows auto's choice, or forces a form outright.
     assert rollouts.candidates({**AUTO_ALL, "rollout_matmul": "linear"}, decode_steps=LONG) == [EXACT, COMPILED]
@@ -36,8 +40,10 @@ def test_candidates_follow_the_rules():
 
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"rollout_compile": "yes"}, r"^rollout_compile must be True, False or 'auto', got 'yes'$"),
-    ({"rollout_matmul": "fast"}, r"^rollout_matmul must be one of auto, linear, weight_major; got 'fast'$"),
+    ({"rollout_matmul": "fast"}, r"^rollout_matmul must be one of auto, linear, weight_major, packed; got 'fast'$"),
     ({"fsdp": True, "rollout_matmul": "weight_major"}, r"^rollout_matmul must be linear with fsdp"),
+    ({"fsdp": True, "rollout_matmul": "packed"}, r"^rollout_matmul must be linear with fsdp"),
+    ({"rollout_matmul": "packed", "rollout_compile": True}, r"^rollout_matmul packed cannot be compiled"),
     ({"rollout_compile": True, "lora_r": 8}, r"^rollout_compile needs a plain .*lora_r=8"),
 ])
 def test_config_refuses_what_cannot_run(overrides, message):
@@ -126,7 +132,7 @@ def test_measure_forms_times_each_form_and_checks_its_logits(tokenizer):
     teacher = make_model(len(tokenizer))
     student = prepare_qat(copy.deepcopy(teacher), "int4", 32).eval()
     probe = rollouts.DecodeProbe(rows=2, prompt_width=10, max_new_tokens=8, vocab_size=len(tokenizer), steps=3)
-    forms = [EXACT, WM, COMPILED]
+    forms = [*EAGER, COMPILED]
     measured = rollouts.measure_forms(forms, student, teacher, probe, backend=None)
     assert measured["fp32"]["max_logit_diff"] == 0.0
     for form in forms:

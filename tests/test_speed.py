@@ -25,6 +25,7 @@ from onpolicy_lib.batches import DistillCollator, position_ids_from_mask
 from onpolicy_lib.config import TrainConfig
 from onpolicy_lib.distill import DistillConfig, DistillTrainer
 from onpolicy_lib.quantization import fake_quantized_once, materialized_fake_quant, prepare_qat
+from onpolicy_lib.rollouts import packed_available
 from onpolicy_lib.speed import contenders, report
 from onpolicy_lib.speed.timing import Timing
 from onpolicy_lib.student import build_student
@@ -40,6 +41,7 @@ STEP_LABELS = [
     "(b) ours, lambda=0",
     "(b) ours, lambda=1",
     "    ours, lambda=1, bf16 rollouts (opt-in)",
+    "    ours, lambda=1, packed rollouts",
     "    ours, lambda=1, compiled rollouts (opt-in)",
     "    ours, lambda=0, bf16 autocast training (opt-in)",
     "    ours, lambda=1, bf16 autocast training (opt-in)",
@@ -54,6 +56,7 @@ GENERATION_LABELS = [
     "student, quantized once per step (our rollouts)",
     "  same, bf16 rollout (opt-in rollout_dtype)",
     "  same, weight-major decode (opt-in rollout_matmul)",
+    "  same, packed decode (rollout_matmul packed)",
     "  same, compiled weight-major decode (rollout_compile)",
     "student, materialised for the call alone",
     "student, fake-quant weights (stock TRL's)",
@@ -82,7 +85,8 @@ RATIO_LABELS = [
 TIMING_KEYS = {"floor", "floor_lambda1_shape", "optimizer", "ours_0", "ours_1", "ours_1_bf16", "ours_1_compiled",
                "ours_0_bf16train", "ours_1_bf16train", "trl_0", "trl_1",
                "trl_nockpt_0", "trl_nockpt_1", "gen_plain", "gen_student", "gen_student_bf16", "gen_student_wm",
-               "gen_student_compiled", "gen_materialised", "gen_fake_quant", "quantize_once"}
+               "gen_student_compiled", "gen_materialised", "gen_fake_quant", "quantize_once"} | (
+                   {"ours_1_packed", "gen_student_pk"} if packed_available() else set())
 
 
 def split_row(line: str) -> tuple[str, list[str]]:
@@ -105,7 +109,10 @@ def rows(printed: str) -> dict[str, list[str]]:
 def test_the_long_rollout_block_alone_and_the_report_named_for_the_cpu(tiny_model_dir, tiny_dataset_dir, tmp_path,
                                                                       capsys):
     """--skip-steps with the long-rollout block: λ=0 and λ=1 steps at its setting, the decode steps against
-    their roofline at the run's batch and larger ones; the report is written under the CPU's name."""
+    their roofline at the run's batch in each fp32 form and larger ones; the report is written under the CPU's
+    name."""
+    from onpolicy_lib import rollouts
+
     results = speed.main(["--model", str(tiny_model_dir), "--dataset", str(tiny_dataset_dir), "--group-size",
                           str(GROUP), "--max-length", "64", "--min-completion-tokens", "4", "--skip-steps",
                           "--skip-trl", "--skip-eval", "--skip-hardware", "--long-new-tokens", "6",
@@ -114,7 +121,11 @@ def test_the_long_rollout_block_alone_and_the_report_named_for_the_cpu(tiny_mode
     long = results["long_rollouts"]
     assert long["new_tokens"] == 6 and long["lambda1_over_lambda0"] > 0
     assert long["timings"]["ours_1"]["parts_median_s"]["rollout"] > 0
-    assert [d["rows"] for d in long["decode"]] == [2, 4, 8]
+    # The run's batch in each eager fp32 form this build has, then the larger batches in the fastest of them.
+    forms = ["linear", "weight_major", "packed"] if rollouts.packed_available() else ["linear", "weight_major"]
+    assert [(d["rows"], d["form"]) for d in long["decode"][:len(forms)]] == [(2, f) for f in forms]
+    assert [d["rows"] for d in long["decode"][len(forms):]] == [4, 8]
+    assert len({d["form"] for d in long["decode"][len(forms):]}) == 1
     # Each decode step is a difference of two timings: on a tiny model it may be within the timing noise, and
     # is then reported as not measured rather than as a number at or below zero.
     assert all(d["roofline_s"] > 0 for d in long["decode"])
@@ -283,6 +294,7 @@ def fake_results(skip_trl: bool = False, contended: str | None = None) -> dict:
                "ours_1_bf16": 1.6, "ours_1_compiled": 1.5, "ours_0_bf16train": 0.8, "ours_1_bf16train": 1.0,
                "trl_0": 3.0, "trl_1": 10.0, "trl_nockpt_0": 2.5, "trl_nockpt_1": 6.0,
                "gen_plain": 0.5, "gen_student": 0.6, "gen_student_bf16": 0.4, "gen_student_wm": 0.3,
+               "ours_1_packed": 1.4, "gen_student_pk": 0.25,
                "gen_student_compiled": 0.2, "gen_materialised": 0.9,
                "gen_fake_quant": 3.0, "quantize_once": 0.05}
     timings = {}

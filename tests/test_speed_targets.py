@@ -48,7 +48,8 @@ def test_each_cell_is_the_latest_report_of_its_cpu_that_measured_the_target(tmp_
                                             "1.10 ✓ (`speed-intel-xeon-f6m167-2026-12-07-10`)"]
     # An older report still fills a target no later one measured; an unmeasured target stays blank.
     assert row("stock TRL λ=1 / ours ≥ 4") == ["4.50 ✓ (`speed-zen4-2026-11-26`)", ""]
-    assert row("a decode step / reading its weights once ≤ 2") == ["1.90 ✓ (`speed-amd-epyc-f25m17-2026-11-27-2`)", ""]
+    assert row("a decode step, fastest fp32 form / reading its weights once ≤ 2") == [
+        "1.90 ✓ (`speed-amd-epyc-f25m17-2026-11-27-2`)", ""]
     assert row("batched generation, batch 8") == ["", "3.20 ✗ (`generation-intel-xeon-f6m167-2026-12-07`)"]
     assert row("batched generation, batch 32") == ["", ""]
 

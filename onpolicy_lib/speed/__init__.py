@@ -51,7 +51,7 @@ import torch
 from onpolicy_lib import cpu_threads, quantization
 from onpolicy_lib.metrics import machine_description
 from onpolicy_lib.models import resolve_device
-from onpolicy_lib.rollouts import RolloutForm, eager_form
+from onpolicy_lib.rollouts import RolloutForm, eager_form, packed_available
 from onpolicy_lib.speed.breakdown import breakdown, profile_step
 from onpolicy_lib.speed.contenders import (
     load_setup,
@@ -159,6 +159,8 @@ def run(s: SpeedSettings) -> dict[str, Any]:
         variants: list[tuple[str, float, dict[str, Any]]] = [
             ("ours_0", 0.0, {}), ("ours_1", 1.0, {}), ("ours_1_bf16", 1.0, {"rollout_dtype": "bfloat16"}),
             ("ours_1_compiled", 1.0, {"rollout_compile": True, "rollout_matmul": "weight_major"})]
+        if device.type == "cpu" and packed_available():
+            variants.insert(3, ("ours_1_packed", 1.0, {"rollout_matmul": "packed"}))
         if device.type == "cpu":
             variants += [("ours_0_bf16train", 0.0, {"bf16": True}), ("ours_1_bf16train", 1.0, {"bf16": True})]
         for key, lmbda, opt_in in variants:
@@ -198,7 +200,8 @@ def run(s: SpeedSettings) -> dict[str, Any]:
     results["timings"] = {k: v.as_dict() for k, v in timings.items()}
     results["tokens_per_s"] = {k: new_tokens / timings[k].median for k in
                                ("gen_plain", "gen_student", "gen_student_bf16", "gen_student_wm",
-                                "gen_student_compiled", "gen_materialised", "gen_fake_quant")}
+                                "gen_student_pk", "gen_student_compiled", "gen_materialised", "gen_fake_quant")
+                               if k in timings}
     results["ratios"] = ratios(timings)
     results["load_average"] = {"start": load_start, "end": load_average()}
     others = [t.others_cores for t in timings.values() if t.others_cores is not None]
@@ -213,6 +216,8 @@ def hardware_figures(model: torch.nn.Module, batch: dict[str, torch.Tensor], dev
     figures = ceilings(device)
     args = (batch["prompt_ids"], batch["prompt_attention_mask"], device)
     for form in DECODE_FORMS:
+        if form.rollout_matmul == "packed" and not packed_available():
+            continue
         if form.rollout_compile:
             seconds, figures[f"decode_{form.key}_compile_s"] = compiled_decode_step(
                 model, *args, dtype=getattr(torch, form.rollout_dtype),

@@ -19,6 +19,7 @@ from onpolicy_lib.batches import IGNORE_INDEX, DistillCollator, completion_forwa
 from onpolicy_lib.config import TrainConfig
 from onpolicy_lib.distill import DistillConfig, DistillTrainer
 from onpolicy_lib.models import load_model, load_tokenizer
+from onpolicy_lib.rollouts import packed_available
 from onpolicy_lib.speed.settings import SpeedSettings
 from onpolicy_lib.speed.timing import Timing, sync, timed
 
@@ -241,6 +242,11 @@ def time_generation(trainer: DistillTrainer, teacher: torch.nn.Module, batch: di
         with trainer.shared_weights(student):
             timings["gen_student_wm"] = timed(rollout_of(student), s.steps, s.warmup, device,
                                               "student, quantized once per step, weight-major decode")
+        if packed_available():
+            trainer.args.rollout_matmul = "packed"  # weights reordered once per rollout for oneDNN
+            with trainer.shared_weights(student):
+                timings["gen_student_pk"] = timed(rollout_of(student), s.steps, s.warmup, device,
+                                                  "student, quantized once per step, packed decode")
         # The opt-in compiled decode step (weight-major inside): compiled at the first rollout, timed apart.
         trainer.args.rollout_compile = True
         trainer.args.rollout_matmul = "weight_major"

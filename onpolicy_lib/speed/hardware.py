@@ -36,6 +36,7 @@ class DecodeForm(NamedTuple):
 DECODE_FORMS: tuple[DecodeForm, ...] = (
     DecodeForm("fp32", "fp32 weights", "float32", "linear"),
     DecodeForm("fp32_wm", "fp32 weights, weight-major", "float32", "weight_major"),
+    DecodeForm("fp32_pk", "fp32 weights, packed (oneDNN)", "float32", "packed"),
     DecodeForm("bf16", "bf16 weights", "bfloat16", "linear"),
     DecodeForm("bf16_wm", "bf16 weights, weight-major", "bfloat16", "weight_major"),
     DecodeForm("fp32_wm_compiled", "fp32, weight-major, compiled", "float32", "weight_major", True),

@@ -34,6 +34,7 @@ from onpolicy_lib.speed.hardware import weight_bytes
 from onpolicy_lib.speed.timing import release, sync
 
 TARGET_ROOFLINE = 1.5  # a rollout's decode steps over their roofline
+_FORM_LABELS = {"linear": "linear", "weight_major": "weight-major", "packed": "packed"}
 
 
 def kv_bytes_per_position(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> int:
@@ -87,10 +88,14 @@ def _repeat_rows(batch: dict[str, torch.Tensor], times: int) -> dict[str, torch.
 
 def long_rollout_figures(teacher: torch.nn.Module, tokenizer: Any, cfg: TrainConfig, new_tokens: int,
                          max_length: int, steps: int, device: torch.device, ceilings: dict[str, float],
-                         student_of: Any, batch_factors: tuple[int, ...] = (1, 2, 4)) -> dict[str, Any]:
-    """λ=0 and λ=1 steps at ``new_tokens`` rollouts and ``max_length`` chats, and the rollout's decode steps
-    (exact fp32, the default form) against their roofline at the run's batch and ``batch_factors`` times it.
+                         student_of: Any, batch_factors: tuple[int, ...] = (1, 2, 4),
+                         matmuls: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """λ=0 and λ=1 steps at ``new_tokens`` rollouts and ``max_length`` chats (the exact form), and the
+    rollout's decode steps against their roofline: at the run's batch in each eager fp32 form (``matmuls``;
+    default: every one this torch build has), and at ``batch_factors`` times it in the fastest.
     ``student_of()``: a fresh student of the benchmark's settings."""
+    if matmuls is None:
+        matmuls = ("linear", "weight_major", "packed") if rollouts.packed_available() else ("linear", "weight_major")
     long = dataclasses.replace(cfg, max_length=max_length, max_new_tokens=new_tokens)
     features, _ = fixed_batch(tokenizer, cfg.dataset_name, cfg.per_device_train_batch_size, max_length,
                               cfg.min_completion_tokens)
@@ -108,8 +113,9 @@ def long_rollout_figures(teacher: torch.nn.Module, tokenizer: Any, cfg: TrainCon
         out["lambda1_over_lambda0"] = out["timings"]["ours_1"]["median_s"] / out["timings"]["ours_0"]["median_s"]
         trainer = our_trainer(student_of(), teacher, tokenizer, long, device, tmp, lmbda=1.0)
         rows = batch["prompt_ids"].shape[0]
-        decode = []
-        for factor in batch_factors:
+
+        def measure(trainer: Any, factor: int, matmul: str) -> dict[str, Any]:
+            trainer.args.rollout_matmul = matmul
             wide = _repeat_rows(batch, factor)
             n = new_tokens if factor == 1 else min(new_tokens, 64)  # the larger batches: fewer tokens suffice
             one = _rollout_s(trainer, wide, 1, device, 2)
@@ -119,9 +125,16 @@ def long_rollout_figures(teacher: torch.nn.Module, tokenizer: Any, cfg: TrainCon
             step = (full - one) / (n - 1) if full > one else None
             bound = roofline_s(trainer.model, rows * factor, width + 1, width + n - 1, ceilings["read_gb_s"],
                                ceilings["gemm_fp32_gflops"]) / (n - 1)
-            decode.append({"rows": rows * factor, "tokens": n, "rollout_s": full, "decode_step_s": step,
-                           "roofline_s": bound, "over_roofline": step / bound if step else None,
-                           "tokens_per_s": rows * factor / step if step else None})
+            return {"form": matmul, "rows": rows * factor, "tokens": n, "rollout_s": full, "decode_step_s": step,
+                    "roofline_s": bound, "over_roofline": step / bound if step else None,
+                    "tokens_per_s": rows * factor / step if step else None}
+
+        # The run's batch in each eager exact-fp32 form ``auto`` chooses among, then the larger batches in the
+        # fastest of them (the form a run on this machine would take, compiled forms aside).
+        decode = [measure(trainer, 1, matmul) for matmul in matmuls]
+        timed_forms = [d for d in decode if d["decode_step_s"] is not None]
+        fastest = min(timed_forms, key=lambda d: d["decode_step_s"])["form"] if timed_forms else matmuls[0]
+        decode += [measure(trainer, factor, fastest) for factor in batch_factors if factor != 1]
         out["decode"] = decode
         del trainer
         release()
@@ -140,10 +153,12 @@ def format_long(figures: dict[str, Any]) -> list[str]:
              f"ours lambda=0 / lambda=1 step: {t['ours_0']['median_s']:.2f} / {t['ours_1']['median_s']:.2f} s "
              f"(rollout {t['ours_1']['parts_median_s'].get('rollout', 0):.2f} s); "
              f"lambda=1 / lambda=0 {figures['lambda1_over_lambda0']:.2f}",
-             f"{'decode steps (exact fp32)':<34}{'rows':>6}{'tokens':>8}{'step ms':>10}{'roofline ms':>13}"
+             f"{'decode steps (fp32 forms)':<34}{'rows':>6}{'tokens':>8}{'step ms':>10}{'roofline ms':>13}"
              f"{'ratio':>8}{'target':>8}{'met':>5}{'tokens/s':>10}"]
     for d in figures["decode"]:
-        label = "the run's batch" if d is figures["decode"][0] else "  several completions per prompt"
+        form = _FORM_LABELS.get(d.get("form", "linear"), d.get("form"))
+        label = (f"the run's batch, {form}" if d["rows"] == figures["shape"][0]
+                 else f"  {d['rows'] // figures['shape'][0]} completions per prompt, {form}")
         if d["decode_step_s"] is None:
             lines.append(f"{label:<34}{d['rows']:>6}{d['tokens']:>8}  not measured: the rollout was within the "
                          "timing noise of a one-token rollout")

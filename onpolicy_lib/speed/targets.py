@@ -79,7 +79,19 @@ def _busy(figures: dict[str, Any], what: str) -> float | None:
 
 
 def _long(figures: dict[str, Any]) -> float | None:
-    return _get(figures, "long_rollouts", "decode", 0, "over_roofline")  # the run's own batch comes first
+    """The run's own batch in its fastest fp32 form (older reports measured the linear form alone)."""
+    long = figures.get("long_rollouts") or {}
+    rows = (long.get("shape") or [None])[0]
+    found = [d["over_roofline"] for d in long.get("decode", []) if d.get("rows") == rows and d.get("over_roofline")]
+    return min(found) if found else None
+
+
+def _decode(figures: dict[str, Any]) -> float | None:
+    """A decode step in the fastest fp32 form measured (those ``auto`` chooses among; older reports lack some)."""
+    hardware = figures.get("hardware") or {}
+    found = [hardware[f"decode_{k}_over_read"] for k in ("fp32", "fp32_wm", "fp32_pk", "fp32_wm_compiled")
+             if hardware.get(f"decode_{k}_over_read") is not None]
+    return min(found) if found else None
 
 
 def _batched(size: int) -> Callable[[dict[str, Any]], float | None]:
@@ -97,9 +109,9 @@ TARGET_ROWS: tuple[TargetRow, ...] = (
               TARGET_TRL_SPEEDUP),
     TargetRow("a student's evaluation / its forward passes", "speed",
               lambda f: _get(f, "evaluation", "total", "wall_over_needed"), TARGET_EVALUATION),
-    TargetRow("a decode step / reading its weights once", "speed",
-              lambda f: _get(f, "hardware", "decode_fp32_over_read"), TARGET_DECODE),
-    TargetRow("long rollouts: decode steps / roofline", "speed", _long, Target("<=", TARGET_ROOFLINE)),
+    TargetRow("a decode step, fastest fp32 form / reading its weights once", "speed", _decode, TARGET_DECODE),
+    TargetRow("long rollouts, fastest fp32 form: decode steps / roofline", "speed", _long,
+              Target("<=", TARGET_ROOFLINE)),
     *(TargetRow(f"batched generation, batch {b}: decode / roofline", "generation", _batched(b),
                 Target("<=", TARGET_BATCHED_ROOFLINE)) for b in (1, 8, 32)),
     TargetRow("a step beside one busy core of two / alone", "speed", lambda f: _busy(f, "step"),
