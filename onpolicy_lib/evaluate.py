@@ -177,7 +177,8 @@ def generation_for(cfg: EvalConfig, run_cfg: dict[str, Any], cache: dict[str, An
     items = cache[items_key]
     temperature = cfg.generation_temperature or run_cfg.get("temperature", TrainConfig().temperature)
     arguments = {"max_new_tokens": cfg.generation_max_new_tokens, "samples": cfg.generation_samples,
-                 "seed": cfg.generation_seed, "batch_size": cfg.generation_batch_size}
+                 "seed": cfg.generation_seed, "batch_size": cfg.generation_batch_size,
+                 "matmul": cfg.generation_matmul}
     key = {**settings, "temperature": temperature, "ids": [f"{i.task}/{i.id}" for i in items],
            "scoring": GENERATION_SCORING}
     return GenerationSetting(items, temperature, arguments, key)

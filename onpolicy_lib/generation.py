@@ -25,6 +25,7 @@ rounding of the logits, which differs between batch shapes in the last bits).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -45,6 +46,7 @@ PREFILL_PADDING = 0.25
 # copies every remaining row's cache once, about what two or three decode steps read, so one early row
 # out of 32 is not worth it; an eighth of the batch repays the copy within a few dozen steps.
 COMPACT_FRACTION = 1 / 8
+MATMULS = ("linear", "packed")  # a decode step's products (generate_texts' matmul)
 
 
 @dataclass
@@ -106,19 +108,21 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[Any]) -> list[list[int]]:
 def generate_texts(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Any], *, max_new_tokens: int,
                    temperature: float = 0.0, seed: int = 0, batch_size: int = 16,
                    eos_token_ids: Sequence[int] | None = None,
-                   stats: GenerationStats | None = None) -> list[Generation]:
+                   stats: GenerationStats | None = None, matmul: str = "linear") -> list[Generation]:
     """Generate a completion for every prompt, batched and length-sorted; results in the input order.
 
     ``prompts``: chats, strings or token-id lists (:func:`encode_prompts`). ``temperature`` 0 is greedy,
     above 0 samples at that temperature with a per-prompt generator (:func:`row_seed`). ``eos_token_ids``:
     the ids that end a row (default: the tokenizer's and the model's generation config's). ``stats``:
-    filled with times and the decode steps' shapes (see :class:`GenerationStats`).
+    filled with times and the decode steps' shapes (see :class:`GenerationStats`). ``matmul``: the decode
+    steps' products, ``linear`` (``F.linear``) or ``packed`` (full-precision weights reordered once for
+    oneDNN, :func:`onpolicy_lib.rollouts.packed_rollout`; equal within float rounding).
     """
     eos = list(eos_token_ids) if eos_token_ids is not None else model_eos_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     ids = encode_prompts(tokenizer, prompts)
     outputs = generate_ids(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                           batch_size=batch_size, eos_token_ids=eos, pad_token_id=pad, stats=stats)
+                           batch_size=batch_size, eos_token_ids=eos, pad_token_id=pad, stats=stats, matmul=matmul)
     return [Generation(tokens, tokenizer.decode(tokens, skip_special_tokens=True), hit_cap, len(prompt))
             for (tokens, hit_cap), prompt in zip(outputs, ids, strict=True)]
 
@@ -126,8 +130,15 @@ def generate_texts(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Any
 @torch.no_grad()
 def generate_ids(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
                  eos_token_ids: Sequence[int], pad_token_id: int, temperature: float = 0.0, seed: int = 0,
-                 batch_size: int = 16, stats: GenerationStats | None = None) -> list[tuple[list[int], bool]]:
+                 batch_size: int = 16, stats: GenerationStats | None = None,
+                 matmul: str = "linear") -> list[tuple[list[int], bool]]:
     """:func:`generate_texts` on token ids: ``(generated ids, hit_cap)`` per prompt, in the input order."""
+    from onpolicy_lib.rollouts import packed_available, packed_rollout
+
+    if matmul not in MATMULS:
+        raise ValueError(f"matmul must be one of {', '.join(MATMULS)}; got {matmul!r}")
+    if matmul == "packed" and not packed_available():
+        raise ValueError("matmul 'packed' needs a torch built with oneDNN (this one is not): use 'linear'")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer; got {max_new_tokens!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -142,16 +153,22 @@ def generate_ids(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], *,
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(order), batch_size):
-            indices = order[start:start + batch_size]
-            batch = _generate_batch(model, [prompt_ids[i] for i in indices], indices, max_new_tokens=max_new_tokens,
-                                    eos=set(eos_token_ids), pad=pad_token_id, temperature=temperature, seed=seed,
-                                    stats=stats)
-            for index, result in zip(indices, batch, strict=True):
-                results[index] = result
+        with packed_rollout(model) if matmul == "packed" else contextlib.nullcontext():
+            _generate_all(model, prompt_ids, order, results, batch_size, max_new_tokens=max_new_tokens,
+                          eos=set(eos_token_ids), pad=pad_token_id, temperature=temperature, seed=seed, stats=stats)
     finally:
         model.train(was_training)
     return results  # type: ignore[return-value]
+
+
+def _generate_all(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], order: list[int], results: list,
+                  batch_size: int, **settings: Any) -> None:
+    """:func:`generate_ids`' batches, in ``order``, each result written into ``results`` at its input index."""
+    for start in range(0, len(order), batch_size):
+        indices = order[start:start + batch_size]
+        batch = _generate_batch(model, [prompt_ids[i] for i in indices], indices, **settings)
+        for index, result in zip(indices, batch, strict=True):
+            results[index] = result
 
 
 class _PreallocatedLayer(DynamicLayer):

@@ -143,8 +143,9 @@ def evaluate_generation(model: torch.nn.Module, tokenizer: Any, items: Sequence[
                         teacher: torch.nn.Module | None, max_new_tokens: int, temperature: float, samples: int = 1,
                         seed: int = 0, batch_size: int = 16,
                         check_fn: Callable[[Any, str], Any] | None = None,
-                        eos_token_ids: Sequence[int] | None = None) -> dict[str, Any]:
+                        eos_token_ids: Sequence[int] | None = None, matmul: str = "linear") -> dict[str, Any]:
     """Greedy output and ``samples`` samples at ``temperature`` of ``model`` on ``items``, scored (see the module).
+    ``matmul``: the decode steps' products (:func:`onpolicy_lib.generation.generate_texts`).
 
     ``teacher``: scores the teacher NLL (None leaves it out; pass the teacher itself to score its own
     outputs). ``check_fn(item, completion)`` returns an object with ``correct`` (bool or None),
@@ -204,13 +205,14 @@ def evaluate_generation(model: torch.nn.Module, tokenizer: Any, items: Sequence[
 
     out: dict[str, Any] = {"settings": {"max_new_tokens": max_new_tokens, "temperature": temperature,
                                         "samples": samples, "seed": seed, "batch_size": batch_size,
+                                        **({"matmul": matmul} if matmul != "linear" else {}),
                                         "items": len(items), "weighting": WEIGHTING,
                                         "rouge": "rouge-score rougeL F1, default tokenizer, no stemming",
                                         "teacher_nll": "mean per output token (end token included), teacher-forced "
                                                        "on prompt + output" if teacher is not None else None}}
     start = time.perf_counter()
     greedy = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
-                            batch_size=batch_size, eos_token_ids=eos_token_ids)
+                            batch_size=batch_size, eos_token_ids=eos_token_ids, matmul=matmul)
     seconds["greedy_generate"] = time.perf_counter() - start
     out["greedy"] = run("greedy", greedy, [None] * len(items))
     if samples:
@@ -219,7 +221,7 @@ def evaluate_generation(model: torch.nn.Module, tokenizer: Any, items: Sequence[
         start = time.perf_counter()
         sampled = generate_texts(model, tokenizer, prompts * samples, max_new_tokens=max_new_tokens,
                                  temperature=temperature, seed=seed, batch_size=batch_size,
-                                 eos_token_ids=eos_token_ids)
+                                 eos_token_ids=eos_token_ids, matmul=matmul)
         seconds["sampled_generate"] = time.perf_counter() - start
         out["sampled"] = run("sampled", sampled, [k // len(items) for k in range(len(sampled))])
     out["seconds"] = seconds

@@ -337,7 +337,8 @@ def packed_rollout(model: nn.Module) -> Iterator[nn.Module]:
 
     Each layer's effective weight is taken on entry (the fake-quantized one, or inside an on-policy step the
     step's shared quantized weight) and must not change inside the context: a rollout samples one policy. A
-    layer that already has its own ``forward`` is left alone. On exit (also on exception) each layer's class
+    layer that already has its own ``forward``, or whose weight is not a plain float tensor on the CPU (a
+    deployed student's quantized weight), is left alone. On exit (also on exception) each layer's class
     ``forward`` is back and the packed copies are freed.
     """
     import torch
@@ -351,8 +352,11 @@ def packed_rollout(model: nn.Module) -> Iterator[nn.Module]:
                 if type(mod) in (nn.Linear, FakeQuantizedLinear) and "forward" not in mod.__dict__:
                     quantizer = getattr(mod, "weight_fake_quantizer", None)
                     active = quantizer is not None and getattr(quantizer, "enabled", True)
-                    weight = quantizer(mod.weight) if active else mod.weight
-                    mod.forward = packed_forward(mod, weight.detach())
+                    weight = (quantizer(mod.weight) if active else mod.weight).detach()
+                    plain = type(weight) is torch.Tensor and weight.is_floating_point()
+                    if not plain or weight.device.type != "cpu":
+                        continue  # a quantized tensor subclass (a deployed student) keeps its own kernel
+                    mod.forward = packed_forward(mod, weight)
                     patched.append(mod)
         yield model
     finally:

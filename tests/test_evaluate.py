@@ -13,6 +13,7 @@ import torch
 from onpolicy_lib import evaluate
 from onpolicy_lib.config import ConfigError, TrainConfig
 from onpolicy_lib.evaluate import EvalConfig, evaluate_runs
+from onpolicy_lib.rollouts import packed_available
 from onpolicy_lib.student import build_student, save_student
 from onpolicy_lib.training import train
 from tests.conftest import tiny_run
@@ -42,6 +43,7 @@ def light(run_dirs, tmp_path, **overrides) -> EvalConfig:
     ({"perplexity_source": "c4"}, "perplexity_source must be one of lambada-offline, wikitext-2"),
     ({"calibrated": ["hqq"]}, r"^calibrated must be one of gptq, awq, gptq-original, awq-original; got 'hqq'$"),
     ({"dtype": "float16"}, "dtype must be one of auto, float32, bfloat16"),
+    ({"generation_matmul": "fast"}, "generation_matmul must be one of linear, packed"),
 ])
 def test_bad_eval_input_is_rejected(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -211,3 +213,11 @@ def test_generation_is_evaluated_for_every_model_and_cached(tmp_path, run_dir, m
     # Another temperature is another measurement.
     evaluate_runs(light([run_dir], tmp_path, generation_temperature=0.5, **cfg))
     assert len(calls) == 4
+    # So are other decode-step products (equal within rounding, but not the same computation); the
+    # default's key is unchanged, so earlier caches and committed results keep theirs.
+    assert "matmul" not in EvalConfig().generation_settings()
+    if packed_available():
+        evaluate_runs(light([run_dir], tmp_path, generation_matmul="packed", **cfg))
+        assert len(calls) == 7
+        assert json.loads((run_dir / "eval.json").read_text())["student"]["generation"]["settings"]["matmul"] == (
+            "packed")

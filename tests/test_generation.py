@@ -112,7 +112,37 @@ def test_compaction_never_changes_tokens(tokenizer, monkeypatch):
     assert outs[0] == outs[1] == outs[2]
 
 
+@pytest.mark.skipif(not __import__("onpolicy_lib.rollouts").rollouts.packed_available(),
+                    reason="this torch build has no oneDNN packed linear")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_products_give_generates_tokens(tokenizer, arch):
+    """matmul='packed' (weights reordered for oneDNN, rows leaving the batch as they end) gives generate's
+    greedy tokens and the same samples as the linear products; every layer's forward is back afterwards;
+    a quantized (deployed) layer keeps its own kernel."""
+    from torchao.quantization import IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    from onpolicy_lib.rollouts import packed_rollout
+
+    make, eos = ARCHS[arch]
+    model = make(len(tokenizer))
+    batch = prompts(len(tokenizer))
+    expected = reference(model, batch, 24, eos, do_sample=False)
+    got = generate_ids(model, batch, max_new_tokens=24, eos_token_ids=eos, pad_token_id=0, batch_size=3,
+                       matmul="packed")
+    assert [tokens for tokens, _ in got] == expected
+    sampled = [generate_ids(model, batch, max_new_tokens=20, eos_token_ids=EOS, pad_token_id=0, temperature=1.5,
+                            seed=4, batch_size=7, matmul=matmul) for matmul in ("linear", "packed")]
+    assert sampled[0] == sampled[1]
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    quantize_(model.model, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)))
+    with packed_rollout(model):
+        patched = [name for name, m in model.named_modules() if "forward" in m.__dict__]
+    assert patched == ["lm_head"]  # the full-precision head alone
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
+    ({"max_new_tokens": 4, "matmul": "fast"}, "^matmul must be one of linear, packed; got 'fast'$"),
     ({"max_new_tokens": 0}, "max_new_tokens"),
     ({"max_new_tokens": 4, "temperature": -1.0}, "temperature"),
     ({"max_new_tokens": 4, "batch_size": 0}, "batch_size"),

@@ -144,7 +144,7 @@ def _time_generate(model: torch.nn.Module, prompt_ids: list[list[int]], batch_si
 def measure_generation(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Any], *,
                        batch_sizes: Sequence[int] = (1, 8, 32), max_new_tokens: int, bandwidth_gbs: float,
                        gemm_gflops: float, batches: int = 1, ignore_eos: bool = True,
-                       compare_generate: bool = False, verbose: bool = True) -> dict[str, Any]:
+                       compare_generate: bool = False, verbose: bool = True, matmul: str = "linear") -> dict[str, Any]:
     """Greedy batched generation timed at each batch size, against its roofline (see the module).
 
     At batch size ``b``, ``b * batches`` prompts are generated: a run of the length-sorted prompts
@@ -154,6 +154,7 @@ def measure_generation(model: torch.nn.Module, tokenizer: Any, prompts: Sequence
     :func:`onpolicy_lib.speed.hardware.ceilings`' ``read_gb_s`` and the GEMM rate of the model's
     dtype). ``ignore_eos``: every row generates ``max_new_tokens``. ``compare_generate``: also time
     ``model.generate`` on the same batches (it decodes ended rows until the batch's last one ends).
+    ``matmul``: the decode steps' products (:func:`onpolicy_lib.generation.generate_texts`).
     Returns JSON-serialisable figures per batch size; prints a line for each if ``verbose``.
     """
     shape = model_shape(model)
@@ -164,9 +165,9 @@ def measure_generation(model: torch.nn.Module, tokenizer: Any, prompts: Sequence
     figures: dict[str, Any] = {"settings": {"max_new_tokens": max_new_tokens, "batches": batches,
                                             "ignore_eos": ignore_eos, "bandwidth_gbs": bandwidth_gbs,
                                             "gemm_gflops": gemm_gflops, "dtype": str(next(model.parameters()).dtype),
-                                            "threads": torch.get_num_threads()},
+                                            "threads": torch.get_num_threads(), "matmul": matmul},
                                "shape": asdict(shape), "by_batch_size": {}}
-    generate_ids(model, ids[:1], max_new_tokens=4, eos_token_ids=eos, pad_token_id=pad)  # warm-up
+    generate_ids(model, ids[:1], max_new_tokens=4, eos_token_ids=eos, pad_token_id=pad, matmul=matmul)  # warm-up
     by_length = sorted(ids, key=len)
     for batch_size in batch_sizes:
         count = min(batch_size * batches, len(ids))
@@ -176,7 +177,7 @@ def measure_generation(model: torch.nn.Module, tokenizer: Any, prompts: Sequence
         sync(device)
         start, cpu_start, machine_start = time.perf_counter(), time.process_time(), busy_seconds()
         generate_ids(model, subset, max_new_tokens=max_new_tokens, eos_token_ids=eos, pad_token_id=pad,
-                     batch_size=batch_size, stats=stats)
+                     batch_size=batch_size, stats=stats, matmul=matmul)
         sync(device)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         machine_end = busy_seconds()
@@ -245,6 +246,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--natural-ends", action="store_true", help="rows stop at their end token")
     parser.add_argument("--compare-generate", action="store_true", help="also time model.generate")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--matmul", choices=("linear", "packed"), default="linear",
+                        help="the decode steps' products: F.linear or oneDNN on packed weights")
     parser.add_argument("--json", help="write the figures here")
     parser.add_argument("--report-dir", help="also write generation-<cpu>-<date>.txt and .json here (never "
                         "over an earlier report: a later one the same day gets -2, -3, ...)")
@@ -257,13 +260,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _, heldout = data.load_chat_dataset(data.OFFLINE_MIXTURE)
     chats = [m[:-1] for m in data.stratified_sample(heldout, args.prompts)["messages"]]
     limits = ceilings(device)
-    header = (f"{machine_description(device)}; {torch.get_num_threads()} threads; read {limits['read_gb_s']:.1f} "
+    header = (f"{machine_description(device)}; {torch.get_num_threads()} threads; {args.matmul} products; "
+              f"read {limits['read_gb_s']:.1f} "
               f"GB/s, GEMM fp32 {limits['gemm_fp32_gflops']:.0f} GFLOP/s")
     print(header, flush=True)
     figures = measure_generation(model, tokenizer, chats, batch_sizes=args.batch_sizes,
                                  max_new_tokens=args.max_new_tokens, bandwidth_gbs=limits["read_gb_s"],
                                  gemm_gflops=limits["gemm_fp32_gflops"], batches=args.batches,
-                                 ignore_eos=not args.natural_ends, compare_generate=args.compare_generate)
+                                 ignore_eos=not args.natural_ends, compare_generate=args.compare_generate,
+                                 matmul=args.matmul)
     figures["machine"] = machine_description(device)
     figures["ceilings"] = limits
     if args.json:

@@ -162,14 +162,20 @@ def targets_table(reports: list[Report]) -> list[str]:
             for report in reports:  # oldest first: the last one found wins
                 value = row.value(report.figures) if report.cpu == slug and report.kind == row.kind else None
                 if value is not None:
-                    latest = (value, report.name)
+                    latest = (value, report.name, _products(report.figures))
             if latest is None:
                 cells.append("")
                 continue
-            value, name = latest
-            cells.append(f"{value:.2f} {'✓' if row.target.met(value) else '✗'} (`{name}`)")
+            value, name, products = latest
+            cells.append(f"{value:.2f} {'✓' if row.target.met(value) else '✗'} (`{name}`{products})")
         lines.append(f"| {row.label} {_bound(row.target)} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _products(figures: dict[str, Any]) -> str:
+    """", packed products" for a generation report timed with other decode-step products than F.linear."""
+    matmul = (figures.get("settings") or {}).get("matmul", "linear")
+    return "" if matmul == "linear" else f", {matmul} products"
 
 
 def render(doc: str, table: list[str]) -> str:
