@@ -192,9 +192,9 @@ def _short_machine(machine: str) -> str:
     return f"{found.group(1)} {found.group(2)}/{found.group(3)}" if found else machine.split(",")[0]
 
 
-def _run_machine(run_dir: str) -> str:
+def _run_machine(run_dir: Path) -> str:
     """The CPU type a run trained on (its ``config.json``), short form; "unknown" where not recorded."""
-    path = PROJECT_ROOT / run_dir / Run.CONFIG
+    path = run_dir / Run.CONFIG
     machine = json.loads(path.read_text()).get("machine") if path.is_file() else None
     return _short_machine(machine) if machine else "unknown"
 
@@ -677,7 +677,7 @@ def _generation_study(figures: Path | None = None) -> str:
     config = json.loads(sorted(root.glob(f"*/{Run.CONFIG}"))[0].read_text())
     settings = config.get("train", {})
     # Wall times compare only within one CPU type, so each run's type travels with it.
-    students = students.assign(cpu=[_run_machine(d) for d in students["run_dir"]])
+    students = students.assign(cpu=[_run_machine(root / name) for name in students["run"]])
     machines = sorted(students["cpu"].unique())
     # Each run's per-prompt means: the weighting of every generation number here, text metrics included.
     runs = analysis.generation_runs(peg[peg["run"].isin(students["run"])], ["lmbda", "max_steps"])
