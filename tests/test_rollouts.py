@@ -73,9 +73,10 @@ def test_identity_treats_auto_as_any_fp32_form():
     assert config_diff({**auto, "rollout_dtype": "bfloat16"}, auto) == {"rollout_dtype": ("bfloat16", AUTO)}
 
 
-def timings(exact=0.10, wm=0.05, compiled=0.03, compile_s=60.0, wm_diff=1e-6):
+def timings(exact=0.10, wm=0.05, compiled=0.03, compile_s=60.0, wm_diff=1e-6, pk=1.0):
     return {"fp32": {"decode_step_s": exact, "max_logit_diff": 0.0},
             "fp32_wm": {"decode_step_s": wm, "max_logit_diff": wm_diff},
+            "fp32_pk": {"decode_step_s": pk, "max_logit_diff": 1e-6},
             "fp32_compiled": {"decode_step_s": compiled, "compile_s": compile_s, "max_logit_diff": 1e-6},
             "fp32_wm_compiled": {"decode_step_s": compiled * 2, "compile_s": compile_s, "max_logit_diff": 1e-6}}
 
@@ -105,9 +106,10 @@ def test_resolve_records_its_choice_and_reuses_the_cached_measurement(tmp_path):
     first = rollouts.resolve(AUTO_ALL, decode_steps=1000, key=key, measure=measure, cache_root=tmp_path)
     assert first["form"] == "fp32" and first["rollout_matmul"] == "linear" and first["rollout_compile"] is False
     assert first["measured"]["fp32_wm"]["decode_step_s"] == 0.2 and first["cached"] is False
-    assert measure.calls == [["fp32", "fp32_wm"]]
+    eager = [f.key for f in EAGER]
+    assert measure.calls == [eager]
     again = rollouts.resolve(AUTO_ALL, decode_steps=1000, key=key, measure=measure, cache_root=tmp_path)
-    assert measure.calls == [["fp32", "fp32_wm"]] and again["cached"] and again["form"] == "fp32"
+    assert measure.calls == [eager] and again["cached"] and again["form"] == "fp32"
     # A longer run also needs the compiled forms: only those are measured (with the exact baseline).
     longer = rollouts.resolve(AUTO_ALL, decode_steps=100_000, key=key, measure=measure, cache_root=tmp_path)
     assert measure.calls[-1] == ["fp32", "fp32_compiled", "fp32_wm_compiled"] and longer["form"] == "fp32_compiled"
@@ -155,8 +157,9 @@ def test_settle_measures_a_run_once_per_machine(tmp_path, tokenizer):
     student = prepare_qat(copy.deepcopy(teacher), "int4", 32).eval()
     cfg = TrainConfig(lmbda=1.0, max_steps=2, max_new_tokens=8, max_length=64, per_device_train_batch_size=2)
     record = rollouts.settle(cfg, student, teacher, 20, "test cpu", cache_root=tmp_path, backend=None)
-    assert record["form"] in ("fp32", "fp32_wm") and record["candidates"] == ["fp32", "fp32_wm"]
-    assert set(record["measured"]) == {"fp32", "fp32_wm"} and not record["cached"]
+    eager = [f.key for f in EAGER]
+    assert record["form"] in eager and record["candidates"] == eager
+    assert set(record["measured"]) == set(eager) and not record["cached"]
     assert rollouts.settle(cfg, student, teacher, 25, "test cpu", cache_root=tmp_path)["cached"]
 
 
@@ -177,7 +180,7 @@ def test_a_run_records_its_form_and_a_resumed_run_keeps_it(tmp_path, tiny_model_
     assert record["train"]["rollout_matmul"] == AUTO  # the run's parameters stay as asked (its name too)
     chosen = record["resolved"]["rollout"]
     assert chosen["form"] == "fp32_wm" and chosen["rollout_matmul"] == "weight_major"
-    assert chosen["measured"]["fp32"]["decode_step_s"] == 0.10 and measured.calls == [["fp32", "fp32_wm"]]
+    assert chosen["measured"]["fp32"]["decode_step_s"] == 0.10 and measured.calls == [[f.key for f in EAGER]]
     # Resumed (here: its metrics removed), the run keeps its recorded form without measuring, even where a
     # new measurement would now choose otherwise.
     (tmp_path / "run" / "metrics.json").unlink()
