@@ -38,7 +38,7 @@ def offline(**overrides) -> TrainConfig:
     ({"seq_kd": "yes"}, r"^seq_kd must be True or False"),
     ({"device": "tpu"}, r"^device must be one of auto, cpu, cuda"),
     ({"rollout_dtype": "float16"}, r"^rollout_dtype must be one of auto, float32, bfloat16; got 'float16'$"),
-    ({"rollout_matmul": "fast"}, r"^rollout_matmul must be one of auto, linear, weight_major; got 'fast'$"),
+    ({"rollout_matmul": "fast"}, r"^rollout_matmul must be one of auto, linear, weight_major, packed; got 'fast'$"),
     ({"divergence": "kl"}, r"^divergence must be one of jsd, cakld; got 'kl'$"),
     ({"fsdp": "yes"}, r"^fsdp must be True or False"),
     ({"fsdp": True, "lora_r": 8}, r"^fsdp shards full fine-tuning; LoRA \(lora_r=8\) .* uses DDP"),
