@@ -286,6 +286,15 @@ def weight_major_rollout(model: nn.Module) -> Iterator[nn.Module]:
     changes. A layer that already has its own ``forward`` (a hook library's wrapper) is left
     alone. On exit (also on exception) each layer's class ``forward`` is back.
     """
+    with _linear_forwards(model, weight_major_forward):
+        yield model
+
+
+@contextlib.contextmanager
+def _linear_forwards(model: nn.Module, make: Callable[[nn.Module], Callable | None]) -> Iterator[nn.Module]:
+    """Each plain or fake-quantized Linear of ``model`` without a ``forward`` of its own computes with
+    ``make(layer)`` (None: left alone) for the context's duration; on exit (also on exception) each
+    patched layer's class ``forward`` is back."""
     from torch import nn
     from torchao.quantization.qat.linear import FakeQuantizedLinear
 
@@ -293,8 +302,10 @@ def weight_major_rollout(model: nn.Module) -> Iterator[nn.Module]:
     try:
         for mod in model.modules():
             if type(mod) in (nn.Linear, FakeQuantizedLinear) and "forward" not in mod.__dict__:
-                mod.forward = weight_major_forward(mod)
-                patched.append(mod)
+                forward = make(mod)
+                if forward is not None:
+                    mod.forward = forward
+                    patched.append(mod)
         yield model
     finally:
         for mod in patched:
@@ -342,26 +353,18 @@ def packed_rollout(model: nn.Module) -> Iterator[nn.Module]:
     ``forward`` is back and the packed copies are freed.
     """
     import torch
-    from torch import nn
-    from torchao.quantization.qat.linear import FakeQuantizedLinear
 
-    patched: list[nn.Module] = []
-    try:
+    def make(mod: nn.Module) -> Callable | None:
+        quantizer = getattr(mod, "weight_fake_quantizer", None)
+        active = quantizer is not None and getattr(quantizer, "enabled", True)
         with torch.no_grad():
-            for mod in model.modules():
-                if type(mod) in (nn.Linear, FakeQuantizedLinear) and "forward" not in mod.__dict__:
-                    quantizer = getattr(mod, "weight_fake_quantizer", None)
-                    active = quantizer is not None and getattr(quantizer, "enabled", True)
-                    weight = (quantizer(mod.weight) if active else mod.weight).detach()
-                    plain = type(weight) is torch.Tensor and weight.is_floating_point()
-                    if not plain or weight.device.type != "cpu":
-                        continue  # a quantized tensor subclass (a deployed student) keeps its own kernel
-                    mod.forward = packed_forward(mod, weight)
-                    patched.append(mod)
+            weight = (quantizer(mod.weight) if active else mod.weight).detach()
+        plain = type(weight) is torch.Tensor and weight.is_floating_point()
+        # A quantized tensor subclass (a deployed student) keeps its own kernel.
+        return packed_forward(mod, weight) if plain and weight.device.type == "cpu" else None
+
+    with _linear_forwards(model, make):
         yield model
-    finally:
-        for mod in patched:
-            del mod.forward
 
 
 @contextlib.contextmanager
