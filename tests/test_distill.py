@@ -335,6 +335,10 @@ def decode_logits(model: torch.nn.Module, batch: dict, tokens: torch.Tensor) -> 
     return logits
 
 
+needs_onednn = pytest.mark.skipif(not __import__("onpolicy_lib.rollouts").rollouts.packed_available(),
+                                  reason="this torch build has no oneDNN packed linear")
+
+
 def test_weight_major_linear_is_f_linear_within_float_rounding():
     """A decode step's input (one position per row) through weight @ x^T; anything else is F.linear itself."""
     from onpolicy_lib.rollouts import weight_major_linear
@@ -390,11 +394,12 @@ def test_weight_major_rollouts_sample_the_quantized_student_within_float_roundin
     assert (2, 1) in rows and not any("forward" in m.__dict__ for m in student.modules())
 
 
-def test_weight_major_rollouts_reach_lora_students(tiny_model):
-    """Under a peft LoRA wrapper the base layers and the adapters all take the weight-major product,
-    within float rounding of the plain forward, and get their own forward back on exit."""
+@pytest.mark.parametrize("matmul", ["weight_major", pytest.param("packed", marks=needs_onednn)])
+def test_decode_products_reach_lora_students(tiny_model, matmul):
+    """Under a peft LoRA wrapper the base layers and the adapters all take the weight-major (or packed)
+    product, within float rounding of the plain forward, and get their own forward back on exit."""
     from onpolicy_lib.quantization import materialized_fake_quant
-    from onpolicy_lib.rollouts import weight_major_rollout
+    from onpolicy_lib.rollouts import packed_rollout, weight_major_rollout
     from onpolicy_lib.student import build_student
 
     student = build_student(tiny_model, "int4", GROUP, lora_r=4).eval()
@@ -408,16 +413,13 @@ def test_weight_major_rollouts_reach_lora_students(tiny_model):
     linears = sum(isinstance(m, torch.nn.Linear) for m in student.modules())
     with torch.no_grad():
         exact = torch.cat(decode_logits(student, batch, tokens)[1:])
-        with materialized_fake_quant(student), weight_major_rollout(student):
+        rollout = weight_major_rollout if matmul == "weight_major" else packed_rollout
+        with materialized_fake_quant(student), rollout(student):
             assert sum("forward" in m.__dict__ for m in student.modules()) == linears
             fast = torch.cat(decode_logits(student, batch, tokens)[1:])
     assert any("lora_A" in name for name, _ in student.named_modules())
     assert float((fast - exact).abs().max()) < 1e-4 and float(kl(exact, fast).max()) < 1e-9
     assert not any("forward" in m.__dict__ for m in student.modules())
-
-
-needs_onednn = pytest.mark.skipif(not __import__("onpolicy_lib.rollouts").rollouts.packed_available(),
-                                  reason="this torch build has no oneDNN packed linear")
 
 
 @needs_onednn
@@ -461,31 +463,6 @@ def test_packed_rollouts_sample_the_quantized_student_within_float_rounding(tmp_
     seen = captured_step(trainer, batch)
     assert trainer.stats["batches_on_policy"] == 1 and seen["input_ids"].shape[1] > batch["prompt_ids"].shape[1]
     assert len(packed) == len(patched) and not any("forward" in m.__dict__ for m in student.modules())
-
-
-@needs_onednn
-def test_packed_rollouts_reach_lora_students(tiny_model):
-    """Under a peft LoRA wrapper the base layers and the adapters all take the packed product, within float
-    rounding of the plain forward, and get their own forward back on exit."""
-    from onpolicy_lib.rollouts import packed_rollout
-    from onpolicy_lib.student import build_student
-
-    student = build_student(tiny_model, "int4", GROUP, lora_r=4).eval()
-    with torch.no_grad():
-        for name, p in student.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-    ids = torch.randint(4, tiny_model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
-    batch = {"prompt_ids": ids, "prompt_attention_mask": torch.ones_like(ids)}
-    tokens = torch.randint(4, tiny_model.config.vocab_size, (2, 4), generator=torch.Generator().manual_seed(2))
-    linears = sum(isinstance(m, torch.nn.Linear) for m in student.modules())
-    with torch.no_grad():
-        exact = torch.cat(decode_logits(student, batch, tokens)[1:])
-        with packed_rollout(student):
-            assert sum("forward" in m.__dict__ for m in student.modules()) == linears
-            fast = torch.cat(decode_logits(student, batch, tokens)[1:])
-    assert float((fast - exact).abs().max()) < 1e-4 and float(kl(exact, fast).max()) < 1e-9
-    assert not any("forward" in m.__dict__ for m in student.modules())
 
 
 def test_cakld_loss_is_its_definition_and_gamma_the_teachers_mean_confidence(tmp_path, tokenizer, tiny_model):
