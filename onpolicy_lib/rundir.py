@@ -41,7 +41,7 @@ def read_json(path: Path) -> Any:
     """The file's JSON, or None if it is missing or being written (a live run's file)."""
     try:
         return json.loads(path.read_text()) if path.is_file() else None
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return None
 
 
@@ -82,6 +82,7 @@ class Run:
     varying: dict[str, Any] = field(default_factory=dict)  # the values that distinguish it in its sweep
     state: str | None = None  # what plan() decided: new | resume | complete
     checkpoint: Path | None = None
+    skipped_checkpoints: list[Path] = field(default_factory=list)  # later ones a kill left half-written
 
     CONFIG = "config.json"
     METRICS = "metrics.json"
@@ -100,6 +101,8 @@ class Run:
     RUNNER_LOG = "sweep-log.txt"
     # Files a run may hold before it trained anything: such a directory can be claimed by any config.
     UNSTARTED = frozenset({CONFIG, EVAL_BEFORE})
+    # The Trainer writes a checkpoint's weights, optimizer and sampling state first and this file last.
+    TRAINER_STATE = "trainer_state.json"
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
@@ -178,6 +181,12 @@ class Run:
         found = [p for p in self.path.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
         return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
+    def checkpoint_complete(self, checkpoint: Path) -> bool:
+        """Whether the Trainer finished writing ``checkpoint``: its trainer state, written last, reads back.
+        A run killed while saving (or, with several processes, one process leaving while the main one still
+        writes) leaves a checkpoint that would fail to load, or load without its step count."""
+        return isinstance(read_json(checkpoint / self.TRAINER_STATE), dict)
+
     # ---------------------------------------------------------------- writing
     def write_record(self, record: dict[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -251,7 +260,11 @@ class Run:
             self.state = "complete"
         else:
             self.state = "resume"
-            self.checkpoint = (self.checkpoints() or [None])[-1]
+            found = self.checkpoints()
+            complete = [c for c in found if self.checkpoint_complete(c)]
+            self.checkpoint = complete[-1] if complete else None
+            after = found.index(self.checkpoint) + 1 if self.checkpoint else 0
+            self.skipped_checkpoints = found[after:]
         return self
 
     def describe(self) -> str:
@@ -261,6 +274,9 @@ class Run:
         if self.state == "complete":
             return f"{where} already holds this finished run; reusing its results (nothing retrained)"
         start = f"from {self.checkpoint.name}" if self.checkpoint else "from the start (no checkpoint yet)"
+        if self.skipped_checkpoints:
+            names = ", ".join(c.name for c in self.skipped_checkpoints)
+            start += f" ({names} skipped: written only in part when the run stopped; overwritten as training passes it)"
         return f"resuming the unfinished run in {where} {start}"
 
     # ---------------------------------------------------------------- status, for sweeps

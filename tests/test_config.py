@@ -150,10 +150,20 @@ def test_run_directory_states(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"train": cfg}))
-    (run / "checkpoint-10").mkdir()
-    (run / "checkpoint-20").mkdir()
+    for step in (2, 10, 20, 30):
+        (run / f"checkpoint-{step}").mkdir()
+    for step in (2, 10, 20):
+        (run / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     state = Run(run).plan({**cfg, "do_eval": True})  # do_eval does not change what is trained
+    # The last checkpoint the Trainer finished writing, by step (10 after 2), not by name.
     assert state.state == "resume" and state.checkpoint.name == "checkpoint-20"
+    assert state.describe().endswith("from checkpoint-20 (checkpoint-30 skipped: written only in part when the "
+                                     "run stopped; overwritten as training passes it)")
+    (run / "checkpoint-20" / "trainer_state.json").write_text('{"global_st')  # killed while writing it
+    assert Run(run).plan(cfg).checkpoint.name == "checkpoint-10"
+    (run / "checkpoint-20" / "trainer_state.json").write_text('{"global_step": 20}')
+    shutil.rmtree(run / "checkpoint-30")
+    assert Run(run).plan(cfg).describe().endswith("from checkpoint-20")
     (run / "metrics.json").write_text("{}")
     assert Run(run).plan(cfg).state == "complete"
     # Finished but never evaluated, and its student weights gone (they are not in git): refused up front.

@@ -8,8 +8,10 @@ later steps drift apart only as far as fake quantization amplifies summation-ord
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +21,14 @@ import pytest
 pytestmark = pytest.mark.slow  # each test launches several training processes
 
 ACCELERATE = Path(sys.executable).with_name("accelerate")
+TIMEOUT = 300  # a launch takes seconds to a minute; a hung collective waits far longer
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (the launcher's workers), from /proc."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    found = [int(c) for c in children.read_text().split()] if children.is_file() else []
+    return found + [d for c in found for d in descendants(c)]
 
 
 def launch(tmp_path: Path, name: str, processes: int, batch: int, model_dir: Path, data_dir: Path,
@@ -32,10 +42,23 @@ def launch(tmp_path: Path, name: str, processes: int, batch: int, model_dir: Pat
                  "--mixed_precision", "no", "--dynamo_backend", "no"]
                 if processes > 1 else [sys.executable])
     launcher += [str(script)] if script else ["-m", "onpolicy_lib.training"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run(launcher + args, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # PYTHONFAULTHANDLER: a process stopped with SIGABRT prints every thread's Python stack.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONFAULTHANDLER": "1"}
+    done = subprocess.Popen(launcher + args, cwd=Path(__file__).resolve().parents[1], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        stdout, stderr = done.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        # A hung process group: abort the workers so the failure shows where each one was waiting.
+        for pid in descendants(done.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGABRT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            done.communicate(timeout=30)
+        done.kill()
+        stdout, stderr = done.communicate()
+        pytest.fail(f"{name}: no result after {TIMEOUT} s; the processes' stacks:\n{stderr[-12000:]}\n{stdout[-2000:]}")
+    assert done.returncode == 0, stderr[-3000:]
     run = tmp_path / name
     return {"metrics": json.loads((run / "metrics.json").read_text()),
             "config": json.loads((run / "config.json").read_text()),
@@ -126,11 +149,15 @@ def test_fsdp_shards_the_student_trains_the_global_batch_of_one_and_resumes(tmp_
     killer = tmp_path / "kill_at_step_3.py"
     killer.write_text(
         "import os, sys\n"
+        "import torch\n"
         "sys.path.insert(0, os.getcwd())  # this checkout's library, as -m finds it\n"
         "from onpolicy_lib import distill, training\n"
         "step = distill.DistillTrainer.training_step\n"
         "def stop(self, *args, **kwargs):\n"
         "    if self.state.global_step == 2:\n"
+        "        # Every process here: the main one has finished writing checkpoint-2 (a process leaving\n"
+        "        # earlier would stop it mid-write, and the resumed run would rightly start from scratch).\n"
+        "        torch.distributed.barrier()\n"
         "        raise SystemExit(3)\n"
         "    return step(self, *args, **kwargs)\n"
         "distill.DistillTrainer.training_step = stop\n"
