@@ -779,9 +779,28 @@ def _generation_study(figures: Path | None = None) -> str:
                  "the tokens processed, so they compare across CPUs; times: mean over the runs on each CPU type, "
                  "their number in brackets, comparable only within one type; a run resumed "
                  "from a checkpoint has no wall time, its clock covering its last attempt only):\n\n"
-                 + markdown_table(cost_table) + "\n")
+                 + markdown_table(cost_table) + "\n" + _cost_ratios(students, machines))
     return (intro + _design_power(prompts) + markdown_table(table) + "\n\n" + shown + gaps_text + comparisons_text
             + cost_text)
+
+
+def _cost_ratios(students: pd.DataFrame, machines: list[str]) -> str:
+    """λ=1 against each λ=0 arm: FLOPs over all seeds, and training time as median step × steps (wall times
+    carry pauses) within each CPU type that holds both arms."""
+    def time(part: pd.DataFrame, cpu: str) -> float:
+        here = part[part["cpu"] == cpu]
+        return (here["median_step_s"] * here["max_steps"]).mean()
+
+    sentences = []
+    for (lmbda, steps), on in students[students["lmbda"] == 1].groupby(["lmbda", "max_steps"]):
+        for (_, off_steps), off in students[students["lmbda"] == 0].groupby(["lmbda", "max_steps"]):
+            times = [f"{num(time(on, cpu) / time(off, cpu), 2)}× on {cpu}" for cpu in machines
+                     if not (pd.isna(time(on, cpu)) or pd.isna(time(off, cpu)))]
+            sentences.append(
+                f"{_arm({'lmbda': lmbda, 'max_steps': steps})} spent {num(on['flops'].mean() / off['flops'].mean(), 3)}"
+                f"× the FLOPs of {_arm({'lmbda': 0, 'max_steps': off_steps})}"
+                + (f" and took {' and '.join(times)} its training time (median step × steps)" if times else "") + ".")
+    return ("\n" + " ".join(sentences) + "\n") if sentences else ""
 
 
 def _one_cpu_check(students: pd.DataFrame, peg: pd.DataFrame, metrics: list[str], names: dict[str, str],
