@@ -789,7 +789,7 @@ def _cost_ratios(students: pd.DataFrame, machines: list[str]) -> str:
     carry pauses) within each CPU type that holds both arms."""
     def time(part: pd.DataFrame, cpu: str) -> float:
         here = part[part["cpu"] == cpu]
-        return (here["median_step_s"] * here["max_steps"]).mean()
+        return (here["median_step_s"] * here["max_steps"]).mean() if "median_step_s" in here else float("nan")
 
     sentences = []
     for (lmbda, steps), on in students[students["lmbda"] == 1].groupby(["lmbda", "max_steps"]):

@@ -267,6 +267,9 @@ def test_the_reports_generation_section_reads_the_study(tmp_path, monkeypatch):
     assert "λ=1, 100 steps − λ=0, 159 steps" in header
     assert "**+0.100**" in lines["ROUGE-L, greedy outputs"]  # resolved: every seed's arm differs by 0.1
     assert "| λ=1, 100 steps | 1.60 × 10^12 |" in text and "| λ=0, 159 steps | 1.59 × 10^12 |" in text
+    # No median step recorded: FLOPs only, no training-time ratio.
+    assert "λ=1, 100 steps spent 1.60× the FLOPs of λ=0, 100 steps. " in text
+    assert "λ=1, 100 steps spent 1.01× the FLOPs of λ=0, 159 steps.\n" in text
     with_figure = report.section_generation(tmp_path / "figures")
     assert "![generation arms](figures/generation_arms.png)" in with_figure
     assert (tmp_path / "figures" / "generation_arms.png").stat().st_size > 0
