@@ -83,6 +83,9 @@ class Run:
     state: str | None = None  # what plan() decided: new | resume | complete
     checkpoint: Path | None = None
     skipped_checkpoints: list[Path] = field(default_factory=list)  # later ones a kill left half-written
+    # config.json as plan() found it: a resumed run's earlier record. Every process of a multi-process run
+    # reads it here, before the main process rewrites that file for the new attempt.
+    recorded: dict[str, Any] = field(default_factory=dict)
 
     CONFIG = "config.json"
     METRICS = "metrics.json"
@@ -260,6 +263,7 @@ class Run:
             self.state = "complete"
         else:
             self.state = "resume"
+            self.recorded = self.record or {}
             found = self.checkpoints()
             complete = [c for c in found if self.checkpoint_complete(c)]
             self.checkpoint = complete[-1] if complete else None

@@ -193,7 +193,7 @@ def settle(cfg: TrainConfig, run: Run, processes: Any) -> Setup:
     check_memory(skeleton_parameters, cfg, device, dtype, processes.num_processes if sharded else 1)
     quantization.check_kernels(cfg.quant_type, device, group_size)
     scheme = quantization.describe_scheme(cfg.quant_type, group_size, device, cfg.quantize_head)
-    previous = ((run.record or {}).get("resolved") or {}) if run.state == "resume" else {}
+    previous = (run.recorded.get("resolved") or {}) if run.state == "resume" else {}
     if run.state == "resume":  # a CPU run must not go on as a GPU run on another grid, or vice versa
         quantization.check_same_scheme(previous.get("scheme"), scheme, f"resuming {portable_path(run.path)}")
         if run.checkpoint and any(run.checkpoint.glob("pytorch_model_fsdp*")) != sharded:
@@ -252,7 +252,8 @@ def rollout_form(cfg: TrainConfig, setup: Setup, teacher: torch.nn.Module, stude
     if setup.previous.get("rollout"):
         return setup.previous["rollout"]
     if setup.previous:  # resuming a run recorded before auto: the form its options named (exact when absent)
-        form = rollouts.RolloutForm.from_settings({**rollouts.EXACT_SETTINGS, **(run.train_config or {})})
+        form = rollouts.RolloutForm.from_settings({**rollouts.EXACT_SETTINGS,
+                                                   **run.recorded.get("train", run.recorded)})
         return {**form.settings(), "form": form.key, "why": "resumed a run recorded before auto"}
     chosen = None
     if setup.main:

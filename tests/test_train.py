@@ -262,3 +262,26 @@ def test_report_to_is_checked_up_front(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"^report_to 'tensorboard' needs the no_such_package_here package, which "
                                           r"is not installed: pip install -e '\.\[tensorboard\]'$"):
         TrainConfig(report_to="tensorboard").trackers()
+
+
+@pytest.mark.slow
+def test_every_process_of_a_resumed_run_reads_its_earlier_record(tmp_path, tiny_model_dir, tiny_dataset_dir,
+                                                                 monkeypatch):
+    # The main process rewrites config.json for the new attempt (without what the earlier one resolved) while
+    # the others may not have read it yet: each reads the record as it planned, so all resume alike (a
+    # process that missed the recorded rollout form would wait for a broadcast the main one never sends).
+    from types import SimpleNamespace
+
+    from onpolicy_lib import training
+
+    cfg = tiny_config(tiny_model_dir, tiny_dataset_dir, tmp_path / "run", max_steps=3, lmbda=1.0)
+    kill_at_step_3(cfg, monkeypatch)
+    config = tmp_path / "run" / "config.json"
+    earlier = json.loads(config.read_text())["resolved"]["rollout"]
+    run = training.plan(cfg)
+    assert run.state == "resume"
+    config.write_text(json.dumps({"train": run.recorded["train"]}))  # what the main process writes first
+    processes = SimpleNamespace(num_processes=2, is_main_process=False)
+    setup = training.settle(cfg, run, processes)
+    assert setup.previous["rollout"] == earlier
+    assert training.rollout_form(cfg, setup, None, None, None, run) == earlier
