@@ -729,6 +729,7 @@ def _generation_study(figures: Path | None = None) -> str:
     halfway_text = " ".join(f"In {c}, only the {which} interval excludes zero, for: {'; '.join(items)}."
                             for which, by_pair in halfway.items() for c, items in by_pair.items())
     one_cpu_text = _one_cpu_check(students, peg, metrics, names, compared) if not compared.empty else ""
+    bounds_text = _unresolved_bounds(compared, analysis.generation_references(peg, metrics), names)
 
     def mean_of(part: pd.DataFrame, column: str) -> str:
         known = part[column].dropna() if column in part else pd.Series(dtype=float)
@@ -774,7 +775,7 @@ def _generation_study(figures: Path | None = None) -> str:
     else:
         comparisons_text += (("None is resolved." if resolved.empty else f"Resolved: {'; '.join(found)}.")
                              + (f" {halfway_text}" if halfway_text else "")
-                             + "\n\n" + markdown_table(diff_table) + "\n\n" + one_cpu_text)
+                             + "\n\n" + markdown_table(diff_table) + "\n\n" + bounds_text + one_cpu_text)
     cost_text = ("What each arm cost (FLOPs and tokens: mean over its seeds, counted from the model's shapes and "
                  "the tokens processed, so they compare across CPUs; times: mean over the runs on each CPU type, "
                  "their number in brackets, comparable only within one type; a run resumed "
@@ -782,6 +783,28 @@ def _generation_study(figures: Path | None = None) -> str:
                  + markdown_table(cost_table) + "\n" + _cost_ratios(students, machines))
     return (intro + _design_power(prompts) + markdown_table(table) + "\n\n" + shown + gaps_text + comparisons_text
             + cost_text)
+
+
+def _unresolved_bounds(compared: pd.DataFrame, references: dict[str, dict[str, float]],
+                       names: dict[str, str]) -> str:
+    """What an unresolved comparison of the teacher's NLL still says: the span of both its intervals, also as a
+    share of the teacher-to-PTQ gap, so "not resolved" reads as "no larger than this", not as "unknown"."""
+    teacher, ptq = (references.get(k, {}) for k in ("teacher", "RTN PTQ"))
+    parts = []
+    for _, r in compared.iterrows():
+        metric = r["metric"]
+        if r["resolved"] or not metric.endswith("teacher_nll") or pd.isna(r["ci_low"]) or pd.isna(r["seed_low"]):
+            continue
+        low, high = min(r["ci_low"], r["seed_low"]), max(r["ci_high"], r["seed_high"])
+        gap = ptq.get(metric, float("nan")) - teacher.get(metric, float("nan"))
+        share = (f" ({num(100 * low / gap, 2, sign=True)}% to {num(100 * high / gap, 2, sign=True)}% of the "
+                 "teacher-to-PTQ gap)") if gap and not pd.isna(gap) else ""
+        parts.append(f"{names.get(metric, metric)}, {r['comparison']}: within [{num(low, 2, sign=True)}, "
+                     f"{num(high, 2, sign=True)}]{share}")
+    if not parts:
+        return ""
+    return ("Where the teacher's NLL is not resolved, both intervals together bound the difference (negative: λ=1's "
+            "outputs likelier under the teacher): " + "; ".join(parts) + ".\n\n")
 
 
 def _cost_ratios(students: pd.DataFrame, machines: list[str]) -> str:

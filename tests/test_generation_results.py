@@ -342,3 +342,20 @@ def test_repetition_is_read_from_each_outputs_text(tmp_path):
     assert greedy["repetition"] == pytest.approx(0.2)
     sampled = per_example_generation(tmp_path, mode="sampled").set_index("metric")["value"]
     assert sampled["repetition"] == pytest.approx(0.1)
+
+
+def test_an_unresolved_teacher_nll_difference_is_bounded_by_both_intervals():
+    from onpolicy_lib import report
+
+    compared = pd.DataFrame([
+        {"metric": "gen_greedy/teacher_nll", "comparison": "λ=1 − λ=0", "resolved": False,
+         "ci_low": -0.02, "ci_high": 0.06, "seed_low": -0.03, "seed_high": 0.05},
+        {"metric": "gen_greedy/rouge_l", "comparison": "λ=1 − λ=0", "resolved": False,  # not the NLL: not bounded
+         "ci_low": -0.02, "ci_high": 0.06, "seed_low": -0.03, "seed_high": 0.05},
+        {"metric": "gen_sampled/teacher_nll", "comparison": "λ=1 − λ=0", "resolved": True,  # resolved: its own row
+         "ci_low": 0.01, "ci_high": 0.06, "seed_low": 0.02, "seed_high": 0.05}])
+    references = {"teacher": {"gen_greedy/teacher_nll": 0.3}, "RTN PTQ": {"gen_greedy/teacher_nll": 0.5}}
+    text = report._unresolved_bounds(compared, references, {"gen_greedy/teacher_nll": "NLL greedy"})
+    assert "NLL greedy, λ=1 − λ=0: within [-0.030, +0.060] (-15% to +30% of the teacher-to-PTQ gap)." in text
+    assert text.count("within") == 1
+    assert report._unresolved_bounds(compared.iloc[1:], references, {}) == ""
