@@ -623,6 +623,7 @@ def _generation_pilot() -> str:
 
 GEN_STUDY = "cpu_gen"
 BF16_TWIN = "cpu_bf16_training"
+CROSS_CPU_TWIN = "cpu_gen_cross_cpu"
 # The study's metrics, in reading order: the two the pilot's power table says can carry a verdict first.
 GEN_STUDY_METRICS = ("gen_greedy/teacher_nll", "gen_sampled/teacher_nll", "gen_greedy/rouge_l", "gen_sampled/rouge_l",
                      "gen_greedy/correct", "gen_sampled/correct", "gen_greedy/repetition", "gen_sampled/repetition",
@@ -859,29 +860,33 @@ def _one_cpu_check(students: pd.DataFrame, peg: pd.DataFrame, metrics: list[str]
                else f"{len(before & after)} of the {len(before)} resolved differences stay resolved.{changes}\n\n"))
 
 
-def _bf16_training() -> str:
-    """bf16 autocast training's effect on the study's metrics: the bf16 twin of one study run against that run
-    (the same seed, λ and steps, evaluated the same way in float32), read against the seed-to-seed spread of
-    the study's arm."""
-    twin_root, study_root = OUTPUTS / BF16_TWIN, OUTPUTS / GEN_STUDY
+def _twin_table(twin_sweep: str, columns: tuple[str, str, str]
+                ) -> tuple[pd.DataFrame, pd.Series, pd.Series, int] | None:
+    """One study run trained again with one thing changed (``twin_sweep``'s single run), against the study's run
+    of the same seed, λ and steps, evaluated the same way: per metric the two values, their difference, the
+    seed-to-seed sd of the study's arm and the difference in units of it. ``columns``: the study run's, the
+    twin's and their difference's headers. Returns the table, the twin's and the study run's rows and the
+    prompts compared; None until both are evaluated."""
+    twin_root, study_root = OUTPUTS / twin_sweep, OUTPUTS / GEN_STUDY
     if not any(twin_root.glob(f"*/{Run.EVAL}")):
-        return ""
+        return None
     frame = analysis.generation_frame([study_root, twin_root])
     students = results.wide(results.collect([study_root, twin_root]))
     students = students[(students["role"] == "student") & students["run"].isin(frame["run"].unique())]
-    twin = students[students["sweep"] == BF16_TWIN].iloc[0]
+    twin = students[students["sweep"] == twin_sweep].iloc[0]
     arm = students[(students["sweep"] == GEN_STUDY) & (students["lmbda"] == twin["lmbda"])
                    & (students["max_steps"] == twin["max_steps"])]
     match = arm[arm["seed"] == twin["seed"]]
     if match.empty:
-        return ""
-    fp32 = match.iloc[0]
+        return None
+    base = match.iloc[0]
     metrics = [m for m in GEN_STUDY_METRICS if m in set(frame["metric"])]
-    paired = analysis.paired_run_difference(frame, fp32["run"], twin["run"], metrics).set_index("metric")
+    paired = analysis.paired_run_difference(frame, base["run"], twin["run"], metrics).set_index("metric")
     spread = analysis.generation_runs(frame[frame["run"].isin(arm["run"]) & (frame["sweep"] == GEN_STUDY)],
                                       ["lmbda", "max_steps"])
+
     def cells(a: float, b: float, sd: float) -> list[str]:
-        """float32, bf16, their difference, the float32 seed sd, and the difference in units of it."""
+        """The study run, the twin, their difference, the arm's seed sd, and the difference in units of it."""
         known = not pd.isna(sd)
         return [num(a, 3), num(b, 3), num(b - a, 2, sign=True), num(sd, 2) if known else "–",
                 num(abs(b - a) / sd, 2) if known and sd else "–"]
@@ -892,25 +897,53 @@ def _bf16_training() -> str:
             for metric in paired.index}
     for metric, label in (("heldout_loss_after", "held-out divergence after training (per token)"),
                           ("median_step_s", "median step (s)")):
-        if metric not in arm or pd.isna(fp32.get(metric)) or pd.isna(twin.get(metric)):
+        if metric not in arm or pd.isna(base.get(metric)) or pd.isna(twin.get(metric)):
             continue
         # The seed sd is a scale for outcomes; a step's time is not one (it moves with the machine's load).
         values = arm[metric].dropna()
         sd = values.std(ddof=1) if len(values) > 1 and metric == "heldout_loss_after" else float("nan")
-        rows[label] = cells(fp32[metric], twin[metric], sd)
+        rows[label] = cells(base[metric], twin[metric], sd)
     n = len(spread)
     table = pd.DataFrame.from_dict(rows, orient="index", columns=[
-        "float32 (the study's run)", "bf16 autocast", "bf16 − float32", f"float32 seed sd ({n} seed{'s' * (n != 1)})",
-        "difference in seed sds"])
+        *columns, f"seed sd of the study's arm ({n} seed{'s' * (n != 1)})", "difference in seed sds"])
+    return table, twin, base, int(paired["prompts"].max())
+
+
+def _bf16_training() -> str:
+    """bf16 autocast training's effect on the study's metrics: the bf16 twin of one study run against that run
+    (the same seed, λ and steps, evaluated the same way in float32), read against the seed-to-seed spread of
+    the study's arm."""
+    found = _twin_table(BF16_TWIN, ("float32 (the study's run)", "bf16 autocast", "bf16 − float32"))
+    if found is None:
+        return ""
+    table, twin, _, prompts = found
     machines = sorted({_short_machine(m) for m in _machines(BF16_TWIN)})
     return (f"### bf16 autocast training (`outputs/{BF16_TWIN}/`)\n\n"
             f"The study's seed-{int(twin['seed'])} {_arm(twin)} run trained again with `dtype: bfloat16` (the opt-in "
             "bf16 autocast training; the same seed, data and quantizers), evaluated exactly as the study evaluates, "
-            f"in float32, on the same {int(paired['prompts'].max())} test prompts; metrics averaged "
+            f"in float32, on the same {prompts} test prompts; metrics averaged "
             f"{analysis.GENERATION_WEIGHTING}. "
             "One run per side, so no interval: the difference is read against the seed-to-seed sd of the study's "
             f"float32 runs of that arm (a difference well inside it is not distinguishable from a change of seed). "
             f"CPU: {', '.join(machines)}.\n\n" + markdown_table(table) + "\n")
+
+
+def _cross_cpu() -> str:
+    """What the CPU type changes: one study run's configuration trained and evaluated on a second CPU type
+    (the same seed, data order and settings; float rounding and the rollout form ``auto`` picks differ)."""
+    twin_cpu = ", ".join(sorted({_short_machine(m) for m in _machines(CROSS_CPU_TWIN)}))
+    found = _twin_table(CROSS_CPU_TWIN, ("the study's run", f"on {twin_cpu}", "difference"))
+    if found is None:
+        return ""
+    table, twin, base, prompts = found
+    study_cpu = _run_machine(OUTPUTS / GEN_STUDY / str(base["run"]))
+    return (f"### The same run on another CPU type (`outputs/{CROSS_CPU_TWIN}/`)\n\n"
+            f"The study's seed-{int(twin['seed'])} {_arm(twin)} run ({study_cpu}) and the same configuration trained "
+            f"and evaluated on {twin_cpu}, on the same {prompts} test prompts; metrics averaged "
+            f"{analysis.GENERATION_WEIGHTING}. One run per side, so no interval: the difference is read against "
+            "the seed-to-seed sd of the study's runs of that arm. Times differ with the CPU type by design; the "
+            "outcomes differ only through float rounding and the rollout form `auto` picked.\n\n"
+            + markdown_table(table) + "\n")
 
 
 def section_generation(figures: Path | None = None) -> str:
@@ -928,9 +961,7 @@ def section_generation(figures: Path | None = None) -> str:
     else:
         parts.append("The study itself (five seeds per step-matched arm at each λ's chosen rate, a FLOP-matched "
                      "λ=0 arm, the test prompts) has no evaluated run yet.\n")
-    bf16 = _bf16_training()
-    if bf16:
-        parts.append(bf16)
+    parts.extend(twin for twin in (_bf16_training(), _cross_cpu()) if twin)
     if GEN_PILOT in found:
         parts.append(_generation_pilot())
     others = [f for f in found if f not in (GEN_PILOT, GEN_PILOT_EDGE, GEN_STUDY, BF16_TWIN)]

@@ -317,6 +317,39 @@ def test_the_reports_bf16_training_twin_against_its_study_run(tmp_path, monkeypa
     assert "### bf16 autocast training" in report.section_generation()
 
 
+def test_the_reports_cross_cpu_twin_against_its_study_run(tmp_path, monkeypatch):
+    """The same configuration on a second CPU type is set beside the study's run of that seed, CPU types named."""
+    from onpolicy_lib import report
+
+    def write(sweep: str, name: str, seed: int, values: list[float], machine: str, step: float) -> None:
+        run = tmp_path / sweep / name
+        run.mkdir(parents=True)
+        train = {"model_name": "tiny", "quant_type": "int4", "lmbda": 0, "max_steps": 100, "seed": seed,
+                 "learning_rate": 3e-5, "max_new_tokens": 256, "max_length": 768, "temperature": 0.9}
+        (run / "config.json").write_text(json.dumps({"train": train, "machine": machine}))
+        (run / "metrics.json").write_text(json.dumps({"heldout_loss_after": 0.04, "median_step_s": step}))
+        per_example = [{"task": "gsm8k", "id": f"p{i}", "rouge_l": v, "teacher_nll": 2 - v}
+                       for i, v in enumerate(values)]
+        (run / "eval.json").write_text(json.dumps({"student": {"generation": {"greedy": {
+            "per_example": per_example}}}}))
+
+    zen5, xeon = "AMD EPYC (family 26, model 2), avx2", "Intel(R) Xeon(R) Processor (family 6, model 167), avx2"
+    prompts = [0.1, 0.2, 0.3, 0.4]
+    monkeypatch.setattr(report, "OUTPUTS", tmp_path)
+    assert report._cross_cpu() == ""
+    for seed in (1, 2, 3):
+        write(report.GEN_STUDY, f"seed-{seed}_lmbda-0_steps-100", seed, [p + 0.01 * seed for p in prompts],
+              zen5, 6.0)
+    write(report.CROSS_CPU_TWIN, "run", 2, [p + 0.02 - 0.002 for p in prompts], xeon, 4.0)
+    text = report._cross_cpu()
+    assert "seed-2 λ=0, 100 steps run (EPYC 26/2)" in text and "trained and evaluated on Xeon 6/167" in text
+    lines = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert "| the study's run | on Xeon 6/167 | difference |" in text
+    assert "| 0.270 | 0.268 | -0.0020 | 0.010 | 0.20 |" in lines["ROUGE-L, greedy outputs"]
+    assert "| 6.00 | 4.00 | -2.0 | – | – |" in lines["median step (s)"]
+    assert "### The same run on another CPU type" in report.section_generation()
+
+
 def test_repetition_is_the_share_of_repeated_word_ngrams():
     from onpolicy_lib.generation_eval import repetition
 
