@@ -185,7 +185,7 @@ class TrainConfig(_Params):
     do_eval: bool = param(False, "run the evaluation notebook on the trained student", identity=False)
     eval_parameters: dict = param(help="EvalConfig overrides for do_eval, e.g. {'limit': 20}", identity=False,
                                   default_factory=dict)
-    save_steps: int = param(50, "checkpoint cadence; a killed run resumes from the last checkpoint", identity=False)
+    save_steps: int = param(50, "checkpoint cadence; a killed run resumes from its last complete one", identity=False)
     eval_steps: int | None = param(None, "held-out divergence every this many steps (the curve); None: "
                                    "before and after training only", identity=False)
     logging_steps: int = param(1, "optimizer steps between log records", identity=False)

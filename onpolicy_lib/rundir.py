@@ -5,7 +5,7 @@ starts, a streamed ``train_log.jsonl``, ``metrics.json`` when training finished 
 marks the run complete), the trained ``student/``, and ``eval.json`` once evaluated; rendered
 notebooks and the sweep runner's ``sweep-*`` files sit beside them. :class:`Run` reads and
 writes all of these. Coming back to a directory with the *same* configuration resumes it (from
-its last checkpoint) or reuses it; a *different* configuration is refused with the fields that
+its last complete checkpoint) or reuses it; a *different* configuration is refused with the fields that
 differ. A sweep directory holds its runs, the manifest ``sweep.json`` and the rendered analysis.
 """
 
