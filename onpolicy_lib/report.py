@@ -716,9 +716,7 @@ def _generation_study(figures: Path | None = None) -> str:
         diff_rows.setdefault(NAMES.get(r["metric"], names.get(r["metric"], r["metric"])), {})[r["comparison"]] = (
             difference(r))
     diff_table = pd.DataFrame.from_dict(diff_rows, orient="index")
-    resolved = compared[compared["resolved"]] if not compared.empty else pd.DataFrame(columns=["metric", "comparison"])
-    found = sorted({f"{names.get(m, NAMES.get(m, m))} ({c})"
-                    for m, c in zip(resolved["metric"], resolved["comparison"], strict=True)})
+    found = sorted(_resolved_labels(compared, names))
     # Where the two intervals disagree: what a reader would otherwise find by scanning the table's cells.
     halfway = {}
     for _, r in (compared[~compared["resolved"]].iterrows() if not compared.empty else []):
@@ -774,7 +772,7 @@ def _generation_study(figures: Path | None = None) -> str:
     if compared.empty:
         comparisons_text += "No pair of arms that differ in λ is evaluated yet.\n\n"
     else:
-        comparisons_text += (("None is resolved." if resolved.empty else f"Resolved: {'; '.join(found)}.")
+        comparisons_text += (("None is resolved." if not found else f"Resolved: {'; '.join(found)}.")
                              + (f" {halfway_text}" if halfway_text else "")
                              + "\n\n" + markdown_table(diff_table) + "\n\n" + bounds_text + one_cpu_text)
     cost_text = ("What each arm cost (FLOPs and tokens: mean over its seeds, counted from the model's shapes and "
@@ -818,13 +816,21 @@ def _cost_ratios(students: pd.DataFrame, machines: list[str]) -> str:
     sentences = []
     for (lmbda, steps), on in students[students["lmbda"] == 1].groupby(["lmbda", "max_steps"]):
         for (_, off_steps), off in students[students["lmbda"] == 0].groupby(["lmbda", "max_steps"]):
-            times = [f"{num(time(on, cpu) / time(off, cpu), 2)}× on {cpu}" for cpu in machines
-                     if not (pd.isna(time(on, cpu)) or pd.isna(time(off, cpu)))]
+            ratios = {cpu: time(on, cpu) / time(off, cpu) for cpu in machines}
+            times = [f"{num(ratio, 2)}× on {cpu}" for cpu, ratio in ratios.items() if not pd.isna(ratio)]
             sentences.append(
                 f"{_arm({'lmbda': lmbda, 'max_steps': steps})} spent {num(on['flops'].mean() / off['flops'].mean(), 3)}"
                 f"× the FLOPs of {_arm({'lmbda': 0, 'max_steps': off_steps})}"
                 + (f" and took {' and '.join(times)} its training time (median step × steps)" if times else "") + ".")
     return ("\n" + " ".join(sentences) + "\n") if sentences else ""
+
+
+def _resolved_labels(compared: pd.DataFrame, names: dict[str, str]) -> set[str]:
+    """"metric (comparison)" for each resolved row of ``compared`` (:func:`analysis.compare_pairs`)."""
+    if compared.empty:
+        return set()
+    return {f"{names.get(m, NAMES.get(m, m))} ({c})" for m, c, r in
+            zip(compared["metric"], compared["comparison"], compared["resolved"], strict=True) if r}
 
 
 def _one_cpu_check(students: pd.DataFrame, peg: pd.DataFrame, metrics: list[str], names: dict[str, str],
@@ -840,13 +846,7 @@ def _one_cpu_check(students: pd.DataFrame, peg: pd.DataFrame, metrics: list[str]
                                    kept, analysis.arm_pairs(kept, ["lmbda", "max_steps"]), n_boot=N_BOOT,
                                    seed=BOOT_SEED, run_metrics=("heldout_loss_after",))
 
-    def label(metric: str, comparison: str) -> str:
-        return f"{names.get(metric, NAMES.get(metric, metric))} ({comparison})"
-
-    before = {label(m, c) for m, c, r in zip(compared["metric"], compared["comparison"], compared["resolved"],
-                                              strict=True) if r}
-    after = {label(m, c) for m, c, r in zip(again["metric"], again["comparison"], again["resolved"], strict=True)
-             if r}
+    before, after = _resolved_labels(compared, names), _resolved_labels(again, names)
     crossed = "; ".join(f"seed {seed}: " + ", ".join(f"{_arm(row)} on {row['cpu']}" for _, row in
                                                      students[students["seed"] == seed].iterrows())
                         for seed in mixed)
@@ -964,7 +964,7 @@ def section_generation(figures: Path | None = None) -> str:
     parts.extend(twin for twin in (_bf16_training(), _cross_cpu()) if twin)
     if GEN_PILOT in found:
         parts.append(_generation_pilot())
-    others = [f for f in found if f not in (GEN_PILOT, GEN_PILOT_EDGE, GEN_STUDY, BF16_TWIN)]
+    others = [f for f in found if f not in (GEN_PILOT, GEN_PILOT_EDGE, GEN_STUDY, BF16_TWIN, CROSS_CPU_TWIN)]
     if others:
         parts.append("Other generation studies: " + ", ".join(f"`{f}`" for f in others)
                      + "; their analyses are in their own directories.\n")
